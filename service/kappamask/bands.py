@@ -1,0 +1,143 @@
+"""Every Sentinel-2 and KappaMask constant of the project: levels, bands, classes, colours.
+
+Nothing else in the package spells a band name or a class code.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+LEVELS = ("L1C", "L2A")
+
+#: The 13 spectral bands in ESA ``band_id`` order (0..12), as used by the
+#: RADIO_ADD_OFFSET / BOA_ADD_OFFSET lists of the product metadata.
+SPECTRAL_BANDS = (
+    "B01", "B02", "B03", "B04", "B05", "B06", "B07",
+    "B08", "B8A", "B09", "B10", "B11", "B12",
+)  # fmt: skip
+
+#: L2A auxiliary layers that are not reflectances (no offset ever applies).
+AUX_BANDS = ("AOT", "WVP")
+
+#: Native ground sampling distance of each layer, in metres.
+NATIVE_RESOLUTION = {
+    "B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20,
+    "B08": 10, "B8A": 20, "B09": 60, "B10": 60, "B11": 20, "B12": 20,
+    "AOT": 20, "WVP": 20, "SCL": 20,
+}  # fmt: skip
+
+#: Output resolutions a user may ask for.
+RESOLUTIONS = (10, 20, 60)
+DEFAULT_RESOLUTION = 10
+
+#: Digital number of "no data" in every Sentinel-2 band file.
+NODATA_DN = 0
+#: Digital numbers are scaled by this before the per-band max normalisation (DESIGN §3).
+DN_SCALE = 65535.0
+
+# Feature lists and normalisation of the published KappaMask U-Nets. They are the
+# defaults written into a model's config.pbtxt; the client always uses what the
+# served model declares, so a retrained model with other features needs no code change.
+L1C_FEATURES = SPECTRAL_BANDS
+L1C_MAX_V = (
+    0.21, 0.326, 0.264, 0.298, 0.245, 0.258, 0.266,
+    0.364, 0.259, 0.165, 0.055, 0.203, 0.208,
+)  # fmt: skip
+L2A_FEATURES = (
+    "AOT", "B01", "B02", "B03", "B04", "B05", "B06",
+    "B08", "B8A", "B09", "B11", "B12", "WVP",
+)  # fmt: skip
+L2A_MAX_V = (
+    0.003906309604644775, 0.2833447754383087, 0.27905699610710144,
+    0.2668497860431671, 0.2558480203151703, 0.250980406999588,
+    0.24597543478012085, 0.24182498455047607, 0.24206912517547607,
+    0.2535133957862854, 0.2232242375612259, 0.23524834215641022,
+    0.07557793706655502,
+)  # fmt: skip
+DEFAULT_FEATURES = {"L1C": L1C_FEATURES, "L2A": L2A_FEATURES}
+DEFAULT_MAX_V = {"L1C": L1C_MAX_V, "L2A": L2A_MAX_V}
+
+#: Triton model name per processing level.
+MODEL_NAMES = {"L1C": "kappamask_l1c", "L2A": "kappamask_l2a"}
+
+
+class MaskClass(IntEnum):
+    """Output codes of the mask (the paper's; km_predict v2 used 5 for missing)."""
+
+    MISSING = 0
+    CLEAR = 1
+    CLOUD_SHADOW = 2
+    SEMI_TRANSPARENT_CLOUD = 3
+    CLOUD = 4
+    #: Only in labels: excluded from the loss and from metrics, never predicted.
+    UNDEFINED = 5
+
+
+#: Classes a model can output, in mask code order.
+OUTPUT_CLASSES = (
+    MaskClass.MISSING,
+    MaskClass.CLEAR,
+    MaskClass.CLOUD_SHADOW,
+    MaskClass.SEMI_TRANSPARENT_CLOUD,
+    MaskClass.CLOUD,
+)
+
+#: Order of the 6 output channels of the published networks (and of ours).
+NETWORK_OUTPUT_ORDER = (
+    MaskClass.UNDEFINED,
+    MaskClass.CLEAR,
+    MaskClass.CLOUD_SHADOW,
+    MaskClass.SEMI_TRANSPARENT_CLOUD,
+    MaskClass.CLOUD,
+    MaskClass.MISSING,
+)
+NUM_NETWORK_OUTPUTS = len(NETWORK_OUTPUT_ORDER)
+
+CLASS_NAMES = {
+    MaskClass.MISSING: "missing",
+    MaskClass.CLEAR: "clear",
+    MaskClass.CLOUD_SHADOW: "cloud_shadow",
+    MaskClass.SEMI_TRANSPARENT_CLOUD: "semi_transparent_cloud",
+    MaskClass.CLOUD: "cloud",
+}
+CLASS_DESCRIPTIONS = {
+    MaskClass.MISSING: "No data: outside the swath, or a band without a valid value",
+    MaskClass.CLEAR: "Clear land, water or snow",
+    MaskClass.CLOUD_SHADOW: "Shadow cast by a cloud",
+    MaskClass.SEMI_TRANSPARENT_CLOUD: "Thin, semi-transparent cloud (cirrus, haze)",
+    MaskClass.CLOUD: "Opaque cloud",
+}
+#: RGBA colours of the COG colour table and the PNG preview.
+CLASS_COLORS: dict[int, tuple[int, int, int, int]] = {
+    MaskClass.MISSING: (0, 0, 0, 0),
+    MaskClass.CLEAR: (46, 160, 67, 255),
+    MaskClass.CLOUD_SHADOW: (90, 60, 140, 255),
+    MaskClass.SEMI_TRANSPARENT_CLOUD: (120, 200, 240, 255),
+    MaskClass.CLOUD: (245, 245, 245, 255),
+}
+
+#: Sen2Cor scene classification (SCL) -> mask code, after the paper's Table 1.
+SCL_TO_CLASS = {
+    0: MaskClass.MISSING,  # no data
+    1: MaskClass.MISSING,  # saturated or defective
+    2: MaskClass.CLEAR,  # dark area pixels
+    3: MaskClass.CLOUD_SHADOW,
+    4: MaskClass.CLEAR,  # vegetation
+    5: MaskClass.CLEAR,  # not vegetated
+    6: MaskClass.CLEAR,  # water
+    7: MaskClass.UNDEFINED,  # unclassified
+    8: MaskClass.CLOUD,  # cloud medium probability
+    9: MaskClass.CLOUD,  # cloud high probability
+    10: MaskClass.SEMI_TRANSPARENT_CLOUD,  # thin cirrus
+    11: MaskClass.CLEAR,  # snow or ice
+}
+
+# Tiling of the network input (paper: 512 px crops, km_predict overlap 0.0625).
+TILE_SIZE = 512
+TILE_OVERLAP = 32
+
+#: Stand-ins for a model feature a product lacks. Sen2Cor's R60m folder has no B08, so
+#: a 60 m-only L2A product can still be masked with the narrow NIR band B8A (865 nm,
+#: 20 nm from B08's 842 nm centre). Every substitution is logged and written into the
+#: STAC item, never silent.
+BAND_SUBSTITUTES = {"B08": "B8A"}

@@ -1,0 +1,159 @@
+"""The `kappamask` command: run | serve | install-model | train. Thin over the modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from kappamask import __version__
+from kappamask.bands import LEVELS, RESOLUTIONS
+from kappamask.errors import KappaMaskError
+from kappamask.reader import RESAMPLING
+
+LOGGER = logging.getLogger(__name__)
+
+_triton_url = click.option("--triton-url", default=None,
+                           help="Triton host:port; a local Triton is started when omitted.")
+_repository = click.option(
+    "--model-repository", type=click.Path(file_okay=False, path_type=Path), default=None,
+    envvar="KAPPAMASK_MODEL_REPOSITORY",
+    help="Model repository of the local Triton (default: the project's triton_models/).")
+_protocol = click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http",
+                         show_default=True, help="Protocol to Triton.")
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """KappaMask: Sentinel-2 cloud masks with the KappaMask U-Nets on Triton."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.command("run")
+@click.argument("product")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder for the mask COG, confidence COG, preview and STAC item.")
+@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="10",
+              show_default=True, help="Output resolution in metres.")
+@click.option("--resampling", type=click.Choice(sorted(RESAMPLING)), default="lanczos", show_default=True)
+@click.option("--level", type=click.Choice(LEVELS), default=None,
+              help="Fail unless the product is of this level (default: read from the metadata).")
+@_triton_url
+@_protocol
+@_repository
+def run_command(product: str, out_dir: Path, resolution: str, resampling: str, level: str | None,
+                triton_url: str | None, protocol: str, model_repository: Path | None) -> None:
+    """Mask PRODUCT (a .SAFE folder or .zip, L1C or L2A)."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY  # noqa: PLC0415
+    from kappamask.inference.server import LocalTriton  # noqa: PLC0415
+    from kappamask.inference.triton import TritonClient  # noqa: PLC0415
+    from kappamask.pipeline import RunOptions, run  # noqa: PLC0415
+
+    try:
+        with ExitStack() as stack:
+            if triton_url is None:
+                triton = stack.enter_context(LocalTriton(model_repository or DEFAULT_REPOSITORY))
+                triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
+            client = stack.enter_context(TritonClient(triton_url, protocol))
+            client.wait_ready()
+            bar = stack.enter_context(tqdm(total=100, unit="%", desc="kappamask", file=sys.stderr))
+
+            def progress(percent: int, message: str) -> None:
+                bar.update(percent - bar.n)
+                bar.set_postfix_str(message[-40:])
+
+            result = run(product, out_dir, client,
+                         RunOptions(resolution=int(resolution), resampling=resampling, level=level),
+                         progress=progress)
+            bar.update(100 - bar.n)
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"mask:       {result.mask}")
+    click.echo(f"confidence: {result.confidence}")
+    click.echo(f"preview:    {result.preview}")
+    click.echo(f"STAC item:  {result.item}")
+    click.echo("classes (%): " + json.dumps(result.statistics))
+    click.echo(f"{result.crops_inferred}/{result.crops_total} crops inferred in {result.seconds:.1f} s")
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@_triton_url
+@_protocol
+@_repository
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("kappamask-results"),
+              show_default=True, help="Where results are written.")
+@click.option("--data-root", "data_roots", type=click.Path(path_type=Path), multiple=True,
+              help="Folder whose products may be processed (repeatable; default: current folder).")
+def serve_command(host: str, port: int, triton_url: str | None, protocol: str,
+                  model_repository: Path | None, output_dir: Path,
+                  data_roots: tuple[Path, ...]) -> None:
+    """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask process."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY  # noqa: PLC0415
+    from kappamask.serve import serve  # noqa: PLC0415
+
+    try:
+        serve(host, port, triton_url, protocol, output_dir, data_roots or (Path("."),),
+              repository=model_repository or DEFAULT_REPOSITORY)
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command("install-model")
+@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Triton model repository (default: the project's triton_models/).")
+@click.option("--level", type=click.Choice(LEVELS), default=None, help="Override the level in the file.")
+def install_model_command(onnx_file: Path, repository: Path | None, level: str | None) -> None:
+    """Place an exported ONNX model in the Triton model repository with its configs."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model  # noqa: PLC0415
+
+    try:
+        click.echo(install_model(onnx_file, repository or DEFAULT_REPOSITORY, level))
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command("train")
+@click.argument("product", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
+@click.option("--labels", type=click.Choice(["scl"]), default="scl", show_default=True,
+              help="Reference labels: Sen2Cor SCL of the L2A product, mapped as in the paper.")
+@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="60", show_default=True)
+@click.option("--filters", "base_filters", default=32, show_default=True, type=int)
+@click.option("--epochs", "max_epochs", default=40, show_default=True, type=int)
+@click.option("--steps-per-epoch", default=50, show_default=True, type=int)
+@click.option("--max-minutes", default=30.0, show_default=True, type=float)
+@click.option("--loss", type=click.Choice(["gdl", "gdl+bce"]), default="gdl", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--version-label", default=None, help="Model version written into the ONNX file.")
+def train_command(product: Path, out_dir: Path, labels: str, resolution: str, base_filters: int,
+                  max_epochs: int, steps_per_epoch: int, max_minutes: float, loss: str,
+                  seed: int, version_label: str | None) -> None:
+    """Train an L2A U-Net on PRODUCT with its SCL as labels; export model.onnx (needs torch)."""
+    from kappamask.model.export import export_onnx  # noqa: PLC0415
+    from kappamask.model.train import TrainConfig, feature_defaults, train  # noqa: PLC0415
+
+    config = TrainConfig(product=str(product), resolution=int(resolution), base_filters=base_filters,
+                         max_epochs=max_epochs, steps_per_epoch=steps_per_epoch,
+                         max_minutes=max_minutes, loss=loss, seed=seed)
+    model, holdout = train(config, out_dir)
+    features, max_v = feature_defaults(config.level)
+    label = version_label or f"bootstrap-scl-{Path(product).name[:60]}"
+    path = export_onnx(model, config.level, features, max_v, label, out_dir / "model.onnx")
+    click.echo(json.dumps(holdout, indent=2))
+    click.echo(f"model: {path}")
+
+
+if __name__ == "__main__":
+    main()

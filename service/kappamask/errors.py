@@ -1,0 +1,65 @@
+"""The project's exceptions, each carrying its HTTP status and OGC exception code.
+
+This is the one place where a failure is mapped to what an API client sees; the
+pygeoapi processor and the CLI only read ``http_status`` / ``ogc_code`` from here.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class KappaMaskError(Exception):
+    """Base class: a failure with a message a user can act on."""
+
+    http_status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+    ogc_code: str = "NoApplicableCode"
+
+
+class InvalidInputError(KappaMaskError):
+    """A request parameter is malformed, unknown or out of range."""
+
+    http_status = HTTPStatus.BAD_REQUEST
+    ogc_code = "InvalidParameterValue"
+
+
+class AccessDeniedError(KappaMaskError):
+    """The input or output location is outside what this server may touch."""
+
+    http_status = HTTPStatus.FORBIDDEN
+    ogc_code = "InvalidParameterValue"
+
+
+class ProductNotFoundError(KappaMaskError):
+    """The product path, key or URL does not exist."""
+
+    http_status = HTTPStatus.NOT_FOUND
+    ogc_code = "InvalidParameterValue"
+
+
+class ProductError(KappaMaskError):
+    """The product exists but cannot be used: not Sentinel-2, a band missing, corrupt file."""
+
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+    ogc_code = "InvalidParameterValue"
+
+
+class NoModelError(KappaMaskError):
+    """No model is served for the product's processing level."""
+
+    http_status = HTTPStatus.UNPROCESSABLE_ENTITY
+    ogc_code = "NoApplicableCode"
+
+
+class InferenceUnavailableError(KappaMaskError):
+    """Triton cannot be reached or is not ready."""
+
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
+    ogc_code = "NoApplicableCode"
+
+
+class CancelledError(KappaMaskError):
+    """The job was cancelled by its owner."""
+
+    http_status = HTTPStatus.CONFLICT
+    ogc_code = "NoApplicableCode"

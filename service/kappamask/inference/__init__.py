@@ -1,0 +1,1 @@
+"""Inference: the Triton model repository, a local Triton server, and the client."""

@@ -1,0 +1,194 @@
+"""Start and stop a local Triton Inference Server on a CPU host (no Docker needed).
+
+Uses the real ``tritonserver`` binary and Python backend shipped in the nvidia-pytriton
+wheel (extra ``triton``). The server dies with the process that started it, so a
+Ctrl-C or a crash of ``kappamask serve`` never leaves an orphan behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+from kappamask.errors import InferenceUnavailableError, NoModelError
+from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
+
+LOGGER = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton  # noqa: PLC0415  (optional extra)
+    except ImportError as err:
+        raise InferenceUnavailableError(
+            "no local Triton: install the 'triton' extra (nvidia-pytriton) or pass --triton-url"
+        ) from err
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _backend_dir(root: Path) -> Path:
+    """A backend folder with the Python backend and the stub for this interpreter.
+
+    The wheel keeps the stubs apart from ``backends/python``; Triton wants them together.
+    """
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise InferenceUnavailableError(f"the Triton wheel has no Python backend stub for {version}")
+    target = Path(tempfile.gettempdir()) / f"kappamask-triton-backends-{os.getuid()}-{version}"
+    python = target / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for src in (root / "backends/python/libtriton_python.so",
+                root / "backends/python/triton_python_backend_utils.py", stub):
+        link = python / src.name
+        if link.is_symlink() and link.resolve() == src.resolve():
+            continue
+        link.unlink(missing_ok=True)
+        link.symlink_to(src)
+    return target
+
+
+def _environment(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # The stub must load the interpreter's own libpython and find the venv's packages
+    # through the python3 on PATH (it ignores PYTHONPATH/PYTHONHOME).
+    libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
+    env["LD_LIBRARY_PATH"] = ":".join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    env.setdefault("KAPPAMASK_ORT_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def free_port() -> int:
+    """A TCP port on loopback nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    os.setsid()
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LocalTriton:
+    """A tritonserver child process serving the models of ``repository`` that have weights.
+
+    >>> with LocalTriton() as triton:   # doctest: +SKIP
+    ...     print(triton.http_url)
+    """
+
+    def __init__(
+        self,
+        repository: Path = DEFAULT_REPOSITORY,
+        models: Sequence[str] | None = None,
+        log_path: Path | None = None,
+        ready_timeout: float = READY_TIMEOUT_S,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.models = servable_models(self.repository, models)
+        if not self.models:
+            raise NoModelError(f"no model in {self.repository} has weights (model.onnx)")
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
+        self.log_path = log_path or Path(tempfile.gettempdir()) / f"kappamask-triton-{self.http_port}.log"
+        self.ready_timeout = ready_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        root = _pytriton_root()
+        cmd = [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={_backend_dir(root)}",
+            "--model-control-mode=explicit",
+            *(f"--load-model={m}" for m in self.models),
+            "--strict-readiness=true",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--pinned-memory-pool-byte-size=0",
+            "--exit-timeout-secs=5",
+        ]  # fmt: skip
+        return cmd
+
+    def start(self) -> LocalTriton:
+        """Launch tritonserver and wait until it reports ready."""
+        root = _pytriton_root()
+        LOGGER.info("starting Triton on %s with %s (log: %s)", self.http_url, ", ".join(self.models), self.log_path)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(  # noqa: S603
+            self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(root),
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        log.close()
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise InferenceUnavailableError(
+                    f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if requests.get(f"http://{self.http_url}/v2/health/ready", timeout=2).status_code == 200:
+                    LOGGER.info("Triton ready")
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise InferenceUnavailableError(f"Triton not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 20 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        LOGGER.info("Triton stopped")
+
+    def __enter__(self) -> LocalTriton:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

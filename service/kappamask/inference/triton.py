@@ -1,0 +1,183 @@
+"""Client of the Triton Inference Server: model discovery, batched crops in, masks out.
+
+Several requests are kept in flight (one crop each) so that Triton's dynamic batcher can
+fill its batches; each worker thread has its own connection (the tritonclient HTTP
+client is not shared across threads). Crops go as FP16 (half the bytes of FP32) and
+come back as two UINT8 planes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from kappamask.bands import MODEL_NAMES
+from kappamask.errors import InferenceUnavailableError, InvalidInputError, NoModelError
+
+LOGGER = logging.getLogger(__name__)
+
+PROTOCOLS = ("http", "grpc")
+DEFAULT_IN_FLIGHT = 4
+#: Transient failures worth a retry: server busy or restarting, connection dropped.
+_RETRY_STATUSES = {"502", "503", "504", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model as Triton serves it, with the constants its config declares."""
+
+    name: str
+    level: str
+    features: tuple[str, ...]
+    max_v: tuple[float, ...]
+    version_label: str
+
+
+def normalise_url(url: str) -> str:
+    """tritonclient wants host:port; accept http:// and grpc:// prefixes too."""
+    for prefix in ("http://", "https://", "grpc://"):
+        if url.startswith(prefix):
+            return url[len(prefix) :].rstrip("/")
+    return url.rstrip("/")
+
+
+class TritonClient:
+    """Talks to one Triton server over HTTP (default) or gRPC."""
+
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "http",
+        in_flight: int = DEFAULT_IN_FLIGHT,
+        timeout_s: float = 600.0,
+        retries: int = 3,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise InvalidInputError(f"protocol must be one of {PROTOCOLS}")
+        self.url = normalise_url(url)
+        self.protocol = protocol
+        self.in_flight = max(1, in_flight)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="triton")
+
+    # -- connection -------------------------------------------------------------------
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            if self.protocol == "http":
+                import tritonclient.http as module  # noqa: PLC0415
+                client = module.InferenceServerClient(
+                    self.url, connection_timeout=30.0, network_timeout=self.timeout_s
+                )
+            else:
+                import tritonclient.grpc as module  # type: ignore[no-redef]  # noqa: PLC0415
+                client = module.InferenceServerClient(self.url)
+            self._local.client = client
+            self._local.module = module
+        return client
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except InferenceServerException as err:
+                if str(err.status()) not in _RETRY_STATUSES or attempt == self.retries:
+                    raise InferenceUnavailableError(
+                        f"Triton at {self.url}: {what} failed: {err.message()}"
+                    ) from err
+            except OSError as err:  # refused, reset, timed out
+                if attempt == self.retries:
+                    raise InferenceUnavailableError(f"cannot reach Triton at {self.url} ({what}): {err}") from err
+                self._local.client = None
+            LOGGER.warning("Triton %s failed (attempt %d), retrying in %.1f s", what, attempt + 1, delay)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the server reports ready, or raise InferenceUnavailableError."""
+        deadline = time.monotonic() + timeout_s
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self._client().is_server_ready():
+                    return
+            except Exception as err:  # noqa: BLE001 - any failure means not ready yet
+                last = err
+                self._local.client = None
+            time.sleep(0.5)
+        raise InferenceUnavailableError(f"Triton at {self.url} is not ready ({last or 'not ready'})")
+
+    # -- models -----------------------------------------------------------------------
+    def model(self, level: str) -> ServedModel:
+        """The served model for a processing level, with its features and constants."""
+        name = MODEL_NAMES.get(level)
+        if name is None:
+            raise InvalidInputError(f"level must be L1C or L2A, not {level!r}")
+        client = self._client()
+        ready = self._call("model readiness", client.is_model_ready, name)
+        if not ready:
+            raise NoModelError(
+                f"no model for {level}: Triton at {self.url} does not serve {name} "
+                "(install weights with `kappamask install-model`)"
+            )
+        if self.protocol == "grpc":
+            config = self._call("model config", client.get_model_config, name, as_json=True)["config"]
+        else:
+            config = self._call("model config", client.get_model_config, name)
+        params = {k: v.get("string_value", v.get("stringValue", "")) for k, v in config.get("parameters", {}).items()}
+        try:
+            features = tuple(params["features"].split(","))
+            max_v = tuple(float(v) for v in params["max_v"].split(","))
+        except (KeyError, ValueError) as err:
+            raise NoModelError(f"{name} does not declare its features and max_v parameters") from err
+        return ServedModel(name, params.get("level", level), features, max_v,
+                           params.get("version_label", "unversioned"))
+
+    # -- inference --------------------------------------------------------------------
+    def _infer_one(self, model: str, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        client = self._client()
+        module = self._local.module
+        batch = np.ascontiguousarray(crop[None].astype(np.float16))
+        inp = module.InferInput("input", list(batch.shape), "FP16")
+        if self.protocol == "http":
+            inp.set_data_from_numpy(batch, binary_data=True)
+            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in ("classes", "confidence")]
+        else:
+            inp.set_data_from_numpy(batch)
+            outputs = [module.InferRequestedOutput(n) for n in ("classes", "confidence")]
+        result = self._call("inference", client.infer, model, [inp], outputs=outputs)
+        classes, confidence = result.as_numpy("classes"), result.as_numpy("confidence")
+        if classes is None or confidence is None or classes.size == 0:
+            raise InferenceUnavailableError(f"{model} returned no output (server-side numpy >= 2?)")
+        return classes[0], confidence[0]
+
+    def submit(self, model: str, crop: np.ndarray) -> Future[tuple[np.ndarray, np.ndarray]]:
+        """Queue one normalised crop [C, 512, 512]; the future gives (classes, confidence)."""
+        return self._pool.submit(self._infer_one, model, crop)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

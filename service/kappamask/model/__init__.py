@@ -1,0 +1,1 @@
+"""The KappaMask U-Net: architecture, ONNX export, training (PyTorch only here, optional)."""

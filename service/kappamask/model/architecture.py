@@ -1,0 +1,46 @@
+"""The U-Net of the published KappaMask weights, described once as data.
+
+Both the PyTorch module (training) and the ONNX graph builder (export, Keras import)
+walk this description, so parameter names and layer order cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kappamask.bands import NUM_NETWORK_OUTPUTS
+
+LEVELS = 5
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One Conv2D of the network: parameter name, channels, kernel and activation."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    activation: str  # "relu" or "sigmoid"
+
+
+def conv_specs(
+    in_channels: int, base_filters: int = 32, num_outputs: int = NUM_NETWORK_OUTPUTS
+) -> list[ConvSpec]:
+    """Every Conv2D of the U-Net in the order Keras creates them (DESIGN §3)."""
+    widths = [base_filters * 2**i for i in range(LEVELS)]
+    specs: list[ConvSpec] = []
+    channels = in_channels
+    for level, width in enumerate(widths, start=1):
+        specs.append(ConvSpec(f"enc{level}.conv1", channels, width, 3, "relu"))
+        specs.append(ConvSpec(f"enc{level}.conv2", width, width, 3, "relu"))
+        channels = width
+    for level in range(LEVELS - 1, 0, -1):
+        width = widths[level - 1]
+        specs.append(ConvSpec(f"up{level}.conv", channels, width, 2, "relu"))
+        specs.append(ConvSpec(f"dec{level}.conv1", 2 * width, width, 3, "relu"))
+        specs.append(ConvSpec(f"dec{level}.conv2", width, width, 3, "relu"))
+        channels = width
+    specs.append(ConvSpec("head.conv1", channels, 2, 3, "relu"))
+    specs.append(ConvSpec("head.conv2", 2, num_outputs, 1, "sigmoid"))
+    return specs

@@ -1,0 +1,33 @@
+"""Reference labels on the output grid: Sen2Cor SCL mapped to mask codes (paper, Table 1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+
+from kappamask.bands import SCL_TO_CLASS, MaskClass
+from kappamask.errors import ProductError
+from kappamask.reader import GDAL_ENV, Grid
+from kappamask.sources.product import Product
+
+
+def scl_to_mask(scl: np.ndarray) -> np.ndarray:
+    """Map SCL codes to mask codes; codes SCL does not define become UNDEFINED."""
+    lut = np.full(256, MaskClass.UNDEFINED, dtype=np.uint8)
+    for code, cls in SCL_TO_CLASS.items():
+        lut[code] = cls
+    return lut[scl.astype(np.uint8)]
+
+
+def read_scl_labels(product: Product, grid: Grid) -> np.ndarray:
+    """The product's SCL layer on ``grid`` (nearest neighbour), as mask codes."""
+    if not product.has_band("SCL"):
+        raise ProductError(f"{product.product_id} has no SCL layer (an L2A product is needed)")
+    path, _res = product.band_path("SCL", int(grid.resolution))
+    with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src, WarpedVRT(
+        src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+        resampling=Resampling.nearest,
+    ) as vrt:  # fmt: skip
+        return scl_to_mask(vrt.read(1))

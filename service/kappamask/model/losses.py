@@ -1,0 +1,55 @@
+"""Training loss and metrics of the paper: generalised dice, UNDEFINED excluded."""
+
+from __future__ import annotations
+
+import torch
+
+from kappamask.bands import NETWORK_OUTPUT_ORDER, MaskClass
+
+#: Network channel of each mask code (UNDEFINED has a channel but is never a target).
+CHANNEL_OF_CODE = {int(code): ch for ch, code in enumerate(NETWORK_OUTPUT_ORDER)}
+
+
+def one_hot_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels [N, H, W] of mask codes -> one-hot [N, 6, H, W] and weight mask [N, 1, H, W]."""
+    lut = torch.tensor([CHANNEL_OF_CODE[c] for c in range(len(NETWORK_OUTPUT_ORDER))])
+    channels = lut.to(labels.device)[labels.long()]
+    onehot = torch.nn.functional.one_hot(channels, len(NETWORK_OUTPUT_ORDER))
+    onehot = onehot.permute(0, 3, 1, 2).float()
+    keep = (labels != MaskClass.UNDEFINED).unsqueeze(1).float()
+    return onehot, keep
+
+
+def generalised_dice_loss(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised dice loss (Sudre et al. 2017) over the 5 real classes.
+
+    Pixels labelled UNDEFINED do not count; class weights are 1 / (class volume)^2.
+    """
+    onehot, keep = one_hot_targets(labels)
+    undefined = CHANNEL_OF_CODE[int(MaskClass.UNDEFINED)]
+    real = [c for c in range(onehot.shape[1]) if c != undefined]
+    p = probs[:, real] * keep
+    t = onehot[:, real] * keep
+    volume = t.sum(dim=(0, 2, 3))
+    weight = 1.0 / (volume * volume + eps)
+    # Classes absent from the batch would get a huge weight and contribute only noise.
+    weight = torch.where(volume > 0, weight, torch.zeros_like(weight))
+    intersection = (weight * (p * t).sum(dim=(0, 2, 3))).sum()
+    union = (weight * (p + t).sum(dim=(0, 2, 3))).sum()
+    return 1.0 - 2.0 * intersection / (union + eps)
+
+
+def masked_bce(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Binary cross-entropy of the sigmoid outputs against one-hot labels, UNDEFINED excluded."""
+    onehot, keep = one_hot_targets(labels)
+    p = probs.clamp(eps, 1 - eps)
+    bce = -(onehot * torch.log(p) + (1 - onehot) * torch.log(1 - p))
+    return (bce * keep).sum() / (keep.sum() * probs.shape[1] + eps)
+
+
+LOSSES = {
+    "gdl": generalised_dice_loss,
+    # The dice term alone starts slowly from random weights; BCE gives every pixel a
+    # gradient from the first step. Used for the short bootstrap runs.
+    "gdl+bce": lambda probs, labels: generalised_dice_loss(probs, labels) + masked_bce(probs, labels),
+}

@@ -1,0 +1,65 @@
+"""PyTorch U-Net with the published KappaMask architecture (needs the ``train`` extra)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kappamask.bands import NUM_NETWORK_OUTPUTS
+from kappamask.model.architecture import LEVELS, conv_specs
+
+
+class UNet(nn.Module):
+    """5-level U-Net, channels first; returns the 6 sigmoid outputs [N, 6, H, W].
+
+    Convolutions keep the size ('same'); the 2x2 up-convolutions are padded at the
+    bottom/right as Keras does, so imported Keras weights line up exactly.
+    """
+
+    def __init__(
+        self, in_channels: int, base_filters: int = 32, num_outputs: int = NUM_NETWORK_OUTPUTS
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.base_filters = base_filters
+        self.convs = nn.ModuleDict()
+        for spec in conv_specs(in_channels, base_filters, num_outputs):
+            self.convs[spec.name.replace(".", "_")] = nn.Conv2d(
+                spec.in_channels, spec.out_channels, spec.kernel, padding=(spec.kernel - 1) // 2
+            )
+        self.dropout = nn.Dropout(0.5)
+
+    def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        conv = self.convs[name.replace(".", "_")]
+        if conv.kernel_size[0] % 2 == 0:
+            # Keras 'same' for an even kernel: the extra pixel at the bottom/right.
+            x = nn.functional.pad(x, (0, 1, 0, 1))
+        return torch.relu(conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level in range(1, LEVELS + 1):
+            x = self._conv(f"enc{level}.conv2", self._conv(f"enc{level}.conv1", x))
+            if level >= LEVELS - 1:
+                x = self.dropout(x)
+            if level < LEVELS:
+                skips.append(x)
+                x = nn.functional.max_pool2d(x, 2)
+        for level in range(LEVELS - 1, 0, -1):
+            x = nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")
+            x = self._conv(f"up{level}.conv", x)
+            x = torch.cat([skips[level - 1], x], dim=1)
+            x = self._conv(f"dec{level}.conv2", self._conv(f"dec{level}.conv1", x))
+        x = self._conv("head.conv1", x)
+        return torch.sigmoid(self.convs["head_conv2"](x))
+
+    def numpy_weights(self) -> dict[str, tuple[object, object]]:
+        """Weights as numpy arrays keyed by ConvSpec name: (kernel [O, I, kh, kw], bias)."""
+        out = {}
+        for spec in conv_specs(self.in_channels, self.base_filters):
+            conv = self.convs[spec.name.replace(".", "_")]
+            out[spec.name] = (
+                conv.weight.detach().cpu().numpy(),
+                conv.bias.detach().cpu().numpy(),  # type: ignore[union-attr]
+            )
+        return out

@@ -1,0 +1,230 @@
+"""source -> reader -> tiler -> Triton -> mosaic -> COG + STAC -> sink, with progress.
+
+The raster is processed in strips of one crop row: while Triton works on the crops of
+one strip, the next strip is read and resampled, and finished rows of the mosaic are
+written out and freed, so memory does not grow with the product.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rasterio.windows import Window
+
+from kappamask.bands import CLASS_NAMES, DEFAULT_RESOLUTION, OUTPUT_CLASSES, MaskClass
+from kappamask.errors import CancelledError, ProductError
+from kappamask.inference.triton import ServedModel, TritonClient
+from kappamask.reader import BandReader, Grid, output_grid
+from kappamask.sources import open_product
+from kappamask.sources.product import Product
+from kappamask.storage import LocalSink
+from kappamask.tiling import CropGrid, extract, place
+from kappamask.writers.cog import StripWriter, to_cog
+from kappamask.writers.preview import write_preview
+from kappamask.writers.stac_item import class_statistics, create_item, describe_file
+
+LOGGER = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, str], None]
+CancelledFn = Callable[[], bool]
+
+PROGRESS_START, PROGRESS_INFERENCE_END, PROGRESS_END = 5, 88, 95
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a user may choose about a run."""
+
+    resolution: int = DEFAULT_RESOLUTION
+    resampling: str = "lanczos"
+    #: The level the user expects; None: whatever the metadata says.
+    level: str | None = None
+
+
+@dataclass
+class RunResult:
+    """Where the result went and what it says."""
+
+    product_id: str
+    level: str
+    model: str
+    model_version: str
+    mask: Path
+    confidence: Path
+    preview: Path
+    item: Path
+    statistics: dict[str, float]
+    crops_total: int
+    crops_inferred: int
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "product_id": self.product_id,
+            "level": self.level,
+            "model": self.model,
+            "model_version": self.model_version,
+            "mask": str(self.mask),
+            "confidence": str(self.confidence),
+            "preview": str(self.preview),
+            "item": str(self.item),
+            "class_percentages": self.statistics,
+            "crops_total": self.crops_total,
+            "crops_inferred": self.crops_inferred,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def output_names(product_id: str) -> dict[str, str]:
+    """File names of a result in the output folder, keyed by STAC asset key."""
+    return {
+        "mask": f"{product_id}_KAPPAMASK.tif",
+        "confidence": f"{product_id}_KAPPAMASK_CONFIDENCE.tif",
+        "preview": f"{product_id}_KAPPAMASK_PREVIEW.png",
+        "item": f"{product_id}_KAPPAMASK.json",
+    }
+
+
+def _noop_progress(_percent: int, _message: str) -> None:
+    pass
+
+
+class _Mosaic:
+    """Collects a strip's crop outputs, keeps their centres, writes finished rows."""
+
+    def __init__(self, grid: Grid, crops: CropGrid, classes: StripWriter, confidence: StripWriter):
+        self.grid, self.crops = grid, crops
+        self.classes_out, self.confidence_out = classes, confidence
+        self.counts = np.zeros(256, dtype=np.int64)
+
+    def finish_row(self, row: int, valid: np.ndarray,
+                   futures: Sequence[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]) -> None:
+        y = self.crops.rows[row]
+        height = y.keep_stop - y.keep_start
+        classes = np.zeros((height, self.grid.width), dtype=np.uint8)
+        confidence = np.zeros_like(classes)
+        row_crops = self.crops.row_crops(row)
+        for col, future in futures:
+            crop_classes, crop_conf = future.result()
+            place(classes, crop_classes, row_crops[col], y.keep_start)
+            place(confidence, crop_conf, row_crops[col], y.keep_start)
+        kept_valid = valid[y.keep_start - y.start : y.keep_stop - y.start]
+        classes[~kept_valid] = MaskClass.MISSING
+        confidence[~kept_valid] = 0
+        # A valid pixel always has some confidence; 0 is the nodata value.
+        np.maximum(confidence, kept_valid.astype(np.uint8), out=confidence)
+        self.classes_out.write(y.keep_start, classes)
+        self.confidence_out.write(y.keep_start, confidence)
+        self.counts += np.bincount(classes.ravel(), minlength=256)
+
+
+def _infer_all(product: Product, model: ServedModel, grid: Grid, options: RunOptions,
+               client: TritonClient, mosaic: _Mosaic, progress: ProgressFn,
+               cancelled: CancelledFn, timings: dict[str, float]) -> tuple[int, dict[str, str]]:
+    crops = mosaic.crops
+    total = len(crops)
+    inferred = done = 0
+    pending: tuple[int, np.ndarray, list[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]] | None = None
+    with BandReader(product, model.features, model.max_v, grid, options.resampling) as reader:
+        substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
+        for row, y in enumerate(crops.rows):
+            if cancelled():
+                raise CancelledError("job cancelled")
+            t0 = time.monotonic()
+            height = min(crops.size, grid.height - y.start)
+            features, valid = reader.read(Window(0, y.start, grid.width, height))
+            timings["read"] = timings.get("read", 0.0) + time.monotonic() - t0
+            futures = []
+            for crop in crops.row_crops(row):
+                crop_valid = extract(valid, crop.x)
+                if crop_valid.any():  # crops without a valid pixel are never sent
+                    futures.append((crop.col, client.submit(model.name, extract(features, crop.x))))
+            inferred += len(futures)
+            del features
+            if pending is not None:
+                t0 = time.monotonic()
+                mosaic.finish_row(*pending)
+                timings["inference_wait"] = timings.get("inference_wait", 0.0) + time.monotonic() - t0
+                done += len(crops.cols)
+                progress(PROGRESS_START + (PROGRESS_INFERENCE_END - PROGRESS_START) * done // total,
+                         f"{done}/{total} crops")
+            pending = (row, valid, futures)
+        if pending is not None:
+            t0 = time.monotonic()
+            mosaic.finish_row(*pending)
+            timings["inference_wait"] = timings.get("inference_wait", 0.0) + time.monotonic() - t0
+    progress(PROGRESS_INFERENCE_END, f"{total}/{total} crops")
+    return inferred, substitutions
+
+
+def run(
+    product_href: str,
+    out_dir: Path,
+    client: TritonClient,
+    options: RunOptions | None = None,
+    progress: ProgressFn | None = None,
+    cancelled: CancelledFn | None = None,
+    allowed_roots: Sequence[Path] | None = None,
+) -> RunResult:
+    """Mask one product and write mask COG, confidence COG, preview PNG and STAC item."""
+    options = options or RunOptions()
+    progress = progress or _noop_progress
+    started = time.monotonic()
+    product = open_product(product_href, allowed_roots)
+    if options.level and options.level != product.level:
+        raise ProductError(
+            f"{product.product_id} is {product.level}, not {options.level} as requested"
+        )
+    model = client.model(product.level)
+    grid = output_grid(product, options.resolution)
+    crops = CropGrid(grid.height, grid.width)
+    names = output_names(product.product_id)
+    progress(PROGRESS_START, f"{product.product_id}: {grid.width}x{grid.height} px, {len(crops)} crops")
+    LOGGER.info("%s (%s) -> %s, %d crops at %d m", product.product_id, product.level, model.name,
+                len(crops), options.resolution)
+    timings: dict[str, float] = {}
+    with LocalSink(out_dir) as sink:
+        scratch_classes, scratch_conf = sink.path("classes.scratch.tif"), sink.path("confidence.scratch.tif")
+        with StripWriter(scratch_classes, grid, colormap=True) as classes_out, StripWriter(scratch_conf, grid) as conf_out:
+            mosaic = _Mosaic(grid, crops, classes_out, conf_out)
+            inferred, substitutions = _infer_all(product, model, grid, options, client, mosaic,
+                                                 progress, cancelled or (lambda: False), timings)
+        t0 = time.monotonic()
+        tags = {"KAPPAMASK_MODEL": f"{model.name} {model.version_label}",
+                "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES)}
+        to_cog(scratch_classes, sink.path(names["mask"]), tags=tags)
+        to_cog(scratch_conf, sink.path(names["confidence"]), tags=tags)
+        scratch_classes.unlink()
+        scratch_conf.unlink()
+        write_preview(sink.path(names["mask"]), sink.path(names["preview"]))
+        timings["cog"] = time.monotonic() - t0
+        progress(PROGRESS_END - 2, "writing the STAC item")
+        files = {key: describe_file(sink.path(names[key]), f"./{names[key]}")
+                 for key in ("mask", "confidence", "preview")}
+        item = create_item(product, grid, mosaic.counts, files, model, substitutions)
+        sink.path(names["item"]).write_text(json.dumps(item.to_dict(include_self_link=False), indent=2))
+        final = sink.commit([names["mask"], names["confidence"], names["preview"], names["item"]])
+    progress(PROGRESS_END, "done")
+    return RunResult(
+        product_id=product.product_id,
+        level=product.level,
+        model=model.name,
+        model_version=model.version_label,
+        mask=final[0],
+        confidence=final[1],
+        preview=final[2],
+        item=final[3],
+        statistics=class_statistics(mosaic.counts),
+        crops_total=len(crops),
+        crops_inferred=inferred,
+        seconds=time.monotonic() - started,
+        timings=timings,
+    )

@@ -1,0 +1,50 @@
+"""The Product: everything the pipeline needs to know about one Sentinel-2 tile product."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class Product:
+    """One Sentinel-2 tile, L1C or L2A, resolved to readable band files.
+
+    ``band_files`` holds, per layer (``B01``.. ``B12``, ``AOT``, ``WVP``, ``SCL``), a
+    GDAL-readable path per resolution the product has it at; ``offsets`` the additive
+    radiometric offset in digital numbers of each spectral band (empty before
+    processing baseline 04.00).
+    """
+
+    product_id: str
+    level: str
+    processing_baseline: str
+    sensing_time: datetime
+    spacecraft: str
+    mgrs_tile: str
+    crs: str
+    band_files: dict[str, dict[int, str]]
+    offsets: dict[str, float] = field(default_factory=dict)
+    quantification: float = 10000.0
+    #: Data footprint as (lon, lat) pairs in EPSG:4326, closed ring, if the metadata has one.
+    footprint: tuple[tuple[float, float], ...] | None = None
+    sun_azimuth: float | None = None
+    sun_zenith: float | None = None
+    #: What the user gave to find the product (path, URL), for derived_from links.
+    href: str = ""
+
+    def has_band(self, band: str) -> bool:
+        """Whether the product has ``band`` at any resolution."""
+        return bool(self.band_files.get(band))
+
+    def band_path(self, band: str, resolution: int) -> tuple[str, int]:
+        """The file of ``band`` to resample to ``resolution`` m, and its own resolution.
+
+        The coarsest file that is still at least as fine as the target: full detail where
+        it matters, and no 10 m decode for a 60 m output (ESA's coarser files are the
+        same data, already aggregated).
+        """
+        files = self.band_files[band]
+        finer = [r for r in files if r <= resolution]
+        res = max(finer) if finer else min(files)
+        return files[res], res

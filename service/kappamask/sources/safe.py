@@ -1,0 +1,153 @@
+"""Open a Sentinel-2 SAFE product, as a folder or as a zip, into a Product.
+
+Band files are found by name under GRANULE/*/IMG_DATA, which covers every naming
+scheme since 2015: the pre-2017 long names (``S2A_OPER_MSI_L1C_TL_..._B01.jp2``), the
+compact L1C names (``T32TQM_20170101T101421_B01.jp2``) and the L2A R10m/R20m/R60m
+folders (``..._B01_60m.jp2``), in JPEG 2000 or GeoTIFF.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from kappamask.bands import AUX_BANDS, NATIVE_RESOLUTION, SPECTRAL_BANDS
+from kappamask.errors import ProductError, ProductNotFoundError
+from kappamask.sources.metadata import parse_product_metadata, parse_tile_metadata
+from kappamask.sources.product import Product
+
+LOGGER = logging.getLogger(__name__)
+
+_BAND_FILE = re.compile(
+    r"(?:^|_)(B0[1-9]|B1[0-2]|B8A|AOT|WVP|SCL)(?:_(10|20|60)m)?\.(jp2|tif|tiff)$", re.IGNORECASE
+)
+_PRODUCT_MTD = re.compile(r"(^|/)(MTD_MSIL1C|MTD_MSIL2A|[^/]*MTD_SAFL1C[^/]*|[^/]*MTD_SAFL2A[^/]*)\.xml$")
+_TILE_MTD = re.compile(r"^GRANULE/[^/]+/(MTD_TL|[^/]*MTD_L1C_TL[^/]*|[^/]*MTD_L2A_TL[^/]*)\.xml$")
+
+
+class _Files:
+    """Names (relative, '/'-separated) of a product's files, readable as bytes or by GDAL."""
+
+    def __init__(self, names: Iterable[str], reader: zipfile.ZipFile | Path, gdal_prefix: str):
+        self.names = sorted(names)
+        self._reader = reader
+        self._gdal_prefix = gdal_prefix
+
+    def read(self, name: str) -> bytes:
+        if isinstance(self._reader, zipfile.ZipFile):
+            try:
+                return self._reader.read(name)
+            except (zipfile.BadZipFile, EOFError, OSError) as err:
+                raise ProductError(f"cannot read {name} from the zip: {err}") from err
+        return (self._reader / name).read_bytes()
+
+    def gdal_path(self, name: str) -> str:
+        return f"{self._gdal_prefix}/{name}"
+
+
+def _list_folder(root: Path) -> _Files:
+    names = []
+    for dirpath, _dirs, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        names.extend(str(PurePosixPath(*rel.parts, f)) for f in files)
+    return _Files(names, root, str(root))
+
+
+def _list_zip(path: Path) -> _Files:
+    try:
+        archive = zipfile.ZipFile(path)
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ProductError(f"{path.name} is not a readable zip (truncated or corrupt: {err})") from err
+    return _Files(names, archive, f"/vsizip/{path}")
+
+
+def _product_metadata_name(files: _Files, where: str, max_depth: int) -> str:
+    # At the top of the SAFE folder, or one level down in a zip of "X.SAFE/".
+    found = [n for n in files.names if _PRODUCT_MTD.search(n) and n.count("/") <= max_depth]
+    if not found:
+        raise ProductError(
+            f"{where} has no MTD_MSIL1C.xml or MTD_MSIL2A.xml at its top: "
+            "not a Sentinel-2 L1C/L2A SAFE product"
+        )
+    return min(found, key=lambda n: (n.count("/"), len(n)))
+
+
+def find_band_files(names: Iterable[str]) -> dict[str, dict[int, str]]:
+    """Group the band files among ``names`` by layer and resolution."""
+    found: dict[str, dict[int, str]] = {}
+    for name in names:
+        parts = name.split("/")
+        if "IMG_DATA" not in parts:
+            continue
+        match = _BAND_FILE.search(parts[-1])
+        if not match:
+            continue
+        band = match.group(1).upper()
+        res = int(match.group(2)) if match.group(2) else NATIVE_RESOLUTION[band]
+        found.setdefault(band, {})[res] = name
+    return found
+
+
+def open_safe(href: str | os.PathLike[str]) -> Product:
+    """Resolve a SAFE folder, a zip of one, or its MTD_MSIL*.xml into a Product."""
+    path = Path(href)
+    if not path.exists():
+        raise ProductNotFoundError(f"product {path} does not exist")
+    if path.is_file() and path.suffix.lower() == ".xml":
+        path = path.parent
+    if path.is_dir():
+        files = _list_folder(path)
+    elif zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
+        files = _list_zip(path)
+    else:
+        raise ProductError(f"{path.name} is neither a SAFE folder nor a zip of one")
+
+    mtd_name = _product_metadata_name(files, path.name, max_depth=0 if path.is_dir() else 1)
+    prefix = mtd_name[: mtd_name.rfind("/") + 1]
+    files.names = [n for n in files.names if n.startswith(prefix)]
+    meta = parse_product_metadata(files.read(mtd_name), PurePosixPath(mtd_name).name)
+    tile_names = [n[len(prefix) :] for n in files.names if _TILE_MTD.search(n[len(prefix) :])]
+    if len(tile_names) > 1 or meta.granule_count > 1:
+        raise ProductError(
+            f"{path.name} holds {max(len(tile_names), meta.granule_count)} tiles (a pre-2017 "
+            "multi-tile product); submit the single-tile product of the tile you want"
+        )
+    if not tile_names:
+        raise ProductError(f"{path.name} has no GRANULE/*/MTD_TL.xml: not a complete Sentinel-2 SAFE product")
+    tile = parse_tile_metadata(files.read(prefix + tile_names[0]), PurePosixPath(tile_names[0]).name)
+
+    band_files = {
+        band: {res: files.gdal_path(prefix + name) for res, name in by_res.items()}
+        for band, by_res in find_band_files(n[len(prefix) :] for n in files.names).items()
+    }
+    spectral = [b for b in SPECTRAL_BANDS if b in band_files]
+    LOGGER.info(
+        "opened %s: %s baseline %s, %d spectral bands%s",
+        meta.product_uri or path.name,
+        meta.level,
+        meta.processing_baseline,
+        len(spectral),
+        "".join(f", {a}" for a in AUX_BANDS if a in band_files),
+    )
+    product_id = (meta.product_uri or path.name).removesuffix(".SAFE").removesuffix(".zip")
+    return Product(
+        product_id=product_id,
+        level=meta.level,
+        processing_baseline=meta.processing_baseline,
+        sensing_time=tile.sensing_time,
+        spacecraft=meta.spacecraft,
+        mgrs_tile=tile.mgrs_tile,
+        crs=tile.crs,
+        band_files=band_files,
+        offsets=meta.offsets,
+        quantification=meta.quantification,
+        footprint=meta.footprint,
+        sun_azimuth=tile.sun_azimuth,
+        sun_zenith=tile.sun_zenith,
+        href=str(href),
+    )

@@ -1,0 +1,1 @@
+"""Writers: the mask and confidence COGs, the PNG preview, the STAC item."""

@@ -1,0 +1,164 @@
+"""The STAC item of a mask: a pure function of the source product, the grid, the class
+counts, the written files and the model that produced them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+from rasterio.warp import transform_geom
+from shapely.geometry import Polygon, box, mapping, shape
+
+from kappamask import __version__
+from kappamask.bands import (
+    CLASS_COLORS,
+    CLASS_DESCRIPTIONS,
+    CLASS_NAMES,
+    OUTPUT_CLASSES,
+    MaskClass,
+)
+from kappamask.inference.triton import ServedModel
+from kappamask.reader import Grid
+from kappamask.sources.product import Product
+
+EXT_PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
+EXT_RASTER = "https://stac-extensions.github.io/raster/v1.1.0/schema.json"
+EXT_FILE = "https://stac-extensions.github.io/file/v2.1.0/schema.json"
+EXT_EO = "https://stac-extensions.github.io/eo/v1.1.0/schema.json"
+EXT_PROCESSING = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+EXT_CLASSIFICATION = "https://stac-extensions.github.io/classification/v1.1.0/schema.json"
+
+COG_MEDIA_TYPE = "image/tiff; application=geotiff; profile=cloud-optimized"
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file of the result: where the item points to it, its size and checksum."""
+
+    href: str
+    size: int
+    checksum: str
+
+
+def describe_file(path: Path, href: str) -> WrittenFile:
+    """Size and SHA2-256 multihash (as the file extension wants) of a written file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return WrittenFile(href, path.stat().st_size, "1220" + digest.hexdigest())
+
+
+def class_statistics(counts: np.ndarray) -> dict[str, float]:
+    """Percentages per class from a bincount of mask codes.
+
+    Real classes are percentages of valid pixels; ``missing`` of all pixels. ``eo:cloud_cover``
+    counts opaque and semi-transparent cloud.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    valid = total - counts[MaskClass.MISSING]
+    stats = {"missing": 100.0 * counts[MaskClass.MISSING] / total if total else 0.0}
+    for cls in OUTPUT_CLASSES[1:]:
+        stats[CLASS_NAMES[cls]] = 100.0 * counts[cls] / valid if valid else 0.0
+    stats["cloud_cover"] = stats[CLASS_NAMES[MaskClass.CLOUD]] + stats[
+        CLASS_NAMES[MaskClass.SEMI_TRANSPARENT_CLOUD]
+    ]
+    return {k: round(float(v), 4) for k, v in stats.items()}
+
+
+def _geometry(product: Product, grid: Grid) -> dict[str, Any]:
+    area = box(*grid.bounds)
+    grid_wgs84 = shape(transform_geom(grid.crs, "EPSG:4326", mapping(area)))
+    if product.footprint:
+        footprint = Polygon(product.footprint)
+        if footprint.is_valid and footprint.intersects(grid_wgs84):
+            grid_wgs84 = grid_wgs84.intersection(footprint)
+    return dict(mapping(grid_wgs84.simplify(0)))
+
+
+def _classes() -> list[dict[str, Any]]:
+    return [
+        {
+            "value": int(cls),
+            "name": CLASS_NAMES[cls],
+            "description": CLASS_DESCRIPTIONS[cls],
+            "color_hint": "{:02X}{:02X}{:02X}".format(*CLASS_COLORS[cls][:3]),
+            **({"nodata": True} if cls == MaskClass.MISSING else {}),
+        }
+        for cls in OUTPUT_CLASSES
+    ]
+
+
+def create_item(
+    product: Product,
+    grid: Grid,
+    counts: np.ndarray,
+    files: Mapping[str, WrittenFile],
+    model: ServedModel,
+    substitutions: Mapping[str, str],
+    processed: datetime | None = None,
+) -> pystac.Item:
+    """Build the STAC item describing a mask of ``product`` (files: mask, confidence, preview)."""
+    geometry = _geometry(product, grid)
+    stats = class_statistics(counts)
+    item = pystac.Item(
+        id=f"{product.product_id}_KAPPAMASK",
+        geometry=geometry,
+        bbox=list(shape(geometry).bounds),
+        datetime=product.sensing_time,
+        properties={},
+        stac_extensions=[EXT_PROJECTION, EXT_RASTER, EXT_FILE, EXT_EO, EXT_PROCESSING, EXT_CLASSIFICATION],
+    )
+    props = item.properties
+    props.update(
+        {
+            "platform": product.spacecraft.lower(),
+            "constellation": "sentinel-2",
+            "instruments": ["msi"],
+            "eo:cloud_cover": stats["cloud_cover"],
+            "proj:code": grid.crs,
+            "proj:shape": [grid.height, grid.width],
+            "proj:transform": list(grid.transform)[:6],
+            "proj:bbox": list(grid.bounds),
+            "processing:level": "L2",
+            "processing:datetime": (processed or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "processing:software": {"kappamask": __version__, model.name: model.version_label},
+            "processing:lineage": (
+                f"KappaMask U-Net ({model.name}, {model.version_label}) applied to "
+                f"{product.level} product {product.product_id} resampled to {grid.resolution:g} m; "
+                "class codes follow Domnich et al. 2021 (0 = missing; km_predict v2 wrote 5)."
+            ),
+            "kappamask:source_level": product.level,
+            "kappamask:processing_baseline": product.processing_baseline,
+            "kappamask:mgrs_tile": product.mgrs_tile,
+            "kappamask:resolution": grid.resolution,
+        }
+    )
+    for name, value in stats.items():
+        if name != "cloud_cover":
+            props[f"kappamask:{name}_percentage"] = value
+    if substitutions:
+        props["kappamask:substituted_bands"] = dict(substitutions)
+
+    def add(key: str, title: str, media: str, roles: list[str], extra: dict[str, Any]) -> None:
+        f = files[key]
+        asset = pystac.Asset(href=f.href, title=title, media_type=media, roles=roles,
+                             extra_fields={"file:size": f.size, "file:checksum": f.checksum, **extra})
+        item.add_asset(key, asset)
+
+    band = {"data_type": "uint8", "nodata": 0, "spatial_resolution": grid.resolution, "sampling": "area"}
+    add("mask", "Cloud mask (KappaMask classes)", COG_MEDIA_TYPE, ["data"],
+        {"raster:bands": [band], "classification:classes": _classes()})
+    add("confidence", "Confidence of the winning class (x 255)", COG_MEDIA_TYPE, ["data"],
+        {"raster:bands": [{**band, "scale": 1 / 255, "offset": 0.0, "unit": "1"}]})
+    add("preview", "Mask preview", "image/png", ["overview"], {})
+    if product.href:
+        item.add_link(pystac.Link("derived_from", product.href, title=product.product_id))
+    return item

@@ -1,0 +1,110 @@
+"""Shared fixtures: real data under tests/data, one real tritonserver per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pystac
+import pytest
+from pystac.validation import JsonSchemaSTACValidator
+
+from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
+from kappamask.inference.server import LocalTriton
+
+DATA = Path(__file__).parent / "data"
+T29UNU = DATA / "s2" / "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE"
+T22HBD = DATA / "s2" / "esa_S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500.SAFE"
+METADATA = DATA / "metadata"
+SCHEMAS = DATA / "stac-schemas"
+
+
+@pytest.fixture(scope="session")
+def triton() -> Iterator[LocalTriton]:
+    """A real tritonserver serving the project's model repository."""
+    if not servable_models(DEFAULT_REPOSITORY):
+        pytest.fail(f"no model with weights in {DEFAULT_REPOSITORY}")
+    with LocalTriton(DEFAULT_REPOSITORY) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def stac_validator() -> JsonSchemaSTACValidator:
+    """pystac's validator with the extension schemas read from tests/data (offline)."""
+    validator = JsonSchemaSTACValidator()
+    for path in SCHEMAS.glob("*.json"):
+        schema = json.loads(path.read_text())
+        validator.schema_cache[schema["$id"].rstrip("#")] = schema
+    return validator
+
+
+def validate_item(item_dict: dict[str, Any], validator: JsonSchemaSTACValidator) -> pystac.Item:
+    """Validate an item dict against the core and every extension schema, offline."""
+    item = pystac.Item.from_dict(item_dict)
+    pystac.validation.validate_dict(item_dict, validator=validator)
+    return item
+
+
+@pytest.fixture
+def product_copy(tmp_path: Path) -> Path:
+    """A writable copy of the T29UNU fixture, for tests that break it."""
+    dst = tmp_path / T29UNU.name
+    shutil.copytree(T29UNU, dst)
+    return dst
+
+
+def check_result(item_path: Path, product_dir: Path, resolution: int,
+                 validator: JsonSchemaSTACValidator) -> dict[str, Any]:
+    """Everything a user would check on a result: valid COGs, class 0 exactly where the
+    product has no data, and a valid STAC item whose numbers match the raster."""
+    import hashlib
+
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+    from rio_cogeo.cogeo import cog_validate
+
+    from kappamask.bands import L2A_FEATURES, L2A_MAX_V
+    from kappamask.reader import BandReader, output_grid
+    from kappamask.sources import open_safe
+
+    data = json.loads(item_path.read_text())
+    validate_item(data, validator)
+    assets = {k: item_path.parent / v["href"] for k, v in data["assets"].items()}
+    for key in ("mask", "confidence"):
+        ok, errors, _warnings = cog_validate(str(assets[key]), quiet=True)
+        assert ok, errors
+    for key, path in assets.items():
+        assert data["assets"][key]["file:size"] == path.stat().st_size
+        assert data["assets"][key]["file:checksum"] == "1220" + hashlib.sha256(path.read_bytes()).hexdigest()
+    with rasterio.open(assets["mask"]) as src:
+        classes = src.read(1)
+        assert src.dtypes[0] == "uint8" and src.nodata == 0
+        assert src.colormap(1)[4][:3] == (245, 245, 245)
+        assert src.res == (resolution, resolution)
+        assert data["properties"]["proj:shape"] == [src.height, src.width]
+        assert data["properties"]["proj:transform"] == list(src.transform)[:6]
+    with rasterio.open(assets["confidence"]) as src:
+        confidence = src.read(1)
+    product = open_safe(product_dir)
+    grid = output_grid(product, resolution)
+    with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader:
+        _features, valid = reader.read(Window(0, 0, grid.width, grid.height))
+    assert (classes[~valid] == 0).all(), "no-data pixels must be class 0"
+    assert (confidence[~valid] == 0).all() and (confidence[valid] > 0).all()
+    assert (classes[valid] != 0).mean() > 0.99
+    assert classes.max() <= 4
+    counts = np.bincount(classes.ravel(), minlength=5)
+    props = data["properties"]
+    assert props["kappamask:missing_percentage"] == pytest.approx(100 * counts[0] / counts.sum(), abs=1e-3)
+    for code, name in enumerate(["clear", "cloud_shadow", "semi_transparent_cloud", "cloud"], start=1):
+        assert props[f"kappamask:{name}_percentage"] == pytest.approx(
+            100 * counts[code] / counts[1:].sum(), abs=1e-3)
+    assert props["eo:cloud_cover"] == pytest.approx(100 * (counts[3] + counts[4]) / counts[1:].sum(), abs=1e-3)
+    png = assets["preview"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[25] == 6  # RGBA
+    assert max(int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) <= 1024
+    return data

@@ -1,0 +1,89 @@
+"""Regenerate the test fixtures from the real data in ../shared/data (run from the repo root).
+
+    python tests/data/make_fixtures.py [SHARED_DATA_DIR]
+
+Deterministic: fixed windows, lossless JPEG 2000, metadata copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import rasterio
+from rasterio.windows import Window
+
+HERE = Path(__file__).parent
+SHARED = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data"
+
+T29UNU = "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE"
+T22HBD = "esa_S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500.SAFE"
+#: 544 x 544 px at 60 m (2 x 2 crops of 512 with the 32 px overlap): clear land, cloud,
+#: thin cirrus, shadow and about 10 % of the no-data wedge (Sen2Cor SCL: 15 % clear,
+#: 14 % shadow, 14 % thin cirrus, 46 % cloud, 10 % no data).
+T29UNU_WINDOW = Window(col_off=640, row_off=512, width=544, height=544)
+T29UNU_LAYERS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B09", "B11", "B12",
+                 "AOT", "WVP", "SCL")
+METADATA = {
+    "S2A_MSIL1C_20200717T221941_R029_T01LAC_20200717T234135": ("MTD_MSIL1C.xml", "MTD_TL.xml"),
+    "S2A_MSIL1C_20210908T042701_N0301_R133_T46RER_20210908T070248": ("MTD_MSIL1C.xml",),
+    "S2A_MSIL2A_20150826T185436_N0212_R070_T11SLT_20210412T023147": ("MTD_MSIL2A.xml",),
+    "S2B_MSIL2A_20220413T150759_N0400_R025_T33XWJ_20220414T082126": ("MTD_MSIL2A.xml",),
+    "S2A_MSIL2A_20230821T221941_N0509_R029_T01KAB_20230822T021825": ("MTD_MSIL2A.xml", "MTD_TL.xml"),
+}
+
+
+def crop_t29unu() -> None:
+    src_root = SHARED / "s2" / T29UNU
+    dst_root = HERE / "s2" / T29UNU
+    shutil.rmtree(dst_root, ignore_errors=True)
+    granule = next((src_root / "GRANULE").iterdir())
+    out_granule = dst_root / "GRANULE" / granule.name
+    (out_granule / "IMG_DATA" / "R60m").mkdir(parents=True)
+    shutil.copyfile(src_root / "MTD_MSIL2A.xml", dst_root / "MTD_MSIL2A.xml")
+    shutil.copyfile(granule / "MTD_TL.xml", out_granule / "MTD_TL.xml")
+    for layer in T29UNU_LAYERS:
+        src_path = next((granule / "IMG_DATA" / "R60m").glob(f"*_{layer}_60m.jp2"))
+        with rasterio.open(src_path) as src:
+            data = src.read(1, window=T29UNU_WINDOW)
+            profile = {
+                "driver": "JP2OpenJPEG", "width": data.shape[1], "height": data.shape[0],
+                "count": 1, "dtype": data.dtype, "crs": src.crs,
+                "transform": src.window_transform(T29UNU_WINDOW),
+                "QUALITY": 100, "REVERSIBLE": "YES", "BLOCKXSIZE": 544, "BLOCKYSIZE": 544,
+            }  # fmt: skip
+        with rasterio.open(out_granule / "IMG_DATA" / "R60m" / src_path.name, "w", **profile) as dst:
+            dst.write(data, 1)
+        for aux in out_granule.glob("IMG_DATA/R60m/*.aux.xml"):
+            aux.unlink()
+
+
+def copy_t22hbd() -> None:
+    """The complete 100 px SAFE layout, without its quality masks (not read by anything)."""
+    src_root = SHARED / "s2" / T22HBD
+    dst_root = HERE / "s2" / T22HBD
+    shutil.rmtree(dst_root, ignore_errors=True)
+    granule = next((src_root / "GRANULE").iterdir())
+    shutil.copytree(granule / "IMG_DATA", dst_root / "GRANULE" / granule.name / "IMG_DATA")
+    shutil.copyfile(granule / "MTD_TL.xml", dst_root / "GRANULE" / granule.name / "MTD_TL.xml")
+    shutil.copyfile(src_root / "MTD_MSIL2A.xml", dst_root / "MTD_MSIL2A.xml")
+
+
+def copy_metadata() -> None:
+    for product, files in METADATA.items():
+        (HERE / "metadata" / product).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            shutil.copyfile(SHARED / "metadata" / product / name, HERE / "metadata" / product / name)
+
+
+def copy_stac_schemas() -> None:
+    shutil.copytree(SHARED / "stac-schemas", HERE / "stac-schemas", dirs_exist_ok=True)
+
+
+if __name__ == "__main__":
+    crop_t29unu()
+    copy_t22hbd()
+    copy_metadata()
+    copy_stac_schemas()
+    print(f"fixtures written under {HERE}")

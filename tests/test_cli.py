@@ -1,0 +1,70 @@
+"""`kappamask run` as a user runs it: a subprocess, a real tritonserver, real products."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from pystac.validation import JsonSchemaSTACValidator
+
+from kappamask.inference.server import LocalTriton
+
+from .conftest import T22HBD, T29UNU, check_result
+
+KAPPAMASK = [sys.executable, "-m", "kappamask.cli"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KAPPAMASK, *args], capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_run_starts_its_own_triton_on_the_full_safe_layout(
+    tmp_path: Path, stac_validator: JsonSchemaSTACValidator
+) -> None:
+    done = _run("run", str(T22HBD), "--out", str(tmp_path), "--resolution", "60")
+    assert done.returncode == 0, done.stderr
+    assert "STAC item:" in done.stdout and "16/16 crops" in done.stdout
+    item = tmp_path / "S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500_KAPPAMASK.json"
+    data = check_result(item, T22HBD, 60, stac_validator)
+    assert data["properties"]["kappamask:processing_baseline"] == "02.14"
+    assert "starting Triton" in done.stderr and "Triton stopped" in done.stderr
+
+
+def test_run_a_zip_against_a_running_triton(
+    triton: LocalTriton, tmp_path: Path, stac_validator: JsonSchemaSTACValidator
+) -> None:
+    archive = tmp_path / f"{T29UNU.stem}.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(T29UNU.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"{T29UNU.name}/{path.relative_to(T29UNU)}")
+    out = tmp_path / "out"
+    done = _run("run", str(archive), "--out", str(out), "--resolution", "60",
+                "--triton-url", triton.http_url)
+    assert done.returncode == 0, done.stderr
+    assert "starting Triton" not in done.stderr
+    items = list(out.glob("*_KAPPAMASK.json"))
+    assert len(items) == 1
+    check_result(items[0], T29UNU, 60, stac_validator)
+    stats = json.loads(done.stdout.split("classes (%): ")[1].splitlines()[0])
+    assert abs(sum(v for k, v in stats.items() if k not in ("missing", "cloud_cover")) - 100) < 0.01
+
+
+def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cases = {
+        str(tmp_path / "nope.SAFE"): "does not exist",
+        str(T29UNU / "GRANULE"): "not a Sentinel-2",
+    }
+    for product, message in cases.items():
+        done = _run("run", product, "--out", str(out), "--triton-url", triton.http_url)
+        assert done.returncode == 1
+        assert message in done.stderr and "Traceback" not in done.stderr
+    done = _run("run", str(T29UNU), "--out", str(out), "--level", "L1C", "--triton-url", triton.http_url)
+    assert done.returncode == 1 and "is L2A, not L1C" in done.stderr
+    done = _run("run", str(T29UNU), "--out", str(out), "--triton-url", "127.0.0.1:1")
+    assert done.returncode == 1 and "Triton" in done.stderr and "Traceback" not in done.stderr
+    assert not out.exists() or list(out.iterdir()) == []

@@ -1,0 +1,109 @@
+"""The U-Net, its ONNX export, the loss and a short real training run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch", reason="training extra not installed")
+
+from kappamask.bands import L2A_FEATURES, L2A_MAX_V, MaskClass  # noqa: E402
+from kappamask.inference.repository import spec_from_onnx  # noqa: E402
+from kappamask.model.export import export_onnx  # noqa: E402
+from kappamask.model.labels import scl_to_mask  # noqa: E402
+from kappamask.model.losses import generalised_dice_loss, masked_bce  # noqa: E402
+from kappamask.model.train import TrainConfig, agreement, train  # noqa: E402
+from kappamask.model.unet import UNet  # noqa: E402
+
+from .conftest import T29UNU  # noqa: E402
+
+
+def test_unet_shape_and_parameter_count() -> None:
+    model = UNet(13, 32)
+    assert sum(p.numel() for p in model.parameters()) == 7_763_540  # TRITON.md: 7.8 M
+    with torch.no_grad():
+        out = UNet(13, 4).eval()(torch.rand(1, 13, 64, 64))
+    assert out.shape == (1, 6, 64, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
+
+
+@pytest.mark.parametrize("channels", [13, 14])
+def test_onnx_export_matches_torch(tmp_path: Path, channels: int) -> None:
+    torch.manual_seed(channels)
+    model = UNet(channels, 8).eval()
+    features = [f"F{i}" for i in range(channels)]
+    path = export_onnx(model, "L2A", features, [0.25] * channels, "test", tmp_path / "m.onnx")
+    x = torch.rand(2, channels, 96, 96) * 2
+    with torch.no_grad():
+        probs = model(x).numpy()
+    classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    real = probs[:, 1:]
+    expected = np.array([1, 2, 3, 4, 0], dtype=np.uint8)[real.argmax(1)]
+    top2 = np.sort(real, axis=1)[:, -2:]
+    clear_winner = (top2[:, 1] - top2[:, 0]) > 1e-5  # exact ties may go either way
+    assert (classes[clear_winner] == expected[clear_winner]).all()
+    assert np.abs(confidence.astype(int) - np.round(real.max(1) * 255)).max() <= 1
+    assert classes.dtype == np.uint8 and confidence.dtype == np.uint8
+    spec = spec_from_onnx(path)
+    assert spec.features == tuple(features) and spec.version_label == "test"
+
+
+def test_undefined_never_wins_and_missing_maps_to_zero(tmp_path: Path) -> None:
+    model = UNet(2, 4).eval()
+    with torch.no_grad():  # make the head output UNDEFINED > MISSING > everything else
+        head = model.convs["head_conv2"]
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([9.0, -5.0, -5.0, -5.0, -5.0, 5.0]))
+    path = export_onnx(model, "L2A", ["a", "b"], [1.0, 1.0], "t", tmp_path / "m.onnx")
+    classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": np.zeros((1, 2, 32, 32), np.float32)})
+    assert (classes == MaskClass.MISSING).all()
+    assert (confidence == round(255 / (1 + np.exp(-5.0)))).all()
+
+
+def test_generalised_dice_is_zero_for_perfect_and_ignores_undefined() -> None:
+    labels = torch.tensor([[[1, 2], [4, 5]]])
+    probs = torch.zeros(1, 6, 2, 2)
+    for code, channel in ((1, 1), (2, 2), (4, 4)):
+        probs[0, channel][labels[0] == code] = 1.0
+    probs[0, 3][labels[0] == 5] = 1.0  # anything on an UNDEFINED pixel is free
+    assert float(generalised_dice_loss(probs, labels)) == pytest.approx(0.0, abs=1e-5)
+    wrong = probs.roll(1, dims=1)
+    assert float(generalised_dice_loss(wrong, labels)) == pytest.approx(1.0, abs=1e-5)
+    assert float(masked_bce(probs.clamp(0.0, 1.0), labels)) < 1e-4
+
+
+def test_scl_mapping_of_table_1() -> None:
+    scl = np.arange(12, dtype=np.uint8)
+    assert scl_to_mask(scl).tolist() == [0, 0, 1, 2, 1, 1, 1, 5, 4, 4, 3, 1]
+
+
+def test_agreement_by_hand() -> None:
+    ref = np.array([1, 1, 2, 4, 4, 5, 0], dtype=np.uint8)
+    pred = np.array([1, 2, 2, 4, 3, 4, 4], dtype=np.uint8)
+    result = agreement(pred, ref)
+    assert result["pixels"] == 5
+    assert result["overall_accuracy"] == pytest.approx(3 / 5)
+    assert result["dice_clear"] == pytest.approx(2 * 1 / (1 + 2))
+    assert result["dice_cloud_shadow"] == pytest.approx(2 * 1 / (2 + 1))
+    assert result["dice_cloud"] == pytest.approx(2 * 1 / (1 + 2))
+
+
+def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
+    config = TrainConfig(product=str(T29UNU), base_filters=4, crop=64, batch_size=2,
+                         steps_per_epoch=3, max_epochs=1, loss="gdl+bce")
+    model, holdout = train(config, tmp_path)
+    assert (tmp_path / "checkpoint.pt").exists()
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
+    assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
+    assert 0.0 <= holdout["overall_accuracy"] <= 1.0 and holdout["pixels"] > 1000
+    assert json.loads((tmp_path / "holdout.json").read_text()) == holdout
+    # a second call resumes after the saved epoch
+    config.max_epochs = 2
+    train(config, tmp_path)
+    assert len(list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))) == 2
+    path = export_onnx(model, "L2A", L2A_FEATURES, L2A_MAX_V, "tiny", tmp_path / "model.onnx")
+    assert spec_from_onnx(path).level == "L2A"

@@ -1,0 +1,1 @@
+../../onnx_runtime_model.py
