@@ -10,10 +10,9 @@ from typing import Any
 
 import pystac
 import pytest
-from pystac.validation import JsonSchemaSTACValidator
-
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton
+from pystac.validation import JsonSchemaSTACValidator
 
 DATA = Path(__file__).parent / "data"
 T29UNU = DATA / "s2" / "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE"
@@ -56,20 +55,20 @@ def product_copy(tmp_path: Path) -> Path:
     return dst
 
 
-def check_result(item_path: Path, product_dir: Path, resolution: int,
-                 validator: JsonSchemaSTACValidator) -> dict[str, Any]:
+def check_result(
+    item_path: Path, product_dir: Path, resolution: int, validator: JsonSchemaSTACValidator
+) -> dict[str, Any]:
     """Everything a user would check on a result: valid COGs, class 0 exactly where the
     product has no data, and a valid STAC item whose numbers match the raster."""
     import hashlib
 
     import numpy as np
     import rasterio
-    from rasterio.windows import Window
-    from rio_cogeo.cogeo import cog_validate
-
     from kappamask.bands import L2A_FEATURES, L2A_MAX_V
     from kappamask.reader import BandReader, output_grid
     from kappamask.sources import open_safe
+    from rasterio.windows import Window
+    from rio_cogeo.cogeo import cog_validate
 
     data = json.loads(item_path.read_text())
     validate_item(data, validator)
@@ -79,7 +78,10 @@ def check_result(item_path: Path, product_dir: Path, resolution: int,
         assert ok, errors
     for key, path in assets.items():
         assert data["assets"][key]["file:size"] == path.stat().st_size
-        assert data["assets"][key]["file:checksum"] == "1220" + hashlib.sha256(path.read_bytes()).hexdigest()
+        assert (
+            data["assets"][key]["file:checksum"]
+            == "1220" + hashlib.sha256(path.read_bytes()).hexdigest()
+        )
     with rasterio.open(assets["mask"]) as src:
         classes = src.read(1)
         assert src.dtypes[0] == "uint8" and src.nodata == 0
@@ -99,11 +101,18 @@ def check_result(item_path: Path, product_dir: Path, resolution: int,
     assert classes.max() <= 4
     counts = np.bincount(classes.ravel(), minlength=5)
     props = data["properties"]
-    assert props["kappamask:missing_percentage"] == pytest.approx(100 * counts[0] / counts.sum(), abs=1e-3)
-    for code, name in enumerate(["clear", "cloud_shadow", "semi_transparent_cloud", "cloud"], start=1):
+    assert props["kappamask:missing_percentage"] == pytest.approx(
+        100 * counts[0] / counts.sum(), abs=1e-3
+    )
+    for code, name in enumerate(
+        ["clear", "cloud_shadow", "semi_transparent_cloud", "cloud"], start=1
+    ):
         assert props[f"kappamask:{name}_percentage"] == pytest.approx(
-            100 * counts[code] / counts[1:].sum(), abs=1e-3)
-    assert props["eo:cloud_cover"] == pytest.approx(100 * (counts[3] + counts[4]) / counts[1:].sum(), abs=1e-3)
+            100 * counts[code] / counts[1:].sum(), abs=1e-3
+        )
+    assert props["eo:cloud_cover"] == pytest.approx(
+        100 * (counts[3] + counts[4]) / counts[1:].sum(), abs=1e-3
+    )
     png = assets["preview"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[25] == 6  # RGBA
     assert max(int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) <= 1024

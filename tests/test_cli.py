@@ -8,9 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from pystac.validation import JsonSchemaSTACValidator
-
 from kappamask.inference.server import LocalTriton
+from pystac.validation import JsonSchemaSTACValidator
 
 from .conftest import T22HBD, T29UNU, check_result
 
@@ -18,7 +17,9 @@ KAPPAMASK = [sys.executable, "-m", "kappamask.cli"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*KAPPAMASK, *args], capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [*KAPPAMASK, *args], capture_output=True, text=True, timeout=600, check=False
+    )
 
 
 def test_run_starts_its_own_triton_on_the_full_safe_layout(
@@ -42,8 +43,16 @@ def test_run_a_zip_against_a_running_triton(
             if path.is_file():
                 zf.write(path, f"{T29UNU.name}/{path.relative_to(T29UNU)}")
     out = tmp_path / "out"
-    done = _run("run", str(archive), "--out", str(out), "--resolution", "60",
-                "--triton-url", triton.http_url)
+    done = _run(
+        "run",
+        str(archive),
+        "--out",
+        str(out),
+        "--resolution",
+        "60",
+        "--triton-url",
+        triton.http_url,
+    )
     assert done.returncode == 0, done.stderr
     assert "starting Triton" not in done.stderr
     items = list(out.glob("*_KAPPAMASK.json"))
@@ -63,7 +72,9 @@ def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_pa
         done = _run("run", product, "--out", str(out), "--triton-url", triton.http_url)
         assert done.returncode == 1
         assert message in done.stderr and "Traceback" not in done.stderr
-    done = _run("run", str(T29UNU), "--out", str(out), "--level", "L1C", "--triton-url", triton.http_url)
+    done = _run(
+        "run", str(T29UNU), "--out", str(out), "--level", "L1C", "--triton-url", triton.http_url
+    )
     assert done.returncode == 1 and "is L2A, not L1C" in done.stderr
     done = _run("run", str(T29UNU), "--out", str(out), "--triton-url", "127.0.0.1:1")
     assert done.returncode == 1 and "Triton" in done.stderr and "Traceback" not in done.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-
 from kappamask.bands import SPECTRAL_BANDS
 from kappamask.errors import ProductError
 from kappamask.sources.metadata import parse_product_metadata, parse_tile_metadata
@@ -60,11 +59,20 @@ def test_l2a_offsets_from_0400_on(name: str) -> None:
 def test_l1c_offsets_are_read_from_radio_add_offset() -> None:
     # Baseline 04.00+ L1C metadata: same file as 03.01 with the offset list inserted.
     xml = _product("S2A_MSIL1C_20210908T042701_N0301_R133_T46RER_20210908T070248").decode()
-    offsets = "".join(f'<RADIO_ADD_OFFSET band_id="{i}">-1000</RADIO_ADD_OFFSET>' for i in range(13))
-    xml = xml.replace("</QUANTIFICATION_VALUE>",
-                      f"</QUANTIFICATION_VALUE><Radiometric_Offset_List>{offsets}</Radiometric_Offset_List>", 1)
+    offsets = "".join(
+        f'<RADIO_ADD_OFFSET band_id="{i}">-1000</RADIO_ADD_OFFSET>' for i in range(13)
+    )
+    xml = xml.replace(
+        "</QUANTIFICATION_VALUE>",
+        f"</QUANTIFICATION_VALUE><Radiometric_Offset_List>{offsets}</Radiometric_Offset_List>",
+        1,
+    )
     meta = parse_product_metadata(xml.encode())
-    assert meta.offsets["B01"] == -1000.0 and meta.offsets["B12"] == -1000.0 and len(meta.offsets) == 13
+    assert (
+        meta.offsets["B01"] == -1000.0
+        and meta.offsets["B12"] == -1000.0
+        and len(meta.offsets) == 13
+    )
 
 
 def test_footprint_is_lon_lat_and_closed() -> None:
@@ -105,4 +113,6 @@ def test_not_xml_and_not_sentinel2_are_clear_errors() -> None:
     with pytest.raises(ProductError, match="not valid XML"):
         parse_product_metadata(b"\x00garbage")
     with pytest.raises(ProductError, match="is not L1C or L2A"):
-        parse_product_metadata(b"<Landsat_Product><PRODUCT_TYPE>L1TP</PRODUCT_TYPE></Landsat_Product>")
+        parse_product_metadata(
+            b"<Landsat_Product><PRODUCT_TYPE>L1TP</PRODUCT_TYPE></Landsat_Product>"
+        )

@@ -28,7 +28,7 @@ def test_unet_shape_and_parameter_count() -> None:
     assert sum(p.numel() for p in model.parameters()) == 7_763_540  # TRITON.md: 7.8 M
     with torch.no_grad():
         out = UNet(13, 4).eval()(torch.rand(1, 13, 64, 64))
-    assert out.shape == (1, 6, 64, 64) and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert out.shape == (1, 6, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
 @pytest.mark.parametrize("channels", [13, 14])
@@ -55,11 +55,13 @@ def test_onnx_export_matches_torch(tmp_path: Path, channels: int) -> None:
 def test_undefined_never_wins_and_missing_maps_to_zero(tmp_path: Path) -> None:
     model = UNet(2, 4).eval()
     with torch.no_grad():  # make the head output UNDEFINED > MISSING > everything else
-        head = model.convs["head_conv2"]
+        head = model.layer("head.conv2")
         head.weight.zero_()
         head.bias.copy_(torch.tensor([9.0, -5.0, -5.0, -5.0, -5.0, 5.0]))
     path = export_onnx(model, "L2A", ["a", "b"], [1.0, 1.0], "t", tmp_path / "m.onnx")
-    classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": np.zeros((1, 2, 32, 32), np.float32)})
+    classes, confidence = ort.InferenceSession(str(path)).run(
+        None, {"input": np.zeros((1, 2, 32, 32), np.float32)}
+    )
     assert (classes == MaskClass.MISSING).all()
     assert (confidence == round(255 / (1 + np.exp(-5.0)))).all()
 
@@ -93,8 +95,15 @@ def test_agreement_by_hand() -> None:
 
 
 def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
-    config = TrainConfig(product=str(T29UNU), base_filters=4, crop=64, batch_size=2,
-                         steps_per_epoch=3, max_epochs=1, loss="gdl+bce")
+    config = TrainConfig(
+        product=str(T29UNU),
+        base_filters=4,
+        crop=64,
+        batch_size=2,
+        steps_per_epoch=3,
+        max_epochs=1,
+        loss="gdl+bce",
+    )
     model, holdout = train(config, tmp_path)
     assert (tmp_path / "checkpoint.pt").exists()
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))

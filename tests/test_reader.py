@@ -7,12 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from rasterio.windows import Window
-
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.reader import BandReader, normalise, output_grid
 from kappamask.sources import open_safe
+from rasterio.windows import Window
 
 from .conftest import T22HBD, T29UNU
 
@@ -110,5 +109,8 @@ def test_corrupt_jp2_is_a_clear_error(product_copy: Path) -> None:
     path.write_bytes(path.read_bytes()[:3000])
     product = open_safe(product_copy)
     grid = output_grid(product, 60)
-    with pytest.raises(ProductError, match="B03"), BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader:
+    with (
+        pytest.raises(ProductError, match="B03"),
+        BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader,
+    ):
         reader.read(Window(0, 0, grid.width, grid.height))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError
 from kappamask.inference.repository import (
@@ -25,8 +24,10 @@ def _tiny_onnx(path: Path, metadata: dict[str, str] | None) -> Path:
 
     rng = np.random.default_rng(0)
     weights = {
-        s.name: (rng.normal(size=(s.out_channels, s.in_channels, s.kernel, s.kernel)).astype("float32"),
-                 np.zeros(s.out_channels, "float32"))
+        s.name: (
+            rng.normal(size=(s.out_channels, s.in_channels, s.kernel, s.kernel)).astype("float32"),
+            np.zeros(s.out_channels, "float32"),
+        )
         for s in conv_specs(13, 2)
     }
     onnx.save(build_model(weights, 13, 2, metadata), str(path))
@@ -37,7 +38,9 @@ def test_install_writes_cpu_and_gpu_configs(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / PYTHON_MODEL_FILE).write_text("# model")
-    onnx_path = _tiny_onnx(tmp_path / "m.onnx", model_metadata("L2A", L2A_FEATURES, L2A_MAX_V, "v-test"))
+    onnx_path = _tiny_onnx(
+        tmp_path / "m.onnx", model_metadata("L2A", L2A_FEATURES, L2A_MAX_V, "v-test")
+    )
     model_dir = install_model(onnx_path, repo)
     assert model_dir == repo / "kappamask_l2a"
     cpu = (model_dir / "config.pbtxt").read_text()

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from pystac.validation import JsonSchemaSTACValidator
-
 from kappamask.inference.server import LocalTriton, free_port
+from pystac.validation import JsonSchemaSTACValidator
 
 from .conftest import DATA, T22HBD, T29UNU, check_result
 
@@ -31,7 +30,9 @@ class Service:
     def execute(self, body: object, raw: str | None = None) -> requests.Response:
         url = f"{self.url}/processes/kappamask/execution"
         if raw is not None:
-            return requests.post(url, data=raw, headers={"Content-Type": "application/json"}, timeout=600)
+            return requests.post(
+                url, data=raw, headers={"Content-Type": "application/json"}, timeout=600
+            )
         return requests.post(url, json=body, timeout=600)
 
 
@@ -41,10 +42,15 @@ def service(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
     scratch = base / "scratch"
     scratch.mkdir()
     port = free_port()
-    env = {**os.environ, "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"), "KAPPAMASK_JOBS_DB": str(base / "jobs.db")}
+    env = {
+        **os.environ,
+        "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"),
+        "KAPPAMASK_JOBS_DB": str(base / "jobs.db"),
+    }
     log = (base / "serve.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port), "--triton-url", triton.http_url,
+        [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
+         "--triton-url", triton.http_url,
          "--output-dir", str(base / "out"), "--data-root", str(DATA), "--data-root", str(scratch)],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
@@ -79,8 +85,9 @@ def test_process_is_listed_and_described(service: Service) -> None:
 
 
 @pytest.mark.parametrize("product", [T29UNU, T22HBD], ids=["T29UNU", "T22HBD"])
-def test_sync_execution_returns_the_hrefs(service: Service, product: Path,
-                                          stac_validator: JsonSchemaSTACValidator) -> None:
+def test_sync_execution_returns_the_hrefs(
+    service: Service, product: Path, stac_validator: JsonSchemaSTACValidator
+) -> None:
     response = service.execute({"inputs": {"product": str(product), "resolution": 60}})
     assert response.status_code == 200, response.text
     result = response.json()
@@ -123,5 +130,51 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(service: Service) -> No
     assert response.status_code == 400
     # nothing half-written: only complete results (from the successful tests) or nothing
     if service.output_dir.exists():
-        leftovers = [p.name for p in service.output_dir.iterdir() if p.name.startswith(".kappamask")]
+        leftovers = [
+            p.name for p in service.output_dir.iterdir() if p.name.startswith(".kappamask")
+        ]
         assert leftovers == []
+
+
+def _tritonservers_on(port: int) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            cmdline
+            and cmdline[0].endswith(b"tritonserver")
+            and f"--http-port={port}".encode() in cmdline
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_stopping_the_service_stops_its_local_triton(tmp_path: Path, stop: signal.Signals) -> None:
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
+             "--output-dir", str(tmp_path / "out"), "--data-root", str(DATA)],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+                 "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
+        )  # fmt: skip
+        deadline = time.monotonic() + 90
+        while "KappaMask service on" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.3)
+        triton_port = int(log_path.read_text().split("starting Triton on 127.0.0.1:")[1].split()[0])
+        assert len(_tritonservers_on(triton_port)) == 1
+        proc.send_signal(stop)
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _tritonservers_on(triton_port) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert _tritonservers_on(triton_port) == []

@@ -7,12 +7,11 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 from affine import Affine
-from pystac.validation import JsonSchemaSTACValidator
-
-from kappamask.inference.triton import ServedModel
+from kappamask.inference.model_spec import ModelSpec
 from kappamask.reader import Grid
 from kappamask.sources import open_safe
 from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
+from pystac.validation import JsonSchemaSTACValidator
 
 from .conftest import T29UNU, validate_item
 
@@ -32,10 +31,20 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     product = open_safe(T29UNU)
     grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 544, 544)
     counts = np.bincount(np.array([0, 1, 1, 4], dtype=np.uint8), minlength=256)
-    files = {k: WrittenFile(f"./{k}.tif", 100, "1220" + "0" * 64) for k in ("mask", "confidence", "preview")}
-    model = ServedModel("kappamask_l2a", "L2A", ("AOT",), (1.0,), "bootstrap-test")
-    item = create_item(product, grid, counts, files, model, {"B08": "B8A"},
-                       processed=datetime(2026, 1, 1, tzinfo=UTC))
+    files = {
+        k: WrittenFile(f"./{k}.tif", 100, "1220" + "0" * 64)
+        for k in ("mask", "confidence", "preview")
+    }
+    model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "bootstrap-test")
+    item = create_item(
+        product,
+        grid,
+        counts,
+        files,
+        model,
+        {"B08": "B8A"},
+        processed=datetime(2026, 1, 1, tzinfo=UTC),
+    )
     data = item.to_dict(include_self_link=False)
     validate_item(data, stac_validator)
     props = data["properties"]
@@ -54,12 +63,19 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     assert -8.5 < west < east < -7.0 and 52.0 < south < north < 53.5
 
 
-def test_the_offline_validator_really_checks_extensions(stac_validator: JsonSchemaSTACValidator) -> None:
+def test_the_offline_validator_really_checks_extensions(
+    stac_validator: JsonSchemaSTACValidator,
+) -> None:
     product = open_safe(T29UNU)
     grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 544, 544)
-    files = {k: WrittenFile(f"./{k}.tif", 1, "1220" + "0" * 64) for k in ("mask", "confidence", "preview")}
-    model = ServedModel("kappamask_l2a", "L2A", ("AOT",), (1.0,), "v")
-    data = create_item(product, grid, np.ones(256), files, model, {}).to_dict(include_self_link=False)
+    files = {
+        k: WrittenFile(f"./{k}.tif", 1, "1220" + "0" * 64)
+        for k in ("mask", "confidence", "preview")
+    }
+    model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "v")
+    data = create_item(product, grid, np.ones(256), files, model, {}).to_dict(
+        include_self_link=False
+    )
     data["assets"]["mask"]["classification:classes"][0]["color_hint"] = "not a colour"
-    with pytest.raises(Exception, match="color_hint|does not match"):
+    with pytest.raises(Exception, match=r"color_hint|does not match"):
         validate_item(data, stac_validator)

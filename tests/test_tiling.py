@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-
 from kappamask.tiling import Crop, CropGrid, extract, place, spans
 
 
@@ -20,7 +21,7 @@ def test_kept_parts_cover_every_pixel_exactly_once(length: int) -> None:
 def test_full_tile_has_529_crops_with_32px_overlap() -> None:
     s = spans(10980)
     assert len(s) == 23 and len(CropGrid(10980, 10980)) == 529
-    assert all(b.start - a.start == 480 for a, b in zip(s, s[1:], strict=False))
+    assert all(b.start - a.start == 480 for a, b in itertools.pairwise(s))
     # neighbours meet halfway through their 32 px overlap
     assert s[0].keep_stop == 496 and s[1].keep_start == 496
     # the last crop runs past the edge (zero padding) and keeps up to the edge

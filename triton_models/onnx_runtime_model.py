@@ -22,7 +22,9 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         options = ort.SessionOptions()
-        threads = int(os.environ.get("KAPPAMASK_ORT_THREADS", params.get("ort_intra_op_threads", "0")))
+        threads = int(
+            os.environ.get("KAPPAMASK_ORT_THREADS", params.get("ort_intra_op_threads", "0"))
+        )
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -18,14 +18,23 @@ from kappamask.reader import RESAMPLING
 
 LOGGER = logging.getLogger(__name__)
 
-_triton_url = click.option("--triton-url", default=None,
-                           help="Triton host:port; a local Triton is started when omitted.")
+_triton_url = click.option(
+    "--triton-url", default=None, help="Triton host:port; a local Triton is started when omitted."
+)
 _repository = click.option(
-    "--model-repository", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--model-repository",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
     envvar="KAPPAMASK_MODEL_REPOSITORY",
-    help="Model repository of the local Triton (default: the project's triton_models/).")
-_protocol = click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http",
-                         show_default=True, help="Protocol to Triton.")
+    help="Model repository of the local Triton (default: the project's triton_models/).",
+)
+_protocol = click.option(
+    "--protocol",
+    type=click.Choice(["http", "grpc"]),
+    default="http",
+    show_default=True,
+    help="Protocol to Triton.",
+)
 
 
 @click.group()
@@ -33,29 +42,55 @@ _protocol = click.option("--protocol", type=click.Choice(["http", "grpc"]), defa
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """KappaMask: Sentinel-2 cloud masks with the KappaMask U-Nets on Triton."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @main.command("run")
 @click.argument("product")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Folder for the mask COG, confidence COG, preview and STAC item.")
-@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="10",
-              show_default=True, help="Output resolution in metres.")
-@click.option("--resampling", type=click.Choice(sorted(RESAMPLING)), default="lanczos", show_default=True)
-@click.option("--level", type=click.Choice(LEVELS), default=None,
-              help="Fail unless the product is of this level (default: read from the metadata).")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for the mask COG, confidence COG, preview and STAC item.",
+)
+@click.option(
+    "--resolution",
+    type=click.Choice([str(r) for r in RESOLUTIONS]),
+    default="10",
+    show_default=True,
+    help="Output resolution in metres.",
+)
+@click.option(
+    "--resampling", type=click.Choice(sorted(RESAMPLING)), default="lanczos", show_default=True
+)
+@click.option(
+    "--level",
+    type=click.Choice(LEVELS),
+    default=None,
+    help="Fail unless the product is of this level (default: read from the metadata).",
+)
 @_triton_url
 @_protocol
 @_repository
-def run_command(product: str, out_dir: Path, resolution: str, resampling: str, level: str | None,
-                triton_url: str | None, protocol: str, model_repository: Path | None) -> None:
+def run_command(
+    product: str,
+    out_dir: Path,
+    resolution: str,
+    resampling: str,
+    level: str | None,
+    triton_url: str | None,
+    protocol: str,
+    model_repository: Path | None,
+) -> None:
     """Mask PRODUCT (a .SAFE folder or .zip, L1C or L2A)."""
-    from kappamask.inference.repository import DEFAULT_REPOSITORY  # noqa: PLC0415
-    from kappamask.inference.server import LocalTriton  # noqa: PLC0415
-    from kappamask.inference.triton import TritonClient  # noqa: PLC0415
-    from kappamask.pipeline import RunOptions, run  # noqa: PLC0415
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.inference.server import LocalTriton
+    from kappamask.inference.triton import TritonClient
+    from kappamask.pipeline import RunOptions, run
 
     try:
         with ExitStack() as stack:
@@ -70,9 +105,13 @@ def run_command(product: str, out_dir: Path, resolution: str, resampling: str, l
                 bar.update(percent - bar.n)
                 bar.set_postfix_str(message[-40:])
 
-            result = run(product, out_dir, client,
-                         RunOptions(resolution=int(resolution), resampling=resampling, level=level),
-                         progress=progress)
+            result = run(
+                product,
+                out_dir,
+                client,
+                RunOptions(resolution=int(resolution), resampling=resampling, level=level),
+                progress=progress,
+            )
             bar.update(100 - bar.n)
     except KappaMaskError as err:
         raise click.ClickException(str(err)) from err
@@ -81,7 +120,9 @@ def run_command(product: str, out_dir: Path, resolution: str, resampling: str, l
     click.echo(f"preview:    {result.preview}")
     click.echo(f"STAC item:  {result.item}")
     click.echo("classes (%): " + json.dumps(result.statistics))
-    click.echo(f"{result.crops_inferred}/{result.crops_total} crops inferred in {result.seconds:.1f} s")
+    click.echo(
+        f"{result.crops_inferred}/{result.crops_total} crops inferred in {result.seconds:.1f} s"
+    )
 
 
 @main.command("serve")
@@ -90,32 +131,61 @@ def run_command(product: str, out_dir: Path, resolution: str, resampling: str, l
 @_triton_url
 @_protocol
 @_repository
-@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("kappamask-results"),
-              show_default=True, help="Where results are written.")
-@click.option("--data-root", "data_roots", type=click.Path(path_type=Path), multiple=True,
-              help="Folder whose products may be processed (repeatable; default: current folder).")
-def serve_command(host: str, port: int, triton_url: str | None, protocol: str,
-                  model_repository: Path | None, output_dir: Path,
-                  data_roots: tuple[Path, ...]) -> None:
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path),
+    default=Path("kappamask-results"),
+    show_default=True,
+    help="Where results are written.",
+)
+@click.option(
+    "--data-root",
+    "data_roots",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Folder whose products may be processed (repeatable; default: current folder).",
+)
+def serve_command(
+    host: str,
+    port: int,
+    triton_url: str | None,
+    protocol: str,
+    model_repository: Path | None,
+    output_dir: Path,
+    data_roots: tuple[Path, ...],
+) -> None:
     """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask process."""
-    from kappamask.inference.repository import DEFAULT_REPOSITORY  # noqa: PLC0415
-    from kappamask.serve import serve  # noqa: PLC0415
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.serve import serve
 
     try:
-        serve(host, port, triton_url, protocol, output_dir, data_roots or (Path("."),),
-              repository=model_repository or DEFAULT_REPOSITORY)
+        serve(
+            host,
+            port,
+            triton_url,
+            protocol,
+            output_dir,
+            data_roots or (Path("."),),
+            repository=model_repository or DEFAULT_REPOSITORY,
+        )
     except KappaMaskError as err:
         raise click.ClickException(str(err)) from err
 
 
 @main.command("install-model")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--repository", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Triton model repository (default: the project's triton_models/).")
-@click.option("--level", type=click.Choice(LEVELS), default=None, help="Override the level in the file.")
+@click.option(
+    "--repository",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Triton model repository (default: the project's triton_models/).",
+)
+@click.option(
+    "--level", type=click.Choice(LEVELS), default=None, help="Override the level in the file."
+)
 def install_model_command(onnx_file: Path, repository: Path | None, level: str | None) -> None:
     """Place an exported ONNX model in the Triton model repository with its configs."""
-    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model  # noqa: PLC0415
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
 
     try:
         click.echo(install_model(onnx_file, repository or DEFAULT_REPOSITORY, level))
@@ -125,11 +195,26 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
 
 @main.command("train")
 @click.argument("product", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
-              help="Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
-@click.option("--labels", type=click.Choice(["scl"]), default="scl", show_default=True,
-              help="Reference labels: Sen2Cor SCL of the L2A product, mapped as in the paper.")
-@click.option("--resolution", type=click.Choice([str(r) for r in RESOLUTIONS]), default="60", show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for checkpoint, metrics.csv, holdout.json and model.onnx.",
+)
+@click.option(
+    "--labels",
+    type=click.Choice(["scl"]),
+    default="scl",
+    show_default=True,
+    help="Reference labels: Sen2Cor SCL of the L2A product, mapped as in the paper.",
+)
+@click.option(
+    "--resolution",
+    type=click.Choice([str(r) for r in RESOLUTIONS]),
+    default="60",
+    show_default=True,
+)
 @click.option("--filters", "base_filters", default=32, show_default=True, type=int)
 @click.option("--epochs", "max_epochs", default=40, show_default=True, type=int)
 @click.option("--steps-per-epoch", default=50, show_default=True, type=int)
@@ -137,16 +222,33 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
 @click.option("--loss", type=click.Choice(["gdl", "gdl+bce"]), default="gdl", show_default=True)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--version-label", default=None, help="Model version written into the ONNX file.")
-def train_command(product: Path, out_dir: Path, labels: str, resolution: str, base_filters: int,
-                  max_epochs: int, steps_per_epoch: int, max_minutes: float, loss: str,
-                  seed: int, version_label: str | None) -> None:
+def train_command(
+    product: Path,
+    out_dir: Path,
+    labels: str,
+    resolution: str,
+    base_filters: int,
+    max_epochs: int,
+    steps_per_epoch: int,
+    max_minutes: float,
+    loss: str,
+    seed: int,
+    version_label: str | None,
+) -> None:
     """Train an L2A U-Net on PRODUCT with its SCL as labels; export model.onnx (needs torch)."""
-    from kappamask.model.export import export_onnx  # noqa: PLC0415
-    from kappamask.model.train import TrainConfig, feature_defaults, train  # noqa: PLC0415
+    from kappamask.model.export import export_onnx
+    from kappamask.model.train import TrainConfig, feature_defaults, train
 
-    config = TrainConfig(product=str(product), resolution=int(resolution), base_filters=base_filters,
-                         max_epochs=max_epochs, steps_per_epoch=steps_per_epoch,
-                         max_minutes=max_minutes, loss=loss, seed=seed)
+    config = TrainConfig(
+        product=str(product),
+        resolution=int(resolution),
+        base_filters=base_filters,
+        max_epochs=max_epochs,
+        steps_per_epoch=steps_per_epoch,
+        max_minutes=max_minutes,
+        loss=loss,
+        seed=seed,
+    )
     model, holdout = train(config, out_dir)
     features, max_v = feature_defaults(config.level)
     label = version_label or f"bootstrap-scl-{Path(product).name[:60]}"

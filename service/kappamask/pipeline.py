@@ -20,7 +20,8 @@ from rasterio.windows import Window
 
 from kappamask.bands import CLASS_NAMES, DEFAULT_RESOLUTION, OUTPUT_CLASSES, MaskClass
 from kappamask.errors import CancelledError, ProductError
-from kappamask.inference.triton import ServedModel, TritonClient
+from kappamask.inference.model_spec import ModelSpec
+from kappamask.inference.triton import TritonClient
 from kappamask.reader import BandReader, Grid, output_grid
 from kappamask.sources import open_product
 from kappamask.sources.product import Product
@@ -105,8 +106,12 @@ class _Mosaic:
         self.classes_out, self.confidence_out = classes, confidence
         self.counts = np.zeros(256, dtype=np.int64)
 
-    def finish_row(self, row: int, valid: np.ndarray,
-                   futures: Sequence[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]) -> None:
+    def finish_row(
+        self,
+        row: int,
+        valid: np.ndarray,
+        futures: Sequence[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]],
+    ) -> None:
         y = self.crops.rows[row]
         height = y.keep_stop - y.keep_start
         classes = np.zeros((height, self.grid.width), dtype=np.uint8)
@@ -126,13 +131,23 @@ class _Mosaic:
         self.counts += np.bincount(classes.ravel(), minlength=256)
 
 
-def _infer_all(product: Product, model: ServedModel, grid: Grid, options: RunOptions,
-               client: TritonClient, mosaic: _Mosaic, progress: ProgressFn,
-               cancelled: CancelledFn, timings: dict[str, float]) -> tuple[int, dict[str, str]]:
+def _infer_all(
+    product: Product,
+    model: ModelSpec,
+    grid: Grid,
+    options: RunOptions,
+    client: TritonClient,
+    mosaic: _Mosaic,
+    progress: ProgressFn,
+    cancelled: CancelledFn,
+    timings: dict[str, float],
+) -> tuple[int, dict[str, str]]:
     crops = mosaic.crops
     total = len(crops)
     inferred = done = 0
-    pending: tuple[int, np.ndarray, list[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]] | None = None
+    pending: (
+        tuple[int, np.ndarray, list[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]] | None
+    ) = None
     with BandReader(product, model.features, model.max_v, grid, options.resampling) as reader:
         substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
         for row, y in enumerate(crops.rows):
@@ -152,10 +167,14 @@ def _infer_all(product: Product, model: ServedModel, grid: Grid, options: RunOpt
             if pending is not None:
                 t0 = time.monotonic()
                 mosaic.finish_row(*pending)
-                timings["inference_wait"] = timings.get("inference_wait", 0.0) + time.monotonic() - t0
+                timings["inference_wait"] = (
+                    timings.get("inference_wait", 0.0) + time.monotonic() - t0
+                )
                 done += len(crops.cols)
-                progress(PROGRESS_START + (PROGRESS_INFERENCE_END - PROGRESS_START) * done // total,
-                         f"{done}/{total} crops")
+                progress(
+                    PROGRESS_START + (PROGRESS_INFERENCE_END - PROGRESS_START) * done // total,
+                    f"{done}/{total} crops",
+                )
             pending = (row, valid, futures)
         if pending is not None:
             t0 = time.monotonic()
@@ -187,19 +206,44 @@ def run(
     grid = output_grid(product, options.resolution)
     crops = CropGrid(grid.height, grid.width)
     names = output_names(product.product_id)
-    progress(PROGRESS_START, f"{product.product_id}: {grid.width}x{grid.height} px, {len(crops)} crops")
-    LOGGER.info("%s (%s) -> %s, %d crops at %d m", product.product_id, product.level, model.name,
-                len(crops), options.resolution)
+    progress(
+        PROGRESS_START, f"{product.product_id}: {grid.width}x{grid.height} px, {len(crops)} crops"
+    )
+    LOGGER.info(
+        "%s (%s) -> %s, %d crops at %d m",
+        product.product_id,
+        product.level,
+        model.name,
+        len(crops),
+        options.resolution,
+    )
     timings: dict[str, float] = {}
     with LocalSink(out_dir) as sink:
-        scratch_classes, scratch_conf = sink.path("classes.scratch.tif"), sink.path("confidence.scratch.tif")
-        with StripWriter(scratch_classes, grid, colormap=True) as classes_out, StripWriter(scratch_conf, grid) as conf_out:
+        scratch_classes, scratch_conf = (
+            sink.path("classes.scratch.tif"),
+            sink.path("confidence.scratch.tif"),
+        )
+        with (
+            StripWriter(scratch_classes, grid, colormap=True) as classes_out,
+            StripWriter(scratch_conf, grid) as conf_out,
+        ):
             mosaic = _Mosaic(grid, crops, classes_out, conf_out)
-            inferred, substitutions = _infer_all(product, model, grid, options, client, mosaic,
-                                                 progress, cancelled or (lambda: False), timings)
+            inferred, substitutions = _infer_all(
+                product,
+                model,
+                grid,
+                options,
+                client,
+                mosaic,
+                progress,
+                cancelled or (lambda: False),
+                timings,
+            )
         t0 = time.monotonic()
-        tags = {"KAPPAMASK_MODEL": f"{model.name} {model.version_label}",
-                "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES)}
+        tags = {
+            "KAPPAMASK_MODEL": f"{model.name} {model.version_label}",
+            "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES),
+        }
         to_cog(scratch_classes, sink.path(names["mask"]), tags=tags)
         to_cog(scratch_conf, sink.path(names["confidence"]), tags=tags)
         scratch_classes.unlink()
@@ -207,10 +251,14 @@ def run(
         write_preview(sink.path(names["mask"]), sink.path(names["preview"]))
         timings["cog"] = time.monotonic() - t0
         progress(PROGRESS_END - 2, "writing the STAC item")
-        files = {key: describe_file(sink.path(names[key]), f"./{names[key]}")
-                 for key in ("mask", "confidence", "preview")}
+        files = {
+            key: describe_file(sink.path(names[key]), f"./{names[key]}")
+            for key in ("mask", "confidence", "preview")
+        }
         item = create_item(product, grid, mosaic.counts, files, model, substitutions)
-        sink.path(names["item"]).write_text(json.dumps(item.to_dict(include_self_link=False), indent=2))
+        sink.path(names["item"]).write_text(
+            json.dumps(item.to_dict(include_self_link=False), indent=2)
+        )
         final = sink.commit([names["mask"], names["confidence"], names["preview"], names["item"]])
     progress(PROGRESS_END, "done")
     return RunResult(

@@ -36,7 +36,8 @@ PROCESS_METADATA: dict[str, Any] = {
         {
             "type": "text/html",
             "rel": "about",
-            "title": "KappaMask: AI-Based Cloudmask Processor for Sentinel-2 (Remote Sensing 13:4100)",
+            "title": "KappaMask: AI-Based Cloudmask Processor for Sentinel-2 "
+            "(Remote Sensing 13:4100)",
             "href": "https://doi.org/10.3390/rs13204100",
             "hreflang": "en-US",
         }
@@ -83,7 +84,8 @@ PROCESS_METADATA: dict[str, Any] = {
     },
     "example": {
         "inputs": {
-            "product": "tests/data/s2/S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE",
+            "product": "tests/data/s2/"
+            "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE",
             "resolution": 60,
         }
     },
@@ -129,7 +131,9 @@ def parse_inputs(data: Any) -> tuple[str, RunOptions]:
     level = data.get("level")
     if level is not None and level not in LEVELS:
         raise InvalidInputError(f"input 'level' must be one of {list(LEVELS)}")
-    return product.strip(), RunOptions(resolution=int(resolution), resampling=resampling, level=level)
+    return product.strip(), RunOptions(
+        resolution=int(resolution), resampling=resampling, level=level
+    )
 
 
 def to_process_error(err: KappaMaskError) -> ProcessorExecuteError:
@@ -147,7 +151,9 @@ class KappaMaskProcessor(BaseProcessor):
         super().__init__(processor_def, PROCESS_METADATA)
         self.settings = ProcessSettings.from_definition(processor_def)
 
-    def execute(self, data: dict[str, Any], outputs: dict[str, Any] | None = None) -> tuple[str, Any]:
+    def execute(
+        self, data: dict[str, Any], outputs: dict[str, Any] | None = None
+    ) -> tuple[str, Any]:
         try:
             product, options = parse_inputs(data)
             with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
@@ -166,4 +172,3 @@ class KappaMaskProcessor(BaseProcessor):
 
     def __repr__(self) -> str:
         return f"<KappaMaskProcessor> {self.name}"
-

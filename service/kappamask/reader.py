@@ -12,7 +12,6 @@ import math
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from types import TracebackType
 
 import numpy as np
 import rasterio
@@ -95,8 +94,9 @@ def resolve_features(product: Product, features: Sequence[str]) -> dict[str, str
             layers[feature] = feature
         elif product.has_band(BAND_SUBSTITUTES.get(feature, "")):
             layers[feature] = BAND_SUBSTITUTES[feature]
-            LOGGER.warning("%s has no %s: using %s in its place", product.product_id,
-                           feature, layers[feature])
+            LOGGER.warning(
+                "%s has no %s: using %s in its place", product.product_id, feature, layers[feature]
+            )
         else:
             missing.append(feature)
     if missing:
@@ -168,12 +168,7 @@ class BandReader:
             raise ProductError(f"cannot open a band of {self.product.product_id}: {err}") from err
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:

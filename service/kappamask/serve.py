@@ -25,10 +25,17 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def prepare_environment(config: Path, triton_url: str, protocol: str, output_dir: Path,
-                        data_roots: Sequence[Path], host: str, port: int) -> None:
+def prepare_environment(
+    config: Path,
+    triton_url: str,
+    protocol: str,
+    output_dir: Path,
+    data_roots: Sequence[Path],
+    host: str,
+    port: int,
+) -> None:
     """Set what pygeoapi-config.yml substitutes, and write the OpenAPI document pygeoapi needs."""
-    from pygeoapi.openapi import generate_openapi_document  # noqa: PLC0415
+    from pygeoapi.openapi import generate_openapi_document
 
     os.environ.update(
         {
@@ -71,8 +78,8 @@ def serve(
         with TritonClient(triton_url, protocol) as client:
             client.wait_ready()
         prepare_environment(config, triton_url, protocol, output_dir, data_roots, host, port)
-        from pygeoapi.flask_app import APP  # noqa: PLC0415  (reads the environment above)
-        from werkzeug.serving import run_simple  # noqa: PLC0415
+        from pygeoapi.flask_app import APP
+        from werkzeug.serving import run_simple
 
         LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", host, port, triton_url)
         try:

@@ -9,7 +9,6 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,10 +42,5 @@ class LocalSink:
             final.append(target)
         return final
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -86,7 +86,7 @@ class CropGrid:
 def extract(strip: np.ndarray, x: Span, size: int = TILE_SIZE) -> np.ndarray:
     """Cut the crop starting at column ``x.start`` from a strip [..., h, w], zero-padded
     to ``size`` x ``size`` at the bottom and right."""
-    part = strip[..., : size, x.start : x.start + size]
+    part = strip[..., :size, x.start : x.start + size]
     pad_h, pad_w = size - part.shape[-2], size - part.shape[-1]
     if pad_h or pad_w:
         pad = [(0, 0)] * (part.ndim - 2) + [(0, pad_h), (0, pad_w)]

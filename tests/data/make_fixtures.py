@@ -23,14 +23,31 @@ T22HBD = "esa_S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500.SAFE"
 #: thin cirrus, shadow and about 10 % of the no-data wedge (Sen2Cor SCL: 15 % clear,
 #: 14 % shadow, 14 % thin cirrus, 46 % cloud, 10 % no data).
 T29UNU_WINDOW = Window(col_off=640, row_off=512, width=544, height=544)
-T29UNU_LAYERS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B8A", "B09", "B11", "B12",
-                 "AOT", "WVP", "SCL")
+T29UNU_LAYERS = (
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B8A",
+    "B09",
+    "B11",
+    "B12",
+    "AOT",
+    "WVP",
+    "SCL",
+)
 METADATA = {
     "S2A_MSIL1C_20200717T221941_R029_T01LAC_20200717T234135": ("MTD_MSIL1C.xml", "MTD_TL.xml"),
     "S2A_MSIL1C_20210908T042701_N0301_R133_T46RER_20210908T070248": ("MTD_MSIL1C.xml",),
     "S2A_MSIL2A_20150826T185436_N0212_R070_T11SLT_20210412T023147": ("MTD_MSIL2A.xml",),
     "S2B_MSIL2A_20220413T150759_N0400_R025_T33XWJ_20220414T082126": ("MTD_MSIL2A.xml",),
-    "S2A_MSIL2A_20230821T221941_N0509_R029_T01KAB_20230822T021825": ("MTD_MSIL2A.xml", "MTD_TL.xml"),
+    "S2A_MSIL2A_20230821T221941_N0509_R029_T01KAB_20230822T021825": (
+        "MTD_MSIL2A.xml",
+        "MTD_TL.xml",
+    ),
 }
 
 
@@ -53,7 +70,9 @@ def crop_t29unu() -> None:
                 "transform": src.window_transform(T29UNU_WINDOW),
                 "QUALITY": 100, "REVERSIBLE": "YES", "BLOCKXSIZE": 544, "BLOCKYSIZE": 544,
             }  # fmt: skip
-        with rasterio.open(out_granule / "IMG_DATA" / "R60m" / src_path.name, "w", **profile) as dst:
+        with rasterio.open(
+            out_granule / "IMG_DATA" / "R60m" / src_path.name, "w", **profile
+        ) as dst:
             dst.write(data, 1)
         for aux in out_granule.glob("IMG_DATA/R60m/*.aux.xml"):
             aux.unlink()
@@ -74,7 +93,9 @@ def copy_metadata() -> None:
     for product, files in METADATA.items():
         (HERE / "metadata" / product).mkdir(parents=True, exist_ok=True)
         for name in files:
-            shutil.copyfile(SHARED / "metadata" / product / name, HERE / "metadata" / product / name)
+            shutil.copyfile(
+                SHARED / "metadata" / product / name, HERE / "metadata" / product / name
+            )
 
 
 def copy_stac_schemas() -> None:

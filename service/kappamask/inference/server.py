@@ -19,7 +19,6 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import requests
 
@@ -33,7 +32,7 @@ READY_TIMEOUT_S = 120.0
 
 def _pytriton_root() -> Path:
     try:
-        import pytriton  # noqa: PLC0415  (optional extra)
+        import pytriton
     except ImportError as err:
         raise InferenceUnavailableError(
             "no local Triton: install the 'triton' extra (nvidia-pytriton) or pass --triton-url"
@@ -49,12 +48,17 @@ def _backend_dir(root: Path) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
-        raise InferenceUnavailableError(f"the Triton wheel has no Python backend stub for {version}")
+        raise InferenceUnavailableError(
+            f"the Triton wheel has no Python backend stub for {version}"
+        )
     target = Path(tempfile.gettempdir()) / f"kappamask-triton-backends-{os.getuid()}-{version}"
     python = target / "python"
     python.mkdir(parents=True, exist_ok=True)
-    for src in (root / "backends/python/libtriton_python.so",
-                root / "backends/python/triton_python_backend_utils.py", stub):
+    for src in (
+        root / "backends/python/libtriton_python.so",
+        root / "backends/python/triton_python_backend_utils.py",
+        stub,
+    ):
         link = python / src.name
         if link.is_symlink() and link.resolve() == src.resolve():
             continue
@@ -67,7 +71,10 @@ def _environment(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     # The stub must load the interpreter's own libpython and find the venv's packages
     # through the python3 on PATH (it ignores PYTHONPATH/PYTHONHOME).
-    libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(root.parent.parent / "nvidia_pytriton.libs")]
+    libdirs = [
+        sysconfig.get_config_var("LIBDIR") or "",
+        str(root.parent.parent / "nvidia_pytriton.libs"),
+    ]
     env["LD_LIBRARY_PATH"] = ":".join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env.setdefault("KAPPAMASK_ORT_THREADS", str(os.cpu_count() or 1))
@@ -108,7 +115,9 @@ class LocalTriton:
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.metrics_port = free_port()
-        self.log_path = log_path or Path(tempfile.gettempdir()) / f"kappamask-triton-{self.http_port}.log"
+        self.log_path = (
+            log_path or Path(tempfile.gettempdir()) / f"kappamask-triton-{self.http_port}.log"
+        )
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -141,11 +150,19 @@ class LocalTriton:
     def start(self) -> LocalTriton:
         """Launch tritonserver and wait until it reports ready."""
         root = _pytriton_root()
-        LOGGER.info("starting Triton on %s with %s (log: %s)", self.http_url, ", ".join(self.models), self.log_path)
+        LOGGER.info(
+            "starting Triton on %s with %s (log: %s)",
+            self.http_url,
+            ", ".join(self.models),
+            self.log_path,
+        )
         log = self.log_path.open("wb")
-        self.process = subprocess.Popen(  # noqa: S603
-            self.command(), stdout=log, stderr=subprocess.STDOUT, env=_environment(root),
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_environment(root),
+            preexec_fn=_die_with_parent,
         )
         log.close()
         deadline = time.monotonic() + self.ready_timeout
@@ -155,14 +172,19 @@ class LocalTriton:
                     f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
-                if requests.get(f"http://{self.http_url}/v2/health/ready", timeout=2).status_code == 200:
+                if (
+                    requests.get(f"http://{self.http_url}/v2/health/ready", timeout=2).status_code
+                    == 200
+                ):
                     LOGGER.info("Triton ready")
                     return self
             except requests.RequestException:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise InferenceUnavailableError(f"Triton not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}")
+        raise InferenceUnavailableError(
+            f"Triton not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -185,10 +207,5 @@ class LocalTriton:
     def __enter__(self) -> LocalTriton:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()

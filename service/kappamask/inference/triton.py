@@ -12,14 +12,13 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from kappamask.bands import MODEL_NAMES
 from kappamask.errors import InferenceUnavailableError, InvalidInputError, NoModelError
+from kappamask.inference.model_spec import ModelSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,17 +26,6 @@ PROTOCOLS = ("http", "grpc")
 DEFAULT_IN_FLIGHT = 4
 #: Transient failures worth a retry: server busy or restarting, connection dropped.
 _RETRY_STATUSES = {"502", "503", "504", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A model as Triton serves it, with the constants its config declares."""
-
-    name: str
-    level: str
-    features: tuple[str, ...]
-    max_v: tuple[float, ...]
-    version_label: str
 
 
 def normalise_url(url: str) -> str:
@@ -74,19 +62,21 @@ class TritonClient:
         client = getattr(self._local, "client", None)
         if client is None:
             if self.protocol == "http":
-                import tritonclient.http as module  # noqa: PLC0415
+                import tritonclient.http as module
+
                 client = module.InferenceServerClient(
                     self.url, connection_timeout=30.0, network_timeout=self.timeout_s
                 )
             else:
-                import tritonclient.grpc as module  # type: ignore[no-redef]  # noqa: PLC0415
+                import tritonclient.grpc as module
+
                 client = module.InferenceServerClient(self.url)
             self._local.client = client
             self._local.module = module
         return client
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+        from tritonclient.utils import InferenceServerException
 
         delay = 0.5
         for attempt in range(self.retries + 1):
@@ -99,9 +89,13 @@ class TritonClient:
                     ) from err
             except OSError as err:  # refused, reset, timed out
                 if attempt == self.retries:
-                    raise InferenceUnavailableError(f"cannot reach Triton at {self.url} ({what}): {err}") from err
+                    raise InferenceUnavailableError(
+                        f"cannot reach Triton at {self.url} ({what}): {err}"
+                    ) from err
                 self._local.client = None
-            LOGGER.warning("Triton %s failed (attempt %d), retrying in %.1f s", what, attempt + 1, delay)
+            LOGGER.warning(
+                "Triton %s failed (attempt %d), retrying in %.1f s", what, attempt + 1, delay
+            )
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
@@ -114,14 +108,16 @@ class TritonClient:
             try:
                 if self._client().is_server_ready():
                     return
-            except Exception as err:  # noqa: BLE001 - any failure means not ready yet
+            except Exception as err:
                 last = err
                 self._local.client = None
             time.sleep(0.5)
-        raise InferenceUnavailableError(f"Triton at {self.url} is not ready ({last or 'not ready'})")
+        raise InferenceUnavailableError(
+            f"Triton at {self.url} is not ready ({last or 'not ready'})"
+        )
 
     # -- models -----------------------------------------------------------------------
-    def model(self, level: str) -> ServedModel:
+    def model(self, level: str) -> ModelSpec:
         """The served model for a processing level, with its features and constants."""
         name = MODEL_NAMES.get(level)
         if name is None:
@@ -134,17 +130,29 @@ class TritonClient:
                 "(install weights with `kappamask install-model`)"
             )
         if self.protocol == "grpc":
-            config = self._call("model config", client.get_model_config, name, as_json=True)["config"]
+            config = self._call("model config", client.get_model_config, name, as_json=True)[
+                "config"
+            ]
         else:
             config = self._call("model config", client.get_model_config, name)
-        params = {k: v.get("string_value", v.get("stringValue", "")) for k, v in config.get("parameters", {}).items()}
+        params = {
+            k: v.get("string_value", v.get("stringValue", ""))
+            for k, v in config.get("parameters", {}).items()
+        }
         try:
             features = tuple(params["features"].split(","))
             max_v = tuple(float(v) for v in params["max_v"].split(","))
         except (KeyError, ValueError) as err:
-            raise NoModelError(f"{name} does not declare its features and max_v parameters") from err
-        return ServedModel(name, params.get("level", level), features, max_v,
-                           params.get("version_label", "unversioned"))
+            raise NoModelError(
+                f"{name} does not declare its features and max_v parameters"
+            ) from err
+        return ModelSpec(
+            name,
+            params.get("level", level),
+            features,
+            max_v,
+            params.get("version_label", "unversioned"),
+        )
 
     # -- inference --------------------------------------------------------------------
     def _infer_one(self, model: str, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +162,9 @@ class TritonClient:
         inp = module.InferInput("input", list(batch.shape), "FP16")
         if self.protocol == "http":
             inp.set_data_from_numpy(batch, binary_data=True)
-            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in ("classes", "confidence")]
+            outputs = [
+                module.InferRequestedOutput(n, binary_data=True) for n in ("classes", "confidence")
+            ]
         else:
             inp.set_data_from_numpy(batch)
             outputs = [module.InferRequestedOutput(n) for n in ("classes", "confidence")]
@@ -174,10 +184,5 @@ class TritonClient:
     def __enter__(self) -> TritonClient:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()

@@ -11,13 +11,23 @@ from kappamask.model.onnx_graph import build_model, model_metadata
 from kappamask.model.unet import UNet
 
 
-def export_onnx(model: UNet, level: str, features: Sequence[str], max_v: Sequence[float],
-                version: str, out_path: Path) -> Path:
+def export_onnx(
+    model: UNet,
+    level: str,
+    features: Sequence[str],
+    max_v: Sequence[float],
+    version: str,
+    out_path: Path,
+) -> Path:
     """Write ``model`` as ONNX with its level, features, max_v and version in the metadata."""
     if len(features) != model.in_channels:
         raise ValueError(f"{len(features)} features for a {model.in_channels}-channel model")
-    graph = build_model(model.numpy_weights(), model.in_channels, model.base_filters,  # type: ignore[arg-type]
-                        model_metadata(level, features, max_v, version))
+    graph = build_model(
+        model.numpy_weights(),
+        model.in_channels,
+        model.base_filters,
+        model_metadata(level, features, max_v, version),
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, str(out_path))
     return out_path

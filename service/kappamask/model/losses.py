@@ -20,7 +20,9 @@ def one_hot_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return onehot, keep
 
 
-def generalised_dice_loss(probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def generalised_dice_loss(
+    probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
     """Generalised dice loss (Sudre et al. 2017) over the 5 real classes.
 
     Pixels labelled UNDEFINED do not count; class weights are 1 / (class volume)^2.
@@ -51,5 +53,7 @@ LOSSES = {
     "gdl": generalised_dice_loss,
     # The dice term alone starts slowly from random weights; BCE gives every pixel a
     # gradient from the first step. Used for the short bootstrap runs.
-    "gdl+bce": lambda probs, labels: generalised_dice_loss(probs, labels) + masked_bce(probs, labels),
+    "gdl+bce": lambda probs, labels: (
+        generalised_dice_loss(probs, labels) + masked_bce(probs, labels)
+    ),
 }

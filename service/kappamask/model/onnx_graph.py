@@ -69,7 +69,9 @@ def build_model(
         if level < LEVELS:
             skips.append(x)
             pooled = f"pool{level}"
-            nodes.append(helper.make_node("MaxPool", [x], [pooled], kernel_shape=[2, 2], strides=[2, 2]))
+            nodes.append(
+                helper.make_node("MaxPool", [x], [pooled], kernel_shape=[2, 2], strides=[2, 2])
+            )
             x = pooled
     inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up_scales"))
     for level in range(LEVELS - 1, 0, -1):
@@ -85,13 +87,18 @@ def build_model(
     probs = conv("head.conv2", conv("head.conv1", x))
     _add_head(nodes, inits, probs)
 
+    plane = ["batch", "height", "width"]
     graph = helper.make_graph(
         nodes,
         "kappamask_unet",
-        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", in_channels, "height", "width"])],
         [
-            helper.make_tensor_value_info(OUTPUT_CLASSES, TensorProto.UINT8, ["batch", "height", "width"]),
-            helper.make_tensor_value_info(OUTPUT_CONFIDENCE, TensorProto.UINT8, ["batch", "height", "width"]),
+            helper.make_tensor_value_info(
+                INPUT_NAME, TensorProto.FLOAT, [plane[0], in_channels, *plane[1:]]
+            )
+        ],
+        [
+            helper.make_tensor_value_info(OUTPUT_CLASSES, TensorProto.UINT8, plane),
+            helper.make_tensor_value_info(OUTPUT_CONFIDENCE, TensorProto.UINT8, plane),
         ],
         inits,
     )  # fmt: skip
@@ -128,7 +135,9 @@ def _add_head(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], probs:
     ]
 
 
-def model_metadata(level: str, features: Sequence[str], max_v: Sequence[float], version: str) -> dict[str, str]:
+def model_metadata(
+    level: str, features: Sequence[str], max_v: Sequence[float], version: str
+) -> dict[str, str]:
     """The metadata_props every exported model carries (read back by the installer)."""
     return {
         "kappamask.level": level,

@@ -72,14 +72,16 @@ def load_scene(path: str, level: str, resolution: int) -> Scene:
 
 def split_rows(height: int, holdout_fraction: float) -> tuple[slice, slice]:
     """Train on the top rows, hold out the bottom block (no spatial leakage but the seam)."""
-    cut = int(round(height * (1.0 - holdout_fraction)))
+    cut = round(height * (1.0 - holdout_fraction))
     return slice(0, cut), slice(cut, height)
 
 
-def sample_batch(scene: Scene, rows: slice, crop: int, batch: int,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_batch(
+    scene: Scene, rows: slice, crop: int, batch: int, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crops from ``rows`` with random flips and 90 degree rotations."""
-    xs, ys = [], []
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
     height = rows.stop - rows.start
     width = scene.labels.shape[1]
     while len(xs) < batch:
@@ -100,14 +102,15 @@ def sample_batch(scene: Scene, rows: slice, crop: int, batch: int,
 
 def predict(model: UNet, features: np.ndarray) -> np.ndarray:
     """Mask codes for a whole [C, H, W] array (padded to a multiple of 16)."""
-    c, h, w = features.shape
+    _c, h, w = features.shape
     ph, pw = -h % 16, -w % 16
     x = torch.from_numpy(np.pad(features, ((0, 0), (0, ph), (0, pw))))[None]
     model.eval()
     with torch.no_grad():
         probs = model(x)[0, 1:, :h, :w].numpy()
     codes = np.array([1, 2, 3, 4, 0], dtype=np.uint8)
-    return codes[probs.argmax(0)]
+    result: np.ndarray = codes[probs.argmax(0)]
+    return result
 
 
 def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -115,7 +118,10 @@ def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     MISSING reference pixels excluded)."""
     keep = (ref != MaskClass.UNDEFINED) & (ref != MaskClass.MISSING)
     p, r = pred[keep], ref[keep]
-    out = {"pixels": float(keep.sum()), "overall_accuracy": float((p == r).mean()) if keep.any() else 0.0}
+    out = {
+        "pixels": float(keep.sum()),
+        "overall_accuracy": float((p == r).mean()) if keep.any() else 0.0,
+    }
     for cls in OUTPUT_CLASSES[1:]:
         tp = float(((p == cls) & (r == cls)).sum())
         denom = float((p == cls).sum() + (r == cls).sum())
@@ -145,7 +151,9 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, float]]:
         rng = np.random.default_rng(config.seed + start_epoch)
         LOGGER.info("resumed from %s at epoch %d", ckpt, start_epoch)
     val_rng = np.random.default_rng(config.seed + 10_000)
-    val_batches = [sample_batch(scene, hold_rows, config.crop, config.batch_size, val_rng) for _ in range(4)]
+    val_batches = [
+        sample_batch(scene, hold_rows, config.crop, config.batch_size, val_rng) for _ in range(4)
+    ]
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     metrics_path = out_dir / "metrics.csv"
     started = time.monotonic()
@@ -166,8 +174,13 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, float]]:
         with torch.no_grad():
             val = float(np.mean([loss_fn(model(x), y).item() for x, y in val_batches]))
         scheduler.step(val)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val,
-               "lr": optimiser.param_groups[0]["lr"], "minutes": (time.monotonic() - started) / 60}
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val,
+            "lr": optimiser.param_groups[0]["lr"],
+            "minutes": (time.monotonic() - started) / 60,
+        }
         with metrics_path.open("a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(row))
             if fh.tell() == 0:
@@ -179,8 +192,16 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, float]]:
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-        torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(),
-                    "epoch": epoch, "best": best, "stale": stale}, ckpt)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "epoch": epoch,
+                "best": best,
+                "stale": stale,
+            },
+            ckpt,
+        )
         if stale >= config.patience or (time.monotonic() - started) / 60 > config.max_minutes:
             break
     model.load_state_dict(best_state)

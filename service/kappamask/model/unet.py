@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import cast
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,15 +25,19 @@ class UNet(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.base_filters = base_filters
-        self.convs = nn.ModuleDict()
+        self.convs: nn.ModuleDict = nn.ModuleDict()
         for spec in conv_specs(in_channels, base_filters, num_outputs):
             self.convs[spec.name.replace(".", "_")] = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, padding=(spec.kernel - 1) // 2
             )
         self.dropout = nn.Dropout(0.5)
 
+    def layer(self, name: str) -> nn.Conv2d:
+        """The Conv2d of a ConvSpec name (``enc1.conv1`` ...)."""
+        return cast(nn.Conv2d, self.convs[name.replace(".", "_")])
+
     def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        conv = self.convs[name.replace(".", "_")]
+        conv = self.layer(name)
         if conv.kernel_size[0] % 2 == 0:
             # Keras 'same' for an even kernel: the extra pixel at the bottom/right.
             x = nn.functional.pad(x, (0, 1, 0, 1))
@@ -51,15 +58,13 @@ class UNet(nn.Module):
             x = torch.cat([skips[level - 1], x], dim=1)
             x = self._conv(f"dec{level}.conv2", self._conv(f"dec{level}.conv1", x))
         x = self._conv("head.conv1", x)
-        return torch.sigmoid(self.convs["head_conv2"](x))
+        return torch.sigmoid(self.layer("head.conv2")(x))
 
-    def numpy_weights(self) -> dict[str, tuple[object, object]]:
+    def numpy_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Weights as numpy arrays keyed by ConvSpec name: (kernel [O, I, kh, kw], bias)."""
         out = {}
         for spec in conv_specs(self.in_channels, self.base_filters):
-            conv = self.convs[spec.name.replace(".", "_")]
-            out[spec.name] = (
-                conv.weight.detach().cpu().numpy(),
-                conv.bias.detach().cpu().numpy(),  # type: ignore[union-attr]
-            )
+            conv = self.layer(spec.name)
+            assert conv.bias is not None
+            out[spec.name] = (conv.weight.detach().cpu().numpy(), conv.bias.detach().cpu().numpy())
         return out

@@ -116,7 +116,7 @@ def _footprint(root: ET.Element) -> tuple[tuple[float, float], ...] | None:
         ring = tuple((values[i + 1], values[i]) for i in range(0, len(values) - 1, 2))
         if len(ring) >= 4:
             if ring[0] != ring[-1]:
-                ring = ring + (ring[0],)
+                ring = (*ring, ring[0])
             return ring
     return None
 

@@ -25,7 +25,9 @@ LOGGER = logging.getLogger(__name__)
 _BAND_FILE = re.compile(
     r"(?:^|_)(B0[1-9]|B1[0-2]|B8A|AOT|WVP|SCL)(?:_(10|20|60)m)?\.(jp2|tif|tiff)$", re.IGNORECASE
 )
-_PRODUCT_MTD = re.compile(r"(^|/)(MTD_MSIL1C|MTD_MSIL2A|[^/]*MTD_SAFL1C[^/]*|[^/]*MTD_SAFL2A[^/]*)\.xml$")
+_PRODUCT_MTD = re.compile(
+    r"(^|/)(MTD_MSIL1C|MTD_MSIL2A|[^/]*MTD_SAFL1C[^/]*|[^/]*MTD_SAFL2A[^/]*)\.xml$"
+)
 _TILE_MTD = re.compile(r"^GRANULE/[^/]+/(MTD_TL|[^/]*MTD_L1C_TL[^/]*|[^/]*MTD_L2A_TL[^/]*)\.xml$")
 
 
@@ -50,7 +52,7 @@ class _Files:
 
 
 def _list_folder(root: Path) -> _Files:
-    names = []
+    names: list[str] = []
     for dirpath, _dirs, files in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         names.extend(str(PurePosixPath(*rel.parts, f)) for f in files)
@@ -62,7 +64,9 @@ def _list_zip(path: Path) -> _Files:
         archive = zipfile.ZipFile(path)
         names = [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, EOFError, OSError) as err:
-        raise ProductError(f"{path.name} is not a readable zip (truncated or corrupt: {err})") from err
+        raise ProductError(
+            f"{path.name} is not a readable zip (truncated or corrupt: {err})"
+        ) from err
     return _Files(names, archive, f"/vsizip/{path}")
 
 
@@ -118,8 +122,12 @@ def open_safe(href: str | os.PathLike[str]) -> Product:
             "multi-tile product); submit the single-tile product of the tile you want"
         )
     if not tile_names:
-        raise ProductError(f"{path.name} has no GRANULE/*/MTD_TL.xml: not a complete Sentinel-2 SAFE product")
-    tile = parse_tile_metadata(files.read(prefix + tile_names[0]), PurePosixPath(tile_names[0]).name)
+        raise ProductError(
+            f"{path.name} has no GRANULE/*/MTD_TL.xml: not a complete Sentinel-2 SAFE product"
+        )
+    tile = parse_tile_metadata(
+        files.read(prefix + tile_names[0]), PurePosixPath(tile_names[0]).name
+    )
 
     band_files = {
         band: {res: files.gdal_path(prefix + name) for res, name in by_res.items()}

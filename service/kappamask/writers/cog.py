@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import rasterio
@@ -23,7 +22,11 @@ from kappamask.reader import Grid
 LOGGER = logging.getLogger(__name__)
 
 #: COG creation profile of every raster the service writes.
-COG_PROFILE = {**cog_profiles.get("deflate"), "blockxsize": 512, "blockysize": 512}
+COG_PROFILE = {
+    **cog_profiles.get("deflate"),  # type: ignore[no-untyped-call]
+    "blockxsize": 512,
+    "blockysize": 512,
+}
 
 
 class StripWriter:
@@ -51,12 +54,7 @@ class StripWriter:
         assert self._dst is not None
         self._dst.write(rows, 1, window=Window(0, row_start, rows.shape[1], rows.shape[0]))
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._dst is not None:
             self._dst.close()
 

@@ -23,7 +23,7 @@ from kappamask.bands import (
     OUTPUT_CLASSES,
     MaskClass,
 )
-from kappamask.inference.triton import ServedModel
+from kappamask.inference.model_spec import ModelSpec
 from kappamask.reader import Grid
 from kappamask.sources.product import Product
 
@@ -67,9 +67,9 @@ def class_statistics(counts: np.ndarray) -> dict[str, float]:
     stats = {"missing": 100.0 * counts[MaskClass.MISSING] / total if total else 0.0}
     for cls in OUTPUT_CLASSES[1:]:
         stats[CLASS_NAMES[cls]] = 100.0 * counts[cls] / valid if valid else 0.0
-    stats["cloud_cover"] = stats[CLASS_NAMES[MaskClass.CLOUD]] + stats[
-        CLASS_NAMES[MaskClass.SEMI_TRANSPARENT_CLOUD]
-    ]
+    stats["cloud_cover"] = (
+        stats[CLASS_NAMES[MaskClass.CLOUD]] + stats[CLASS_NAMES[MaskClass.SEMI_TRANSPARENT_CLOUD]]
+    )
     return {k: round(float(v), 4) for k, v in stats.items()}
 
 
@@ -101,7 +101,7 @@ def create_item(
     grid: Grid,
     counts: np.ndarray,
     files: Mapping[str, WrittenFile],
-    model: ServedModel,
+    model: ModelSpec,
     substitutions: Mapping[str, str],
     processed: datetime | None = None,
 ) -> pystac.Item:
@@ -114,7 +114,14 @@ def create_item(
         bbox=list(shape(geometry).bounds),
         datetime=product.sensing_time,
         properties={},
-        stac_extensions=[EXT_PROJECTION, EXT_RASTER, EXT_FILE, EXT_EO, EXT_PROCESSING, EXT_CLASSIFICATION],
+        stac_extensions=[
+            EXT_PROJECTION,
+            EXT_RASTER,
+            EXT_FILE,
+            EXT_EO,
+            EXT_PROCESSING,
+            EXT_CLASSIFICATION,
+        ],
     )
     props = item.properties
     props.update(
@@ -149,15 +156,35 @@ def create_item(
 
     def add(key: str, title: str, media: str, roles: list[str], extra: dict[str, Any]) -> None:
         f = files[key]
-        asset = pystac.Asset(href=f.href, title=title, media_type=media, roles=roles,
-                             extra_fields={"file:size": f.size, "file:checksum": f.checksum, **extra})
+        asset = pystac.Asset(
+            href=f.href,
+            title=title,
+            media_type=media,
+            roles=roles,
+            extra_fields={"file:size": f.size, "file:checksum": f.checksum, **extra},
+        )
         item.add_asset(key, asset)
 
-    band = {"data_type": "uint8", "nodata": 0, "spatial_resolution": grid.resolution, "sampling": "area"}
-    add("mask", "Cloud mask (KappaMask classes)", COG_MEDIA_TYPE, ["data"],
-        {"raster:bands": [band], "classification:classes": _classes()})
-    add("confidence", "Confidence of the winning class (x 255)", COG_MEDIA_TYPE, ["data"],
-        {"raster:bands": [{**band, "scale": 1 / 255, "offset": 0.0, "unit": "1"}]})
+    band = {
+        "data_type": "uint8",
+        "nodata": 0,
+        "spatial_resolution": grid.resolution,
+        "sampling": "area",
+    }
+    add(
+        "mask",
+        "Cloud mask (KappaMask classes)",
+        COG_MEDIA_TYPE,
+        ["data"],
+        {"raster:bands": [band], "classification:classes": _classes()},
+    )
+    add(
+        "confidence",
+        "Confidence of the winning class (x 255)",
+        COG_MEDIA_TYPE,
+        ["data"],
+        {"raster:bands": [{**band, "scale": 1 / 255, "offset": 0.0, "unit": "1"}]},
+    )
     add("preview", "Mask preview", "image/png", ["overview"], {})
     if product.href:
         item.add_link(pystac.Link("derived_from", product.href, title=product.product_id))
