@@ -41,9 +41,10 @@ def stac_validator() -> JsonSchemaSTACValidator:
 
 
 def validate_item(item_dict: dict[str, Any], validator: JsonSchemaSTACValidator) -> pystac.Item:
-    """Validate an item dict against the core and every extension schema, offline."""
-    item = pystac.Item.from_dict(item_dict)
-    pystac.validation.validate_dict(item_dict, validator=validator)
+    """``item.validate()`` against the core and every extension schema, offline."""
+    item = pystac.Item.from_dict(item_dict, migrate=False)
+    pystac.validation.set_validator(validator)
+    item.validate()
     return item
 
 

@@ -76,6 +76,19 @@ def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_pa
         "run", str(T29UNU), "--out", str(out), "--level", "L1C", "--triton-url", triton.http_url
     )
     assert done.returncode == 1 and "is L2A, not L1C" in done.stderr
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    done = _run(
+        "run",
+        str(T29UNU),
+        "--out",
+        str(not_a_folder),
+        "--resolution",
+        "60",
+        "--triton-url",
+        triton.http_url,
+    )
+    assert done.returncode == 1 and "cannot write results to" in done.stderr
     done = _run("run", str(T29UNU), "--out", str(out), "--triton-url", "127.0.0.1:1")
     assert done.returncode == 1 and "Triton" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() or list(out.iterdir()) == []

@@ -41,8 +41,8 @@ def test_onnx_export_matches_torch(tmp_path: Path, channels: int) -> None:
     with torch.no_grad():
         probs = model(x).numpy()
     classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
-    real = probs[:, 1:]
-    expected = np.array([1, 2, 3, 4, 0], dtype=np.uint8)[real.argmax(1)]
+    real = probs[:, 1:5]  # every pixel has data: the best of CLEAR .. CLOUD wins
+    expected = np.array([1, 2, 3, 4], dtype=np.uint8)[real.argmax(1)]
     top2 = np.sort(real, axis=1)[:, -2:]
     clear_winner = (top2[:, 1] - top2[:, 0]) > 1e-5  # exact ties may go either way
     assert (classes[clear_winner] == expected[clear_winner]).all()
@@ -52,18 +52,20 @@ def test_onnx_export_matches_torch(tmp_path: Path, channels: int) -> None:
     assert spec.features == tuple(features) and spec.version_label == "test"
 
 
-def test_undefined_never_wins_and_missing_maps_to_zero(tmp_path: Path) -> None:
+def test_missing_means_no_data_and_undefined_never_wins(tmp_path: Path) -> None:
     model = UNet(2, 4).eval()
-    with torch.no_grad():  # make the head output UNDEFINED > MISSING > everything else
+    with torch.no_grad():  # head output: UNDEFINED > MISSING > CLOUD > the rest
         head = model.layer("head.conv2")
         head.weight.zero_()
-        head.bias.copy_(torch.tensor([9.0, -5.0, -5.0, -5.0, -5.0, 5.0]))
+        head.bias.copy_(torch.tensor([9.0, -5.0, -5.0, -5.0, 1.0, 5.0]))
     path = export_onnx(model, "L2A", ["a", "b"], [1.0, 1.0], "t", tmp_path / "m.onnx")
-    classes, confidence = ort.InferenceSession(str(path)).run(
-        None, {"input": np.zeros((1, 2, 32, 32), np.float32)}
-    )
-    assert (classes == MaskClass.MISSING).all()
-    assert (confidence == round(255 / (1 + np.exp(-5.0)))).all()
+    x = np.zeros((1, 2, 32, 32), np.float32)
+    x[0, 0, :, 16:] = 0.5  # right half has data, left half is all zeros
+    classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": x})
+    assert (classes[0, :, :16] == MaskClass.MISSING).all()
+    assert (confidence[0, :, :16] == round(255 / (1 + np.exp(-5.0)))).all()
+    assert (classes[0, :, 16:] == MaskClass.CLOUD).all()
+    assert (confidence[0, :, 16:] == round(255 / (1 + np.exp(-1.0)))).all()
 
 
 def test_generalised_dice_is_zero_for_perfect_and_ignores_undefined() -> None:
@@ -92,6 +94,13 @@ def test_agreement_by_hand() -> None:
     assert result["dice_clear"] == pytest.approx(2 * 1 / (1 + 2))
     assert result["dice_cloud_shadow"] == pytest.approx(2 * 1 / (2 + 1))
     assert result["dice_cloud"] == pytest.approx(2 * 1 / (1 + 2))
+    # rows: reference clear, shadow, semi, cloud; columns: predicted missing, clear .. cloud
+    assert result["confusion_rows_reference_cols_predicted"] == [
+        [0, 1, 1, 0, 0],
+        [0, 0, 1, 0, 0],
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1],
+    ]
 
 
 def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:

@@ -220,6 +220,13 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
 @click.option("--steps-per-epoch", default=50, show_default=True, type=int)
 @click.option("--max-minutes", default=30.0, show_default=True, type=float)
 @click.option("--loss", type=click.Choice(["gdl", "gdl+bce"]), default="gdl", show_default=True)
+@click.option(
+    "--patience",
+    default=6,
+    show_default=True,
+    type=int,
+    help="Epochs without a better validation loss before stopping.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--version-label", default=None, help="Model version written into the ONNX file.")
 def train_command(
@@ -232,6 +239,7 @@ def train_command(
     steps_per_epoch: int,
     max_minutes: float,
     loss: str,
+    patience: int,
     seed: int,
     version_label: str | None,
 ) -> None:
@@ -247,6 +255,7 @@ def train_command(
         steps_per_epoch=steps_per_epoch,
         max_minutes=max_minutes,
         loss=loss,
+        patience=patience,
         seed=seed,
     )
     model, holdout = train(config, out_dir)

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from kappamask.errors import InvalidInputError
+
 LOGGER = logging.getLogger(__name__)
 
 
@@ -22,8 +24,13 @@ class LocalSink:
         self.staging = self.out_dir / f".kappamask-staging-{uuid.uuid4().hex}"
 
     def __enter__(self) -> LocalSink:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir()
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir()
+        except OSError as err:
+            raise InvalidInputError(
+                f"cannot write results to {self.out_dir}: {err.strerror}"
+            ) from err
         return self
 
     def path(self, name: str) -> Path:

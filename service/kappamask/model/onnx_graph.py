@@ -2,8 +2,7 @@
 
 Input ``input`` float32 [N, C, H, W] (normalised features, H and W multiples of 16);
 outputs ``classes`` uint8 [N, H, W] with mask codes and ``confidence`` uint8 [N, H, W]
-(the winning sigmoid x 255). The argmax runs over channels 1..5 of the network
-(CLEAR .. MISSING), so UNDEFINED never wins, and MISSING (channel 5) maps to code 0.
+(the winning sigmoid x 255). See ``_add_head`` for how MISSING and UNDEFINED are handled.
 """
 
 from __future__ import annotations
@@ -113,22 +112,44 @@ def build_model(
 
 
 def _add_head(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], probs: str) -> None:
-    """Channels 1..5 -> argmax -> mask code; max -> confidence (both uint8)."""
-    real = list(NETWORK_OUTPUT_ORDER[1:])
-    codes = np.array([int(c) for c in real], dtype=np.uint8)  # CLEAR..CLOUD, MISSING -> 0
-    assert codes[-1] == MaskClass.MISSING
+    """Sigmoid outputs -> mask codes and confidence (both uint8).
+
+    MISSING means "no data": it is reported exactly where every input feature is 0 (how
+    no-data pixels reach the network), with the MISSING output as confidence. Elsewhere
+    the winner is the best of CLEAR .. CLOUD: the MISSING output may not swallow pixels
+    that have data (it does on hazy or unfamiliar scenes), and UNDEFINED never wins.
+    """
+    real = list(NETWORK_OUTPUT_ORDER[1:5])
+    assert real == [MaskClass.CLEAR, MaskClass.CLOUD_SHADOW,
+                    MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD]  # fmt: skip
+    missing_channel = NETWORK_OUTPUT_ORDER.index(MaskClass.MISSING)
     inits += [
         numpy_helper.from_array(np.array([1], np.int64), "head_start"),
         numpy_helper.from_array(np.array([1 + len(real)], np.int64), "head_end"),
+        numpy_helper.from_array(np.array([missing_channel], np.int64), "head_missing"),
+        numpy_helper.from_array(np.array([missing_channel + 1], np.int64), "head_missing_end"),
         numpy_helper.from_array(np.array([1], np.int64), "head_axis"),
-        numpy_helper.from_array(codes, "head_codes"),
+        numpy_helper.from_array(np.array([int(c) for c in real], np.uint8), "head_codes"),
+        numpy_helper.from_array(np.array(int(MaskClass.MISSING), np.uint8), "head_missing_code"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "head_zero"),
         numpy_helper.from_array(np.array(255.0, np.float32), "head_255"),
     ]
     nodes += [
+        # where the input has no data
+        helper.make_node("Abs", [INPUT_NAME], ["input_abs"]),
+        helper.make_node("ReduceMax", ["input_abs"], ["input_peak"], axes=[1], keepdims=0),
+        helper.make_node("Equal", ["input_peak", "head_zero"], ["no_data"]),
+        # best real class and its probability
         helper.make_node("Slice", [probs, "head_start", "head_end", "head_axis"], ["real_probs"]),
         helper.make_node("ArgMax", ["real_probs"], ["winner"], axis=1, keepdims=0),
-        helper.make_node("Gather", ["head_codes", "winner"], [OUTPUT_CLASSES]),
-        helper.make_node("ReduceMax", ["real_probs"], ["top"], axes=[1], keepdims=0),
+        helper.make_node("Gather", ["head_codes", "winner"], ["real_class"]),
+        helper.make_node("ReduceMax", ["real_probs"], ["real_top"], axes=[1], keepdims=0),
+        helper.make_node(
+            "Slice", [probs, "head_missing", "head_missing_end", "head_axis"], ["missing_4d"]
+        ),
+        helper.make_node("Squeeze", ["missing_4d", "head_axis"], ["missing_prob"]),
+        helper.make_node("Where", ["no_data", "head_missing_code", "real_class"], [OUTPUT_CLASSES]),
+        helper.make_node("Where", ["no_data", "missing_prob", "real_top"], ["top"]),
         helper.make_node("Mul", ["top", "head_255"], ["top255"]),
         helper.make_node("Round", ["top255"], ["top_round"]),
         helper.make_node("Cast", ["top_round"], [OUTPUT_CONFIDENCE], to=TensorProto.UINT8),

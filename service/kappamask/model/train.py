@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,18 +108,19 @@ def predict(model: UNet, features: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(np.pad(features, ((0, 0), (0, ph), (0, pw))))[None]
     model.eval()
     with torch.no_grad():
-        probs = model(x)[0, 1:, :h, :w].numpy()
-    codes = np.array([1, 2, 3, 4, 0], dtype=np.uint8)
-    result: np.ndarray = codes[probs.argmax(0)]
-    return result
+        probs = model(x)[0, 1:5, :h, :w].numpy()
+    # as the served graph does: MISSING where there is no data, else the best real class
+    codes = np.array([1, 2, 3, 4], dtype=np.uint8)
+    result: np.ndarray = np.where((features == 0).all(axis=0), 0, codes[probs.argmax(0)])
+    return result.astype(np.uint8)
 
 
-def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     """Overall accuracy and per-class dice of ``pred`` against ``ref`` (UNDEFINED and
     MISSING reference pixels excluded)."""
     keep = (ref != MaskClass.UNDEFINED) & (ref != MaskClass.MISSING)
     p, r = pred[keep], ref[keep]
-    out = {
+    out: dict[str, Any] = {
         "pixels": float(keep.sum()),
         "overall_accuracy": float((p == r).mean()) if keep.any() else 0.0,
     }
@@ -126,10 +128,14 @@ def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
         tp = float(((p == cls) & (r == cls)).sum())
         denom = float((p == cls).sum() + (r == cls).sum())
         out[f"dice_{cls.name.lower()}"] = 2 * tp / denom if denom else float("nan")
+    real = [int(c) for c in OUTPUT_CLASSES[1:]]
+    out["confusion_rows_reference_cols_predicted"] = [
+        [int(((r == a) & (p == b)).sum()) for b in [0, *real]] for a in real
+    ]
     return out
 
 
-def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, float]]:
+def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
     """Train per ``config``; writes checkpoint.pt, metrics.csv and holdout.json in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
