@@ -10,9 +10,10 @@ from typing import Any
 
 import pystac
 import pytest
+from pystac.validation import JsonSchemaSTACValidator
+
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton
-from pystac.validation import JsonSchemaSTACValidator
 
 DATA = Path(__file__).parent / "data"
 T29UNU = DATA / "s2" / "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE"
@@ -65,11 +66,12 @@ def check_result(
 
     import numpy as np
     import rasterio
+    from rasterio.windows import Window
+    from rio_cogeo.cogeo import cog_validate
+
     from kappamask.bands import L2A_FEATURES, L2A_MAX_V
     from kappamask.reader import BandReader, output_grid
     from kappamask.sources import open_safe
-    from rasterio.windows import Window
-    from rio_cogeo.cogeo import cog_validate
 
     data = json.loads(item_path.read_text())
     validate_item(data, validator)

@@ -8,8 +8,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-from kappamask.inference.server import LocalTriton
 from pystac.validation import JsonSchemaSTACValidator
+
+from kappamask.inference.server import LocalTriton
 
 from .conftest import T22HBD, T29UNU, check_result
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
 from kappamask.bands import SPECTRAL_BANDS
 from kappamask.errors import ProductError
 from kappamask.sources.metadata import parse_product_metadata, parse_tile_metadata

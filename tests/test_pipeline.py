@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pystac.validation import JsonSchemaSTACValidator
+
 from kappamask.errors import CancelledError, NoModelError, ProductError
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.pipeline import RunOptions, run
-from pystac.validation import JsonSchemaSTACValidator
 
 from .conftest import T22HBD, T29UNU, check_result
 

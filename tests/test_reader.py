@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from rasterio.windows import Window
+
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.reader import BandReader, normalise, output_grid
 from kappamask.sources import open_safe
-from rasterio.windows import Window
 
 from .conftest import T22HBD, T29UNU
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError
 from kappamask.inference.repository import (

@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from kappamask.errors import AccessDeniedError, ProductError, ProductNotFoundError
 from kappamask.sources import open_product, open_safe
 from kappamask.sources.safe import find_band_files

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from kappamask.inference.server import LocalTriton, free_port
 from pystac.validation import JsonSchemaSTACValidator
+
+from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T22HBD, T29UNU, check_result
 

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 from affine import Affine
+from pystac.validation import JsonSchemaSTACValidator
+
 from kappamask.inference.model_spec import ModelSpec
 from kappamask.reader import Grid
 from kappamask.sources import open_safe
 from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
-from pystac.validation import JsonSchemaSTACValidator
 
 from .conftest import T29UNU, validate_item
 

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from kappamask.tiling import Crop, CropGrid, extract, place, spans
 
 

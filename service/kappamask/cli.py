@@ -172,6 +172,22 @@ def serve_command(
         raise click.ClickException(str(err)) from err
 
 
+@main.command("wait-triton")
+@click.argument("url")
+@_protocol
+@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds to wait.")
+def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
+    """Wait until the Triton server at URL is ready (for container start-up)."""
+    from kappamask.inference.triton import TritonClient
+
+    try:
+        with TritonClient(url, protocol) as client:
+            client.wait_ready(timeout)
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"Triton at {url} is ready")
+
+
 @main.command("install-model")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(

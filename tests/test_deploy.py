@@ -1,0 +1,301 @@
+"""Deployment files that cannot run here (no Docker, no GPU), checked by parsing and
+validating them: compose, Dockerfiles, Kubernetes manifests, OpenAPI, Triton configs and
+the TensorRT engine build."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jsonpatch
+import kubernetes_validate
+import onnx
+import pytest
+import yaml
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S_VERSION = "1.30.0"
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_engines", DEPLOY / "build_engines.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while executing it
+    spec.loader.exec_module(module)
+    return module
+
+
+build_engines = _load_script()
+
+
+# -- docker compose ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def _gpu_reserved(service: dict[str, Any]) -> bool:
+    devices = (
+        service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    )
+    return any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+
+
+def test_compose_services_and_ordering(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"triton", "engines", "api", "minio", "createbucket", "postgres", "triton-cpu"} <= set(
+        services
+    )
+    triton, engines, api = services["triton"], services["engines"], services["api"]
+    assert re.fullmatch(
+        r"\$\{TRITON_IMAGE:-nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3\}", triton["image"]
+    )
+    assert _gpu_reserved(triton) and _gpu_reserved(engines)
+    assert triton["shm_size"] == "1gb"
+    assert "./triton_models:/models" in triton["volumes"]
+    assert "/v2/health/ready" in " ".join(triton["healthcheck"]["test"])
+    assert "--model-config-name=gpu" in triton["command"]
+    loaded = [a.split("=", 1)[1] for a in triton["command"] if a.startswith("--load-model=")]
+    assert loaded == servable_models(DEFAULT_REPOSITORY)  # only models that have weights
+    assert triton["depends_on"]["engines"]["condition"] == "service_completed_successfully"
+    assert engines["restart"] == "no" and "build_engines.py" in " ".join(engines["command"])
+    assert api["depends_on"]["triton"]["condition"] == "service_healthy"
+    assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert api["depends_on"]["createbucket"]["condition"] == "service_completed_successfully"
+    assert api["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert api["environment"]["KAPPAMASK_JOB_MANAGER"] == "PostgreSQL"
+    assert api["ports"] == ["5000:5000"]
+
+
+def test_compose_only_the_api_is_published(compose: dict[str, Any]) -> None:
+    published = {name for name, svc in compose["services"].items() if svc.get("ports")}
+    assert published == {"api"}
+
+
+def test_compose_cpu_profile(compose: dict[str, Any]) -> None:
+    cpu = compose["services"]["triton-cpu"]
+    assert cpu["profiles"] == ["cpu"] and not _gpu_reserved(cpu)
+    assert "--model-config-name=gpu" not in cpu["command"]
+    assert cpu["build"]["dockerfile"] == "deploy/Dockerfile.triton-cpu"
+    both = {"api", "minio", "createbucket", "postgres"}
+    assert all(set(compose["services"][s]["profiles"]) == {"gpu", "cpu"} for s in both)
+
+
+def test_every_compose_variable_without_default_is_in_the_env_example() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    needed = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)\}", text))
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert needed and needed <= set(example)
+
+
+# -- Dockerfiles ------------------------------------------------------------------------
+def test_api_dockerfile() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", text, flags=re.M)
+    assert len(stages) == 2 and all("slim" in s for s in stages)
+    final = text.split("\nFROM ")[-1]
+    assert re.search(r"^USER kappamask$", final, flags=re.M)
+    assert "HEALTHCHECK" in final and "apt-get" not in final and "pip install" not in final
+    entry = (DEPLOY / "entrypoint.sh").read_text()
+    assert "--worker-class gthread" in entry and "wait-triton" in entry
+
+
+# -- Kubernetes -------------------------------------------------------------------------
+def _render(folder: Path) -> list[dict[str, Any]]:
+    """The subset of `kustomize build` these manifests use."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for entry in kustomization.get("resources", []):
+        path = folder / entry
+        docs += _render(path) if path.is_dir() else list(yaml.safe_load_all(path.read_text()))
+    for generator in kustomization.get("configMapGenerator", []):
+        data = {Path(f).name: (folder / f).read_text() for f in generator["files"]}
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": generator["name"]},
+                "data": data,
+            }
+        )
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        ops = yaml.safe_load((folder / patch["path"]).read_text())
+        for i, doc in enumerate(docs):
+            if doc["kind"] == target["kind"] and doc["metadata"]["name"] == target["name"]:
+                docs[i] = jsonpatch.apply_patch(copy.deepcopy(doc), ops)
+    namespace = kustomization.get("namespace")
+    for doc in docs:
+        if namespace and doc["kind"] != "Namespace":
+            doc["metadata"]["namespace"] = namespace
+        for labels in kustomization.get("labels", []):
+            doc["metadata"].setdefault("labels", {}).update(labels["pairs"])
+        for image in kustomization.get("images", []):
+            for pod in _pod_specs(doc):
+                for container in pod.get("containers", []) + pod.get("initContainers", []):
+                    if container["image"] == image["name"]:
+                        container["image"] = f"{image['newName']}:{image['newTag']}"
+    return docs
+
+
+def _pod_specs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [doc["spec"]["template"]["spec"]] if doc["kind"] == "Deployment" else []
+
+
+def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize("overlay", ["gpu", "cpu"])
+def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> None:
+    docs = _render(DEPLOY / "k8s" / "overlays" / overlay)
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {
+        ("Deployment", "kappamask-api"),
+        ("Service", "kappamask-api"),
+        ("HorizontalPodAutoscaler", "kappamask-api"),
+        ("Deployment", "kappamask-triton"),
+        ("Service", "kappamask-triton"),
+        ("ConfigMap", "pygeoapi-config"),
+        ("Secret", "kappamask-credentials"),
+    } <= kinds
+    for doc in docs:
+        for pod in _pod_specs(doc):
+            for container in pod["containers"] + pod.get("initContainers", []):
+                assert container["resources"]["requests"] and container["resources"]["limits"]
+                assert ":" in container["image"], container["image"]
+    triton = _find(docs, "Deployment", "kappamask-triton")["spec"]["template"]["spec"]
+    assert triton["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    gpu_limit = triton["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    inits = [c["name"] for c in triton["initContainers"]]
+    api = _find(docs, "Deployment", "kappamask-api")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_JOB_MANAGER"] == "PostgreSQL"
+    if overlay == "gpu":
+        assert gpu_limit == 1 and inits == ["copy-models", "build-engines"]
+        assert "--model-config-name=gpu" in triton["containers"][0]["args"]
+    else:
+        assert gpu_limit is None and inits == ["copy-models"]
+        assert "--model-config-name=gpu" not in triton["containers"][0]["args"]
+
+
+def test_the_kubernetes_validator_rejects_a_broken_manifest() -> None:
+    docs = _render(DEPLOY / "k8s" / "overlays" / "cpu")
+    broken = copy.deepcopy(_find(docs, "Deployment", "kappamask-api"))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_config_map_is_the_service_config() -> None:
+    assert (DEPLOY / "k8s" / "base" / "pygeoapi-config.yml").read_text() == (
+        ROOT / "pygeoapi-config.yml"
+    ).read_text()
+
+
+# -- pygeoapi OpenAPI -------------------------------------------------------------------
+def test_pygeoapi_config_generates_a_valid_openapi_document(tmp_path: Path) -> None:
+    pygeoapi = Path(sys.executable).with_name("pygeoapi")
+    out = tmp_path / "openapi.yml"
+    subprocess.run(
+        [pygeoapi, "openapi", "generate", ROOT / "pygeoapi-config.yml", "--output-file", out],
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [pygeoapi, "openapi", "validate", out], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0 and "Valid OpenAPI document" in done.stdout, done.stdout + done.stderr
+    assert "/processes/kappamask/execution" in out.read_text()
+
+
+# -- Triton configs and TensorRT engines ------------------------------------------------
+def _config(path: Path) -> Any:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("model", ["kappamask_l1c", "kappamask_l2a"])
+def test_triton_configs_parse_and_agree(model: str) -> None:
+    cpu = _config(DEFAULT_REPOSITORY / model / "config.pbtxt")
+    gpu = _config(DEFAULT_REPOSITORY / model / "configs" / "gpu.pbtxt")
+    assert cpu.name == gpu.name == model
+    assert cpu.backend == "python" and gpu.platform == "tensorrt_plan"
+    for cfg in (cpu, gpu):
+        assert [(i.name, i.data_type) for i in cfg.input] == [("input", model_config_pb2.TYPE_FP16)]
+        assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
+            ("classes", model_config_pb2.TYPE_UINT8, [512, 512]),
+            ("confidence", model_config_pb2.TYPE_UINT8, [512, 512]),
+        ]
+    assert list(cpu.input[0].dims) == list(gpu.input[0].dims)
+    assert cpu.parameters["features"].string_value == gpu.parameters["features"].string_value
+    assert gpu.max_batch_size == build_engines.BuildOptions().max_batch
+    for onnx_path in (DEFAULT_REPOSITORY / model).glob("[0-9]*/model.onnx"):
+        graph = onnx.load(str(onnx_path)).graph
+        assert [i.name for i in graph.input] == ["input"]
+        assert graph.input[0].type.tensor_type.shape.dim[1].dim_value == cpu.input[0].dims[0]
+        assert [o.name for o in graph.output] == [o.name for o in cpu.output]
+        assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.UINT8] * 2
+
+
+def test_engine_build_checks_and_exact_trtexec_commands(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_files = sorted(DEFAULT_REPOSITORY.glob("*/[0-9]*/model.onnx"))
+    assert onnx_files
+    for path in onnx_files:
+        channels = build_engines.check_onnx(path)
+        assert channels == 13
+        command = build_engines.trtexec_command(
+            "trtexec", path, path.with_name("model.plan"), channels, build_engines.BuildOptions()
+        )
+        assert command == [
+            "trtexec", f"--onnx={path}", f"--saveEngine={path.with_name('model.plan')}", "--fp16",
+            "--inputIOFormats=fp16:chw", "--minShapes=input:1x13x512x512",
+            "--optShapes=input:8x13x512x512", "--maxShapes=input:16x13x512x512",
+            "--memPoolSize=workspace:4096", "--skipInference",
+        ]  # fmt: skip
+    # dry run over a copy of the repository: prints the commands, builds nothing
+    repo = tmp_path / "repo"
+    target = repo / "kappamask_l2a" / "1"
+    target.mkdir(parents=True)
+    (target / "model.onnx").write_bytes(
+        (DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / "model.onnx").read_bytes()
+    )
+    assert build_engines.main(["--repository", str(repo), "--dry-run", "--trtexec", "trtexec"]) == 0
+    assert "--saveEngine=" in capsys.readouterr().out and not (target / "model.plan").exists()
+    # a plan with a matching stamp is current and skipped
+    options = build_engines.BuildOptions()
+    (target / "model.plan").write_bytes(b"plan")
+    (target / "model.plan.stamp").write_text(
+        build_engines.stamp_for(
+            target / "model.onnx", build_engines.environment_id("trtexec"), options
+        )
+    )
+    assert build_engines.build(repo, None, "trtexec", options, dry_run=False) == 0
+    assert "plan is current, skipped" in capsys.readouterr().out
+
+
+def test_engine_build_refuses_a_fixed_batch_axis(tmp_path: Path) -> None:
+    model = onnx.load(str(DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(SystemExit, match="dynamic batch"):
+        build_engines.check_onnx(path)
