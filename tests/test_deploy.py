@@ -222,7 +222,8 @@ def test_pygeoapi_config_generates_a_valid_openapi_document(tmp_path: Path) -> N
     done = subprocess.run(
         [pygeoapi, "openapi", "validate", out], capture_output=True, text=True, check=False
     )
-    assert done.returncode == 0 and "Valid OpenAPI document" in done.stdout, done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "Valid OpenAPI document" in done.stdout, output
     assert "/processes/kappamask/execution" in out.read_text()
 
 
