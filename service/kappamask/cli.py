@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from tqdm import tqdm
@@ -17,6 +19,7 @@ from kappamask.errors import KappaMaskError
 from kappamask.reader import RESAMPLING
 
 LOGGER = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 _triton_url = click.option(
     "--triton-url", default=None, help="Triton host:port; a local Triton is started when omitted."
@@ -37,6 +40,22 @@ _protocol = click.option(
 )
 
 
+def _out_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--out", "out_dir", type=click.Path(path_type=Path), required=True, help=help_text
+    )
+
+
+def _resolution_option(default: str) -> Callable[[F], F]:
+    return click.option(
+        "--resolution",
+        type=click.Choice([str(r) for r in RESOLUTIONS]),
+        default=default,
+        show_default=True,
+        help="Output resolution in metres.",
+    )
+
+
 @click.group()
 @click.version_option(__version__)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
@@ -50,20 +69,8 @@ def main(verbose: bool) -> None:
 
 @main.command("run")
 @click.argument("product")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Folder for the mask COG, confidence COG, preview and STAC item.",
-)
-@click.option(
-    "--resolution",
-    type=click.Choice([str(r) for r in RESOLUTIONS]),
-    default="10",
-    show_default=True,
-    help="Output resolution in metres.",
-)
+@_out_option("Folder for the mask COG, confidence COG, preview and STAC item.")
+@_resolution_option("10")
 @click.option(
     "--resampling", type=click.Choice(sorted(RESAMPLING)), default="lanczos", show_default=True
 )
@@ -211,13 +218,7 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
 
 @main.command("train")
 @click.argument("product", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Folder for checkpoint, metrics.csv, holdout.json and model.onnx.",
-)
+@_out_option("Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
 @click.option(
     "--labels",
     type=click.Choice(["scl"]),
@@ -225,12 +226,7 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
     show_default=True,
     help="Reference labels: Sen2Cor SCL of the L2A product, mapped as in the paper.",
 )
-@click.option(
-    "--resolution",
-    type=click.Choice([str(r) for r in RESOLUTIONS]),
-    default="60",
-    show_default=True,
-)
+@_resolution_option("60")
 @click.option("--filters", "base_filters", default=32, show_default=True, type=int)
 @click.option("--epochs", "max_epochs", default=40, show_default=True, type=int)
 @click.option("--steps-per-epoch", default=50, show_default=True, type=int)
