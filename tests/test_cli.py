@@ -63,11 +63,14 @@ def test_run_a_zip_against_a_running_triton(
     assert abs(sum(v for k, v in stats.items() if k not in ("missing", "cloud_cover")) - 100) < 0.01
 
 
-def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_path: Path) -> None:
+def test_errors_are_one_clear_line_and_write_nothing(
+    triton: LocalTriton, tmp_path: Path, l1c_safe: Path
+) -> None:
     out = tmp_path / "out"
     cases = {
         str(tmp_path / "nope.SAFE"): "does not exist",
         str(T29UNU / "GRANULE"): "not a Sentinel-2",
+        str(l1c_safe): "no model for L1C",
     }
     for product, message in cases.items():
         done = _run("run", product, "--out", str(out), "--triton-url", triton.http_url)

@@ -115,3 +115,15 @@ def test_corrupt_jp2_is_a_clear_error(product_copy: Path) -> None:
         BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader,
     ):
         reader.read(Window(0, 0, grid.width, grid.height))
+
+
+def test_l1c_bands_at_every_resolution(l1c_safe: Path) -> None:
+    from kappamask.bands import L1C_FEATURES, L1C_MAX_V
+
+    product = open_safe(l1c_safe)
+    for resolution, size in ((60, 18), (20, 54), (10, 108)):
+        grid = output_grid(product, resolution)
+        with BandReader(product, L1C_FEATURES, L1C_MAX_V, grid) as reader:
+            features, valid = reader.read(Window(0, 0, grid.width, grid.height))
+        assert features.shape == (13, size, size) and valid.all()
+        assert 0.0 < features.mean() < 2.0

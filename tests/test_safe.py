@@ -105,3 +105,11 @@ def test_multi_tile_products_are_refused(product_copy: Path) -> None:
     shutil.copytree(first, granules / (first.name + "_2"))
     with pytest.raises(ProductError, match="2 tiles"):
         open_safe(product_copy)
+
+
+def test_l1c_compact_layout(l1c_safe: Path) -> None:
+    product = open_safe(l1c_safe)
+    assert product.level == "L1C" and product.processing_baseline == "02.09"
+    assert product.mgrs_tile == "01LAC" and product.offsets == {}
+    assert len(product.band_files) == 13 and product.band_path("B10", 10)[1] == 60
+    assert product.band_path("B02", 60)[1] == 10

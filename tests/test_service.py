@@ -19,7 +19,7 @@ from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.inference.server import LocalTriton, free_port
 
-from .conftest import DATA, T22HBD, T29UNU, check_result
+from .conftest import DATA, T22HBD, T29UNU, check_result, make_l1c_safe
 
 
 @dataclass
@@ -109,6 +109,7 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(service: Service) -> No
     missing_band = _broken_copy(service, "missing_band")
     for path in missing_band.glob("GRANULE/*/IMG_DATA/R60m/*_B11_60m.jp2"):
         path.unlink()
+    l1c = make_l1c_safe(service.scratch / "l1c")
     corrupt = _broken_copy(service, "corrupt")
     jp2 = next(corrupt.glob("GRANULE/*/IMG_DATA/R60m/*_B03_60m.jp2"))
     jp2.write_bytes(jp2.read_bytes()[:3000])
@@ -122,6 +123,7 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(service: Service) -> No
         ({"inputs": {"product": str(T29UNU), "resolution": 60, "level": "L1C"}}, "is L2A, not L1C"),
         ({"inputs": {"product": str(missing_band), "resolution": 60}}, "lacks band(s) B11"),
         ({"inputs": {"product": str(corrupt), "resolution": 60}}, "B03"),
+        ({"inputs": {"product": str(l1c), "resolution": 60}}, "no model for L1C"),
     ]
     for body, message in cases:
         response = service.execute(body)

