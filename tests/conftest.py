@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pystac
 import pytest
+import requests
 from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
-from kappamask.inference.server import LocalTriton
+from kappamask.inference.server import LocalTriton, free_port
+from kappamask.s3 import S3Settings
 
 DATA = Path(__file__).parent / "data"
 T29UNU = DATA / "s2" / "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE"
 T22HBD = DATA / "s2" / "esa_S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500.SAFE"
 METADATA = DATA / "metadata"
 SCHEMAS = DATA / "stac-schemas"
+STAC = DATA / "stac"
+#: A secret the tests give the services: it must never show up in an answer or a log.
+S3_SECRET = "kappamask-test-SECRET-do-not-print-0123456789"
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +39,80 @@ def triton() -> Iterator[LocalTriton]:
         pytest.fail(f"no model with weights in {DEFAULT_REPOSITORY}")
     with LocalTriton(DEFAULT_REPOSITORY) as server:
         yield server
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-compatible HTTP server (moto in server mode) on localhost."""
+
+    endpoint: str
+    log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "kappamask-test",
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_REGION": "us-east-1",
+        }
+
+    @property
+    def settings(self) -> S3Settings:
+        return S3Settings.from_config({}, self.env)
+
+    def client(self) -> Any:
+        return self.settings.client()
+
+    def upload_tree(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Upload ``folder`` under ``prefix``; returns its s3:// URL."""
+        client = self.client()
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+                client.upload_file(str(path), bucket, key)
+        return f"s3://{bucket}/{prefix}"
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server as a separate process, seeded with the T29UNU product as a SAFE
+    folder and as a zip in the bucket ``products``; the bucket ``results`` is empty."""
+    base = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    log = base / "moto.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    server = S3Server(f"http://127.0.0.1:{port}", log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(server.endpoint, timeout=2)
+                break
+            except requests.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto server did not start:\n" + log.read_text())
+                time.sleep(0.2)
+        client = server.client()
+        for bucket in ("products", "results"):
+            client.create_bucket(Bucket=bucket)
+        server.upload_tree(T29UNU, "products", f"s2/{T29UNU.name}")
+        archive = shutil.make_archive(str(base / T29UNU.stem), "zip", T29UNU.parent, T29UNU.name)
+        client.upload_file(archive, "products", f"zips/{T29UNU.stem}.zip")
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +163,10 @@ def product_copy(tmp_path: Path) -> Path:
 
 
 def check_result(
-    item_path: Path, product_dir: Path, resolution: int, validator: JsonSchemaSTACValidator
+    item_path: Path | str,
+    product_dir: Path,
+    resolution: int,
+    validator: JsonSchemaSTACValidator,
 ) -> dict[str, Any]:
     """Everything a user would check on a result: valid COGs, class 0 exactly where the
     product has no data, and a valid STAC item whose numbers match the raster."""
@@ -94,9 +181,14 @@ def check_result(
     from kappamask.reader import BandReader, output_grid
     from kappamask.sources import open_safe
 
+    item_path = Path(item_path)
     data = json.loads(item_path.read_text())
     validate_item(data, validator)
-    assets = {k: item_path.parent / v["href"] for k, v in data["assets"].items()}
+    # "./name" next to the item, or an absolute s3:// URL downloaded next to it
+    assets = {
+        k: item_path.parent / PurePosixPath(urlsplit(v["href"]).path).name
+        for k, v in data["assets"].items()
+    }
     for key in ("mask", "confidence"):
         ok, errors, _warnings = cog_validate(str(assets[key]), quiet=True)
         assert ok, errors

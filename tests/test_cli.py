@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,7 +13,7 @@ from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.inference.server import LocalTriton
 
-from .conftest import T22HBD, T29UNU, check_result
+from .conftest import S3_SECRET, T22HBD, T29UNU, S3Server, check_result
 
 KAPPAMASK = [sys.executable, "-m", "kappamask.cli"]
 
@@ -96,3 +97,30 @@ def test_errors_are_one_clear_line_and_write_nothing(
     done = _run("run", str(T29UNU), "--out", str(out), "--triton-url", "127.0.0.1:1")
     assert done.returncode == 1 and "Triton" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_run_from_s3_to_s3_with_a_bbox_and_rerun(triton: LocalTriton, s3_server: S3Server) -> None:
+    """S3 settings from the environment, as a user sets them; a second run finds the
+    result and does not compute it again."""
+    from rasterio.warp import transform_bounds
+
+    from kappamask.reader import output_grid
+    from kappamask.sources import open_safe
+
+    grid = output_grid(open_safe(T29UNU), 60)
+    left, _bottom, _right, top = grid.bounds
+    bbox = transform_bounds(grid.crs, "EPSG:4326", left, top - 9000, left + 9000, top)
+    args = ["run", f"s3://products/zips/{T29UNU.stem}.zip", "--out", "s3://results/cli",
+            "--resolution", "60", "--bbox", *(f"{v:.6f}" for v in bbox),
+            "--triton-url", triton.http_url]  # fmt: skip
+    env = {**os.environ, **s3_server.env}
+    done = subprocess.run([*KAPPAMASK, *args], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "1/1 crops inferred" in done.stdout
+    assert "STAC item:  s3://results/cli/" in done.stdout
+    assert len(s3_server.keys("results", "cli/")) == 4
+    again = subprocess.run([*KAPPAMASK, *args], capture_output=True, text=True, env=env,
+                           timeout=600, check=False)  # fmt: skip
+    assert again.returncode == 0 and "not computed again" in again.stdout
+    assert S3_SECRET not in done.stderr + done.stdout + again.stderr

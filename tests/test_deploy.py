@@ -75,7 +75,7 @@ def test_compose_services_and_ordering(compose: dict[str, Any]) -> None:
     assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert api["depends_on"]["createbucket"]["condition"] == "service_completed_successfully"
     assert api["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert api["environment"]["KAPPAMASK_JOB_MANAGER"] == "PostgreSQL"
+    assert api["environment"]["KAPPAMASK_JOB_MANAGER"] == "kappamask.managers.PostgreSQLManager"
     assert api["ports"] == ["5000:5000"]
 
 
@@ -187,7 +187,9 @@ def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> N
     gpu_limit = triton["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
     inits = [c["name"] for c in triton["initContainers"]]
     api = _find(docs, "Deployment", "kappamask-api")["spec"]["template"]["spec"]["containers"][0]
-    assert {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_JOB_MANAGER"] == "PostgreSQL"
+    assert {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_JOB_MANAGER"] == (
+        "kappamask.managers.PostgreSQLManager"
+    )
     if overlay == "gpu":
         assert gpu_limit == 1 and inits == ["copy-models", "build-engines"]
         assert "--model-config-name=gpu" in triton["containers"][0]["args"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def test_t29unu_at_60m(
     item = check_result(result.item, T29UNU, 60, stac_validator)
     assert item["properties"]["kappamask:substituted_bands"] == {"B08": "B8A"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        p.name for p in (result.mask, result.confidence, result.preview, result.item)
+        Path(p).name for p in (result.mask, result.confidence, result.preview, result.item)
     )
 
 
@@ -63,3 +64,54 @@ def test_wrong_level_no_model_and_cancel_leave_nothing(
     with pytest.raises(CancelledError):
         run(str(T22HBD), tmp_path, client, RunOptions(resolution=60), cancelled=lambda: True)
     assert list(tmp_path.iterdir()) == []
+
+
+def _lonlat_box(grid_bounds: tuple[float, float, float, float], crs: str) -> list[float]:
+    from rasterio.warp import transform_bounds
+
+    return list(transform_bounds(crs, "EPSG:4326", *grid_bounds))
+
+
+def test_bbox_and_aoi_limit_the_output_and_the_crops(client: TritonClient, tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+    from shapely.geometry import Polygon, mapping
+
+    from kappamask.reader import output_grid
+    from kappamask.sources import open_safe
+
+    grid = output_grid(open_safe(T29UNU), 60)
+    left, _bottom, _right, top = grid.bounds
+    # the north-west quarter: one crop instead of four, and a smaller raster
+    quarter = (left + 600, top - 12000, left + 12000, top - 600)
+    bbox = _lonlat_box(quarter, grid.crs)
+    result = run(str(T29UNU), tmp_path / "bbox", client, RunOptions(60, bbox=tuple(bbox)))
+    assert result.crops_total == 1 and result.crops_inferred == 1
+    with rasterio.open(result.mask) as src:
+        sub = src.read(1)
+        b = src.bounds
+    # the output covers the box (snapped outwards to whole pixels), not the product
+    assert b.left <= quarter[0] + 60 and b.top >= quarter[3] - 60
+    assert src.width < grid.width // 2 + 20 and src.height < grid.height // 2 + 20
+    item = json.loads(Path(result.item).read_text())
+    assert item["properties"]["kappamask:parameters"]["bbox"] == bbox
+
+    # a triangle: pixels outside it are missing
+    tri = Polygon([(quarter[0], quarter[1]), (quarter[2], quarter[1]), (quarter[0], quarter[3])])
+    from rasterio.warp import transform_geom
+
+    aoi = transform_geom(grid.crs, "EPSG:4326", mapping(tri))
+    result = run(str(T29UNU), tmp_path / "aoi", client, RunOptions(60, aoi=dict(aoi)))
+    with rasterio.open(result.mask) as src:
+        tri_mask = src.read(1)
+    w = tri_mask.shape[1]
+    # the grid is the triangle's bounding box; about half of it lies outside: missing
+    inside = tri_mask != 0
+    assert 0.2 < inside.mean() < 0.65
+    assert (tri_mask[:5, w - 5 :] == 0).all()  # the far corner is outside the triangle
+    assert np.count_nonzero(tri_mask) < np.count_nonzero(sub)
+
+    far_away = [10.0, 45.0, 10.5, 45.5]
+    with pytest.raises(ProductError, match="outside the product"):
+        run(str(T29UNU), tmp_path / "far", client, RunOptions(60, bbox=tuple(far_away)))
+    assert not any((tmp_path / "far").glob("*KAPPAMASK*"))

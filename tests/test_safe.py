@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kappamask.access import AccessPolicy
 from kappamask.errors import AccessDeniedError, ProductError, ProductNotFoundError
 from kappamask.sources import open_product, open_safe
 from kappamask.sources.safe import find_band_files
@@ -85,10 +86,10 @@ def test_missing_path_and_roots() -> None:
     with pytest.raises(ProductNotFoundError):
         open_product(str(T29UNU) + "_nope")
     with pytest.raises(AccessDeniedError):
-        open_product(str(T29UNU), allowed_roots=[T22HBD])
+        open_product(str(T29UNU), AccessPolicy(data_roots=(T22HBD,)))
     with pytest.raises(AccessDeniedError):
-        open_product(str(T22HBD / ".." / T29UNU.name), allowed_roots=[T22HBD])
-    assert open_product(str(T29UNU), allowed_roots=[T29UNU.parent]).level == "L2A"
+        open_product(str(T22HBD / ".." / T29UNU.name), AccessPolicy(data_roots=(T22HBD,)))
+    assert open_product(str(T29UNU), AccessPolicy(data_roots=(T29UNU.parent,))).level == "L2A"
 
 
 def test_symlink_escape_is_refused(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_symlink_escape_is_refused(tmp_path: Path) -> None:
     root.mkdir()
     (root / "escape.SAFE").symlink_to(T29UNU)
     with pytest.raises(AccessDeniedError):
-        open_product(str(root / "escape.SAFE"), allowed_roots=[root])
+        open_product(str(root / "escape.SAFE"), AccessPolicy(data_roots=(root,)))
 
 
 def test_multi_tile_products_are_refused(product_copy: Path) -> None:

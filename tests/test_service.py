@@ -3,6 +3,7 @@ subprocess, talking to a real tritonserver."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -17,9 +18,18 @@ import pytest
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
+from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import LocalTriton, free_port
 
-from .conftest import DATA, T22HBD, T29UNU, check_result, make_l1c_safe
+from .conftest import (
+    DATA,
+    S3_SECRET,
+    T22HBD,
+    T29UNU,
+    S3Server,
+    check_result,
+    make_l1c_safe,
+)
 
 
 @dataclass
@@ -27,6 +37,8 @@ class Service:
     url: str
     output_dir: Path
     scratch: Path  # a data root the tests may put broken products in
+    log: Path
+    jobs_db: Path
 
     def execute(self, body: object, raw: str | None = None) -> requests.Response:
         url = f"{self.url}/processes/kappamask/execution"
@@ -38,17 +50,27 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    triton: LocalTriton, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    """`kappamask serve` with the local S3 server's credentials in its environment, one
+    inference slot (so a second job has to wait), and 127.0.0.1 among the allowed hosts
+    but private addresses refused (so the address check itself is exercised)."""
     base = tmp_path_factory.mktemp("service")
     scratch = base / "scratch"
     scratch.mkdir()
     port = free_port()
     env = {
         **os.environ,
+        **s3_server.env,
         "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"),
         "KAPPAMASK_JOBS_DB": str(base / "jobs.db"),
+        "KAPPAMASK_MAX_CONCURRENT_JOBS": "1",
+        "KAPPAMASK_ALLOWED_HOSTS": "127.0.0.1,*.amazonaws.com",
+        "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "false",
     }
-    log = (base / "serve.log").open("w")
+    log_path = base / "serve.log"
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
          "--triton-url", triton.http_url,
@@ -57,21 +79,25 @@ def service(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/processes", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("kappamask serve did not start:\n" + (base / "serve.log").read_text())
-            time.sleep(0.3)
-        yield Service(url, base / "out", scratch)
+        _wait_for(url, proc, log_path)
+        yield Service(url, base / "out", scratch, log_path, base / "jobs.db")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
         log.close()
+
+
+def _wait_for(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/processes", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("kappamask serve did not start:\n" + log_path.read_text())
+        time.sleep(0.3)
 
 
 def test_process_is_listed_and_described(service: Service) -> None:
@@ -79,7 +105,8 @@ def test_process_is_listed_and_described(service: Service) -> None:
     assert "kappamask" in [p["id"] for p in listing["processes"]]
     desc = requests.get(f"{service.url}/processes/kappamask", timeout=10).json()
     assert desc["jobControlOptions"] == ["sync-execute", "async-execute"]
-    assert desc["inputs"]["product"]["schema"]["type"] == "string"
+    assert [s["type"] for s in desc["inputs"]["product"]["schema"]["oneOf"]] == ["string", "object"]
+    assert {"bbox", "aoi", "output", "model", "overwrite", "level"} <= set(desc["inputs"])
     assert desc["inputs"]["resolution"]["schema"]["enum"] == [10, 20, 60]
     assert desc["outputs"]["result"]["schema"]["type"] == "object"
     assert "product" in desc["example"]["inputs"]
@@ -105,7 +132,8 @@ def _broken_copy(service: Service, name: str) -> Path:
     return dst
 
 
-def test_bad_input_gets_a_clear_error_and_writes_nothing(service: Service) -> None:
+def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, object, int, str]]:
+    """The README's error table: (row, request body, HTTP status, text of the message)."""
     missing_band = _broken_copy(service, "missing_band")
     for path in missing_band.glob("GRANULE/*/IMG_DATA/R60m/*_B11_60m.jp2"):
         path.unlink()
@@ -113,30 +141,282 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(service: Service) -> No
     corrupt = _broken_copy(service, "corrupt")
     jp2 = next(corrupt.glob("GRANULE/*/IMG_DATA/R60m/*_B03_60m.jp2"))
     jp2.write_bytes(jp2.read_bytes()[:3000])
-    cases = [
-        ({"inputs": {"product": "/etc"}}, "outside the data roots"),
-        ({"inputs": {"product": str(DATA / "s2" / "nope.SAFE")}}, "does not exist"),
-        ({"inputs": {"product": str(DATA / "metadata")}}, "not a Sentinel-2"),
-        ({"inputs": {"product": str(T29UNU), "colour": "red"}}, "unknown input(s): colour"),
-        ({"inputs": {"product": str(T29UNU), "resolution": 30}}, "resolution"),
-        ({"inputs": {}}, "'product' is required"),
-        ({"inputs": {"product": str(T29UNU), "resolution": 60, "level": "L1C"}}, "is L2A, not L1C"),
-        ({"inputs": {"product": str(missing_band), "resolution": 60}}, "lacks band(s) B11"),
-        ({"inputs": {"product": str(corrupt), "resolution": 60}}, "B03"),
-        ({"inputs": {"product": str(l1c), "resolution": 60}}, "no model for L1C"),
+    archive = Path(
+        shutil.make_archive(str(service.scratch / "t"), "zip", T29UNU.parent, T29UNU.name)
+    )
+    truncated = service.scratch / "truncated.zip"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    s3_server.upload_tree(T22HBD, "products", f"private-http/{T22HBD.name}")
+    p = str(T29UNU)
+
+    def inputs(**kw: object) -> dict[str, object]:
+        # a folder no case may write to: nothing there to reuse, nothing left behind
+        return {"inputs": {"resolution": 60, "output": "errors", **kw}}
+
+    return [
+        ("unknown input name", inputs(product=p, colour="red"), 400, "unknown input(s): colour"),
+        ("no product", {"inputs": {}}, 400, "'product' is required"),
+        ("resolution not offered", inputs(product=p, resolution=30), 400, "'resolution'"),
+        ("malformed bbox", inputs(product=p, bbox=[1, 2, 3]), 400, "'bbox'"),
+        (
+            "malformed aoi",
+            inputs(product=p, aoi={"type": "Point", "coordinates": [0, 0]}),
+            400,
+            "'aoi' must be a GeoJSON Polygon",
+        ),
+        ("overwrite not boolean", inputs(product=p, overwrite="yes"), 400, "'overwrite'"),
+        ("not a STAC item", inputs(product={"type": "Feature"}), 400, "not a STAC item"),
+        ("file:// URL", inputs(product="file:///etc/passwd"), 400, "file://"),
+        ("path outside the data roots", inputs(product="/etc"), 403, "outside the data roots"),
+        (
+            "URL to a host not configured",
+            inputs(product="https://example.com/item.json"),
+            403,
+            "not among the hosts",
+        ),
+        (
+            "URL to a loopback/private address",
+            inputs(product="http://127.0.0.1:9/item.json"),
+            403,
+            "loopback or private",
+        ),
+        (
+            "output outside the output roots",
+            inputs(product=p, output="/tmp/elsewhere"),
+            403,
+            "outside the data roots",
+        ),
+        (
+            "access denied by the storage",
+            inputs(product=f"s3://products/private-http/{T22HBD.name}"),
+            403,
+            "access denied",
+        ),
+        (
+            "product path does not exist",
+            inputs(product=str(DATA / "s2" / "nope.SAFE")),
+            404,
+            "does not exist",
+        ),
+        (
+            "unknown bucket",
+            inputs(product="s3://no-such-bucket/x.SAFE"),
+            404,
+            "bucket does not exist",
+        ),
+        ("unknown key", inputs(product="s3://products/nope.SAFE"), 404, "no such key"),
+        (
+            "unknown output bucket",
+            inputs(product=p, output="s3://no-such-bucket/out"),
+            404,
+            "bucket does not exist",
+        ),
+        (
+            "not a Sentinel-2 product",
+            inputs(product=str(DATA / "metadata")),
+            422,
+            "not a Sentinel-2",
+        ),
+        ("truncated zip", inputs(product=str(truncated)), 422, "not a readable zip"),
+        ("missing band", inputs(product=str(missing_band)), 422, "lacks band(s) B11"),
+        ("corrupt JP2", inputs(product=str(corrupt)), 422, "B03"),
+        ("level other than requested", inputs(product=p, level="L1C"), 422, "is L2A, not L1C"),
+        ("level without a model", inputs(product=str(l1c)), 422, "no model for L1C"),
+        ("unknown model", inputs(product=p, model="kappamask_nope"), 422, "is not served"),
+        (
+            "bbox outside the product",
+            inputs(product=p, bbox=[10, 45, 10.5, 45.5]),
+            422,
+            "outside the product",
+        ),
     ]
-    for body, message in cases:
-        response = service.execute(body)
-        assert response.status_code == 400, (body, response.text)
-        assert message in response.json()["description"], (body, response.text)
+
+
+@pytest.fixture(scope="module")
+def error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, object, int, str]]:
+    return _error_cases(service, s3_server)
+
+
+def test_bad_input_gets_a_clear_error_and_writes_nothing(
+    service: Service, s3_server: S3Server, error_cases: list[tuple[str, object, int, str]]
+) -> None:
+    s3 = s3_server.client()
+    s3.put_bucket_policy(
+        Bucket="products",
+        Policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
+                           "Resource": ["arn:aws:s3:::products/private-http/*"]}],
+        }),
+    )  # fmt: skip
+    try:
+        for row, body, status, message in error_cases:
+            response = service.execute(body)
+            assert response.status_code == status, (row, response.text)
+            assert message in response.json()["description"], (row, response.text)
+    finally:
+        s3.delete_bucket_policy(Bucket="products")
     response = service.execute(None, raw='{"inputs": {"product": ')
-    assert response.status_code == 400
-    # nothing half-written: only complete results (from the successful tests) or nothing
-    if service.output_dir.exists():
-        leftovers = [
-            p.name for p in service.output_dir.iterdir() if p.name.startswith(".kappamask")
-        ]
-        assert leftovers == []
+    assert response.status_code == 400 and "invalid request data" in response.text
+    # nothing half-written
+    errors = service.output_dir / "errors"
+    assert not errors.exists() or list(errors.iterdir()) == []
+    assert s3_server.keys("results", "out/") == []
+
+
+def test_error_table_in_readme_matches_the_tests(
+    error_cases: list[tuple[str, object, int, str]],
+) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("<!-- error-table -->")[1]  # between the two markers
+    rows = {
+        tuple(cell.strip() for cell in line.strip().strip("|").split("|"))
+        for line in table.splitlines()
+        if line.startswith("|") and not line.startswith("|---") and "| HTTP |" not in line
+    }
+    cases = {(row, str(status)) for row, _b, status, _m in error_cases}
+    assert {(r[0], r[1]) for r in rows} == cases | {("malformed JSON", "400")}
+
+
+def _poll(service: Service, job_url: str, until: set[str], timeout: float = 300) -> list[dict]:
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(job_url, timeout=10).json()
+        seen.append(job)
+        if job["status"] in until:
+            return seen
+        time.sleep(0.1)
+    pytest.fail(f"job {job_url} did not reach {until}: {seen[-1]}")
+
+
+def test_async_execution_reports_progress(service: Service) -> None:
+    response = requests.post(
+        f"{service.url}/processes/kappamask/execution",
+        json={"inputs": {"product": str(T29UNU), "resolution": 20, "output": "async"}},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
+    assert response.status_code == 201, response.text
+    job_url = response.headers["Location"]
+    seen = _poll(service, job_url, {"successful", "failed"})
+    assert seen[-1]["status"] == "successful", seen[-1]
+    progress = [j["progress"] for j in seen if j["status"] == "running"]
+    assert progress == sorted(progress) and any(5 < p < 95 for p in progress), progress
+    assert any("crops" in j.get("message", "") for j in seen)
+    result = requests.get(f"{job_url}/results", params={"f": "json"}, timeout=10).json()
+    assert Path(result["mask"]).parent == service.output_dir / "async"
+    assert result["class_percentages"]["missing"] > 0
+
+
+def test_cancel_and_the_bound_on_concurrent_jobs(service: Service) -> None:
+    """One inference slot: the second job waits (accepted) while the first runs; DELETE
+    stops the first between batches and leaves no output; then the second runs."""
+
+    def submit(product: Path, resolution: int, output: str) -> str:
+        response = requests.post(
+            f"{service.url}/processes/kappamask/execution",
+            json={"inputs": {"product": str(product), "resolution": resolution,
+                             "output": output, "overwrite": True}},
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )  # fmt: skip
+        assert response.status_code == 201, response.text
+        return str(response.headers["Location"])
+
+    first = submit(T29UNU, 10, "cancelled")
+    _poll(service, first, {"running"}, timeout=120)
+    second = submit(T22HBD, 60, "after")
+    time.sleep(1.5)
+    waiting = requests.get(second, timeout=10).json()
+    assert waiting["status"] == "accepted", waiting
+    assert "waiting for a free inference slot" in waiting["message"]
+    assert requests.get(first, timeout=10).json()["status"] == "running"
+    response = requests.delete(first, timeout=30)
+    assert response.status_code == 200 and response.json()["status"] == "dismissed"
+    assert _poll(service, second, {"successful", "failed"})[-1]["status"] == "successful"
+    assert requests.get(first, timeout=10).status_code == 404
+    # the cancelled job left nothing, not even its staging folder
+    deadline = time.monotonic() + 60
+    cancelled = service.output_dir / "cancelled"
+    while cancelled.exists() and any(cancelled.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not cancelled.exists() or list(cancelled.iterdir()) == []
+    assert "job cancelled" in service.log.read_text()
+
+
+def test_owslib_client(service: Service) -> None:
+    """OWSLib, an OGC API client written elsewhere: list, describe, execute sync and
+    async, poll the job, fetch its result."""
+    from owslib.ogcapi.processes import Processes
+
+    api = Processes(service.url, headers={"Accept": "application/json"})
+    assert "kappamask" in [p["id"] for p in api.processes()]
+    assert api.process("kappamask")["jobControlOptions"] == ["sync-execute", "async-execute"]
+    inputs = {"product": str(T22HBD), "resolution": 60, "output": "owslib"}
+    result = api.execute("kappamask", inputs=inputs, response="raw")
+    assert result["item"].endswith("_KAPPAMASK.json") and not result["reused"]
+    again = api.execute("kappamask", inputs=inputs, response="raw")
+    assert again["reused"] and again["item"] == result["item"]
+    api.execute("kappamask", inputs={**inputs, "overwrite": True}, async_=True)
+    job_url = api.response_headers["Location"]
+    job_id = job_url.rstrip("/").rsplit("/", 1)[-1]
+    deadline = time.monotonic() + 120
+    while (job := api._request(path=f"jobs/{job_id}"))["status"] not in {"successful", "failed"}:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "successful", job
+    # executed with OWSLib's default response=document: pygeoapi wraps the outputs
+    fetched = api._request(path=f"jobs/{job_id}/results")["outputs"][0]
+    assert fetched["item"] == result["item"] and not fetched["reused"]
+
+
+def test_s3_in_and_out_over_http_without_leaking_credentials(
+    service: Service, s3_server: S3Server
+) -> None:
+    response = service.execute({"inputs": {
+        "product": f"s3://products/zips/{T29UNU.stem}.zip", "resolution": 60,
+        "output": "s3://results/http"}})  # fmt: skip
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["item"].startswith("s3://results/http/")
+    assert [k.rsplit("/", 1)[-1] for k in s3_server.keys("results", "http/")] == sorted(
+        result[k].rsplit("/", 1)[-1] for k in ("mask", "confidence", "preview", "item")
+    )
+    jobs = requests.get(f"{service.url}/jobs", params={"limit": 1000}, timeout=10).text
+    for text in (response.text, jobs, service.log.read_text(), service.jobs_db.read_text()):
+        assert S3_SECRET not in text
+
+
+def test_triton_down_is_a_503(tmp_path: Path) -> None:
+    """Triton stops after the service started: executions answer 503, naming Triton."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    triton = LocalTriton(DEFAULT_REPOSITORY).__enter__()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
+             "--triton-url", triton.http_url,
+             "--output-dir", str(tmp_path / "out"), "--data-root", str(DATA)],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+                 "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
+        )  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_for(url, proc, log_path)
+            triton.stop()
+            response = requests.post(
+                f"{url}/processes/kappamask/execution",
+                json={"inputs": {"product": str(T29UNU), "resolution": 60}},
+                timeout=300,
+            )
+            assert response.status_code == 503, response.text
+            assert "Triton" in response.json()["description"]
+        finally:
+            triton.stop()
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
 
 
 def _tritonservers_on(port: int) -> list[int]:

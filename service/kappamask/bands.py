@@ -141,3 +141,28 @@ TILE_OVERLAP = 32
 #: 20 nm from B08's 842 nm centre). Every substitution is logged and written into the
 #: STAC item, never silent.
 BAND_SUBSTITUTES = {"B08": "B8A"}
+
+#: STAC asset keys and eo:bands common names of Sentinel-2 layers (Earth Search v1 keys,
+#: the common names of the eo extension), to find bands in STAC items that do not key
+#: assets by band name.
+STAC_BAND_ALIASES = {
+    "coastal": "B01",
+    "blue": "B02",
+    "green": "B03",
+    "red": "B04",
+    "rededge1": "B05",
+    "rededge2": "B06",
+    "rededge3": "B07",
+    "nir": "B08",
+    "nir08": "B8A",
+    "nir09": "B09",
+    "cirrus": "B10",
+    "swir16": "B11",
+    "swir22": "B12",
+    "aot": "AOT",
+    "wvp": "WVP",
+    "scl": "SCL",
+}
+#: ESA's radiometric offset (DN) on every spectral band from processing baseline 04.00 on,
+#: for sources that do not state it (STAC items without raster:bands offsets).
+BASELINE_04_OFFSET_DN = -1000.0

@@ -69,7 +69,12 @@ def main(verbose: bool) -> None:
 
 @main.command("run")
 @click.argument("product")
-@_out_option("Folder for the mask COG, confidence COG, preview and STAC item.")
+@click.option(
+    "--out",
+    "output",
+    required=True,
+    help="Folder or s3://bucket/prefix for the mask COG, confidence COG, preview and STAC item.",
+)
 @_resolution_option("10")
 @click.option(
     "--resampling", type=click.Choice(sorted(RESAMPLING)), default="lanczos", show_default=True
@@ -80,20 +85,44 @@ def main(verbose: bool) -> None:
     default=None,
     help="Fail unless the product is of this level (default: read from the metadata).",
 )
+@click.option(
+    "--bbox",
+    type=float,
+    nargs=4,
+    default=None,
+    metavar="W S E N",
+    help="Mask only this lon/lat box (degrees).",
+)
+@click.option(
+    "--aoi",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Mask only this GeoJSON (Multi)Polygon (a file; EPSG:4326).",
+)
+@click.option("--model", default=None, help="Model name[:version_label] (default: by level).")
+@click.option(
+    "--overwrite", is_flag=True, help="Compute again even when the output holds this result."
+)
 @_triton_url
 @_protocol
 @_repository
 def run_command(
     product: str,
-    out_dir: Path,
+    output: str,
     resolution: str,
     resampling: str,
     level: str | None,
+    bbox: tuple[float, float, float, float] | None,
+    aoi: Path | None,
+    model: str | None,
+    overwrite: bool,
     triton_url: str | None,
     protocol: str,
     model_repository: Path | None,
 ) -> None:
-    """Mask PRODUCT (a .SAFE folder or .zip, L1C or L2A)."""
+    """Mask PRODUCT: a .SAFE folder or .zip, s3://bucket/...SAFE (or .zip), or a STAC item
+    (URL, s3:// or local .json), L1C or L2A. S3 settings come from the environment
+    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., KAPPAMASK_S3_REQUESTER_PAYS)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.inference.server import LocalTriton
     from kappamask.inference.triton import TritonClient
@@ -112,13 +141,16 @@ def run_command(
                 bar.update(percent - bar.n)
                 bar.set_postfix_str(message[-40:])
 
-            result = run(
-                product,
-                out_dir,
-                client,
-                RunOptions(resolution=int(resolution), resampling=resampling, level=level),
-                progress=progress,
+            options = RunOptions(
+                resolution=int(resolution),
+                resampling=resampling,
+                level=level,
+                bbox=bbox or None,
+                aoi=_read_geojson(aoi) if aoi else None,
+                model=model,
+                overwrite=overwrite,
             )
+            result = run(product, output, client, options, progress=progress)
             bar.update(100 - bar.n)
     except KappaMaskError as err:
         raise click.ClickException(str(err)) from err
@@ -127,9 +159,25 @@ def run_command(
     click.echo(f"preview:    {result.preview}")
     click.echo(f"STAC item:  {result.item}")
     click.echo("classes (%): " + json.dumps(result.statistics))
-    click.echo(
-        f"{result.crops_inferred}/{result.crops_total} crops inferred in {result.seconds:.1f} s"
-    )
+    if result.reused:
+        click.echo("an identical result was already there: not computed again (--overwrite)")
+    else:
+        click.echo(
+            f"{result.crops_inferred}/{result.crops_total} crops inferred in {result.seconds:.1f} s"
+        )
+
+
+def _read_geojson(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(f"{path} is not a GeoJSON file: {err}") from err
+    if data.get("type") == "FeatureCollection":
+        features = data.get("features") or []
+        if len(features) != 1:
+            raise click.BadParameter(f"{path} must hold exactly one feature")
+        data = features[0]
+    return dict(data)
 
 
 @main.command("serve")

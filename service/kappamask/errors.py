@@ -63,3 +63,10 @@ class CancelledError(KappaMaskError):
 
     http_status = HTTPStatus.CONFLICT
     ogc_code = "NoApplicableCode"
+
+
+class StorageError(KappaMaskError):
+    """Object storage or a remote server failed or could not be reached."""
+
+    http_status = HTTPStatus.BAD_GATEWAY
+    ogc_code = "NoApplicableCode"

@@ -14,18 +14,21 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rasterio.windows import Window
 
+from kappamask.access import AccessPolicy
+from kappamask.aoi import area_mask, clip_grid, parse_area
 from kappamask.bands import CLASS_NAMES, DEFAULT_RESOLUTION, OUTPUT_CLASSES, MaskClass
 from kappamask.errors import CancelledError, ProductError
 from kappamask.inference.model_spec import ModelSpec
 from kappamask.inference.triton import TritonClient
 from kappamask.reader import BandReader, Grid, output_grid
-from kappamask.sources import open_product
+from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
-from kappamask.storage import LocalSink
+from kappamask.storage import Sink, open_sink
 from kappamask.tiling import CropGrid, extract, place
 from kappamask.writers.cog import StripWriter, to_cog
 from kappamask.writers.preview import write_preview
@@ -47,6 +50,24 @@ class RunOptions:
     resampling: str = "lanczos"
     #: The level the user expects; None: whatever the metadata says.
     level: str | None = None
+    #: [west, south, east, north] in degrees, or a GeoJSON (Multi)Polygon in EPSG:4326.
+    bbox: tuple[float, float, float, float] | None = None
+    aoi: dict[str, Any] | None = None
+    #: A model of the repository (``name`` or ``name:version_label``); None: the level's.
+    model: str | None = None
+    #: Compute again even when the output holds a result for the same parameters.
+    overwrite: bool = False
+
+    def parameters(self, model: ModelSpec) -> dict[str, Any]:
+        """What makes two results the same (stored in the STAC item)."""
+        return {
+            "resolution": self.resolution,
+            "resampling": self.resampling,
+            "bbox": list(self.bbox) if self.bbox is not None else None,
+            "aoi": self.aoi,
+            "model": model.name,
+            "model_version": model.version_label,
+        }
 
 
 @dataclass
@@ -57,15 +78,18 @@ class RunResult:
     level: str
     model: str
     model_version: str
-    mask: Path
-    confidence: Path
-    preview: Path
-    item: Path
+    #: Paths (local output) or s3:// URLs of the published files.
+    mask: str
+    confidence: str
+    preview: str
+    item: str
     statistics: dict[str, float]
     crops_total: int
     crops_inferred: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: True when an existing result with the same parameters was returned.
+    reused: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -73,14 +97,15 @@ class RunResult:
             "level": self.level,
             "model": self.model,
             "model_version": self.model_version,
-            "mask": str(self.mask),
-            "confidence": str(self.confidence),
-            "preview": str(self.preview),
-            "item": str(self.item),
+            "mask": self.mask,
+            "confidence": self.confidence,
+            "preview": self.preview,
+            "item": self.item,
             "class_percentages": self.statistics,
             "crops_total": self.crops_total,
             "crops_inferred": self.crops_inferred,
             "seconds": round(self.seconds, 2),
+            "reused": self.reused,
         }
 
 
@@ -141,6 +166,7 @@ def _infer_all(
     progress: ProgressFn,
     cancelled: CancelledFn,
     timings: dict[str, float],
+    local_area: dict[str, Any] | None,
 ) -> tuple[int, dict[str, str]]:
     crops = mosaic.crops
     total = len(crops)
@@ -155,7 +181,10 @@ def _infer_all(
                 raise CancelledError("job cancelled")
             t0 = time.monotonic()
             height = min(crops.size, grid.height - y.start)
-            features, valid = reader.read(Window(0, y.start, grid.width, height))
+            window = Window(0, y.start, grid.width, height)
+            features, valid = reader.read(window)
+            if local_area is not None:
+                valid &= area_mask(grid, local_area, window)
             timings["read"] = timings.get("read", 0.0) + time.monotonic() - t0
             futures = []
             for crop in crops.row_crops(row):
@@ -184,41 +213,100 @@ def _infer_all(
     return inferred, substitutions
 
 
+def _reuse(
+    sink: Sink, names: dict[str, str], parameters: dict[str, Any], started: float
+) -> RunResult | None:
+    """The published result with the same parameters, if the output holds a complete one."""
+    raw = sink.read_existing(names["item"])
+    if raw is None:
+        return None
+    try:
+        item = json.loads(raw)
+        props = item["properties"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if props.get("kappamask:parameters") != parameters:
+        return None
+    if not all(sink.read_existing(names[k]) is not None for k in ("mask", "confidence", "preview")):
+        return None
+    stats = {
+        key.removeprefix("kappamask:").removesuffix("_percentage"): float(value)
+        for key, value in props.items()
+        if key.startswith("kappamask:") and key.endswith("_percentage")
+    }
+    stats["cloud_cover"] = float(props.get("eo:cloud_cover", 0.0))
+    crops = props.get("kappamask:crops", {})
+    LOGGER.info("%s already holds this result: not computed again", sink.location)
+    return RunResult(
+        product_id=str(props.get("kappamask:product_id", "")),
+        level=str(props.get("kappamask:source_level", "")),
+        model=parameters["model"],
+        model_version=parameters["model_version"],
+        mask=sink.final_href(names["mask"]),
+        confidence=sink.final_href(names["confidence"]),
+        preview=sink.final_href(names["preview"]),
+        item=sink.final_href(names["item"]),
+        statistics=stats,
+        crops_total=int(crops.get("total", 0)),
+        crops_inferred=0,
+        seconds=time.monotonic() - started,
+        reused=True,
+    )
+
+
 def run(
-    product_href: str,
-    out_dir: Path,
+    product_ref: ProductRef,
+    output: str | Path,
     client: TritonClient,
     options: RunOptions | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelledFn | None = None,
-    allowed_roots: Sequence[Path] | None = None,
+    policy: AccessPolicy | None = None,
+    output_base: Path | None = None,
 ) -> RunResult:
-    """Mask one product and write mask COG, confidence COG, preview PNG and STAC item."""
+    """Mask one product and publish mask COG, confidence COG, preview PNG and STAC item.
+
+    ``output`` is a folder or ``s3://bucket/prefix`` (relative folders are taken from
+    ``output_base``); ``policy`` says what may be read and written (default: anything).
+    """
     options = options or RunOptions()
     progress = progress or _noop_progress
+    policy = policy or AccessPolicy.unrestricted()
     started = time.monotonic()
-    product = open_product(product_href, allowed_roots)
+    area = parse_area(options.bbox, options.aoi)
+    product = open_product(product_ref, policy)
     if options.level and options.level != product.level:
         raise ProductError(
             f"{product.product_id} is {product.level}, not {options.level} as requested"
         )
-    model = client.model(product.level)
+    model = client.model(product.level, options.model)
     grid = output_grid(product, options.resolution)
+    local_area = None
+    if area is not None:
+        grid, local_area = clip_grid(grid, area)
     crops = CropGrid(grid.height, grid.width)
     names = output_names(product.product_id)
-    progress(
-        PROGRESS_START, f"{product.product_id}: {grid.width}x{grid.height} px, {len(crops)} crops"
-    )
-    LOGGER.info(
-        "%s (%s) -> %s, %d crops at %d m",
-        product.product_id,
-        product.level,
-        model.name,
-        len(crops),
-        options.resolution,
-    )
+    parameters = options.parameters(model)
     timings: dict[str, float] = {}
-    with LocalSink(out_dir) as sink:
+    with open_sink(output, policy, output_base) as sink:
+        if not options.overwrite:
+            reused = _reuse(sink, names, parameters, started)
+            if reused is not None:
+                progress(PROGRESS_END, "an identical result exists: returned as is")
+                return reused
+        progress(
+            PROGRESS_START,
+            f"{product.product_id}: {grid.width}x{grid.height} px, {len(crops)} crops",
+        )
+        LOGGER.info(
+            "%s (%s) -> %s, %d crops at %d m -> %s",
+            product.product_id,
+            product.level,
+            model.name,
+            len(crops),
+            options.resolution,
+            sink.location,
+        )
         scratch_classes, scratch_conf = (
             sink.path("classes.scratch.tif"),
             sink.path("confidence.scratch.tif"),
@@ -238,6 +326,7 @@ def run(
                 progress,
                 cancelled or (lambda: False),
                 timings,
+                local_area,
             )
         t0 = time.monotonic()
         tags = {
@@ -250,16 +339,35 @@ def run(
         scratch_conf.unlink()
         write_preview(sink.path(names["mask"]), sink.path(names["preview"]))
         timings["cog"] = time.monotonic() - t0
+        if cancelled is not None and cancelled():
+            raise CancelledError("job cancelled")
         progress(PROGRESS_END - 2, "writing the STAC item")
         files = {
-            key: describe_file(sink.path(names[key]), f"./{names[key]}")
+            key: describe_file(sink.path(names[key]), sink.href(names[key]))
             for key in ("mask", "confidence", "preview")
         }
-        item = create_item(product, grid, mosaic.counts, files, model, substitutions)
-        sink.path(names["item"]).write_text(
-            json.dumps(item.to_dict(include_self_link=False), indent=2)
+        item = create_item(
+            product,
+            grid,
+            mosaic.counts,
+            files,
+            model,
+            substitutions,
+            extra_properties={
+                "kappamask:product_id": product.product_id,
+                "kappamask:parameters": parameters,
+                "kappamask:crops": {"total": len(crops), "inferred": inferred},
+            },
         )
+        include_self = sink.absolute_hrefs
+        if include_self:
+            item.set_self_href(sink.final_href(names["item"]))
+        sink.path(names["item"]).write_text(
+            json.dumps(item.to_dict(include_self_link=include_self), indent=2)
+        )
+        t0 = time.monotonic()
         final = sink.commit([names["mask"], names["confidence"], names["preview"], names["item"]])
+        timings["publish"] = time.monotonic() - t0
     progress(PROGRESS_END, "done")
     return RunResult(
         product_id=product.product_id,

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pygeoapi.process.base import BaseProcessor, ProcessorExecuteError
+from pygeoapi.process.base import BaseProcessor
 
 from kappamask import __version__
+from kappamask.access import AccessPolicy
 from kappamask.bands import LEVELS, RESOLUTIONS
 from kappamask.errors import InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
-from kappamask.pipeline import RunOptions, run
+from kappamask.jobs import JobReporter, inference_slot
+from kappamask.managers import record_failure, to_process_error
+from kappamask.pipeline import PROGRESS_START, RunOptions, run
 from kappamask.reader import RESAMPLING
-from kappamask.sources.local import roots_from_env
+from kappamask.sources import ProductRef, describe_reference
 
 LOGGER = logging.getLogger(__name__)
+
+MAX_JOBS_ENV = "KAPPAMASK_MAX_CONCURRENT_JOBS"
 
 PROCESS_METADATA: dict[str, Any] = {
     "version": __version__,
@@ -45,12 +51,26 @@ PROCESS_METADATA: dict[str, Any] = {
     "inputs": {
         "product": {
             "title": "Sentinel-2 product",
-            "description": "Path of a Sentinel-2 L1C or L2A .SAFE folder or .zip, inside the "
-            "data roots of the server. The level is read from the product metadata.",
-            "schema": {"type": "string", "minLength": 1},
+            "description": "A Sentinel-2 L1C or L2A product: a .SAFE folder or .zip inside the "
+            "server's data roots, an s3://bucket/.../NAME.SAFE (or .zip), a STAC item URL "
+            "(http(s) or s3://...json), or a STAC item object.",
+            "schema": {
+                "oneOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "object", "required": ["type", "assets"]},
+                ]
+            },
             "minOccurs": 1,
             "maxOccurs": 1,
-            "keywords": ["SAFE"],
+            "keywords": ["SAFE", "S3", "STAC"],
+        },
+        "level": {
+            "title": "Expected processing level",
+            "description": "auto (default): read from the product; L1C or L2A: fail unless "
+            "the product is of this level.",
+            "schema": {"type": "string", "enum": ["auto", *LEVELS], "default": "auto"},
+            "minOccurs": 0,
+            "maxOccurs": 1,
         },
         "resolution": {
             "title": "Output resolution (m)",
@@ -66,10 +86,48 @@ PROCESS_METADATA: dict[str, Any] = {
             "minOccurs": 0,
             "maxOccurs": 1,
         },
-        "level": {
-            "title": "Expected processing level",
-            "description": "Fail unless the product is of this level (default: any).",
-            "schema": {"type": "string", "enum": list(LEVELS)},
+        "bbox": {
+            "title": "Bounding box",
+            "description": "[west, south, east, north] in degrees (or an OGC bbox object with "
+            "CRS84): the mask covers only this part of the product.",
+            "schema": {
+                "oneOf": [
+                    {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                    {"type": "object", "required": ["bbox"]},
+                ]
+            },
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "aoi": {
+            "title": "Area of interest",
+            "description": "A GeoJSON Polygon or MultiPolygon (or a Feature of one) in "
+            "EPSG:4326; pixels outside it are missing, crops outside it are never computed.",
+            "schema": {"type": "object", "contentMediaType": "application/geo+json"},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "output": {
+            "title": "Output location",
+            "description": "A folder (relative to the server's output folder, or inside its "
+            "output roots) or s3://bucket/prefix. Default: the server's output folder.",
+            "schema": {"type": "string", "minLength": 1},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "model": {
+            "title": "Model",
+            "description": "A model of the Triton repository, as name or name:version_label "
+            "(default: kappamask_l1c or kappamask_l2a by level).",
+            "schema": {"type": "string", "minLength": 1},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "overwrite": {
+            "title": "Overwrite",
+            "description": "false (default): when the output already holds a result for the "
+            "same product, model and parameters, return it without computing again.",
+            "schema": {"type": "boolean", "default": False},
             "minOccurs": 0,
             "maxOccurs": 1,
         },
@@ -99,49 +157,86 @@ class ProcessSettings:
     triton_url: str
     triton_protocol: str
     output_dir: Path
-    data_roots: tuple[Path, ...]
+    policy: AccessPolicy
+    #: Inference pipelines one API process runs at once; further jobs wait (accepted).
+    max_jobs: int
 
     @classmethod
     def from_definition(cls, definition: dict[str, Any]) -> ProcessSettings:
-        roots = [Path(p) for p in str(definition.get("data_roots") or "").split(":") if p.strip()]
+        output_dir = Path(str(definition.get("output_dir") or "kappamask-results")).resolve()
+        max_jobs = definition.get("max_concurrent_jobs") or os.environ.get(MAX_JOBS_ENV) or 2
         return cls(
             triton_url=str(definition.get("triton_url") or "127.0.0.1:8000"),
             triton_protocol=str(definition.get("triton_protocol") or "http"),
-            output_dir=Path(str(definition.get("output_dir") or "kappamask-results")),
-            data_roots=tuple(roots or roots_from_env()),
+            output_dir=output_dir,
+            policy=AccessPolicy.for_server(definition, output_dir),
+            max_jobs=max(1, int(max_jobs)),
         )
 
 
-def parse_inputs(data: Any) -> tuple[str, RunOptions]:
-    """Validate the execute request's inputs; unknown names and wrong types are errors."""
+def _bbox(value: Any) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):  # OGC API bbox input: {"bbox": [...], "crs": ...}
+        crs = str(value.get("crs", "CRS84"))
+        if not crs.upper().endswith(("CRS84", "4326")):
+            raise InvalidInputError("input 'bbox' must be in CRS84 (lon/lat degrees)")
+        value = value.get("bbox")
+    if not isinstance(value, list) or len(value) != 4:
+        raise InvalidInputError("input 'bbox' must be [west, south, east, north] in degrees")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise InvalidInputError("input 'bbox' must hold four numbers")
+    return (float(value[0]), float(value[1]), float(value[2]), float(value[3]))
+
+
+def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
+    """Validate the execute request's inputs: (product, output, options).
+
+    Unknown names and wrong types are errors naming the input.
+    """
     if not isinstance(data, dict):
         raise InvalidInputError("inputs must be a JSON object")
     unknown = sorted(set(data) - set(PROCESS_METADATA["inputs"]))
     if unknown:
         raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
     product = data.get("product")
-    if not isinstance(product, str) or not product.strip():
-        raise InvalidInputError("input 'product' is required: the path of a .SAFE folder or .zip")
+    if isinstance(product, str) and product.strip():
+        product = product.strip()
+    elif not isinstance(product, dict):
+        raise InvalidInputError(
+            "input 'product' is required: a path, an s3:// or STAC item URL, or a STAC item"
+        )
     resolution = data.get("resolution", 10)
     if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
         raise InvalidInputError(f"input 'resolution' must be one of {list(RESOLUTIONS)}")
     resampling = data.get("resampling", "lanczos")
     if resampling not in RESAMPLING:
         raise InvalidInputError(f"input 'resampling' must be one of {sorted(RESAMPLING)}")
-    level = data.get("level")
-    if level is not None and level not in LEVELS:
-        raise InvalidInputError(f"input 'level' must be one of {list(LEVELS)}")
-    return product.strip(), RunOptions(
-        resolution=int(resolution), resampling=resampling, level=level
+    level = data.get("level", "auto")
+    if level not in ("auto", *LEVELS):
+        raise InvalidInputError(f"input 'level' must be one of {['auto', *LEVELS]}")
+    aoi = data.get("aoi")
+    if aoi is not None and not isinstance(aoi, dict):
+        raise InvalidInputError("input 'aoi' must be a GeoJSON object")
+    output = data.get("output")
+    if output is not None and (not isinstance(output, str) or not output.strip()):
+        raise InvalidInputError("input 'output' must be a folder or s3://bucket/prefix")
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise InvalidInputError("input 'model' must be a model name")
+    overwrite = data.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise InvalidInputError("input 'overwrite' must be true or false")
+    options = RunOptions(
+        resolution=int(resolution),
+        resampling=resampling,
+        level=None if level == "auto" else level,
+        bbox=_bbox(data.get("bbox")),
+        aoi=aoi,
+        model=model.strip() if model else None,
+        overwrite=overwrite,
     )
-
-
-def to_process_error(err: KappaMaskError) -> ProcessorExecuteError:
-    """A pygeoapi error carrying our message, HTTP status and OGC code."""
-    out = ProcessorExecuteError(user_msg=str(err))
-    out.http_status_code = err.http_status
-    out.ogc_exception_code = err.ogc_code
-    return out
+    return product, output, options
 
 
 class KappaMaskProcessor(BaseProcessor):
@@ -150,23 +245,36 @@ class KappaMaskProcessor(BaseProcessor):
     def __init__(self, processor_def: dict[str, Any]) -> None:
         super().__init__(processor_def, PROCESS_METADATA)
         self.settings = ProcessSettings.from_definition(processor_def)
+        self.job_id: str | None = None
+
+    def set_job_id(self, job_id: str) -> None:
+        super().set_job_id(job_id)
+        self.job_id = job_id
 
     def execute(
         self, data: dict[str, Any], outputs: dict[str, Any] | None = None
     ) -> tuple[str, Any]:
+        job = JobReporter(self.job_id)
         try:
-            product, options = parse_inputs(data)
-            with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
-                result = run(
-                    product,
-                    self.settings.output_dir,
-                    client,
-                    options,
-                    progress=lambda p, m: LOGGER.info("%d%% %s", p, m),
-                    allowed_roots=self.settings.data_roots,
-                )
+            product, output, options = parse_inputs(data)
+            with inference_slot(self.settings.max_jobs, job):
+                job.update(PROGRESS_START, f"running: {describe_reference(product)}")
+                with TritonClient(
+                    self.settings.triton_url, self.settings.triton_protocol
+                ) as client:
+                    result = run(
+                        product,
+                        output or self.settings.output_dir,
+                        client,
+                        options,
+                        progress=job.update,
+                        cancelled=job.cancelled,
+                        policy=self.settings.policy,
+                        output_base=self.settings.output_dir,
+                    )
         except KappaMaskError as err:
-            LOGGER.warning("kappamask failed: %s", err)
+            LOGGER.warning("job %s failed: %s", self.job_id, err)
+            record_failure(self.job_id, err)
             raise to_process_error(err) from err
         return "application/json", result.to_json()
 

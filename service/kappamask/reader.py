@@ -71,7 +71,7 @@ def output_grid(product: Product, resolution: int) -> Grid:
         raise ProductError(f"{product.product_id} has no spectral band files")
     path, _res = product.band_path(band, resolution)
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src:
+        with product.rasterio_env(**GDAL_ENV), rasterio.open(path) as src:
             left, bottom, right, top = src.bounds
             crs = src.crs.to_string() if src.crs else product.crs
     except RasterioIOError as err:
@@ -145,7 +145,7 @@ class BandReader:
         self._vrts: dict[str, WarpedVRT] = {}
 
     def __enter__(self) -> BandReader:
-        self._stack.enter_context(rasterio.Env(**GDAL_ENV))
+        self._stack.enter_context(self.product.rasterio_env(**GDAL_ENV))
         try:
             for layer in dict.fromkeys(self.layers.values()):
                 path, _res = self.product.band_path(layer, int(self.grid.resolution))
@@ -189,6 +189,9 @@ class BandReader:
                     ) from err
             dn = cache[layer].copy()
             nodata = np.isnan(dn)
+            gain = self.product.gains.get(layer, 1.0)
+            if gain != 1.0:
+                dn *= gain
             if feature not in AUX_BANDS:
                 valid &= ~nodata
             dn[nodata] = 0.0

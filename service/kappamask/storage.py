@@ -1,27 +1,45 @@
 """Sinks for results: files appear at their final names only once the whole result is
-complete, the STAC item last; a failed or cancelled run leaves nothing behind."""
+complete, the STAC item last; a failed or cancelled run leaves nothing behind.
+
+Writers always write local files (into ``sink.path(name)``); a sink then publishes them:
+``LocalSink`` by atomic renames inside the output folder, ``S3Sink`` by multipart uploads
+to a temporary prefix and server-side copies to the final keys.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from boto3.s3.transfer import TransferConfig
+
+from kappamask.access import AccessPolicy
 from kappamask.errors import InvalidInputError
+from kappamask.s3 import S3Settings, s3_errors, split_s3_url
 
 LOGGER = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".kappamask-staging-"
+#: Multipart above 16 MiB, in 16 MiB parts (a 10 m mask COG is 10-60 MB).
+TRANSFER = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20)
 
 
 class LocalSink:
     """Stage files in a hidden folder inside ``out_dir`` (same file system, so the final
     move is an atomic rename) and move them in on ``commit``."""
 
+    #: STAC items next to their assets use relative hrefs.
+    absolute_hrefs = False
+
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
-        self.staging = self.out_dir / f".kappamask-staging-{uuid.uuid4().hex}"
+        self.staging = self.out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
 
     def __enter__(self) -> LocalSink:
         try:
@@ -33,21 +51,133 @@ class LocalSink:
             ) from err
         return self
 
+    @property
+    def location(self) -> str:
+        return str(self.out_dir)
+
     def path(self, name: str) -> Path:
         """Where to write ``name`` while the result is incomplete."""
         return self.staging / name
 
-    def final_path(self, name: str) -> Path:
-        return self.out_dir / name
+    def href(self, name: str) -> str:
+        """The href of ``name`` in a STAC item that sits next to it."""
+        return f"./{name}"
 
-    def commit(self, names: Sequence[str]) -> list[Path]:
+    def final_href(self, name: str) -> str:
+        return str(self.out_dir / name)
+
+    def read_existing(self, name: str) -> bytes | None:
+        """The bytes of a published ``name``, or None."""
+        try:
+            return (self.out_dir / name).read_bytes()
+        except OSError:
+            return None
+
+    def commit(self, names: Sequence[str]) -> list[str]:
         """Move ``names`` to their final place, in order (put the STAC item last)."""
         final = []
         for name in names:
-            target = self.final_path(name)
-            os.replace(self.staging / name, target)
-            final.append(target)
+            os.replace(self.staging / name, self.out_dir / name)
+            final.append(self.final_href(name))
         return final
 
     def __exit__(self, *exc_info: object) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class S3Sink:
+    """Publish to ``s3://bucket/prefix``: upload to ``prefix/.kappamask-staging-*/``, then
+    copy to the final keys (STAC item last) and delete the staging keys. On any failure
+    the staging keys and the final keys this commit already wrote are removed."""
+
+    absolute_hrefs = True
+
+    def __init__(self, url: str, settings: S3Settings) -> None:
+        self.bucket, prefix = split_s3_url(url.rstrip("/") + "/")
+        self.prefix = prefix.strip("/")
+        self.settings = settings
+        self.staging_prefix = self._key(f"{STAGING_PREFIX}{uuid.uuid4().hex}") + "/"
+        self._client: Any = None
+        self._local = Path(tempfile.mkdtemp(prefix="kappamask-"))
+        self._staged: list[str] = []
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def __enter__(self) -> S3Sink:
+        self._client = self.settings.client()
+        try:
+            with s3_errors(f"output s3://{self.bucket}", bucket_request=True):
+                self._client.head_bucket(Bucket=self.bucket)
+        except BaseException:
+            shutil.rmtree(self._local, ignore_errors=True)
+            raise
+        return self
+
+    @property
+    def location(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def path(self, name: str) -> Path:
+        return self._local / name
+
+    def href(self, name: str) -> str:
+        return self.final_href(name)
+
+    def final_href(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self._key(name)}"
+
+    def read_existing(self, name: str) -> bytes | None:
+        try:
+            with s3_errors(self.final_href(name)):
+                body = self._client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+                return bytes(body.read())
+        except Exception:  # absent or unreadable: compute it again
+            return None
+
+    def commit(self, names: Sequence[str]) -> list[str]:
+        for name in names:
+            key = self.staging_prefix + name
+            with s3_errors(f"uploading {name} to s3://{self.bucket}"):
+                self._client.upload_file(str(self._local / name), self.bucket, key, Config=TRANSFER)
+            self._staged.append(key)
+        written: list[str] = []
+        try:
+            for name in names:
+                with s3_errors(f"publishing {self.final_href(name)}"):
+                    self._client.copy(
+                        {"Bucket": self.bucket, "Key": self.staging_prefix + name},
+                        self.bucket,
+                        self._key(name),
+                        Config=TRANSFER,
+                    )
+                written.append(self._key(name))
+        except BaseException:
+            self._delete(written)
+            raise
+        return [self.final_href(name) for name in names]
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            try:
+                self._client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception as err:  # cleanup must not hide the original error
+                LOGGER.warning("could not delete s3://%s/%s: %s", self.bucket, key, err)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            self._delete(self._staged)
+        shutil.rmtree(self._local, ignore_errors=True)
+
+
+Sink = LocalSink | S3Sink
+
+
+def open_sink(output: str | os.PathLike[str], policy: AccessPolicy, base: Path | None) -> Sink:
+    """The sink for an output folder or ``s3://bucket/prefix`` allowed by ``policy``."""
+    text = str(output)
+    if text.startswith("s3://"):
+        return S3Sink(text, policy.s3)
+    if "://" in text:
+        raise InvalidInputError("output must be a folder or an s3://bucket/prefix URL")
+    return LocalSink(policy.local_output(text, base))

@@ -128,10 +128,18 @@ def copy_stac_schemas() -> None:
     shutil.copytree(SHARED / "stac-schemas", HERE / "stac-schemas", dirs_exist_ok=True)
 
 
+def copy_stac_items() -> None:
+    """The real STAC items as published (tests rewrite their hrefs at run time)."""
+    (HERE / "stac").mkdir(exist_ok=True)
+    for path in sorted((SHARED / "stac").glob("*.json")):
+        shutil.copyfile(path, HERE / "stac" / path.name)
+
+
 if __name__ == "__main__":
     crop_t29unu()
     copy_t22hbd()
     crop_l1c_bands()
     copy_metadata()
     copy_stac_schemas()
+    copy_stac_items()
     print(f"fixtures written under {HERE}")

@@ -117,14 +117,20 @@ class TritonClient:
         )
 
     # -- models -----------------------------------------------------------------------
-    def model(self, level: str) -> ModelSpec:
-        """The served model for a processing level, with its features and constants."""
-        name = MODEL_NAMES.get(level)
-        if name is None:
+    def model(self, level: str, requested: str | None = None) -> ModelSpec:
+        """The served model for a processing level, with its features and constants.
+
+        ``requested`` names another model of the repository, as ``name`` or
+        ``name:version_label``; it must be served and declare the same level.
+        """
+        if level not in MODEL_NAMES:
             raise InvalidInputError(f"level must be L1C or L2A, not {level!r}")
+        name, _, version = (requested or MODEL_NAMES[level]).partition(":")
         client = self._client()
         ready = self._call("model readiness", client.is_model_ready, name)
         if not ready:
+            if requested:
+                raise NoModelError(f"model {name} is not served by Triton at {self.url}")
             raise NoModelError(
                 f"no model for {level}: Triton at {self.url} does not serve {name} "
                 "(install weights with `kappamask install-model`)"
@@ -146,13 +152,20 @@ class TritonClient:
             raise NoModelError(
                 f"{name} does not declare its features and max_v parameters"
             ) from err
-        return ModelSpec(
+        spec = ModelSpec(
             name,
             params.get("level", level),
             features,
             max_v,
             params.get("version_label", "unversioned"),
         )
+        if spec.level != level:
+            raise NoModelError(f"model {name} is for {spec.level} products, not {level}")
+        if version and version != spec.version_label:
+            raise NoModelError(
+                f"model {name} is at version {spec.version_label}, not {version} as requested"
+            )
+        return spec
 
     # -- inference --------------------------------------------------------------------
     def _infer_one(self, model: str, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

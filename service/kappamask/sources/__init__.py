@@ -1,17 +1,54 @@
-"""Sources: turn what a user names (a SAFE folder or zip) into a Product."""
+"""Sources: turn what a user names into a Product.
+
+A product reference is a local SAFE folder or zip, ``s3://bucket/...SAFE`` (or ``.zip``),
+a STAC item (an http(s) URL, an ``s3://`` or local ``.json``) or a STAC item object.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
 
-from kappamask.sources.local import check_local_path
+from kappamask.access import AccessPolicy
+from kappamask.errors import InvalidInputError
 from kappamask.sources.product import Product
+from kappamask.sources.s3 import open_s3_safe
 from kappamask.sources.safe import open_safe
+from kappamask.sources.stac import fetch_item, item_from_dict, product_from_item
 
-__all__ = ["Product", "open_product", "open_safe"]
+__all__ = ["Product", "describe_reference", "open_product", "open_safe"]
+
+ProductRef = str | Mapping[str, Any]
 
 
-def open_product(href: str, allowed_roots: Sequence[Path] | None = None) -> Product:
-    """Resolve a product reference to a Product (local SAFE folder or zip)."""
-    return open_safe(check_local_path(href, allowed_roots))
+def describe_reference(ref: ProductRef) -> str:
+    """A short text naming a product reference, for logs and messages."""
+    if isinstance(ref, Mapping):
+        return f"STAC item {ref.get('id', '?')}"
+    return ref
+
+
+def open_product(ref: ProductRef, policy: AccessPolicy | None = None) -> Product:
+    """Resolve a product reference to a Product, within what ``policy`` allows."""
+    policy = policy or AccessPolicy.unrestricted()
+    if isinstance(ref, Mapping):
+        return product_from_item(item_from_dict(ref), policy)
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidInputError("the product reference is empty")
+    ref = ref.strip()
+    scheme = urlsplit(ref).scheme.lower()
+    is_json = ref.lower().split("?")[0].endswith(".json")
+    if scheme in {"http", "https"}:
+        return product_from_item(fetch_item(ref, policy), policy, ref)
+    if scheme == "s3":
+        if is_json:
+            return product_from_item(fetch_item(ref, policy), policy, ref)
+        return open_s3_safe(ref, policy.s3)
+    if scheme and len(scheme) > 1:  # one letter: a Windows drive
+        raise InvalidInputError(
+            f"{scheme}:// is not accepted: give a path, an s3:// URL or an http(s) STAC item URL"
+        )
+    if is_json:
+        return product_from_item(fetch_item(ref, policy), policy, ref)
+    return open_safe(policy.local_input(ref))

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
+
+import rasterio
+
+from kappamask.s3 import S3Settings
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,20 @@ class Product:
     sun_zenith: float | None = None
     #: What the user gave to find the product (path, URL), for derived_from links.
     href: str = ""
+    #: GDAL options the band files need (HTTP retries, S3 endpoint).
+    gdal_env: dict[str, str] = field(default_factory=dict)
+    #: S3 settings (credentials) when band files are read through /vsis3/: never printed.
+    s3: S3Settings | None = field(default=None, repr=False)
+    #: Per band, the factor from stored DN to DN on the quantification scale (STAC scale
+    #: times quantification); 1 when absent.
+    gains: dict[str, float] = field(default_factory=dict)
+
+    def rasterio_env(self, **options: Any) -> rasterio.Env:
+        """A ``rasterio.Env`` with ``options`` and what this product's files need."""
+        merged = {**options, **self.gdal_env}
+        if self.s3 is not None:
+            merged.update(self.s3.rasterio_env())
+        return rasterio.Env(**merged)
 
     def has_band(self, band: str) -> bool:
         """Whether the product has ``band`` at any resolution."""

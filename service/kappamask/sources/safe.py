@@ -12,11 +12,13 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from kappamask.bands import AUX_BANDS, NATIVE_RESOLUTION, SPECTRAL_BANDS
 from kappamask.errors import ProductError, ProductNotFoundError
+from kappamask.s3 import S3Settings
 from kappamask.sources.metadata import parse_product_metadata, parse_tile_metadata
 from kappamask.sources.product import Product
 
@@ -31,46 +33,44 @@ _PRODUCT_MTD = re.compile(
 _TILE_MTD = re.compile(r"^GRANULE/[^/]+/(MTD_TL|[^/]*MTD_L1C_TL[^/]*|[^/]*MTD_L2A_TL[^/]*)\.xml$")
 
 
-class _Files:
+class SafeFiles:
     """Names (relative, '/'-separated) of a product's files, readable as bytes or by GDAL."""
 
-    def __init__(self, names: Iterable[str], reader: zipfile.ZipFile | Path, gdal_prefix: str):
+    def __init__(self, names: Iterable[str], read: Callable[[str], bytes], gdal_prefix: str):
         self.names = sorted(names)
-        self._reader = reader
+        self.read = read
         self._gdal_prefix = gdal_prefix
-
-    def read(self, name: str) -> bytes:
-        if isinstance(self._reader, zipfile.ZipFile):
-            try:
-                return self._reader.read(name)
-            except (zipfile.BadZipFile, EOFError, OSError) as err:
-                raise ProductError(f"cannot read {name} from the zip: {err}") from err
-        return (self._reader / name).read_bytes()
 
     def gdal_path(self, name: str) -> str:
         return f"{self._gdal_prefix}/{name}"
 
 
-def _list_folder(root: Path) -> _Files:
+def _list_folder(root: Path) -> SafeFiles:
     names: list[str] = []
     for dirpath, _dirs, files in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         names.extend(str(PurePosixPath(*rel.parts, f)) for f in files)
-    return _Files(names, root, str(root))
+    return SafeFiles(names, lambda name: (root / name).read_bytes(), str(root))
 
 
-def _list_zip(path: Path) -> _Files:
+def list_zip(source: str | Path | IO[bytes], where: str, gdal_path: str) -> SafeFiles:
+    """The members of a zipped SAFE product (a local file or a seekable remote object)."""
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(source)
         names = [n for n in archive.namelist() if not n.endswith("/")]
     except (zipfile.BadZipFile, EOFError, OSError) as err:
-        raise ProductError(
-            f"{path.name} is not a readable zip (truncated or corrupt: {err})"
-        ) from err
-    return _Files(names, archive, f"/vsizip/{path}")
+        raise ProductError(f"{where} is not a readable zip (truncated or corrupt: {err})") from err
+
+    def read(name: str) -> bytes:
+        try:
+            return archive.read(name)
+        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            raise ProductError(f"cannot read {name} from the zip: {err}") from err
+
+    return SafeFiles(names, read, f"/vsizip/{gdal_path}")
 
 
-def _product_metadata_name(files: _Files, where: str, max_depth: int) -> str:
+def _product_metadata_name(files: SafeFiles, where: str, max_depth: int) -> str:
     # At the top of the SAFE folder, or one level down in a zip of "X.SAFE/".
     found = [n for n in files.names if _PRODUCT_MTD.search(n) and n.count("/") <= max_depth]
     if not found:
@@ -98,7 +98,7 @@ def find_band_files(names: Iterable[str]) -> dict[str, dict[int, str]]:
 
 
 def open_safe(href: str | os.PathLike[str]) -> Product:
-    """Resolve a SAFE folder, a zip of one, or its MTD_MSIL*.xml into a Product."""
+    """Resolve a local SAFE folder, a zip of one, or its MTD_MSIL*.xml into a Product."""
     path = Path(href)
     if not path.exists():
         raise ProductNotFoundError(f"product {path} does not exist")
@@ -107,23 +107,34 @@ def open_safe(href: str | os.PathLike[str]) -> Product:
     if path.is_dir():
         files = _list_folder(path)
     elif zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
-        files = _list_zip(path)
+        files = list_zip(path, path.name, str(path))
     else:
         raise ProductError(f"{path.name} is neither a SAFE folder nor a zip of one")
+    return product_from_files(files, path.name, folder=path.is_dir(), href=str(href))
 
-    mtd_name = _product_metadata_name(files, path.name, max_depth=0 if path.is_dir() else 1)
+
+def product_from_files(
+    files: SafeFiles,
+    where: str,
+    folder: bool,
+    href: str,
+    gdal_env: Mapping[str, str] | None = None,
+    s3: S3Settings | None = None,
+) -> Product:
+    """Parse the metadata among ``files`` and find the band files: the Product."""
+    mtd_name = _product_metadata_name(files, where, max_depth=0 if folder else 1)
     prefix = mtd_name[: mtd_name.rfind("/") + 1]
     files.names = [n for n in files.names if n.startswith(prefix)]
     meta = parse_product_metadata(files.read(mtd_name), PurePosixPath(mtd_name).name)
     tile_names = [n[len(prefix) :] for n in files.names if _TILE_MTD.search(n[len(prefix) :])]
     if len(tile_names) > 1 or meta.granule_count > 1:
         raise ProductError(
-            f"{path.name} holds {max(len(tile_names), meta.granule_count)} tiles (a pre-2017 "
+            f"{where} holds {max(len(tile_names), meta.granule_count)} tiles (a pre-2017 "
             "multi-tile product); submit the single-tile product of the tile you want"
         )
     if not tile_names:
         raise ProductError(
-            f"{path.name} has no GRANULE/*/MTD_TL.xml: not a complete Sentinel-2 SAFE product"
+            f"{where} has no GRANULE/*/MTD_TL.xml: not a complete Sentinel-2 SAFE product"
         )
     tile = parse_tile_metadata(
         files.read(prefix + tile_names[0]), PurePosixPath(tile_names[0]).name
@@ -136,13 +147,13 @@ def open_safe(href: str | os.PathLike[str]) -> Product:
     spectral = [b for b in SPECTRAL_BANDS if b in band_files]
     LOGGER.info(
         "opened %s: %s baseline %s, %d spectral bands%s",
-        meta.product_uri or path.name,
+        meta.product_uri or where,
         meta.level,
         meta.processing_baseline,
         len(spectral),
         "".join(f", {a}" for a in AUX_BANDS if a in band_files),
     )
-    product_id = (meta.product_uri or path.name).removesuffix(".SAFE").removesuffix(".zip")
+    product_id = (meta.product_uri or where).removesuffix(".SAFE").removesuffix(".zip")
     return Product(
         product_id=product_id,
         level=meta.level,
@@ -157,5 +168,7 @@ def open_safe(href: str | os.PathLike[str]) -> Product:
         footprint=meta.footprint,
         sun_azimuth=tile.sun_azimuth,
         sun_zenith=tile.sun_zenith,
-        href=str(href),
+        href=href,
+        gdal_env=dict(gdal_env or {}),
+        s3=s3,
     )

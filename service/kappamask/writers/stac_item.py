@@ -104,6 +104,7 @@ def create_item(
     model: ModelSpec,
     substitutions: Mapping[str, str],
     processed: datetime | None = None,
+    extra_properties: Mapping[str, Any] | None = None,
 ) -> pystac.Item:
     """Build the STAC item describing a mask of ``product`` (files: mask, confidence, preview)."""
     geometry = _geometry(product, grid)
@@ -153,6 +154,7 @@ def create_item(
             props[f"kappamask:{name}_percentage"] = value
     if substitutions:
         props["kappamask:substituted_bands"] = dict(substitutions)
+    props.update(extra_properties or {})
 
     def add(key: str, title: str, media: str, roles: list[str], extra: dict[str, Any]) -> None:
         f = files[key]

@@ -1,0 +1,180 @@
+"""What a run may touch: local folders inside configured roots, URLs to configured hosts
+(never file://, loopback or private addresses unless configured), S3 with the configured
+settings. The CLI runs unrestricted (the data's owner runs it); the service does not."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from kappamask.errors import AccessDeniedError, InvalidInputError, ProductNotFoundError
+from kappamask.s3 import S3Settings
+
+LOGGER = logging.getLogger(__name__)
+
+ROOTS_ENV = "KAPPAMASK_DATA_ROOTS"
+
+
+def roots_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The roots listed in ``KAPPAMASK_DATA_ROOTS`` (separated by ':')."""
+    env = os.environ if environ is None else environ
+    return [Path(p) for p in env.get(ROOTS_ENV, "").split(":") if p.strip()]
+
+
+def check_local_path(href: str, roots: Sequence[Path] | None) -> Path:
+    """Resolve ``href`` (symlinks included) and refuse it unless it lies in one of ``roots``.
+
+    ``roots=None`` means no restriction (the command line, run by the data's owner).
+    """
+    if not href or "\x00" in href:
+        raise InvalidInputError("product path is empty or malformed")
+    if href.startswith("file:"):
+        raise InvalidInputError("file:// URLs are not accepted: give a plain path")
+    path = Path(href).expanduser()
+    resolved = path.resolve()
+    if roots is None:
+        return resolved
+    for root in roots:
+        root_resolved = Path(root).expanduser().resolve()
+        if resolved == root_resolved or root_resolved in resolved.parents:
+            return resolved
+    raise AccessDeniedError(f"{href} is outside the data roots this server allows")
+
+
+HOSTS_ENV = "KAPPAMASK_ALLOWED_HOSTS"
+PRIVATE_ENV = "KAPPAMASK_ALLOW_PRIVATE_NETWORKS"
+
+#: Public STAC APIs and their asset hosts, allowed when the server config names none.
+DEFAULT_ALLOWED_HOSTS = (
+    "earth-search.aws.element84.com",
+    "*.amazonaws.com",
+    "planetarycomputer.microsoft.com",
+    "*.blob.core.windows.net",
+    "catalogue.dataspace.copernicus.eu",
+    "stac.dataspace.copernicus.eu",
+    "*.dataspace.copernicus.eu",
+)
+
+
+def _as_list(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.replace(",", " ").split() if v.strip()]
+    if isinstance(value, Sequence):
+        return [str(v).strip() for v in value if str(v).strip()]
+    raise InvalidInputError(f"expected a list of names, got {type(value).__name__}")
+
+
+def host_matches(host: str, patterns: Sequence[str]) -> bool:
+    """Whether ``host`` is one of ``patterns`` (``*.example.com`` matches subdomains)."""
+    host = host.lower().rstrip(".")
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return not (
+        ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Where inputs may come from and results may go."""
+
+    #: Local folders products may be read from; None: anywhere.
+    data_roots: tuple[Path, ...] | None = None
+    #: Local folders results may be written to; None: anywhere.
+    output_roots: tuple[Path, ...] | None = None
+    #: Host names http(s) URLs may point to; None: any host.
+    allowed_hosts: tuple[str, ...] | None = None
+    #: Whether URLs may resolve to loopback, private or link-local addresses.
+    allow_private_networks: bool = True
+    s3: S3Settings = field(default_factory=S3Settings)
+
+    @classmethod
+    def unrestricted(cls, s3: S3Settings | None = None) -> AccessPolicy:
+        """The command line's policy: the user's own files and network."""
+        return cls(s3=s3 or S3Settings.from_config())
+
+    @classmethod
+    def for_server(
+        cls,
+        definition: Mapping[str, Any],
+        output_dir: Path,
+        environ: Mapping[str, str] | None = None,
+    ) -> AccessPolicy:
+        """The service's policy from the process definition, then the environment."""
+        env = os.environ if environ is None else environ
+        roots_conf = definition.get("data_roots") or ""
+        roots = [
+            Path(p)
+            for p in (roots_conf.split(":") if isinstance(roots_conf, str) else roots_conf)
+            if str(p).strip()
+        ]
+        hosts = _as_list(definition.get("allowed_hosts")) or _as_list(env.get(HOSTS_ENV))
+        private = definition.get("allow_private_networks")
+        if private in (None, ""):
+            private = env.get(PRIVATE_ENV, "")
+        output_roots = [output_dir, *(Path(p) for p in _as_list(definition.get("output_roots")))]
+        return cls(
+            data_roots=tuple(roots or roots_from_env(env)),
+            output_roots=tuple(output_roots),
+            allowed_hosts=tuple(hosts or DEFAULT_ALLOWED_HOSTS),
+            allow_private_networks=str(private).strip().lower() in {"1", "true", "yes", "on"},
+            s3=S3Settings.from_config(definition.get("s3") or {}, env),
+        )
+
+    def local_input(self, href: str) -> Path:
+        """A local product path, checked against the data roots."""
+        return check_local_path(href, self.data_roots)
+
+    def local_output(self, href: str, base: Path | None = None) -> Path:
+        """A local output folder (relative to ``base``), checked against the output roots."""
+        path = Path(href).expanduser()
+        if base is not None and not path.is_absolute():
+            path = base / path
+        return check_local_path(str(path), self.output_roots)
+
+    def url(self, url: str) -> str:
+        """Refuse anything but http(s) URLs to allowed hosts on public addresses."""
+        parts = urlsplit(url)
+        if parts.scheme not in {"http", "https"}:
+            raise InvalidInputError(f"only http(s) and s3 URLs are accepted, not {parts.scheme}://")
+        host = parts.hostname
+        if not host:
+            raise InvalidInputError(f"URL without a host: {url}")
+        if parts.username or parts.password:
+            raise InvalidInputError("URLs with credentials in them are not accepted")
+        if self.allowed_hosts is not None and not host_matches(host, self.allowed_hosts):
+            raise AccessDeniedError(f"host {host} is not among the hosts this server may contact")
+        if not self.allow_private_networks:
+            try:
+                infos = socket.getaddrinfo(host, parts.port or None, proto=socket.IPPROTO_TCP)
+            except socket.gaierror as err:
+                raise ProductNotFoundError(f"host {host} does not resolve") from err
+            if not all(_is_public(str(info[4][0])) for info in infos):
+                raise AccessDeniedError(
+                    f"host {host} is a loopback or private address, which this server may not "
+                    "contact"
+                )
+        return url
