@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -72,6 +73,21 @@ class S3Server:
                 key = f"{prefix}/{path.relative_to(folder).as_posix()}"
                 client.upload_file(str(path), bucket, key)
         return f"s3://{bucket}/{prefix}"
+
+    @contextmanager
+    def denied(self, bucket: str, action: str, resource: str) -> Iterator[None]:
+        """A bucket policy denying ``action`` on keys matching ``resource`` (every
+        principal), removed afterwards."""
+        statement = {"Effect": "Deny", "Principal": "*", "Action": action,
+                     "Resource": [f"arn:aws:s3:::{bucket}/{resource}"]}  # fmt: skip
+        client = self.client()
+        client.put_bucket_policy(
+            Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+        )
+        try:
+            yield
+        finally:
+            client.delete_bucket_policy(Bucket=bucket)
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
         pages = (

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.access import AccessPolicy
@@ -15,7 +16,6 @@ from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.pipeline import RunOptions, run
 from kappamask.s3 import S3Settings
-from kappamask.storage import STAGING_PREFIX
 
 from .conftest import S3_SECRET, T29UNU, S3Server, check_result
 
@@ -106,22 +106,13 @@ def test_missing_key_unknown_bucket_and_denied_access(
     with pytest.raises(ProductNotFoundError, match="bucket does not exist"):
         run(SAFE_URL, "s3://no-such-bucket/out", client, OPTIONS, policy=policy)
     # a bucket policy denies reading one prefix; anonymous requests are denied everywhere
-    s3 = s3_server.client()
     s3_server.upload_tree(T29UNU, "products", f"private/{T29UNU.name}")
-    s3.put_bucket_policy(
-        Bucket="products",
-        Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
-                           "Resource": ["arn:aws:s3:::products/private/*"]}],
-        }),
-    )  # fmt: skip
-    try:
-        with pytest.raises(AccessDeniedError, match="access denied"):
-            run(f"s3://products/private/{T29UNU.name}", "s3://results/x", client, OPTIONS,
-                policy=policy)  # fmt: skip
-    finally:
-        s3.delete_bucket_policy(Bucket="products")
+    with (
+        s3_server.denied("products", "s3:GetObject", "private/*"),
+        pytest.raises(AccessDeniedError, match="access denied"),
+    ):
+        run(f"s3://products/private/{T29UNU.name}", "s3://results/x", client, OPTIONS,
+            policy=policy)  # fmt: skip
     anonymous = AccessPolicy(
         s3=S3Settings(endpoint_url=s3_server.endpoint, anonymous=True, region="us-east-1")
     )
@@ -135,25 +126,51 @@ def test_failed_upload_leaves_no_final_object(
 ) -> None:
     """Writing the STAC item is denied: the COGs already copied to their final keys and
     every staging key are removed, so the output holds nothing."""
-    s3 = s3_server.client()
-    s3.put_bucket_policy(
-        Bucket="results",
-        Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
-                           "Resource": ["arn:aws:s3:::results/denied/S2*_KAPPAMASK.json"]}],
-        }),
-    )  # fmt: skip
-    try:
-        with pytest.raises(
-            AccessDeniedError, match=r"publishing .*_KAPPAMASK\.json: access denied"
-        ):
-            run(SAFE_URL, "s3://results/denied", client, OPTIONS, policy=policy)
-    finally:
-        s3.delete_bucket_policy(Bucket="results")
+    denied = r"publishing .*_KAPPAMASK\.json: access denied"
+    with (
+        s3_server.denied("results", "s3:PutObject", "denied/S2*_KAPPAMASK.json"),
+        pytest.raises(AccessDeniedError, match=denied),
+    ):
+        run(SAFE_URL, "s3://results/denied", client, OPTIONS, policy=policy)
     assert s3_server.keys("results", "denied/") == []
 
 
 def test_credentials_are_never_printed(policy: AccessPolicy) -> None:
     assert S3_SECRET not in repr(policy)
-    assert not any(k.startswith(STAGING_PREFIX) for k in repr(policy).split())
+    assert S3_SECRET not in repr(policy.s3) and S3_SECRET not in str(policy.s3.gdal_options())
+
+
+def test_multipart_upload_and_https_hrefs(
+    s3_server: S3Server,
+    client: TritonClient,
+    tmp_path: Path,
+    stac_validator: JsonSchemaSTACValidator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every file goes up (and is copied) in multipart when it is above the threshold; a
+    public URL template makes the STAC hrefs https."""
+    from boto3.s3.transfer import TransferConfig
+
+    from kappamask import storage
+
+    monkeypatch.setattr(
+        storage, "TRANSFER", TransferConfig(multipart_threshold=1, multipart_chunksize=5 * 2**20)
+    )
+    public = f"{s3_server.endpoint}/{{bucket}}/{{key}}"
+    settings = S3Settings.from_config({"public_url": public}, s3_server.env)
+    result = run(SAFE_URL, "s3://results/multipart", client, OPTIONS,
+                 policy=AccessPolicy(s3=settings))  # fmt: skip
+    s3 = s3_server.client()
+    for key in s3_server.keys("results", "multipart/"):
+        assert s3.head_object(Bucket="results", Key=key)["ETag"].endswith('-1"'), key
+    item = json.loads(_download(s3_server, result.item, tmp_path).read_text())
+    for asset in item["assets"].values():
+        assert asset["href"].startswith(f"{s3_server.endpoint}/results/multipart/")
+        # the https href really serves the object
+        assert requests.get(asset["href"], timeout=10).content == (
+            _download(s3_server, "s3://results/multipart/" + asset["href"].rsplit("/", 1)[1],
+                      tmp_path).read_bytes()
+        )  # fmt: skip
+    self_link = next(link for link in item["links"] if link["rel"] == "self")
+    assert self_link["href"] == f"{s3_server.endpoint}/results/multipart/" + Path(result.item).name
+    check_result(tmp_path / Path(result.item).name, T29UNU, 60, stac_validator)

@@ -3,7 +3,6 @@ subprocess, talking to a real tritonserver."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -240,22 +239,11 @@ def error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, object
 def test_bad_input_gets_a_clear_error_and_writes_nothing(
     service: Service, s3_server: S3Server, error_cases: list[tuple[str, object, int, str]]
 ) -> None:
-    s3 = s3_server.client()
-    s3.put_bucket_policy(
-        Bucket="products",
-        Policy=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Deny", "Principal": "*", "Action": "s3:GetObject",
-                           "Resource": ["arn:aws:s3:::products/private-http/*"]}],
-        }),
-    )  # fmt: skip
-    try:
+    with s3_server.denied("products", "s3:GetObject", "private-http/*"):
         for row, body, status, message in error_cases:
             response = service.execute(body)
             assert response.status_code == status, (row, response.text)
             assert message in response.json()["description"], (row, response.text)
-    finally:
-        s3.delete_bucket_policy(Bucket="products")
     response = service.execute(None, raw='{"inputs": {"product": ')
     assert response.status_code == 400 and "invalid request data" in response.text
     # nothing half-written

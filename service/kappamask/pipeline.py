@@ -361,7 +361,7 @@ def run(
         )
         include_self = sink.absolute_hrefs
         if include_self:
-            item.set_self_href(sink.final_href(names["item"]))
+            item.set_self_href(sink.href(names["item"]))
         sink.path(names["item"]).write_text(
             json.dumps(item.to_dict(include_self_link=include_self), indent=2)
         )

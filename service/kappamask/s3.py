@@ -48,6 +48,10 @@ class S3Settings:
     requester_pays: bool = False
     #: Unsigned requests (public buckets such as Earth Search's).
     anonymous: bool = False
+    #: How published objects are reached over https, e.g.
+    #: ``https://{bucket}.s3.eu-central-1.amazonaws.com/{key}``: STAC hrefs of results in
+    #: S3 use it; None: ``s3://bucket/key``.
+    public_url: str | None = None
 
     @classmethod
     def from_config(
@@ -57,7 +61,8 @@ class S3Settings:
 
         Environment: ``KAPPAMASK_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``, ``AWS_REGION``
         or ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-        ``AWS_SESSION_TOKEN``, ``KAPPAMASK_S3_REQUESTER_PAYS``, ``KAPPAMASK_S3_ANONYMOUS``.
+        ``AWS_SESSION_TOKEN``, ``KAPPAMASK_S3_REQUESTER_PAYS``, ``KAPPAMASK_S3_ANONYMOUS``,
+        ``KAPPAMASK_S3_PUBLIC_URL``.
         """
         env = os.environ if environ is None else environ
         conf = {k: v for k, v in (config or {}).items() if v not in (None, "")}
@@ -75,6 +80,7 @@ class S3Settings:
             session_token=pick("session_token", "AWS_SESSION_TOKEN"),
             requester_pays=_flag(pick("requester_pays", "KAPPAMASK_S3_REQUESTER_PAYS") or ""),
             anonymous=_flag(pick("anonymous", "KAPPAMASK_S3_ANONYMOUS") or ""),
+            public_url=pick("public_url", "KAPPAMASK_S3_PUBLIC_URL"),
         )
 
     def client(self) -> Any:
@@ -93,6 +99,17 @@ class S3Settings:
             aws_session_token=self.session_token,
             config=config,
         )
+
+    def object_url(self, bucket: str, key: str) -> str:
+        """Where a published object is reached: ``public_url`` filled in, or s3://."""
+        if self.public_url:
+            try:
+                return self.public_url.format(bucket=bucket, key=key)
+            except (KeyError, IndexError, ValueError) as err:
+                raise InvalidInputError(
+                    "the S3 public URL template takes only {bucket} and {key}"
+                ) from err
+        return f"s3://{bucket}/{key}"
 
     def request_extra(self) -> dict[str, str]:
         """Extra arguments of GetObject/ListObjects for requester-pays buckets."""

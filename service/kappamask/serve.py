@@ -78,6 +78,7 @@ def serve(
         with TritonClient(triton_url, protocol) as client:
             client.wait_ready()
         prepare_environment(config, triton_url, protocol, output_dir, data_roots, host, port)
+        stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
         from pygeoapi.flask_app import APP
         from werkzeug.serving import run_simple
 

@@ -122,7 +122,8 @@ class S3Sink:
         return self._local / name
 
     def href(self, name: str) -> str:
-        return self.final_href(name)
+        """Absolute: s3://, or https when the settings give a public URL template."""
+        return self.settings.object_url(self.bucket, self._key(name))
 
     def final_href(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
