@@ -264,6 +264,72 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
         raise click.ClickException(str(err)) from err
 
 
+@main.command("import-keras")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--level", type=click.Choice(LEVELS), required=True, help="L1C or L2A model.")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write MODEL.onnx.",
+)
+@click.option(
+    "--filters", type=int, default=None, help="Expected base filters (read from the file)."
+)
+@click.option(
+    "--features",
+    default=None,
+    help="Comma-separated feature list when it is not the level's default (e.g. 14 L2A "
+    "features with B07).",
+)
+@click.option("--max-v", "max_v", default=None, help="Comma-separated max_v, with --features.")
+@click.option("--version-label", default=None, help="Version label (default: from the file).")
+@click.option("--install", is_flag=True, help="Also place it in the Triton model repository.")
+@click.option(
+    "--repository",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Triton model repository for --install (default: the project's triton_models/).",
+)
+def import_keras_command(
+    weights: Path,
+    level: str,
+    out_path: Path,
+    filters: int | None,
+    features: str | None,
+    max_v: str | None,
+    version_label: str | None,
+    install: bool,
+    repository: Path | None,
+) -> None:
+    """Convert published KappaMask weights (Keras 2 HDF5, e.g. l2a_unet.hdf5) to ONNX."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
+    from kappamask.model.keras_import import import_keras
+
+    try:
+        max_values = [float(v) for v in max_v.split(",")] if max_v else None
+    except ValueError as err:
+        raise click.BadParameter("--max-v takes comma-separated numbers") from err
+    try:
+        import_keras(
+            weights,
+            level,
+            out_path,
+            base_filters=filters,
+            features=features.split(",") if features else None,
+            max_v=max_values,
+            version=version_label,
+        )
+        click.echo(f"wrote {out_path}")
+        if install:
+            click.echo(
+                f"installed into {install_model(out_path, repository or DEFAULT_REPOSITORY)}"
+            )
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+
+
 @main.command("train")
 @click.argument("product", type=click.Path(exists=True, path_type=Path))
 @_out_option("Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
