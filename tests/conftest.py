@@ -155,14 +155,14 @@ L1C_METADATA = METADATA / "S2A_MSIL1C_20200717T221941_R029_T01LAC_20200717T23413
 def make_l1c_safe(parent: Path) -> Path:
     """An L1C product in the real compact SAFE layout (flat IMG_DATA, T01LAC names, real
     MTD_MSIL1C.xml and MTD_TL.xml of baseline 02.09) holding 13 small real L1C bands."""
-    safe = parent / "S2A_MSIL1C_20200717T221941_N0209_R029_T01LAC_20200717T234135.SAFE"
-    img = safe / "GRANULE" / "L1C_T01LAC_A026481_20200717T221944" / "IMG_DATA"
-    img.mkdir(parents=True)
-    shutil.copyfile(L1C_METADATA / "MTD_MSIL1C.xml", safe / "MTD_MSIL1C.xml")
-    shutil.copyfile(L1C_METADATA / "MTD_TL.xml", img.parent / "MTD_TL.xml")
-    for band in (DATA / "s2" / "l1c_bands").glob("*.jp2"):
-        shutil.copyfile(band, img / f"T01LAC_20200717T221941_{band.name}")
-    return safe
+    from kappamask.model.datasets import safe_from_bands
+
+    return safe_from_bands(
+        DATA / "s2" / "l1c_bands",
+        L1C_METADATA,
+        parent,
+        "S2A_MSIL1C_20200717T221941_N0209_R029_T01LAC_20200717T234135.SAFE",
+    )
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from kappamask.inference.repository import spec_from_onnx  # noqa: E402
 from kappamask.model.export import export_onnx  # noqa: E402
 from kappamask.model.labels import scl_to_mask  # noqa: E402
 from kappamask.model.losses import generalised_dice_loss, masked_bce  # noqa: E402
-from kappamask.model.train import TrainConfig, agreement, train  # noqa: E402
+from kappamask.model.metrics import agreement  # noqa: E402
+from kappamask.model.train import TrainConfig, train  # noqa: E402
 from kappamask.model.unet import UNet  # noqa: E402
 
 from .conftest import T29UNU  # noqa: E402
@@ -78,6 +79,12 @@ def test_generalised_dice_is_zero_for_perfect_and_ignores_undefined() -> None:
     wrong = probs.roll(1, dims=1)
     assert float(generalised_dice_loss(wrong, labels)) == pytest.approx(1.0, abs=1e-5)
     assert float(masked_bce(probs.clamp(0.0, 1.0), labels)) < 1e-4
+    # a few MISSING pixels do not swamp the classes (the graph decides MISSING from input)
+    with_missing = torch.tensor([[[1, 2, 0], [4, 5, 0]]])
+    probs3 = torch.zeros(1, 6, 2, 3)
+    probs3[:, :, :, :2] = probs
+    probs3[0, 2, :, 2] = 1.0  # "shadow" on the no-data pixels costs nothing in the dice
+    assert float(generalised_dice_loss(probs3, with_missing)) == pytest.approx(0.0, abs=1e-5)
 
 
 def test_scl_mapping_of_table_1() -> None:
@@ -86,21 +93,39 @@ def test_scl_mapping_of_table_1() -> None:
 
 
 def test_agreement_by_hand() -> None:
-    ref = np.array([1, 1, 2, 4, 4, 5, 0], dtype=np.uint8)
-    pred = np.array([1, 2, 2, 4, 3, 4, 4], dtype=np.uint8)
+    ref = np.array([1, 1, 2, 4, 4, 5, 0, 3], dtype=np.uint8)
+    pred = np.array([1, 2, 2, 4, 3, 4, 4, 0], dtype=np.uint8)
     result = agreement(pred, ref)
-    assert result["pixels"] == 5
-    assert result["overall_accuracy"] == pytest.approx(3 / 5)
-    assert result["dice_clear"] == pytest.approx(2 * 1 / (1 + 2))
-    assert result["dice_cloud_shadow"] == pytest.approx(2 * 1 / (2 + 1))
-    assert result["dice_cloud"] == pytest.approx(2 * 1 / (1 + 2))
+    assert result["pixels"] == 6  # UNDEFINED and MISSING references left out
+    assert result["overall_accuracy"] == pytest.approx(3 / 6)
+    classes = result["classes"]
+    # clear: tp 1, predicted 1, reference 2
+    assert classes["clear"] == pytest.approx(
+        {"dice": 2 / 3, "precision": 1.0, "recall": 0.5, "support": 2.0}
+    )
+    # shadow: tp 1, predicted 2, reference 1
+    assert classes["cloud_shadow"]["dice"] == pytest.approx(2 / 3)
+    assert classes["cloud_shadow"]["precision"] == pytest.approx(0.5)
+    # semi-transparent: tp 0, predicted 1 (the cloud pixel), reference 1 (predicted missing)
+    assert classes["semi_transparent_cloud"]["dice"] == 0.0
+    assert classes["cloud"] == pytest.approx(
+        {"dice": 2 / 3, "precision": 1.0, "recall": 0.5, "support": 2.0}
+    )
     # rows: reference clear, shadow, semi, cloud; columns: predicted missing, clear .. cloud
-    assert result["confusion_rows_reference_cols_predicted"] == [
+    assert result["confusion"] == [
         [0, 1, 1, 0, 0],
         [0, 0, 1, 0, 0],
-        [0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0],
         [0, 0, 0, 1, 1],
     ]
+    # clear+shadow vs semi+cloud: clear row 3 clear / 0 cloud; cloud row 1 (missing) + 1
+    # clear / 2 cloud
+    two = result["two_class"]
+    assert two["confusion"] == [[3, 0], [1, 2]]
+    assert two["overall_accuracy"] == pytest.approx(5 / 6)
+    assert two["classes"]["cloud"]["recall"] == pytest.approx(2 / 3)
+    assert two["classes"]["cloud"]["precision"] == pytest.approx(1.0)
+    assert two["classes"]["clear"]["dice"] == pytest.approx(2 * 3 / (4 + 3))
 
 
 def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
@@ -117,7 +142,8 @@ def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint.pt").exists()
     rows = list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))
     assert len(rows) == 1 and float(rows[0]["train_loss"]) > 0
-    assert 0.0 <= holdout["overall_accuracy"] <= 1.0 and holdout["pixels"] > 1000
+    assert 0.0 <= float(rows[0]["dice_cloud"]) <= 1.0
+    assert 0.0 <= holdout["scl"]["overall_accuracy"] <= 1.0 and holdout["scl"]["pixels"] > 1000
     assert json.loads((tmp_path / "holdout.json").read_text()) == holdout
     # a second call resumes after the saved epoch
     config.max_epochs = 2

@@ -114,3 +114,17 @@ def test_l1c_compact_layout(l1c_safe: Path) -> None:
     assert product.mgrs_tile == "01LAC" and product.offsets == {}
     assert len(product.band_files) == 13 and product.band_path("B10", 10)[1] == 60
     assert product.band_path("B02", 60)[1] == 10
+
+
+def test_band_file_linked_outside_the_roots_is_refused(tmp_path: Path) -> None:
+    """The SAFE folder is inside the root, but one band file links to outside it."""
+    root = tmp_path / "root"
+    safe = root / T29UNU.name
+    shutil.copytree(T29UNU, safe)
+    band = next(safe.glob("GRANULE/*/IMG_DATA/R60m/*_B02_60m.jp2"))
+    outside = tmp_path / "outside.jp2"
+    band.rename(outside)
+    band.symlink_to(outside)
+    with pytest.raises(AccessDeniedError, match="outside the data roots"):
+        open_product(str(safe), AccessPolicy(data_roots=(root,)))
+    assert open_product(str(safe), AccessPolicy(data_roots=(root, tmp_path))).level == "L2A"

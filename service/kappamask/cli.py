@@ -330,15 +330,93 @@ def import_keras_command(
         raise click.ClickException(str(err)) from err
 
 
+@main.command("evaluate")
+@click.option(
+    "--pred",
+    "predictions",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Predicted mask GeoTIFF (repeatable; pairs with --ref in order).",
+)
+@click.option(
+    "--ref",
+    "references",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Reference mask GeoTIFF on the same grid (mask codes; 5 = undefined).",
+)
+@click.option(
+    "--kappaset",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A KappaSet-style folder of NetCDF sub-tiles, scored with --model.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ONNX model (the served format) for --kappaset.",
+)
+@click.option("--level", type=click.Choice(LEVELS), default=None, help="Level of --model.")
+@click.option(
+    "--scl-product",
+    "scl_products",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="L2A product per --ref: adds Sen2Cor's SCL as a column (Table 1 mapping).",
+)
+@click.option(
+    "--s2cloudless-product",
+    "s2cloudless_products",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="L1C product per --ref: adds s2cloudless (PyPI package) as a column.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--png", "png_path", type=click.Path(path_type=Path), default=None)
+def evaluate_command(
+    predictions: tuple[Path, ...],
+    references: tuple[Path, ...],
+    kappaset: Path | None,
+    model_path: Path | None,
+    level: str | None,
+    scl_products: tuple[Path, ...],
+    s2cloudless_products: tuple[Path, ...],
+    json_path: Path | None,
+    png_path: Path | None,
+) -> None:
+    """Per-class dice, precision, recall, overall accuracy and confusion matrices of
+    predicted masks against references (the paper's Tables 2-9 and Figure 8)."""
+    from kappamask import evaluate as ev
+
+    try:
+        if kappaset is not None:
+            if model_path is None:
+                raise click.UsageError("--kappaset needs --model")
+            result = ev.report({"kappamask": ev.predict_kappaset(kappaset, model_path, level)})
+        else:
+            result = ev.evaluate(predictions, references, scl_products, s2cloudless_products)
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(ev.format_table(result))
+    if json_path:
+        click.echo(f"JSON: {ev.write_json(result, json_path)}")
+    if png_path:
+        click.echo(f"PNG:  {ev.plot_confusion(result, png_path)}")
+
+
 @main.command("train")
 @click.argument("product", type=click.Path(exists=True, path_type=Path))
 @_out_option("Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
+@click.option("--level", type=click.Choice(LEVELS), default="L2A", show_default=True)
 @click.option(
     "--labels",
-    type=click.Choice(["scl"]),
     default="scl",
     show_default=True,
-    help="Reference labels: Sen2Cor SCL of the L2A product, mapped as in the paper.",
+    help="scl (Sen2Cor SCL of an L2A PRODUCT, Table 1), composites (synthetic clouds over "
+    "PRODUCT, exact labels), scl+composites, kappaset (PRODUCT is a KappaSet-style folder of "
+    "NetCDF sub-tiles), or labels:PATH (a mask-code GeoTIFF on PRODUCT's grid).",
 )
 @_resolution_option("60")
 @click.option("--filters", "base_filters", default=32, show_default=True, type=int)
@@ -358,6 +436,7 @@ def import_keras_command(
 def train_command(
     product: Path,
     out_dir: Path,
+    level: str,
     labels: str,
     resolution: str,
     base_filters: int,
@@ -369,12 +448,14 @@ def train_command(
     seed: int,
     version_label: str | None,
 ) -> None:
-    """Train an L2A U-Net on PRODUCT with its SCL as labels; export model.onnx (needs torch)."""
+    """Train a U-Net (paper §2.3) and export model.onnx (needs the train extra)."""
     from kappamask.model.export import export_onnx
     from kappamask.model.train import TrainConfig, feature_defaults, train
 
     config = TrainConfig(
         product=str(product),
+        level=level,
+        labels=labels,
         resolution=int(resolution),
         base_filters=base_filters,
         max_epochs=max_epochs,
@@ -384,9 +465,12 @@ def train_command(
         patience=patience,
         seed=seed,
     )
-    model, holdout = train(config, out_dir)
+    try:
+        model, holdout = train(config, out_dir)
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
     features, max_v = feature_defaults(config.level)
-    label = version_label or f"bootstrap-scl-{Path(product).name[:60]}"
+    label = version_label or f"bootstrap-{labels.split(':')[0]}-{Path(product).name[:60]}"
     path = export_onnx(model, config.level, features, max_v, label, out_dir / "model.onnx")
     click.echo(json.dumps(holdout, indent=2))
     click.echo(f"model: {path}")

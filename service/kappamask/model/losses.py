@@ -23,13 +23,18 @@ def one_hot_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def generalised_dice_loss(
     probs: torch.Tensor, labels: torch.Tensor, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Generalised dice loss (Sudre et al. 2017) over the 5 real classes.
+    """Generalised dice loss (Sudre et al. 2017) over clear, shadow, semi-transparent and
+    cloud.
 
-    Pixels labelled UNDEFINED do not count; class weights are 1 / (class volume)^2.
+    Pixels labelled UNDEFINED or MISSING do not count: the served graph decides MISSING
+    from the input (no data), and with weights 1 / (class volume)^2 a few no-data pixels
+    in a crop would outweigh everything else. (``masked_bce`` still trains the MISSING
+    output.)
     """
     onehot, keep = one_hot_targets(labels)
-    undefined = CHANNEL_OF_CODE[int(MaskClass.UNDEFINED)]
-    real = [c for c in range(onehot.shape[1]) if c != undefined]
+    keep = keep * (labels != MaskClass.MISSING).unsqueeze(1).float()
+    skipped = {CHANNEL_OF_CODE[int(MaskClass.UNDEFINED)], CHANNEL_OF_CODE[int(MaskClass.MISSING)]}
+    real = [c for c in range(onehot.shape[1]) if c not in skipped]
     p = probs[:, real] * keep
     t = onehot[:, real] * keep
     volume = t.sum(dim=(0, 2, 3))

@@ -1,8 +1,9 @@
 """Training of the KappaMask U-Net (paper §2.3), seeded and resumable.
 
 Adam, generalised dice loss with UNDEFINED excluded, learning rate reduced on plateau,
-early stopping on validation loss, flips and 90 degree rotations. Here the data is one
-SAFE product with Sen2Cor SCL labels, split in space (a block of rows is held out).
+early stopping on validation loss, flips and 90 degree rotations, 80/20 split. Data come
+from one or more sources (``datasets``): a product with Sen2Cor SCL or a label raster,
+synthetic composites over a product, or a KappaSet-style folder.
 """
 
 from __future__ import annotations
@@ -18,17 +19,29 @@ from typing import Any
 
 import numpy as np
 import torch
-from rasterio.windows import Window
 from tqdm import tqdm
 
-from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V, OUTPUT_CLASSES, MaskClass
-from kappamask.model.labels import read_scl_labels
+from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
+from kappamask.errors import InvalidInputError
+from kappamask.model.datasets import (
+    Batch,
+    CompositeSource,
+    KappaSetSource,
+    Scene,
+    SceneSource,
+    Source,
+    read_label_raster,
+)
 from kappamask.model.losses import LOSSES
+from kappamask.model.metrics import CLASSES, agreement, confusion_matrix, scores
 from kappamask.model.unet import UNet
-from kappamask.reader import BandReader, output_grid
-from kappamask.sources import open_safe
 
 LOGGER = logging.getLogger(__name__)
+
+#: What ``TrainConfig.labels`` may name (or ``labels:PATH`` for a mask-code GeoTIFF).
+LABEL_SOURCES = ("scl", "composites", "scl+composites", "kappaset")
+#: Fixed synthetic crops of the held-out block on which composites are scored.
+HOLDOUT_COMPOSITES = 16
 
 
 @dataclass
@@ -37,6 +50,7 @@ class TrainConfig:
 
     product: str
     level: str = "L2A"
+    labels: str = "scl"
     resolution: int = 60
     base_filters: int = 32
     crop: int = 256
@@ -51,54 +65,38 @@ class TrainConfig:
     seed: int = 0
 
 
-@dataclass
-class Scene:
-    """Normalised features [C, H, W], mask-code labels [H, W] and the validity mask."""
+def build_sources(config: TrainConfig) -> list[Source]:
+    """The sources ``config.labels`` names, on ``config.product`` (a SAFE or a folder)."""
+    features, max_v = DEFAULT_FEATURES[config.level], DEFAULT_MAX_V[config.level]
+    if config.labels == "kappaset":
+        return [KappaSetSource(Path(config.product), features, max_v,
+                               config.holdout_fraction, config.seed)]  # fmt: skip
+    if config.labels not in LABEL_SOURCES and not config.labels.startswith("labels:"):
+        raise InvalidInputError(f"labels must be one of {LABEL_SOURCES} or labels:PATH")
+    scene = Scene.load(config.product, features, max_v, config.resolution)
+    sources: list[Source] = []
+    if config.labels.startswith("labels:"):
+        raster = read_label_raster(Path(config.labels.removeprefix("labels:")), scene.grid)
+        sources.append(SceneSource(scene, raster, config.holdout_fraction, "labels"))
+    if "scl" in config.labels.split("+"):
+        sources.append(SceneSource.with_scl(scene, config.holdout_fraction))
+    if "composites" in config.labels.split("+"):
+        sources.append(CompositeSource(scene, config.holdout_fraction))
+    return sources
 
-    features: np.ndarray
-    labels: np.ndarray
-    valid: np.ndarray
 
-
-def load_scene(path: str, level: str, resolution: int) -> Scene:
-    """Read a product's model features and its SCL labels on one grid."""
-    product = open_safe(path)
-    grid = output_grid(product, resolution)
-    with BandReader(product, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], grid) as reader:
-        features, valid = reader.read(Window(0, 0, grid.width, grid.height))
-    labels = read_scl_labels(product, grid)
-    labels[~valid] = MaskClass.MISSING
-    return Scene(features, labels, valid)
-
-
-def split_rows(height: int, holdout_fraction: float) -> tuple[slice, slice]:
-    """Train on the top rows, hold out the bottom block (no spatial leakage but the seam)."""
-    cut = round(height * (1.0 - holdout_fraction))
-    return slice(0, cut), slice(cut, height)
+def _stack(crops: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = np.stack([c[0] for c in crops])
+    y = np.stack([c[1] for c in crops]).astype(np.int64)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def sample_batch(
-    scene: Scene, rows: slice, crop: int, batch: int, rng: np.random.Generator
+    sources: Sequence[Source], crop: int, batch: int, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops from ``rows`` with random flips and 90 degree rotations."""
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    height = rows.stop - rows.start
-    width = scene.labels.shape[1]
-    while len(xs) < batch:
-        y0 = rows.start + int(rng.integers(0, height - crop + 1))
-        x0 = int(rng.integers(0, width - crop + 1))
-        lab = scene.labels[y0 : y0 + crop, x0 : x0 + crop]
-        if (lab == MaskClass.MISSING).mean() > 0.9:
-            continue  # crops of empty swath teach nothing
-        feat = scene.features[:, y0 : y0 + crop, x0 : x0 + crop]
-        k = int(rng.integers(0, 4))
-        feat, lab = np.rot90(feat, k, axes=(1, 2)), np.rot90(lab, k)
-        if rng.random() < 0.5:
-            feat, lab = feat[:, :, ::-1], lab[:, ::-1]
-        xs.append(np.ascontiguousarray(feat))
-        ys.append(np.ascontiguousarray(lab))
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.int64))
+    """``batch`` training crops, each from a source drawn at random."""
+    picks = rng.integers(0, len(sources), batch)
+    return _stack([sources[int(i)].train_crop(crop, rng) for i in picks])
 
 
 def predict(model: UNet, features: np.ndarray) -> np.ndarray:
@@ -110,29 +108,38 @@ def predict(model: UNet, features: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         probs = model(x)[0, 1:5, :h, :w].numpy()
     # as the served graph does: MISSING where there is no data, else the best real class
-    codes = np.array([1, 2, 3, 4], dtype=np.uint8)
+    codes = np.array([int(c) for c in CLASSES], dtype=np.uint8)
     result: np.ndarray = np.where((features == 0).all(axis=0), 0, codes[probs.argmax(0)])
     return result.astype(np.uint8)
 
 
-def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
-    """Overall accuracy and per-class dice of ``pred`` against ``ref`` (UNDEFINED and
-    MISSING reference pixels excluded)."""
-    keep = (ref != MaskClass.UNDEFINED) & (ref != MaskClass.MISSING)
-    p, r = pred[keep], ref[keep]
-    out: dict[str, Any] = {
-        "pixels": float(keep.sum()),
-        "overall_accuracy": float((p == r).mean()) if keep.any() else 0.0,
-    }
-    for cls in OUTPUT_CLASSES[1:]:
-        tp = float(((p == cls) & (r == cls)).sum())
-        denom = float((p == cls).sum() + (r == cls).sum())
-        out[f"dice_{cls.name.lower()}"] = 2 * tp / denom if denom else float("nan")
-    real = [int(c) for c in OUTPUT_CLASSES[1:]]
-    out["confusion_rows_reference_cols_predicted"] = [
-        [int(((r == a) & (p == b)).sum()) for b in [0, *real]] for a in real
-    ]
-    return out
+def holdout_report(model: UNet, sources: Sequence[Source], config: TrainConfig) -> dict[str, Any]:
+    """Agreement on each source's held-out part: the whole block for a label raster,
+    fixed composites of the held-out rows, the held-out KappaSet sub-tiles."""
+    report: dict[str, Any] = {}
+    for source in sources:
+        if isinstance(source, SceneSource):
+            feats, labels = source.holdout()
+            report[source.name] = agreement(predict(model, feats), labels)
+        else:
+            crops = source.validation_crops(config.crop, HOLDOUT_COMPOSITES, config.seed + 20_000)
+            preds = [predict(model, f) for f, _l in crops]
+            report[source.name] = agreement(
+                np.concatenate([p.ravel() for p in preds]),
+                np.concatenate([lab.ravel() for _f, lab in crops]),
+            )
+    return report
+
+
+def _epoch_dice(
+    model: UNet, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, float]:
+    matrix = sum(
+        confusion_matrix(np.stack([predict(model, x[i].numpy()) for i in range(len(x))]), y.numpy())
+        for x, y in batches
+    )
+    classes = scores(np.asarray(matrix))["classes"]
+    return {f"dice_{name}": float(v["dice"]) for name, v in classes.items()}
 
 
 def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
@@ -140,50 +147,59 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    scene = load_scene(config.product, config.level, config.resolution)
-    train_rows, hold_rows = split_rows(scene.labels.shape[0], config.holdout_fraction)
+    sources = build_sources(config)
+    channels = len(DEFAULT_FEATURES[config.level])
     loss_fn = LOSSES[config.loss]
-    model = UNet(scene.features.shape[0], config.base_filters)
+    model = UNet(channels, config.base_filters)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=2)
     ckpt = out_dir / "checkpoint.pt"
     start_epoch, best, stale = 0, float("inf"), 0
+    best_state = {k: v.clone() for k, v in model.state_dict().items()}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        best_state = state["best_model"]
         start_epoch, best, stale = state["epoch"] + 1, state["best"], state["stale"]
         rng = np.random.default_rng(config.seed + start_epoch)
         LOGGER.info("resumed from %s at epoch %d", ckpt, start_epoch)
-    val_rng = np.random.default_rng(config.seed + 10_000)
-    val_batches = [
-        sample_batch(scene, hold_rows, config.crop, config.batch_size, val_rng) for _ in range(4)
-    ]
+    val_batches = []
+    for i, source in enumerate(sources):
+        crops = source.validation_crops(
+            config.crop, 2 * config.batch_size, config.seed + 10_000 + i
+        )
+        val_batches += [
+            _stack(crops[j : j + config.batch_size])
+            for j in range(0, len(crops), config.batch_size)
+        ]
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     metrics_path = out_dir / "metrics.csv"
     started = time.monotonic()
-    best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for epoch in range(start_epoch, config.max_epochs):
+    epochs = tqdm(range(start_epoch, config.max_epochs), desc="training", unit="epoch")
+    for epoch in epochs:
         model.train()
         losses = []
-        bar = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}", leave=False)
-        for _ in bar:
-            x, y = sample_batch(scene, train_rows, config.crop, config.batch_size, rng)
+        steps = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}", leave=False)
+        for _ in steps:
+            x, y = sample_batch(sources, config.crop, config.batch_size, rng)
             loss = loss_fn(model(x), y)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            steps.set_postfix(loss=f"{np.mean(losses):.4f}")
         model.eval()
         with torch.no_grad():
             val = float(np.mean([loss_fn(model(x), y).item() for x, y in val_batches]))
+        dice = _epoch_dice(model, val_batches)
         scheduler.step(val)
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
             "val_loss": val,
+            **dice,
             "lr": optimiser.param_groups[0]["lr"],
             "minutes": (time.monotonic() - started) / 60,
         }
@@ -192,7 +208,10 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
             if fh.tell() == 0:
                 writer.writeheader()
             writer.writerow(row)
-        tqdm.write(f"epoch {epoch}: train {row['train_loss']:.4f} val {val:.4f} lr {row['lr']:.1e}")
+        epochs.set_postfix(
+            loss=f"{row['train_loss']:.3f}", val=f"{val:.3f}",
+            dice=" ".join(f"{v:.2f}" for v in dice.values()),
+        )  # fmt: skip
         if val < best:
             best, stale = val, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -202,6 +221,8 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
             {
                 "model": model.state_dict(),
                 "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "best_model": best_state,
                 "epoch": epoch,
                 "best": best,
                 "stale": stale,
@@ -209,10 +230,11 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
             ckpt,
         )
         if stale >= config.patience or (time.monotonic() - started) / 60 > config.max_minutes:
+            reason = "no better validation loss" if stale >= config.patience else "time"
+            LOGGER.info("stopping after epoch %d (%s)", epoch, reason)
             break
     model.load_state_dict(best_state)
-    hold = scene.features[:, hold_rows]
-    result = agreement(predict(model, hold), scene.labels[hold_rows])
+    result = holdout_report(model, sources, config)
     (out_dir / "holdout.json").write_text(json.dumps(result, indent=2))
     return model, result
 

@@ -51,4 +51,9 @@ def open_product(ref: ProductRef, policy: AccessPolicy | None = None) -> Product
         )
     if is_json:
         return product_from_item(fetch_item(ref, policy), policy, ref)
-    return open_safe(policy.local_input(ref))
+    product = open_safe(policy.local_input(ref))
+    for files in product.band_files.values():
+        for path in files.values():
+            if not path.startswith("/vsi"):
+                policy.local_input(path)  # a band file linked to outside the roots
+    return product

@@ -1,0 +1,211 @@
+"""`kappamask evaluate`: agreement of predicted masks with reference masks, in the layout
+of the paper's Tables 2-5 / Figure 8 (four classes) and Tables 6-9 (clear vs cloud),
+with optional comparison columns: Sen2Cor's SCL of an L2A product (Table 1 mapping) and
+s2cloudless (L1C, its mask at the reference grid)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from kappamask.bands import CLASS_NAMES, MaskClass
+from kappamask.errors import InvalidInputError, ProductError
+from kappamask.model.metrics import CLASSES, TWO_CLASS, agreement, without_nan
+from kappamask.reader import GDAL_ENV, BandReader, Grid
+from kappamask.sources import open_safe
+
+LOGGER = logging.getLogger(__name__)
+
+#: s2cloudless: its bands, and the threshold and dilation its authors recommend.
+S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
+S2CLOUDLESS_THRESHOLD = 0.4
+
+
+def _grid_of(path: Path) -> tuple[Grid, np.ndarray]:
+    with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src:
+        grid = Grid(src.crs.to_string() if src.crs else "", src.transform, src.width, src.height)
+        return grid, src.read(1)
+
+
+def read_pair(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, Grid]:
+    """A prediction and its reference, which must share a grid."""
+    grid_p, p = _grid_of(pred)
+    grid_r, r = _grid_of(ref)
+    if (grid_p.width, grid_p.height) != (grid_r.width, grid_r.height) or not np.allclose(
+        tuple(grid_p.transform)[:6], tuple(grid_r.transform)[:6]
+    ):
+        raise InvalidInputError(
+            f"{pred.name} ({grid_p.width}x{grid_p.height}) and {ref.name} "
+            f"({grid_r.width}x{grid_r.height}) are not on the same grid"
+        )
+    return p, r, grid_r
+
+
+def scl_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
+    """Sen2Cor's SCL of an L2A product on ``grid``, as mask codes (paper, Table 1)."""
+    from kappamask.model.labels import read_scl_labels
+
+    return read_scl_labels(open_safe(product_path), grid)
+
+
+def s2cloudless_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
+    """s2cloudless' cloud mask of an L1C product on ``grid``: CLOUD or CLEAR."""
+    try:
+        from s2cloudless import S2PixelCloudDetector
+    except ImportError as err:
+        raise InvalidInputError(
+            "the s2cloudless column needs the PyPI package: pip install s2cloudless"
+        ) from err
+    product = open_safe(product_path)
+    if product.level != "L1C":
+        raise ProductError("s2cloudless works on L1C products only")
+    max_v = [1.0] * len(S2CLOUDLESS_BANDS)
+    with BandReader(product, S2CLOUDLESS_BANDS, max_v, grid) as reader:
+        values, valid = reader.read(Window(0, 0, grid.width, grid.height))
+    reflectance = values * (65535.0 / product.quantification)  # back to reflectance
+    detector = S2PixelCloudDetector(threshold=S2CLOUDLESS_THRESHOLD, average_over=4,
+                                    dilation_size=2, all_bands=False)  # fmt: skip
+    mask = detector.get_cloud_masks(reflectance.transpose(1, 2, 0)[None])[0]
+    out = np.where(mask > 0, MaskClass.CLOUD, MaskClass.CLEAR).astype(np.uint8)
+    out[~valid] = MaskClass.MISSING
+    return out
+
+
+def predict_kappaset(
+    folder: Path, model_path: Path, level: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run an ONNX model (the served format) over every sub-tile of a KappaSet-style
+    folder: (predictions, labels), flattened."""
+    import onnxruntime as ort
+
+    from kappamask.inference.repository import spec_from_onnx
+    from kappamask.model.datasets import KappaSetSource
+
+    spec = spec_from_onnx(model_path, level)
+    source = KappaSetSource(folder, spec.features, spec.max_v, 0.0, 0)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    preds, refs = [], []
+    for path in source.train_files:
+        features, labels = source.read(path)
+        _c, h, w = features.shape
+        padded = np.pad(features, ((0, 0), (0, -h % 16), (0, -w % 16)))[None]
+        classes = session.run(["classes"], {"input": padded})[0][0, :h, :w]
+        preds.append(classes.ravel())
+        refs.append(labels.ravel())
+    return np.concatenate(preds), np.concatenate(refs)
+
+
+def report(columns: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Agreement of every column (name -> (prediction, reference))."""
+    return {name: agreement(pred, ref) for name, (pred, ref) in columns.items()}
+
+
+def _pct(value: float | None) -> str:
+    return "   -  " if value is None or math.isnan(value) else f"{100 * value:6.2f}"
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The terminal table: one column per tool, dice / precision / recall per class,
+    overall accuracy; the confusion matrices; then the two-class view."""
+    names = list(result)
+    width = max(12, *(len(n) + 2 for n in names))
+    lines = ["Four classes (UNDEFINED and MISSING reference pixels excluded), %"]
+    header = f"{'class':<26}{'metric':<11}" + "".join(f"{n:>{width}}" for n in names)
+    lines.append(header)
+    for view, classes in (("classes", [CLASS_NAMES[c] for c in CLASSES]), ("two", TWO_CLASS)):
+        if view == "two":
+            lines += ["", "Clear (clear + shadow) vs cloud (semi-transparent + cloud), %", header]
+        for class_name in classes:
+            for metric in ("dice", "precision", "recall"):
+                cells = []
+                for n in names:
+                    block = result[n] if view == "classes" else result[n]["two_class"]
+                    cells.append(f"{_pct(block['classes'][class_name][metric]):>{width}}")
+                lines.append(f"{class_name:<26}{metric:<11}" + "".join(cells))
+        cells = []
+        for n in names:
+            block = result[n] if view == "classes" else result[n]["two_class"]
+            cells.append(f"{_pct(block['overall_accuracy']):>{width}}")
+        lines.append(f"{'overall accuracy':<37}" + "".join(cells))
+    for n in names:
+        lines += ["", f"Confusion matrix, {n} (rows reference, columns predicted; pixels)"]
+        cols = ["missing", *(CLASS_NAMES[c] for c in CLASSES)]
+        lines.append(f"{'':<24}" + "".join(f"{c:>24}" for c in cols))
+        for code, row in zip(CLASSES, result[n]["confusion"], strict=True):
+            lines.append(f"{CLASS_NAMES[code]:<24}" + "".join(f"{v:>24}" for v in row))
+    return "\n".join(lines)
+
+
+def plot_confusion(result: Mapping[str, Any], path: Path) -> Path:
+    """Row-normalised confusion matrices (Figure 8 style), one panel per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 4.2), squeeze=False)
+    labels = ["clear", "shadow", "semi-transp.", "cloud"]
+    for ax, name in zip(axes[0], names, strict=True):
+        m = np.asarray(result[name]["confusion"], np.float64)[:, 1:]
+        rows = m.sum(axis=1, keepdims=True)
+        norm = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
+        ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+        for i in range(4):
+            for j in range(4):
+                ax.text(j, i, f"{100 * norm[i, j]:.1f}", ha="center", va="center",
+                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)  # fmt: skip
+        ax.set_xticks(range(4), labels, rotation=30)
+        ax.set_yticks(range(4), labels)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("reference")
+        ax.set_title(f"{name} (OA {_pct(result[name]['overall_accuracy']).strip()} %)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate(
+    predictions: Sequence[Path],
+    references: Sequence[Path],
+    scl_products: Sequence[Path] = (),
+    s2cloudless_products: Sequence[Path] = (),
+    name: str = "kappamask",
+) -> dict[str, Any]:
+    """Compare prediction GeoTIFFs with reference GeoTIFFs (pairwise, same grids); the
+    optional products (one per pair) add the SCL and s2cloudless columns."""
+    if len(predictions) != len(references) or not predictions:
+        raise InvalidInputError("give one reference per prediction")
+    for extra, what in ((scl_products, "SCL"), (s2cloudless_products, "s2cloudless")):
+        if extra and len(extra) != len(references):
+            raise InvalidInputError(f"give one {what} product per reference")
+    columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: []}
+    for i, (pred_path, ref_path) in enumerate(zip(predictions, references, strict=True)):
+        pred, ref, grid = read_pair(Path(pred_path), Path(ref_path))
+        columns[name].append((pred, ref))
+        if scl_products:
+            columns.setdefault("sen2cor", []).append((scl_on_grid(scl_products[i], grid), ref))
+        if s2cloudless_products:
+            columns.setdefault("s2cloudless", []).append(
+                (s2cloudless_on_grid(s2cloudless_products[i], grid), ref)
+            )
+    return report({
+        key: (np.concatenate([p.ravel() for p, _r in pairs]),
+              np.concatenate([r.ravel() for _p, r in pairs]))
+        for key, pairs in columns.items()
+    })  # fmt: skip
+
+
+def write_json(result: Mapping[str, Any], path: Path) -> Path:
+    """The report as JSON."""
+    path.write_text(json.dumps(without_nan(dict(result)), indent=2))
+    return path
