@@ -92,9 +92,9 @@ def test_kappaset_folder(tmp_path: Path) -> None:
     for i in range(5):
         _write_kappaset_tile(tmp_path / f"T29UNU_2022_{i}.nc", L2A_FEATURES, rng)
     source = KappaSetSource(tmp_path, L2A_FEATURES, L2A_MAX_V, 0.2, seed=0)
-    assert len(source.train_files) == 4 and len(source.hold_files) == 1
-    feats, labels = source.read(source.train_files[0])
-    with h5netcdf.File(source.train_files[0], "r") as nc:
+    assert len(source.train_part) == 4 and len(source.hold_part) == 1
+    feats, labels = source.read(source.train_part[0])
+    with h5netcdf.File(source.train_part[0], "r") as nc:
         b03 = np.asarray(nc.variables["B03"][...], np.float64)
     i = L2A_FEATURES.index("B03")
     np.testing.assert_allclose(feats[i], b03 / 65535 / L2A_MAX_V[i], rtol=1e-6)
@@ -129,8 +129,8 @@ def test_label_raster_on_the_product_grid(tmp_path: Path) -> None:
     read = read_label_raster(path, scene.grid)
     source = SceneSource(scene, read, 0.2, "labels")
     _feats, ref = source.holdout()
-    assert (ref[scene.valid[source.hold_rows]] == MaskClass.CLOUD).all()
-    assert (ref[~scene.valid[source.hold_rows]] == MaskClass.MISSING).all()
+    assert (ref[scene.valid[source.hold_part]] == MaskClass.CLOUD).all()
+    assert (ref[~scene.valid[source.hold_part]] == MaskClass.MISSING).all()
 
 
 def test_evaluate_tables_json_and_png(tmp_path: Path) -> None:

@@ -330,21 +330,19 @@ def import_keras_command(
         raise click.ClickException(str(err)) from err
 
 
+def _many_paths(flag: str, name: str, help_text: str, file_only: bool = True) -> Callable[[F], F]:
+    return click.option(
+        flag,
+        name,
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=not file_only, path_type=Path),
+        help=help_text,
+    )
+
+
 @main.command("evaluate")
-@click.option(
-    "--pred",
-    "predictions",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Predicted mask GeoTIFF (repeatable; pairs with --ref in order).",
-)
-@click.option(
-    "--ref",
-    "references",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Reference mask GeoTIFF on the same grid (mask codes; 5 = undefined).",
-)
+@_many_paths("--pred", "predictions", "Predicted mask GeoTIFF (repeatable; pairs with --ref).")
+@_many_paths("--ref", "references", "Reference mask GeoTIFF on the same grid (5 = undefined).")
 @click.option(
     "--kappaset",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -359,19 +357,17 @@ def import_keras_command(
     help="ONNX model (the served format) for --kappaset.",
 )
 @click.option("--level", type=click.Choice(LEVELS), default=None, help="Level of --model.")
-@click.option(
+@_many_paths(
     "--scl-product",
     "scl_products",
-    multiple=True,
-    type=click.Path(exists=True, path_type=Path),
-    help="L2A product per --ref: adds Sen2Cor's SCL as a column (Table 1 mapping).",
+    "L2A product per --ref: adds Sen2Cor's SCL as a column (Table 1 mapping).",
+    file_only=False,
 )
-@click.option(
+@_many_paths(
     "--s2cloudless-product",
     "s2cloudless_products",
-    multiple=True,
-    type=click.Path(exists=True, path_type=Path),
-    help="L1C product per --ref: adds s2cloudless (PyPI package) as a column.",
+    "L1C product per --ref: adds s2cloudless (PyPI package) as a column.",
+    file_only=False,
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None)

@@ -93,7 +93,7 @@ def predict_kappaset(
     source = KappaSetSource(folder, spec.features, spec.max_v, 0.0, 0)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     preds, refs = [], []
-    for path in source.train_files:
+    for path in source.train_part:
         features, labels = source.read(path)
         _c, h, w = features.shape
         padded = np.pad(features, ((0, 0), (0, -h % 16), (0, -w % 16)))[None]

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
@@ -100,14 +100,32 @@ def read_label_raster(path: Path, grid: Grid) -> np.ndarray:
     return labels.astype(np.uint8)
 
 
-class SceneSource:
+class _SplitSource:
+    """Training crops from the training part, fixed validation crops from the held-out
+    part; subclasses say how to cut a crop from a part."""
+
+    train_part: Any
+    hold_part: Any
+
+    def _crop(self, part: Any, crop: int, rng: np.random.Generator) -> Batch:
+        raise NotImplementedError
+
+    def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
+        return self._crop(self.train_part, crop, rng)
+
+    def validation_crops(self, crop: int, count: int, seed: int) -> list[Batch]:
+        rng = np.random.default_rng(seed)
+        return [self._crop(self.hold_part, crop, rng) for _ in range(count)]
+
+
+class SceneSource(_SplitSource):
     """Crops of a scene with a fixed label raster (SCL or a label GeoTIFF)."""
 
     def __init__(self, scene: Scene, labels: np.ndarray, holdout_fraction: float, name: str):
         self.scene, self.name = scene, name
         self.labels = labels.copy()
         self.labels[~scene.valid] = MaskClass.MISSING
-        self.train_rows, self.hold_rows = scene.rows(holdout_fraction)
+        self.train_part, self.hold_part = scene.rows(holdout_fraction)
 
     @classmethod
     def with_scl(cls, scene: Scene, holdout_fraction: float) -> SceneSource:
@@ -121,26 +139,19 @@ class SceneSource:
                 feats = self.scene.features[:, y0 : y0 + crop, x0 : x0 + crop]
                 return augment(feats, labels, rng)
 
-    def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
-        return self._crop(self.train_rows, crop, rng)
-
-    def validation_crops(self, crop: int, count: int, seed: int) -> list[Batch]:
-        rng = np.random.default_rng(seed)
-        return [self._crop(self.hold_rows, crop, rng) for _ in range(count)]
-
     def holdout(self) -> Batch:
         """The whole held-out block: features and reference labels."""
-        return self.scene.features[:, self.hold_rows], self.labels[self.hold_rows]
+        return self.scene.features[:, self.hold_part], self.labels[self.hold_part]
 
 
-class CompositeSource:
+class CompositeSource(_SplitSource):
     """Synthetic clouds over a scene's (clear) pixels, drawn anew per crop."""
 
     name = "composites"
 
     def __init__(self, scene: Scene, holdout_fraction: float):
         self.scene = scene
-        self.train_rows, self.hold_rows = scene.rows(holdout_fraction)
+        self.train_part, self.hold_part = scene.rows(holdout_fraction)
 
     def _crop(self, rows: slice, crop: int, rng: np.random.Generator) -> Batch:
         s = self.scene
@@ -155,15 +166,8 @@ class CompositeSource:
         )  # fmt: skip
         return augment(feats, labels, rng)
 
-    def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
-        return self._crop(self.train_rows, crop, rng)
 
-    def validation_crops(self, crop: int, count: int, seed: int) -> list[Batch]:
-        rng = np.random.default_rng(seed)
-        return [self._crop(self.hold_rows, crop, rng) for _ in range(count)]
-
-
-class KappaSetSource:
+class KappaSetSource(_SplitSource):
     """A folder of KappaSet-style NetCDF sub-tiles, 80 % for training, 20 % held out."""
 
     name = "kappaset"
@@ -181,8 +185,8 @@ class KappaSetSource:
             raise InvalidInputError(f"{folder} holds no .nc sub-tiles")
         order = np.random.default_rng(seed).permutation(len(files))
         cut = max(1, round(len(files) * (1 - holdout_fraction))) if len(files) > 1 else 1
-        self.train_files = [files[i] for i in order[:cut]]
-        self.hold_files = [files[i] for i in order[cut:]] or self.train_files
+        self.train_part = [files[i] for i in order[:cut]]
+        self.hold_part = [files[i] for i in order[cut:]] or self.train_part
         self.features, self.max_v = tuple(features), np.asarray(max_v, np.float32)
 
     def read(self, path: Path) -> Batch:
@@ -205,13 +209,6 @@ class KappaSetSource:
         y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
         return augment(feats[:, y0 : y0 + crop, x0 : x0 + crop],
                        labels[y0 : y0 + crop, x0 : x0 + crop], rng)  # fmt: skip
-
-    def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
-        return self._crop(self.train_files, crop, rng)
-
-    def validation_crops(self, crop: int, count: int, seed: int) -> list[Batch]:
-        rng = np.random.default_rng(seed)
-        return [self._crop(self.hold_files, crop, rng) for _ in range(count)]
 
 
 def safe_from_bands(band_dir: Path, metadata_dir: Path, out_parent: Path, name: str) -> Path:
