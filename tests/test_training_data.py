@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from kappamask.bands import L1C_FEATURES, L1C_MAX_V, L2A_FEATURES, L2A_MAX_V, MaskClass
 from kappamask.cli import main
-from kappamask.errors import InvalidInputError
+from kappamask.errors import InvalidInputError, ProductError
 from kappamask.evaluate import evaluate, format_table
 from kappamask.model.composites import THICK_CLOUD, CompositeConfig, compose, fractal_field
 from kappamask.model.datasets import KappaSetSource, Scene, SceneSource, read_label_raster
@@ -105,8 +105,6 @@ def test_kappaset_folder(tmp_path: Path) -> None:
     with h5netcdf.File(tmp_path / "bad.nc", "w") as nc:
         nc.dimensions = {"y": 4, "x": 4}
         nc.create_variable("B01", ("y", "x"), np.uint16)
-    from kappamask.errors import ProductError
-
     with pytest.raises(ProductError, match="lacks"):
         source.read(tmp_path / "bad.nc")
 
@@ -206,3 +204,24 @@ def test_evaluate_a_kappaset_folder_with_a_model(tmp_path: Path) -> None:
     assert result["pixels"] == scored.size
     assert result["overall_accuracy"] == pytest.approx((scored == 4).mean())
     assert result["classes"]["cloud"]["recall"] == pytest.approx(1.0)
+
+
+def test_evaluate_with_the_s2cloudless_column(tmp_path: Path) -> None:
+    """s2cloudless on the real, cloud-free L1C bands: it must call (almost) all of them
+    clear, which it only does when it gets the right bands as reflectances."""
+    from kappamask.reader import output_grid
+    from kappamask.sources import open_safe
+
+    safe = make_l1c_safe(tmp_path)
+    grid = output_grid(open_safe(safe), 10)
+    ref = np.full((grid.height, grid.width), MaskClass.CLEAR, np.uint8)
+    with rasterio.open(tmp_path / "ref.tif", "w", driver="GTiff", width=grid.width,
+                       height=grid.height, count=1, dtype="uint8", crs=grid.crs,
+                       transform=grid.transform) as dst:  # fmt: skip
+        dst.write(ref, 1)
+    result = evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"],
+                      s2cloudless_products=[safe])  # fmt: skip
+    clear = result["s2cloudless"]["two_class"]["classes"]["clear"]
+    assert clear["recall"] > 0.9, result["s2cloudless"]["two_class"]
+    with pytest.raises(ProductError, match="L1C products only"):
+        evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"], s2cloudless_products=[T29UNU])
