@@ -225,3 +225,20 @@ def test_evaluate_with_the_s2cloudless_column(tmp_path: Path) -> None:
     assert clear["recall"] > 0.9, result["s2cloudless"]["two_class"]
     with pytest.raises(ProductError, match="L1C products only"):
         evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"], s2cloudless_products=[T29UNU])
+
+
+def test_composites_over_a_cloudy_product_keep_its_own_labels() -> None:
+    """Over T29UNU (real clouds), composites are cut from mostly clear areas, and pixels
+    that are not clear underneath keep SCL's label or are left out."""
+    from kappamask.model.datasets import CompositeSource
+    from kappamask.model.labels import read_scl_labels
+
+    scene = Scene.load(T29UNU, L2A_FEATURES, L2A_MAX_V, 60)
+    scl = read_scl_labels(scene.product, scene.grid)
+    scl[~scene.valid] = MaskClass.MISSING
+    source = CompositeSource(scene, 0.2, base_labels=scl, min_clear=0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        feats, labels = source.train_crop(128, rng)
+        assert feats.shape == (13, 128, 128)
+        assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3, 4, 5}

@@ -59,7 +59,7 @@ def scl_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
 def s2cloudless_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
     """s2cloudless' cloud mask of an L1C product on ``grid``: CLOUD or CLEAR."""
     try:
-        from s2cloudless import S2PixelCloudDetector
+        from s2cloudless.cloud_detector import S2PixelCloudDetector
     except ImportError as err:
         raise InvalidInputError(
             "the s2cloudless column needs the PyPI package: pip install s2cloudless"

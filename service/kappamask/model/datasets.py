@@ -145,25 +145,49 @@ class SceneSource(_SplitSource):
 
 
 class CompositeSource(_SplitSource):
-    """Synthetic clouds over a scene's (clear) pixels, drawn anew per crop."""
+    """Synthetic clouds over a scene's pixels, drawn anew per crop.
+
+    Without ``base_labels`` the scene is taken as clear (a cloud-free scene). With them
+    (SCL of the same product), crops are taken where at least ``min_clear`` of the pixels
+    are clear, and a pixel that is not clear underneath keeps its own label where no
+    synthetic cloud covers it, becomes CLOUD under opaque synthetic cloud, and is left
+    out (UNDEFINED) under thin cloud or shadow, where the truth is not known.
+    """
 
     name = "composites"
 
-    def __init__(self, scene: Scene, holdout_fraction: float):
-        self.scene = scene
+    def __init__(
+        self,
+        scene: Scene,
+        holdout_fraction: float,
+        base_labels: np.ndarray | None = None,
+        min_clear: float = 0.7,
+    ):
+        self.scene, self.base_labels, self.min_clear = scene, base_labels, min_clear
         self.train_part, self.hold_part = scene.rows(holdout_fraction)
 
     def _crop(self, rows: slice, crop: int, rng: np.random.Generator) -> Batch:
         s = self.scene
+        base = None
         while True:
             y0, x0 = _random_window(rows, s.grid.width, crop, rng)
             valid = s.valid[y0 : y0 + crop, x0 : x0 + crop]
+            if self.base_labels is not None:
+                base = self.base_labels[y0 : y0 + crop, x0 : x0 + crop]
+                if (base == MaskClass.CLEAR).mean() < self.min_clear:
+                    continue
             if valid.mean() > 0.1:
                 break
         feats, labels = compose(
             s.features[:, y0 : y0 + crop, x0 : x0 + crop], valid, s.feature_names, s.max_v,
             rng, sun_azimuth=s.product.sun_azimuth, sun_zenith=s.product.sun_zenith,
         )  # fmt: skip
+        if base is not None:
+            cloudy_below = valid & (base != MaskClass.CLEAR)
+            keep_own = cloudy_below & (labels == MaskClass.CLEAR)
+            unknown = cloudy_below & (labels != MaskClass.CLEAR) & (labels != MaskClass.CLOUD)
+            labels[keep_own] = base[keep_own]
+            labels[unknown] = MaskClass.UNDEFINED
         return augment(feats, labels, rng)
 
 

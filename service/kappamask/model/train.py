@@ -78,10 +78,14 @@ def build_sources(config: TrainConfig) -> list[Source]:
     if config.labels.startswith("labels:"):
         raster = read_label_raster(Path(config.labels.removeprefix("labels:")), scene.grid)
         sources.append(SceneSource(scene, raster, config.holdout_fraction, "labels"))
+    scl = None
     if "scl" in config.labels.split("+"):
-        sources.append(SceneSource.with_scl(scene, config.holdout_fraction))
+        scl_source = SceneSource.with_scl(scene, config.holdout_fraction)
+        scl = scl_source.labels
+        sources.append(scl_source)
     if "composites" in config.labels.split("+"):
-        sources.append(CompositeSource(scene, config.holdout_fraction))
+        # over an L2A product with SCL: synthetic clouds over its clear areas only
+        sources.append(CompositeSource(scene, config.holdout_fraction, base_labels=scl))
     return sources
 
 
