@@ -193,7 +193,7 @@ def check_result(
     from rasterio.windows import Window
     from rio_cogeo.cogeo import cog_validate
 
-    from kappamask.bands import L2A_FEATURES, L2A_MAX_V
+    from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
     from kappamask.reader import BandReader, output_grid
     from kappamask.sources import open_safe
 
@@ -225,7 +225,8 @@ def check_result(
         confidence = src.read(1)
     product = open_safe(product_dir)
     grid = output_grid(product, resolution)
-    with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader:
+    level = product.level
+    with BandReader(product, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], grid) as reader:
         _features, valid = reader.read(Window(0, 0, grid.width, grid.height))
     assert (classes[~valid] == 0).all(), "no-data pixels must be class 0"
     assert (confidence[~valid] == 0).all() and (confidence[valid] > 0).all()

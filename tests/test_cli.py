@@ -64,14 +64,26 @@ def test_run_a_zip_against_a_running_triton(
     assert abs(sum(v for k, v in stats.items() if k not in ("missing", "cloud_cover")) - 100) < 0.01
 
 
-def test_errors_are_one_clear_line_and_write_nothing(
-    triton: LocalTriton, tmp_path: Path, l1c_safe: Path
+def test_an_l1c_product_through_the_l1c_model(
+    triton: LocalTriton, tmp_path: Path, l1c_safe: Path, stac_validator: JsonSchemaSTACValidator
 ) -> None:
+    """The stand-in L1C product (13 real L1C bands, compact SAFE layout) at 10 m."""
+    done = _run("run", str(l1c_safe), "--out", str(tmp_path / "out"), "--resolution", "10",
+                "--triton-url", triton.http_url)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    item = next((tmp_path / "out").glob("*_KAPPAMASK.json"))
+    data = check_result(item, l1c_safe, 10, stac_validator)
+    assert data["properties"]["kappamask:source_level"] == "L1C"
+    assert "kappamask_l1c" in data["properties"]["processing:software"]
+    # a cloud-free scene: the bootstrap L1C model calls most of it clear
+    assert data["properties"]["kappamask:clear_percentage"] > 80
+
+
+def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_path: Path) -> None:
     out = tmp_path / "out"
     cases = {
         str(tmp_path / "nope.SAFE"): "does not exist",
         str(T29UNU / "GRANULE"): "not a Sentinel-2",
-        str(l1c_safe): "no model for L1C",
     }
     for product, message in cases.items():
         done = _run("run", product, "--out", str(out), "--triton-url", triton.http_url)

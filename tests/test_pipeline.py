@@ -59,8 +59,10 @@ def test_wrong_level_no_model_and_cancel_leave_nothing(
 ) -> None:
     with pytest.raises(ProductError, match="is L2A, not L1C"):
         run(str(T29UNU), tmp_path, client, RunOptions(resolution=60, level="L1C"))
-    with pytest.raises(NoModelError, match="no model for L1C"):
-        client.model("L1C")
+    with pytest.raises(NoModelError, match="is for L1C products, not L2A"):
+        run(str(T29UNU), tmp_path, client, RunOptions(resolution=60, model="kappamask_l1c"))
+    with pytest.raises(NoModelError, match="not bootstrap-x as requested"):
+        run(str(T29UNU), tmp_path, client, RunOptions(60, model="kappamask_l2a:bootstrap-x"))
     with pytest.raises(CancelledError):
         run(str(T22HBD), tmp_path, client, RunOptions(resolution=60), cancelled=lambda: True)
     assert list(tmp_path.iterdir()) == []
@@ -115,3 +117,16 @@ def test_bbox_and_aoi_limit_the_output_and_the_crops(client: TritonClient, tmp_p
     with pytest.raises(ProductError, match="outside the product"):
         run(str(T29UNU), tmp_path / "far", client, RunOptions(60, bbox=tuple(far_away)))
     assert not any((tmp_path / "far").glob("*KAPPAMASK*"))
+
+
+def test_a_level_without_a_served_model(l1c_safe: Path, tmp_path: Path) -> None:
+    """A Triton that serves only the L2A model: an L1C product gets "no model for L1C"."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+
+    with (
+        LocalTriton(DEFAULT_REPOSITORY, models=["kappamask_l2a"]) as only_l2a,
+        TritonClient(only_l2a.http_url) as client,
+        pytest.raises(NoModelError, match="no model for L1C"),
+    ):
+        run(str(l1c_safe), tmp_path / "out", client, RunOptions(resolution=60))
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
@@ -127,3 +128,20 @@ def test_l1c_bands_at_every_resolution(l1c_safe: Path) -> None:
             features, valid = reader.read(Window(0, 0, grid.width, grid.height))
         assert features.shape == (13, size, size) and valid.all()
         assert 0.0 < features.mean() < 2.0
+
+
+def test_bands_on_the_grid_skip_the_warp_without_changing_a_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    product = open_safe(T29UNU)
+    grid = output_grid(product, 60)
+    window = Window(100, 200, 300, 250)  # crosses the no-data wedge's edge
+    with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader:
+        assert not any(isinstance(v, WarpedVRT) for v in reader._vrts.values())
+        direct = reader.read(window)
+    monkeypatch.setattr(BandReader, "_on_grid", lambda self, src: False)
+    with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader:
+        assert all(isinstance(v, WarpedVRT) for v in reader._vrts.values())
+        warped = reader.read(window)
+    assert (direct[1] == warped[1]).all()
+    np.testing.assert_allclose(direct[0], warped[0], atol=1e-6)

@@ -27,7 +27,6 @@ from .conftest import (
     T29UNU,
     S3Server,
     check_result,
-    make_l1c_safe,
 )
 
 
@@ -136,7 +135,6 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
     missing_band = _broken_copy(service, "missing_band")
     for path in missing_band.glob("GRANULE/*/IMG_DATA/R60m/*_B11_60m.jp2"):
         path.unlink()
-    l1c = make_l1c_safe(service.scratch / "l1c")
     corrupt = _broken_copy(service, "corrupt")
     jp2 = next(corrupt.glob("GRANULE/*/IMG_DATA/R60m/*_B03_60m.jp2"))
     jp2.write_bytes(jp2.read_bytes()[:3000])
@@ -220,7 +218,12 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
         ("missing band", inputs(product=str(missing_band)), 422, "lacks band(s) B11"),
         ("corrupt JP2", inputs(product=str(corrupt)), 422, "B03"),
         ("level other than requested", inputs(product=p, level="L1C"), 422, "is L2A, not L1C"),
-        ("level without a model", inputs(product=str(l1c)), 422, "no model for L1C"),
+        (
+            "model for another level",
+            inputs(product=p, model="kappamask_l1c"),
+            422,
+            "is for L1C products, not L2A",
+        ),
         ("unknown model", inputs(product=p, model="kappamask_nope"), 422, "is not served"),
         (
             "bbox outside the product",

@@ -3,7 +3,9 @@
 Used where Triton has no onnxruntime backend (the tritonserver of the nvidia-pytriton
 wheel on CPU hosts). Each model version directory links its model.py here. Tensor names
 and dtypes are those of the TensorRT and onnxruntime deployments: ``input`` FP16
-[N, C, 512, 512] in, ``classes`` and ``confidence`` UINT8 [N, 512, 512] out.
+[N, C, 512, 512] in, ``classes`` and ``confidence`` UINT8 [N, 512, 512] out. The config
+parameter ``onnx_file`` picks the file of the version folder (``model.int8.onnx`` where
+`kappamask quantize` produced an accepted INT8 variant; ``model.onnx`` otherwise).
 """
 
 import json
@@ -20,7 +22,9 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        path = os.path.join(
+            args["model_repository"], args["model_version"], params.get("onnx_file", "model.onnx")
+        )
         options = ort.SessionOptions()
         threads = int(
             os.environ.get("KAPPAMASK_ORT_THREADS", params.get("ort_intra_op_threads", "0"))

