@@ -303,8 +303,12 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     proc = subprocess.Popen(cmd)
     _pid, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{tool} failed (exit {os.waitstatus_to_exitcode(status)})")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        # a tool that dies is a result too (-9: killed, on Linux most often out of memory)
+        report.unlink(missing_ok=True)
+        return {"tool": tool, "failed": f"exit {code}", "wall_s": round(wall, 1),
+                "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}  # fmt: skip
     result = json.loads(report.read_text())
     report.unlink()
     result.update(tool=tool, wall_s=round(wall, 1), peak_rss_gb=round(usage.ru_maxrss / 2**20, 2))
@@ -322,6 +326,10 @@ def _table(results: list[dict[str, Any]]) -> str:
         rows = [(r["tool"], r["wall_s"])]
         if r["tool"] == "onnxruntime":
             rows = [(f"onnxruntime {k} (model only)", v) for k, v in r["model_seconds"].items()]
+        if "failed" in r:
+            lines.append(f"| {r['tool']} | failed ({r['failed']}) after {r['wall_s']:.0f} s "
+                         f"| {r['peak_rss_gb']:.2f} | | |")  # fmt: skip
+            continue
         for name, wall in rows:
             crops = f"{r['crops'] / wall:.2f}" if r.get("crops") and wall else ""
             ratio = f"{wall / ours:.2f}x" if ours else ""
