@@ -46,6 +46,16 @@ def _out_option(help_text: str) -> Callable[[F], F]:
     )
 
 
+def _out_file_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--out",
+        "out_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=True,
+        help=help_text,
+    )
+
+
 def _resolution_option(default: str) -> Callable[[F], F]:
     return click.option(
         "--resolution",
@@ -288,13 +298,7 @@ def install_model_command(
     help="Real product (SAFE) of the model's level to calibrate and check on; repeatable.",
 )
 @_resolution_option("10")
-@click.option(
-    "--out",
-    "out_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Where to write MODEL.int8.onnx (only if accepted).",
-)
+@_out_file_option("Where to write MODEL.int8.onnx (only if accepted).")
 @click.option("--max-crops", type=int, default=32, show_default=True, help="Crops read in all.")
 @click.option(
     "--composites/--no-composites",
@@ -318,7 +322,8 @@ def quantize_command(
     repository: Path | None,
 ) -> None:
     """INT8 variant of a model for CPU hosts, accepted only if its classes agree with
-    the FP32 model on at least 99.5 % of held-out real pixels."""
+    the FP32 model on at least 99.5 % of held-out pixels (real crops, and the same crops
+    under synthetic clouds)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model, spec_from_onnx
     from kappamask.model.quantize import MIN_AGREEMENT, quantize_and_check
 
@@ -353,13 +358,7 @@ def quantize_command(
 @main.command("import-keras")
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--level", type=click.Choice(LEVELS), required=True, help="L1C or L2A model.")
-@click.option(
-    "--out",
-    "out_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Where to write MODEL.onnx.",
-)
+@_out_file_option("Where to write MODEL.onnx.")
 @click.option(
     "--filters", type=int, default=None, help="Expected base filters (read from the file)."
 )

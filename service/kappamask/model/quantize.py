@@ -238,9 +238,7 @@ def quantize_and_check(
         # a clear product alone would check only the easy case: add each crop once more
         # with synthetic clouds, cirrus and shadows drawn over it
         rng = np.random.default_rng(seed)
-        crops += [
-            compose(c, np.abs(c).max(axis=0) > 0, features, max_v, rng)[0] for c in crops
-        ]
+        crops += [compose(c, np.abs(c).max(axis=0) > 0, features, max_v, rng)[0] for c in crops]
     calibration, check = crops[0::2], crops[1::2]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = None
