@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -177,18 +177,11 @@ def work_kappamask(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _valid_crops(
-    safe: Path, features: tuple[str, ...], max_v: tuple[float, ...]
-) -> Iterator[np.ndarray]:
-    from kappamask.model.quantize import real_crops
-
-    yield from real_crops([safe], features, max_v, 10)
-
-
 def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
     from kappamask.inference.repository import DEFAULT_REPOSITORY, INT8_FILE, spec_from_onnx
+    from kappamask.model.quantize import real_crops
 
     version_dir = DEFAULT_REPOSITORY / "kappamask_l1c" / "1"
     spec = spec_from_onnx(version_dir / "model.onnx")
@@ -200,7 +193,7 @@ def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
             )
     seconds = dict.fromkeys(sessions, 0.0)
     crops = 0
-    for crop in _valid_crops(safe, spec.features, spec.max_v):
+    for crop in real_crops([safe], spec.features, spec.max_v, 10):
         if args.floor_crops and crops >= args.floor_crops:
             break
         x = {"input": crop[None]}

@@ -187,25 +187,35 @@ def _seconds_per_crop(session: object, crops: Sequence[np.ndarray], repeats: int
     return (time.perf_counter() - started) / repeats
 
 
+def _classes(session: object, crops: Sequence[np.ndarray]) -> list[np.ndarray]:
+    run = session.run  # type: ignore[attr-defined]
+    return [run([OUTPUT_CLASSES], {INPUT_NAME: c[None].astype(np.float32)})[0][0] for c in crops]
+
+
+def _agreement(
+    reference: Sequence[np.ndarray], other: Sequence[np.ndarray], crops: Sequence[np.ndarray]
+) -> tuple[int, float]:
+    """Pixels with data in ``crops`` and the share of them where the classes are equal."""
+    equal = total = 0
+    for a, b, crop in zip(reference, other, crops, strict=True):
+        has_data = np.abs(crop).max(axis=0) > 0
+        equal += int((a == b)[has_data].sum())
+        total += int(has_data.sum())
+    if total == 0:
+        raise InvalidInputError("no check crop with valid pixels")
+    return total, equal / total
+
+
 def compare(
     fp32_path: Path, int8_path: Path, crops: Sequence[np.ndarray], timing_repeats: int = 4
 ) -> tuple[int, float, float, float]:
     """Pixels compared, share with equal classes (pixels with data only), and seconds
     per crop of both models."""
     fp32, int8 = _session(fp32_path), _session(int8_path)
-    equal = total = 0
-    for crop in crops:
-        x = {INPUT_NAME: crop[None].astype(np.float32)}
-        a = fp32.run([OUTPUT_CLASSES], x)[0]  # type: ignore[attr-defined]
-        b = int8.run([OUTPUT_CLASSES], x)[0]  # type: ignore[attr-defined]
-        has_data = np.abs(crop).max(axis=0) > 0
-        equal += int((a[0] == b[0])[has_data].sum())
-        total += int(has_data.sum())
-    if total == 0:
-        raise InvalidInputError("no check crop with valid pixels")
+    pixels, share = _agreement(_classes(fp32, crops), _classes(int8, crops), crops)
     return (
-        total,
-        equal / total,
+        pixels,
+        share,
         _seconds_per_crop(fp32, crops, timing_repeats),
         _seconds_per_crop(int8, crops, timing_repeats),
     )
@@ -241,11 +251,17 @@ def quantize_and_check(
         crops += [compose(c, np.abs(c).max(axis=0) > 0, features, max_v, rng)[0] for c in crops]
     calibration, check = crops[0::2], crops[1::2]
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    # the FP32 side of every comparison is the same: run and time it once
+    fp32 = _session(fp32_path)
+    reference = _classes(fp32, check)
+    t32 = _seconds_per_crop(fp32, check, timing_repeats)
     report = None
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         for fp32_layers in FP32_LADDER:
             staged = quantize(fp32_path, Path(tmp) / out_path.name, calibration, fp32_layers)
-            pixels, agreement, t32, t8 = compare(fp32_path, staged, check, timing_repeats)
+            int8 = _session(staged)
+            pixels, agreement = _agreement(reference, _classes(int8, check), check)
+            t8 = _seconds_per_crop(int8, check, timing_repeats)
             report = QuantizeReport(
                 len(calibration), len(check), tuple(fp32_layers), pixels, agreement, t32, t8
             )
