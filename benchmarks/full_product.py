@@ -330,9 +330,15 @@ def _table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Pipeline stages in the order of the data flow; the client's stages overlap Triton's.
+STAGE_ORDER = ("decode", "resample", "inference_wait", "mosaic", "cog", "stac", "publish")
+
+
 def _stages(result: dict[str, Any]) -> str:
     lines = ["| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in result.get("stages", {}).items()]
+    stages = result.get("stages", {})
+    order = sorted(stages, key=lambda k: STAGE_ORDER.index(k) if k in STAGE_ORDER else 99)
+    lines += [f"| {k} | {stages[k]:.1f} |" for k in order]
     lines += [f"| triton {k} | {v:.1f} |" for k, v in result.get("triton", {}).items()]
     if "triton_peak_rss_gb" in result:
         lines.append(f"| Triton + stubs peak RSS (GB) | {result['triton_peak_rss_gb']:.2f} |")

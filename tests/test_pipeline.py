@@ -119,6 +119,47 @@ def test_bbox_and_aoi_limit_the_output_and_the_crops(client: TritonClient, tmp_p
     assert not any((tmp_path / "far").glob("*KAPPAMASK*"))
 
 
+def test_chunks_outside_the_aoi_are_neither_read_nor_sent(
+    client: TritonClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An L-shaped AOI over the whole tile at 10 m: the far corner's chunks are skipped."""
+    import numpy as np
+    import rasterio
+    from rasterio.warp import transform_geom
+    from rasterio.windows import Window
+
+    from kappamask.reader import BandReader, output_grid
+    from kappamask.sources import open_safe
+
+    grid = output_grid(open_safe(T29UNU), 10)
+    left, bottom, right, top = grid.bounds
+    arm = 4000.0  # metres: 400 px along the west and north edges
+    ring = [
+        (left, top), (right, top), (right, top - arm), (left + arm, top - arm),
+        (left + arm, bottom), (left, bottom), (left, top),
+    ]  # fmt: skip
+    aoi = transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
+    windows: list[Window] = []
+    original = BandReader.read
+
+    def recording(self: BandReader, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        windows.append(window)
+        return original(self, window)
+
+    monkeypatch.setattr(BandReader, "read", recording)
+    result = run(str(T29UNU), tmp_path, client, RunOptions(10, aoi=dict(aoi)))
+    assert result.crops_total == 49
+    # the first crop row and column, less the crops of the no-data wedge
+    assert 0 < result.crops_inferred <= 13
+    assert 0 < len(windows) < 14  # 7 strips x 2 chunks, the far ones skipped
+    margin = 5  # px: the reprojected AOI's edges are not exactly the grid's
+    assert all(w.col_off < 400 + margin or w.row_off < 400 + margin for w in windows)
+    with rasterio.open(result.mask) as src:
+        mask = src.read(1)
+    assert (mask[400 + margin :, 400 + margin :] == 0).all()
+    assert (mask[: 400 - margin, : 400 - margin] != 0).any()
+
+
 def test_a_level_without_a_served_model(l1c_safe: Path, tmp_path: Path) -> None:
     """A Triton that serves only the L2A model: an L1C product gets "no model for L1C"."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY

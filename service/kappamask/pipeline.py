@@ -1,8 +1,10 @@
 """source -> reader -> tiler -> Triton -> mosaic -> COG + STAC -> sink, with progress.
 
-The raster is processed in strips of one crop row: while Triton works on the crops of
-one strip, the next strip is read and resampled, and finished rows of the mosaic are
-written out and freed, so memory does not grow with the product.
+The raster is processed in strips of one crop row, each read in chunks of a few crops:
+while Triton works on submitted crops, the next chunk is read and resampled (at most
+MAX_IN_FLIGHT crops wait for Triton, so the reader cannot run ahead and pile up strips),
+and finished rows of the mosaic are written out and freed. Memory does not grow with
+the product's height, and little with its width.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,12 @@ ProgressFn = Callable[[int, str], None]
 CancelledFn = Callable[[], bool]
 
 PROGRESS_START, PROGRESS_INFERENCE_END, PROGRESS_END = 5, 88, 95
+
+#: Crops of a row read together: one read per chunk, not one per strip, bounds memory.
+CHUNK_CROPS = 6
+#: Crops submitted and not yet answered before the reader waits: enough for Triton to
+#: batch while the reader decodes the next rows of the band files.
+MAX_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -189,28 +197,45 @@ def _infer_all(
     crops = mosaic.crops
     total = len(crops)
     inferred = done = 0
-    pending: (
-        tuple[int, np.ndarray, list[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]] | None
-    ) = None
-    with BandReader(product, model.features, model.max_v, grid, options.resampling) as reader:
+    pending: tuple[int, np.ndarray, list[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]] | None
+    pending = None
+    in_flight: list[Future[tuple[np.ndarray, np.ndarray]]] = []
+    with BandReader(
+        product, model.features, model.max_v, grid, options.resampling, dtype=np.float16
+    ) as reader:
         substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
         for row, y in enumerate(crops.rows):
-            if cancelled():
-                raise CancelledError("job cancelled")
-            t0 = time.monotonic()
             height = min(crops.size, grid.height - y.start)
-            window = Window(0, y.start, grid.width, height)
-            features, valid = reader.read(window)
-            if local_area is not None:
-                valid &= area_mask(grid, local_area, window)
-            _add(timings, "read", time.monotonic() - t0)
+            valid = np.zeros((height, grid.width), dtype=bool)
             futures = []
-            for crop in crops.row_crops(row):
-                crop_valid = extract(valid, crop.x)
-                if crop_valid.any():  # crops without a valid pixel are never sent
-                    futures.append((crop.col, client.submit(model.name, extract(features, crop.x))))
+            row_crops = crops.row_crops(row)
+            for first in range(0, len(row_crops), CHUNK_CROPS):
+                if cancelled():
+                    raise CancelledError("job cancelled")
+                chunk = row_crops[first : first + CHUNK_CROPS]
+                t0 = time.monotonic()
+                in_flight = _throttle(in_flight, MAX_IN_FLIGHT)
+                t1 = time.monotonic()
+                _add(timings, "inference_wait", t1 - t0)
+                col0 = chunk[0].x.start
+                col1 = min(grid.width, chunk[-1].x.start + crops.size)
+                window = Window(col0, y.start, col1 - col0, height)
+                in_area = None if local_area is None else area_mask(grid, local_area, window)
+                if in_area is not None and not in_area.any():
+                    continue  # outside the AOI: not read, not sent, MISSING in the mask
+                features, chunk_valid = reader.read(window)
+                if in_area is not None:
+                    chunk_valid &= in_area
+                valid[:, col0:col1] = chunk_valid
+                _add(timings, "read", time.monotonic() - t1)  # split below
+                for crop in chunk:
+                    x = replace(crop.x, start=crop.x.start - col0)
+                    if extract(chunk_valid, x).any():  # crops without a valid pixel: never sent
+                        future = client.submit(model.name, extract(features, x))
+                        futures.append((crop.col, future))
+                        in_flight.append(future)
+                del features
             inferred += len(futures)
-            del features
             if pending is not None:
                 mosaic.finish_row(*pending)
                 done += len(crops.cols)
@@ -221,8 +246,23 @@ def _infer_all(
             pending = (row, valid, futures)
         if pending is not None:
             mosaic.finish_row(*pending)
+        # Reading is decoding the band files, then resampling and normalising.
+        read = timings.pop("read", 0.0)
+        timings["decode"] = reader.decode_seconds
+        timings["resample"] = max(0.0, read - reader.decode_seconds)
     progress(PROGRESS_INFERENCE_END, f"{total}/{total} crops")
     return inferred, substitutions
+
+
+def _throttle(
+    futures: list[Future[tuple[np.ndarray, np.ndarray]]], limit: int
+) -> list[Future[tuple[np.ndarray, np.ndarray]]]:
+    """Wait until at most ``limit`` of ``futures`` are unanswered; return those."""
+    open_ = [f for f in futures if not f.done()]
+    while len(open_) > limit:
+        wait(open_, return_when=FIRST_COMPLETED)
+        open_ = [f for f in open_ if not f.done()]
+    return open_
 
 
 def _reuse(

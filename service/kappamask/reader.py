@@ -1,16 +1,28 @@
 """Windowed reads of a product's bands, resampled to the output grid and normalised.
 
-Each band file is opened once; a window of the output grid is read through a GDAL warped
-VRT that resamples (Lanczos, the windowed sinc of the paper, or bilinear) and keeps
-no-data pixels (DN 0) out of the resampling kernel, so the swath edge does not ring.
-Bands already on the output grid are read as they are: a warp at identity changes no
-value and costs as much as a resampling one.
+Each band file is opened once and, for reads that walk down the grid strip by strip,
+decoded once: whole rows of the file's blocks are kept until the strips have passed them
+(a window that cuts through a JPEG 2000 tile makes GDAL decode that tile again for every
+strip that touches it: three times the decoding of a full product). Resampling is
+Lanczos (the windowed sinc of the paper) or bilinear, with no-data pixels (DN 0) kept out
+of the kernel so the swath edge does not ring. A band is read in one of four ways,
+cheapest first:
+
+- already on the output grid: read as it is (a warp at identity changes no value);
+- on a coarser grid of the same tile (20 m or 60 m onto 10 m): the window plus a kernel
+  margin is read at native resolution and upsampled by ``kappamask.regrid``;
+- on a finer grid of the same tile (10 m onto 20 m or 60 m): averaged over each output
+  pixel by ``kappamask.regrid`` (an area mean whatever the chosen kernel);
+- anything else (another CRS or origin, a ratio that is not an integer): a GDAL warped
+  VRT.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,17 +37,19 @@ from rasterio.windows import Window
 
 from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE, RESOLUTIONS
 from kappamask.errors import InvalidInputError, ProductError
+from kappamask.regrid import RADIUS, downsample, upsample
 from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)
 
 RESAMPLING = {"lanczos": Resampling.lanczos, "bilinear": Resampling.bilinear}
 
-#: GDAL settings of every read: threads for JPEG 2000 decoding, a block cache that
-#: holds a strip of every band, and no directory listing on remote files.
+#: GDAL settings of every read: threads for JPEG 2000 decoding, a block cache for the
+#: warped reads (aligned bands keep their own decoded rows, see BlockRows), and no
+#: directory listing on remote files.
 GDAL_ENV = {
     "GDAL_NUM_THREADS": "ALL_CPUS",
-    "GDAL_CACHEMAX": 512,
+    "GDAL_CACHEMAX": 192,
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
 }
 
@@ -121,8 +135,9 @@ class BandReader:
     """Reads normalised model features for windows of the output grid.
 
     Use as a context manager; ``read(window)`` returns ``(features, valid)`` with
-    ``features`` float32 [C, h, w] (invalid pixels 0) and ``valid`` bool [h, w]: a pixel
-    is valid where every spectral feature has data.
+    ``features`` [C, h, w] of ``dtype`` (invalid pixels 0) and ``valid`` bool [h, w]: a
+    pixel is valid where every spectral feature has data. The pipeline asks for float16,
+    the precision the model receives, which halves a strip's memory.
     """
 
     def __init__(
@@ -132,6 +147,7 @@ class BandReader:
         max_v: Sequence[float],
         grid: Grid,
         resampling: str = "lanczos",
+        dtype: type[np.floating] = np.float32,
     ) -> None:
         if resampling not in RESAMPLING:
             raise InvalidInputError(f"resampling must be one of {sorted(RESAMPLING)}")
@@ -142,9 +158,13 @@ class BandReader:
         self.max_v = tuple(float(v) for v in max_v)
         self.grid = grid
         self.resampling = RESAMPLING[resampling]
+        self.resampling_name = resampling
+        self.dtype = dtype
         self.layers = resolve_features(product, features)
         self._stack = ExitStack()
         self._vrts: dict[str, WarpedVRT | rasterio.io.DatasetReader] = {}
+        self._factors: dict[str, int] = {}
+        self._rows: dict[str, BlockRows] = {}
 
     def __enter__(self) -> BandReader:
         self._stack.enter_context(self.product.rasterio_env(**GDAL_ENV))
@@ -152,8 +172,11 @@ class BandReader:
             for layer in dict.fromkeys(self.layers.values()):
                 path, _res = self.product.band_path(layer, int(self.grid.resolution))
                 src = self._stack.enter_context(rasterio.open(path))
-                if self._on_grid(src):
+                factor = self._alignment(src)
+                if factor:
                     self._vrts[layer] = src
+                    self._factors[layer] = factor
+                    self._rows[layer] = BlockRows(src)
                     continue
                 self._vrts[layer] = self._stack.enter_context(
                     WarpedVRT(
@@ -176,13 +199,32 @@ class BandReader:
     def __exit__(self, *exc_info: object) -> None:
         self._stack.close()
 
-    def _on_grid(self, src: rasterio.io.DatasetReader) -> bool:
-        return bool(
-            src.crs is not None
-            and src.crs.to_string() == self.grid.crs
-            and src.transform.almost_equals(self.grid.transform)
-            and (src.width, src.height) == (self.grid.width, self.grid.height)
-        )
+    @property
+    def decode_seconds(self) -> float:
+        """Time spent decoding band files so far (warped reads decode inside the warp)."""
+        return sum(rows.decode_seconds for rows in self._rows.values())
+
+    def _alignment(self, src: rasterio.io.DatasetReader) -> int:
+        """How the band's grid relates to the output grid, which shares its origin.
+
+        ``k > 1``: each band pixel covers k x k output pixels (upsample); ``1``: the same
+        grid; ``-k``: each output pixel covers k x k band pixels (downsample); ``0``: not
+        aligned (another CRS or origin, a non-integer ratio), so the warper resamples.
+        """
+        if src.crs is None or src.crs.to_string() != self.grid.crs:
+            return 0
+        t, g = src.transform, self.grid.transform
+        coarser = t.a >= g.a
+        factor = int(round(t.a / g.a) if coarser else round(g.a / t.a))
+        scale = factor if coarser else 1.0 / factor
+        same_origin = abs(t.c - g.c) < g.a * 1e-6 and abs(t.f - g.f) < g.a * 1e-6
+        if factor < 1 or not same_origin:
+            return 0
+        if not t.almost_equals(Affine(g.a * scale, 0.0, g.c, 0.0, g.e * scale, g.f)):
+            return 0
+        if factor == 1 and (src.width, src.height) != (self.grid.width, self.grid.height):
+            return 0
+        return factor if coarser else -factor
 
     def _read_layer(self, layer: str, window: Window) -> np.ndarray:
         """One layer's window as float32, NaN where there is no data."""
@@ -190,16 +232,38 @@ class BandReader:
         if isinstance(source, WarpedVRT):
             data: np.ndarray = source.read(1, window=window)
             return data
-        data = source.read(1, window=window, out_dtype="float32")
-        data[data == 0] = np.nan
-        return data
+        factor = self._factors[layer]
+        rows = self._rows[layer]
+        if factor == 1:
+            return rows.read(window)
+        out_rows = (int(window.row_off), int(window.row_off + window.height))
+        out_cols = (int(window.col_off), int(window.col_off + window.width))
+        if factor < 0:
+            k = -factor
+            row0, col0 = out_rows[0] * k, out_cols[0] * k
+            row1 = min(out_rows[1] * k, source.height)
+            col1 = min(out_cols[1] * k, source.width)
+            fine = rows.read(Window(col0, row0, col1 - col0, row1 - row0))
+            return downsample(fine, k, out_rows, out_cols, origin=(row0, col0))
+        # Source pixels under the window plus the kernel's reach on either side.
+        margin = RADIUS[self.resampling_name] + 1
+        row0 = max(out_rows[0] // factor - margin, 0)
+        col0 = max(out_cols[0] // factor - margin, 0)
+        row1 = min(-(-out_rows[1] // factor) + margin, source.height)
+        col1 = min(-(-out_cols[1] // factor) + margin, source.width)
+        native = rows.read(Window(col0, row0, col1 - col0, row1 - row0))
+        return upsample(
+            native, factor, self.resampling_name, out_rows, out_cols, origin=(row0, col0)
+        )
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Read ``window`` of the grid: normalised features and the validity mask."""
         h, w = int(window.height), int(window.width)
-        out = np.zeros((len(self.features), h, w), dtype=np.float32)
+        out = np.zeros((len(self.features), h, w), dtype=self.dtype)
         valid = np.ones((h, w), dtype=bool)
         cache: dict[str, np.ndarray] = {}
+        # A layer stays decoded only while a later feature (a substitute) still needs it.
+        uses = Counter(self.layers.values())
         for i, (feature, max_v) in enumerate(zip(self.features, self.max_v, strict=True)):
             layer = self.layers[feature]
             if layer not in cache:
@@ -210,7 +274,8 @@ class BandReader:
                         f"cannot decode {layer} of {self.product.product_id} "
                         f"(corrupt or truncated file?): {err}"
                     ) from err
-            dn = cache[layer].copy()
+            uses[layer] -= 1
+            dn = cache.pop(layer) if uses[layer] == 0 else cache[layer].copy()
             nodata = np.isnan(dn)
             gain = self.product.gains.get(layer, 1.0)
             if gain != 1.0:
@@ -223,3 +288,49 @@ class BandReader:
             out[i] = normalise(dn, offset, max_v)
         out[:, ~valid] = 0.0
         return out, valid
+
+
+class BlockRows:
+    """Decoded rows of one band file, read in whole rows of its blocks and kept while needed.
+
+    ``read(window)`` returns the window as float32 with NaN for DN 0. Rows are decoded
+    across the full width of the file, so windows side by side on the same rows share
+    them; rows above a window are dropped, so a top-to-bottom walk holds at most the
+    rows under one strip plus one row of blocks, and every block is decoded once. A
+    window above the kept rows decodes them again.
+    """
+
+    def __init__(self, src: rasterio.io.DatasetReader) -> None:
+        self.src = src
+        self.block_height = src.block_shapes[0][0]
+        #: Seconds spent decoding, for the pipeline's stage timings.
+        self.decode_seconds = 0.0
+        self._top = 0
+        self._data: np.ndarray = np.empty((0, src.width), dtype=src.dtypes[0])
+
+    def read(self, window: Window) -> np.ndarray:
+        row0, row1 = int(window.row_off), int(window.row_off + window.height)
+        col0, col1 = int(window.col_off), int(window.col_off + window.width)
+        kept_bottom = self._top + self._data.shape[0]
+        bottom = min(-(-row1 // self.block_height) * self.block_height, self.src.height)
+        if row0 < self._top or row0 >= kept_bottom:
+            top = row0 // self.block_height * self.block_height
+            self._data, self._top = self._decode(top, bottom), top
+        elif row1 > kept_bottom:
+            more = self._decode(kept_bottom, bottom)
+            self._data = np.concatenate([self._data[row0 - self._top :], more])
+            self._top = row0
+        elif row0 > self._top:
+            # A copy, so the rows above are freed rather than kept alive by a view.
+            self._data = self._data[row0 - self._top :].copy()
+            self._top = row0
+        part = self._data[row0 - self._top : row1 - self._top, col0:col1]
+        out = part.astype(np.float32)
+        out[part == 0] = np.nan
+        return out
+
+    def _decode(self, top: int, bottom: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        data: np.ndarray = self.src.read(1, window=Window(0, top, self.src.width, bottom - top))
+        self.decode_seconds += time.perf_counter() - t0
+        return data
