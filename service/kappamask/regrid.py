@@ -98,12 +98,11 @@ def upsample(
     data; pixels beyond it count as no data, so the caller passes ``RADIUS`` source pixels
     of margin around the window wherever the band has them. ``rows`` and ``cols`` are the
     half-open output window on the fine grid. Returns float32 with NaN where no valid tap
-    carries weight or where the source pixel under the output pixel has no data (the
-    warper's rule: no-data areas do not shrink).
+    carries weight or where the source pixel under the output pixel has no data, so
+    no-data areas never shrink (GDAL's warper blanks a few more edge pixels than this).
     """
     valid = ~np.isnan(source)
-    values = np.where(valid, source, 0.0).astype(np.float32)
-    weight = valid.astype(np.float32)
+    values = np.where(valid, source, np.float32(0.0)).astype(np.float32, copy=False)
     out_rows = (rows[0] - origin[0] * factor, rows[1] - rows[0])
     out_cols = (cols[0] - origin[1] * factor, cols[1] - cols[0])
 
@@ -123,7 +122,7 @@ def upsample(
         )
         total = np.outer(along_rows, along_cols)
     else:
-        total = filtered(weight)
+        total = filtered(valid.astype(np.float32))
     low = total < MIN_WEIGHT
     total[low] = 1.0
     result /= total
