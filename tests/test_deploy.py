@@ -79,6 +79,32 @@ def test_compose_services_and_ordering(compose: dict[str, Any]) -> None:
     assert api["ports"] == ["5000:5000"]
 
 
+def test_compose_fetches_the_official_weights_before_triton(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    weights = services["weights"]
+    assert set(weights["profiles"]) == {"gpu", "cpu"} and weights["restart"] == "no"
+    assert "./triton_models:/models" in weights["volumes"]
+    script = " ".join(weights["command"])
+    assert "kappamask fetch-weights --level all --repository /models" in script
+    assert (
+        weights["environment"]["KAPPAMASK_OFFICIAL_WEIGHTS"] == "${KAPPAMASK_OFFICIAL_WEIGHTS:-1}"
+    )
+    for name in ("engines", "triton-cpu"):
+        assert services[name]["depends_on"]["weights"] == {
+            "condition": "service_completed_successfully"
+        }
+
+
+def test_models_image_fetches_the_official_weights_unless_told_not_to() -> None:
+    text = (DEPLOY / "Dockerfile.models").read_text()
+    assert re.search(r"^ARG KAPPAMASK_OFFICIAL_WEIGHTS=1$", text, flags=re.M)
+    run = text.split("\nRUN ", 1)[1].split("\nFROM ", 1)[0]
+    assert 'if [ "$KAPPAMASK_OFFICIAL_WEIGHTS" = "1" ]' in run
+    assert "kappamask fetch-weights --level all" in run and "--repository /src/triton_models" in run
+    final = text.split("\nFROM ")[-1]
+    assert "COPY --from=weights /src/triton_models /triton_models" in final
+
+
 def test_compose_only_the_api_is_published(compose: dict[str, Any]) -> None:
     published = {name for name, svc in compose["services"].items() if svc.get("ports")}
     assert published == {"api"}

@@ -18,7 +18,7 @@ from kappamask.model.export import export_onnx  # noqa: E402
 from kappamask.model.labels import scl_to_mask  # noqa: E402
 from kappamask.model.losses import generalised_dice_loss, masked_bce  # noqa: E402
 from kappamask.model.metrics import agreement  # noqa: E402
-from kappamask.model.train import TrainConfig, train  # noqa: E402
+from kappamask.model.train import FitConfig, TrainConfig, train  # noqa: E402
 from kappamask.model.unet import UNet  # noqa: E402
 
 from .conftest import T29UNU  # noqa: E402
@@ -132,11 +132,7 @@ def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
     config = TrainConfig(
         product=str(T29UNU),
         base_filters=4,
-        crop=64,
-        batch_size=2,
-        steps_per_epoch=3,
-        max_epochs=1,
-        loss="gdl+bce",
+        fit=FitConfig(crop=64, batch_size=2, steps_per_epoch=3, max_epochs=1, loss="gdl+bce"),
     )
     model, holdout = train(config, tmp_path)
     assert (tmp_path / "checkpoint.pt").exists()
@@ -146,7 +142,7 @@ def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
     assert 0.0 <= holdout["scl"]["overall_accuracy"] <= 1.0 and holdout["scl"]["pixels"] > 1000
     assert json.loads((tmp_path / "holdout.json").read_text()) == holdout
     # a second call resumes after the saved epoch
-    config.max_epochs = 2
+    config.fit.max_epochs = 2
     train(config, tmp_path)
     assert len(list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))) == 2
     path = export_onnx(model, "L2A", L2A_FEATURES, L2A_MAX_V, "tiny", tmp_path / "model.onnx")

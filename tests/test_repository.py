@@ -40,7 +40,7 @@ def test_install_writes_cpu_and_gpu_configs(tmp_path: Path) -> None:
     repo.mkdir()
     (repo / PYTHON_MODEL_FILE).write_text("# model")
     onnx_path = _tiny_onnx(
-        tmp_path / "m.onnx", model_metadata("L2A", L2A_FEATURES, L2A_MAX_V, "v-test")
+        tmp_path / "m.onnx", model_metadata("L2A", L2A_FEATURES, L2A_MAX_V, "v-test", "bootstrap")
     )
     model_dir = install_model(onnx_path, repo)
     assert model_dir == repo / "kappamask_l2a"

@@ -3,6 +3,8 @@ subprocess, talking to a real tritonserver."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -17,7 +19,8 @@ import pytest
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
-from kappamask.inference.repository import DEFAULT_REPOSITORY
+from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
+from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
 from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import (
@@ -111,6 +114,16 @@ def test_process_is_listed_and_described(service: Service) -> None:
 
 
 @pytest.mark.parametrize("product", [T29UNU, T22HBD], ids=["T29UNU", "T22HBD"])
+def test_start_up_log_names_the_weights(service: Service) -> None:
+    log = service.log.read_text()
+    for level, name in (("L1C", "kappamask_l1c"), ("L2A", "kappamask_l2a")):
+        onnx_file = DEFAULT_REPOSITORY / name / "1" / "model.onnx"
+        version = spec_from_onnx(onnx_file).version_label
+        digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
+        assert f"{level}: {name} {version}, bootstrap weights, ONNX sha256 {digest}" in log
+        assert f"{level} masks come from bootstrap weights, not KappaZeta's" in log
+
+
 def test_sync_execution_returns_the_hrefs(
     service: Service, product: Path, stac_validator: JsonSchemaSTACValidator
 ) -> None:
@@ -122,6 +135,17 @@ def test_sync_execution_returns_the_hrefs(
     assert result["mask"].endswith("_KAPPAMASK.tif")
     check_result(Path(result["item"]), product, 60, stac_validator)
     assert set(result["class_percentages"]) >= {"clear", "cloud", "cloud_shadow", "missing"}
+    # the result names the weights that made it: the served L2A model's own file
+    onnx_file = DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / "model.onnx"
+    assert result["model_provenance"] == {
+        "name": "kappamask_l2a",
+        "version": result["model_version"],
+        "origin": ORIGIN_BOOTSTRAP,
+        "onnx_sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
+    }
+    item = json.loads(Path(result["item"]).read_text())
+    assert item["properties"]["kappamask:model"] == result["model_provenance"]
+    assert "not KappaZeta's published ones" in item["properties"]["processing:lineage"]
 
 
 def _broken_copy(service: Service, name: str) -> Path:

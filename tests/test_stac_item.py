@@ -54,6 +54,9 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     assert props["eo:cloud_cover"] == pytest.approx(100 / 3, abs=1e-3)
     assert props["kappamask:missing_percentage"] == 25.0
     assert props["processing:software"]["kappamask_l2a"] == "bootstrap-test"
+    assert props["kappamask:model"] == {"name": "kappamask_l2a", "version": "bootstrap-test",
+                                        "origin": "unknown", "onnx_sha256": ""}  # fmt: skip
+    assert "weights of unrecorded origin" in props["processing:lineage"]
     assert props["kappamask:substituted_bands"] == {"B08": "B8A"}
     classes = data["assets"]["mask"]["classification:classes"]
     assert [c["value"] for c in classes] == [0, 1, 2, 3, 4]

@@ -242,3 +242,35 @@ def test_composites_over_a_cloudy_product_keep_its_own_labels() -> None:
         feats, labels = source.train_crop(128, rng)
         assert feats.shape == (13, 128, 128)
         assert set(np.unique(labels).tolist()) <= {0, 1, 2, 3, 4, 5}
+
+
+def test_side_by_side_on_a_real_l2a_product(tmp_path: Path) -> None:
+    """`evaluate --side-by-side`: the mask here is SCL itself, so the Sen2Cor pair must
+    agree perfectly; ukis-csmask is run on the same grid and must find T29UNU's clouds;
+    the picture has the true colour and the three masks."""
+    from kappamask.model.labels import read_scl_labels
+    from kappamask.reader import output_grid
+    from kappamask.sources import open_safe
+
+    product = open_safe(T29UNU)
+    grid = output_grid(product, 60)
+    scl = read_scl_labels(product, grid)
+    scl[scl == MaskClass.UNDEFINED] = MaskClass.CLEAR  # a mask has no UNDEFINED
+    with rasterio.open(tmp_path / "mask.tif", "w", driver="GTiff", width=grid.width,
+                       height=grid.height, count=1, dtype="uint8", crs=grid.crs,
+                       transform=grid.transform) as dst:  # fmt: skip
+        dst.write(scl, 1)
+    args = ["evaluate", "--side-by-side", str(T29UNU), str(tmp_path / "mask.tif"),
+            "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")]  # fmt: skip
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert set(result) == {"kappamask vs ukis-csmask", "kappamask vs sen2cor",
+                           "ukis-csmask vs sen2cor"}  # fmt: skip
+    assert result["kappamask vs sen2cor"]["overall_accuracy"] == 1.0
+    ukis = result["ukis-csmask vs sen2cor"]["two_class"]["classes"]["cloud"]
+    assert ukis["dice"] > 0.7, ukis  # SCL and ukis-csmask agree on the thick clouds
+    from PIL import Image
+
+    with Image.open(tmp_path / "r.png") as png:
+        assert png.size[0] > 3 * png.size[1]  # four panels in a row

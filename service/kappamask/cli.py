@@ -287,6 +287,39 @@ def install_model_command(
         raise click.ClickException(str(err)) from err
 
 
+@main.command("fetch-weights")
+@click.option(
+    "--level",
+    type=click.Choice([*LEVELS, "all"]),
+    default="all",
+    show_default=True,
+    help="Which model's weights.",
+)
+@click.option(
+    "--base-url",
+    default=None,
+    help="Folder URL of l1c_unet.hdf5 / l2a_unet.hdf5 (default: KappaZeta's 2022-09-13 release).",
+)
+@_install_repository("Triton model repository to install into")
+def fetch_weights_command(level: str, base_url: str | None, repository: Path | None) -> None:
+    """Download KappaZeta's published KappaMask weights, check and convert them, and serve
+    them as the default model of their level (restart the service afterwards)."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.model.official import OFFICIAL_BASE_URL, fetch_and_install
+
+    levels = list(LEVELS) if level == "all" else [level]
+    try:
+        installed = fetch_and_install(
+            levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY
+        )
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+    for model, model_dir in installed:
+        click.echo(f"{model.level}: {model.url}")
+        click.echo(f"  sha256 {model.sha256} ({model.base_filters} base filters)")
+        click.echo(f"  installed as {model_dir.name} {model.version} in {model_dir.parent}")
+
+
 @main.command("quantize")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
@@ -449,6 +482,16 @@ def _many_paths(flag: str, name: str, help_text: str, file_only: bool = True) ->
     "L1C product per --ref: adds s2cloudless (PyPI package) as a column.",
     file_only=False,
 )
+@click.option(
+    "--side-by-side",
+    "side_by_side",
+    nargs=2,
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    metavar="PRODUCT MASK",
+    help="One product and this project's mask of it: the mask next to s2cloudless (L1C), "
+    "ukis-csmask and SCL (L2A) on the mask's grid; --png draws all of them over the true colour.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None)
 def evaluate_command(
@@ -459,14 +502,24 @@ def evaluate_command(
     level: str | None,
     scl_products: tuple[Path, ...],
     s2cloudless_products: tuple[Path, ...],
+    side_by_side: tuple[Path, Path] | None,
     json_path: Path | None,
     png_path: Path | None,
 ) -> None:
     """Per-class dice, precision, recall, overall accuracy and confusion matrices of
-    predicted masks against references (the paper's Tables 2-9 and Figure 8)."""
+    predicted masks against references (the paper's Tables 2-9 and Figure 8), or of one
+    product's mask against the other tools (--side-by-side)."""
     from kappamask import evaluate as ev
 
     try:
+        if side_by_side is not None:
+            result, masks, rgb = ev.side_by_side(*side_by_side)
+            click.echo(ev.format_table(result))
+            if json_path:
+                click.echo(f"JSON: {ev.write_json(result, json_path)}")
+            if png_path:
+                click.echo(f"PNG:  {ev.plot_side_by_side(masks, rgb, png_path)}")
+            return
         if kappaset is not None:
             if model_path is None:
                 raise click.UsageError("--kappaset needs --model")
@@ -526,7 +579,7 @@ def train_command(
 ) -> None:
     """Train a U-Net (paper §2.3) and export model.onnx (needs the train extra)."""
     from kappamask.model.export import export_onnx
-    from kappamask.model.train import TrainConfig, feature_defaults, train
+    from kappamask.model.train import FitConfig, TrainConfig, feature_defaults, train
 
     config = TrainConfig(
         product=str(product),
@@ -534,12 +587,14 @@ def train_command(
         labels=labels,
         resolution=int(resolution),
         base_filters=base_filters,
-        max_epochs=max_epochs,
-        steps_per_epoch=steps_per_epoch,
-        max_minutes=max_minutes,
-        loss=loss,
-        patience=patience,
-        seed=seed,
+        fit=FitConfig(
+            max_epochs=max_epochs,
+            steps_per_epoch=steps_per_epoch,
+            max_minutes=max_minutes,
+            loss=loss,
+            patience=patience,
+            seed=seed,
+        ),
     )
     try:
         model, holdout = train(config, out_dir)
@@ -549,6 +604,99 @@ def train_command(
     label = version_label or f"bootstrap-{labels.split(':')[0]}-{Path(product).name[:60]}"
     path = export_onnx(model, config.level, features, max_v, label, out_dir / "model.onnx")
     click.echo(json.dumps(holdout, indent=2))
+    click.echo(f"model: {path}")
+
+
+@main.command("distill")
+@_out_option("Folder for the teachers' labels, checkpoint, metrics.csv, holdout.json, model.onnx.")
+@click.option("--level", type=click.Choice(LEVELS), required=True)
+@_many_paths(
+    "--multiband", "multiband", "Folder of 13-band L1C GeoTIFFs (SEN12MS-CR patches).", False
+)
+@click.option(
+    "--band-folder",
+    "band_folders",
+    nargs=2,
+    multiple=True,
+    type=(click.Choice(LEVELS), click.Path(exists=True, file_okay=False, path_type=Path)),
+    help="LEVEL FOLDER: one file per band (B02.tif, ..., SCL), e.g. a decimated tile.",
+)
+@click.option(
+    "--safe",
+    "safes",
+    nargs=2,
+    multiple=True,
+    type=(click.Choice([str(r) for r in RESOLUTIONS]), click.Path(exists=True, path_type=Path)),
+    help="RESOLUTION SAFE: a SAFE product read at that resolution (L2A: with SCL).",
+)
+@_many_paths("--npy", "npy", "eo-learn REFERENCE_SCENES.npy ([N, H, W, 13] reflectance).")
+@_many_paths("--mat", "mat", "DSen2 .mat scene (cloud-free, no B10: pseudo-L2A only).")
+@click.option("--holdout", multiple=True, help="Scene or group name part to hold out (repeat).")
+@click.option(
+    "--labels-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the teachers' labels (default OUT/scenes); share it across levels.",
+)
+@click.option("--filters", "base_filters", default=16, show_default=True, type=int)
+@click.option("--crop", default=128, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--epochs", "max_epochs", default=200, show_default=True, type=int)
+@click.option("--steps-per-epoch", default=100, show_default=True, type=int)
+@click.option("--max-minutes", default=35.0, show_default=True, type=float)
+@click.option("--learning-rate", default=3e-4, show_default=True, type=float)
+@click.option("--no-pseudo-l2a", is_flag=True, help="L2A: train on real L2A scenes only.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--version-label", default=None, help="Model version written into the ONNX file.")
+def distill_command(
+    out_dir: Path,
+    level: str,
+    multiband: tuple[Path, ...],
+    band_folders: tuple[tuple[str, Path], ...],
+    safes: tuple[tuple[str, Path], ...],
+    npy: tuple[Path, ...],
+    mat: tuple[Path, ...],
+    holdout: tuple[str, ...],
+    labels_cache: Path | None,
+    base_filters: int,
+    crop: int,
+    batch_size: int,
+    max_epochs: int,
+    steps_per_epoch: int,
+    max_minutes: float,
+    learning_rate: float,
+    no_pseudo_l2a: bool,
+    seed: int,
+    version_label: str | None,
+) -> None:
+    """Distil bootstrap weights from s2cloudless, ukis-csmask, SCL and the B10 rule on real
+    imagery; hold out whole scenes; export model.onnx (needs the train and compare extras
+    and ukis-csmask)."""
+    from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
+    from kappamask.model.distill import DataInputs, DistillConfig, distill
+    from kappamask.model.export import export_onnx
+    from kappamask.model.metrics import without_nan
+    from kappamask.model.train import FitConfig
+
+    inputs = DataInputs(
+        multiband=list(multiband), band_folders=list(band_folders),
+        safes=[(int(r), p) for r, p in safes], npy=list(npy), mat=list(mat),
+    )  # fmt: skip
+    config = DistillConfig(
+        level=level, holdout=holdout, base_filters=base_filters, pseudo_l2a=not no_pseudo_l2a,
+        fit=FitConfig(crop=crop, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                      max_epochs=max_epochs, max_minutes=max_minutes, loss="gdl+bce",
+                      learning_rate=learning_rate, patience=12, seed=seed, bf16=True,
+                      grad_clip=1.0),
+    )  # fmt: skip
+    try:
+        model, report = distill(inputs, config, out_dir, labels_cache)
+    except KappaMaskError as err:
+        raise click.ClickException(str(err)) from err
+    label = version_label or f"bootstrap-distilled-{level.lower()}"
+    path = export_onnx(model, level, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], label,
+                       out_dir / "model.onnx")  # fmt: skip
+    click.echo(json.dumps(without_nan(report), indent=2))
     click.echo(f"model: {path}")
 
 

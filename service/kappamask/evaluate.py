@@ -16,16 +16,16 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
-from kappamask.bands import CLASS_NAMES, MaskClass
+from kappamask.bands import CLASS_COLORS, CLASS_NAMES, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.model.metrics import CLASSES, TWO_CLASS, agreement, without_nan
+from kappamask.model.teachers import S2CLOUDLESS_BANDS
 from kappamask.reader import GDAL_ENV, BandReader, Grid
 from kappamask.sources import open_safe
 
 LOGGER = logging.getLogger(__name__)
 
-#: s2cloudless: its bands, and the threshold and dilation its authors recommend.
-S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
+#: s2cloudless: the threshold its authors recommend (with averaging over 4 px, dilation 2 px).
 S2CLOUDLESS_THRESHOLD = 0.4
 
 
@@ -56,27 +56,127 @@ def scl_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
     return read_scl_labels(open_safe(product_path), grid)
 
 
-def s2cloudless_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
-    """s2cloudless' cloud mask of an L1C product on ``grid``: CLOUD or CLEAR."""
+def reflectance_on_grid(
+    product_path: Path, bands: Sequence[str], grid: Grid
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Reflectances (offsets applied) of ``bands`` of a product on ``grid``, and validity."""
+    product = open_safe(product_path)
+    with BandReader(product, bands, [1.0] * len(bands), grid) as reader:
+        values, valid = reader.read(Window(0, 0, grid.width, grid.height))
+    scale = 65535.0 / product.quantification  # the reader's DN / 65535 back to reflectance
+    return {b: values[i] * scale for i, b in enumerate(bands)}, valid
+
+
+def _teacher_import(module: str) -> None:
     try:
-        from s2cloudless.cloud_detector import S2PixelCloudDetector
+        __import__(module)
     except ImportError as err:
         raise InvalidInputError(
-            "the s2cloudless column needs the PyPI package: pip install s2cloudless"
+            f"this comparison needs the PyPI package {module.replace('_', '-')}: "
+            'pip install -e ".[compare]"'
         ) from err
-    product = open_safe(product_path)
-    if product.level != "L1C":
+
+
+def s2cloudless_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
+    """s2cloudless' cloud mask of an L1C product on ``grid``: CLOUD or CLEAR (its authors'
+    threshold 0.4, averaging over 4 px and dilation by 2 px)."""
+    _teacher_import("s2cloudless")
+    from s2cloudless.cloud_detector import S2PixelCloudDetector
+
+    if open_safe(product_path).level != "L1C":
         raise ProductError("s2cloudless works on L1C products only")
-    max_v = [1.0] * len(S2CLOUDLESS_BANDS)
-    with BandReader(product, S2CLOUDLESS_BANDS, max_v, grid) as reader:
-        values, valid = reader.read(Window(0, 0, grid.width, grid.height))
-    reflectance = values * (65535.0 / product.quantification)  # back to reflectance
+    reflectance, valid = reflectance_on_grid(product_path, S2CLOUDLESS_BANDS, grid)
+    stack = np.stack([reflectance[b] for b in S2CLOUDLESS_BANDS], axis=-1)
     detector = S2PixelCloudDetector(threshold=S2CLOUDLESS_THRESHOLD, average_over=4,
                                     dilation_size=2, all_bands=False)  # fmt: skip
-    mask = detector.get_cloud_masks(reflectance.transpose(1, 2, 0)[None])[0]
+    mask = detector.get_cloud_masks(stack[None])[0]
     out = np.where(mask > 0, MaskClass.CLOUD, MaskClass.CLEAR).astype(np.uint8)
     out[~valid] = MaskClass.MISSING
     return out
+
+
+def ukis_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
+    """ukis-csmask's clear / cloud / shadow of a product on ``grid`` (its model of the
+    product's level), as mask codes."""
+    _teacher_import("ukis_csmask")
+    from kappamask.model import teachers
+
+    level = open_safe(product_path).level
+    reflectance, valid = reflectance_on_grid(product_path, list(teachers.UKIS_BANDS), grid)
+    classes = teachers.ukis_classes(reflectance, level, grid.resolution)
+    return teachers.ukis_as_mask(classes, valid)
+
+
+def true_colour(product_path: Path, grid: Grid) -> np.ndarray:
+    """An 8-bit true-colour picture [H, W, 3] of a product on ``grid`` (reflectance 0..0.3)."""
+    reflectance, valid = reflectance_on_grid(product_path, ("B04", "B03", "B02"), grid)
+    rgb = np.stack([reflectance[b] for b in ("B04", "B03", "B02")], axis=-1)
+    out: np.ndarray = np.clip(rgb / 0.3 * 255.0, 0, 255).astype(np.uint8)
+    out[~valid] = 0
+    return out
+
+
+def side_by_side(
+    product_path: Path, mask_path: Path, name: str = "kappamask"
+) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    """One product: this project's mask next to every other tool that applies to it
+    (s2cloudless on L1C, ukis-csmask on both levels, Sen2Cor's SCL on L2A), on the
+    mask's grid. Returns (report, masks by tool, true colour); the report holds every
+    pair of tools, per class (the first of a pair as prediction, the second as reference)."""
+    grid, ours = _grid_of(mask_path)
+    level = open_safe(product_path).level
+    masks: dict[str, np.ndarray] = {name: ours}
+    if level == "L1C":
+        masks["s2cloudless"] = s2cloudless_on_grid(product_path, grid)
+    masks["ukis-csmask"] = ukis_on_grid(product_path, grid)
+    if level == "L2A":
+        masks["sen2cor"] = scl_on_grid(product_path, grid)
+    # Dice is symmetric, so each pair once: ours against every tool, then the tools
+    # against each other (how far apart the references themselves are).
+    tools = list(masks)
+    result: dict[str, Any] = {}
+    for i, pred in enumerate(tools):
+        for ref in tools[i + 1 :]:
+            result[f"{pred} vs {ref}"] = agreement(masks[pred], masks[ref])
+    return result, masks, true_colour(product_path, grid)
+
+
+def plot_side_by_side(
+    masks: Mapping[str, np.ndarray], rgb: np.ndarray, path: Path, max_size: int = 800
+) -> Path:
+    """The true-colour image, then every tool's mask drawn over it (half-transparent
+    class colours; clear left see-through), in one row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    step = max(1, -(-max(rgb.shape[:2]) // max_size))
+    base = rgb[::step, ::step].astype(np.float32) / 255.0
+    colours = np.zeros((256, 4), np.float32)
+    for code, rgba in CLASS_COLORS.items():
+        colours[code] = np.asarray(rgba, np.float32) / 255.0
+    colours[MaskClass.CLEAR, 3] = 0.0
+    colours[[MaskClass.CLOUD_SHADOW, MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD], 3] = 0.6
+    fig, axes = plt.subplots(1, len(masks) + 1, figsize=(4 * (len(masks) + 1), 4.4),
+                             squeeze=False)  # fmt: skip
+    axes[0][0].imshow(base)
+    axes[0][0].set_title("true colour")
+    for ax, (tool, mask) in zip(axes[0][1:], masks.items(), strict=True):
+        over = colours[mask[::step, ::step]]
+        alpha = over[..., 3:4]
+        ax.imshow(base * (1 - alpha) + over[..., :3] * alpha)
+        ax.set_title(tool)
+    for ax in axes[0]:
+        ax.axis("off")
+    from matplotlib.patches import Rectangle
+
+    legend = [Rectangle((0, 0), 1, 1, color=colours[c][:3]) for c in CLASSES[1:]]
+    fig.legend(legend, [CLASS_NAMES[c] for c in CLASSES[1:]], loc="lower center", ncol=3)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def predict_kappaset(

@@ -98,6 +98,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: True when an existing result with the same parameters was returned.
     reused: bool = False
+    #: Which weights made the mask (ModelSpec.provenance: origin, version, ONNX SHA-256).
+    model_provenance: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -105,6 +107,7 @@ class RunResult:
             "level": self.level,
             "model": self.model,
             "model_version": self.model_version,
+            "model_provenance": self.model_provenance,
             "mask": self.mask,
             "confidence": self.confidence,
             "preview": self.preview,
@@ -303,6 +306,7 @@ def _reuse(
         crops_inferred=0,
         seconds=time.monotonic() - started,
         reused=True,
+        model_provenance=dict(props.get("kappamask:model") or {}),
     )
 
 
@@ -437,4 +441,5 @@ def run(
         crops_inferred=inferred,
         seconds=time.monotonic() - started,
         timings=timings,
+        model_provenance=model.provenance(),
     )

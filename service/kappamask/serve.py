@@ -12,6 +12,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 
+from kappamask.bands import LEVELS
+from kappamask.errors import KappaMaskError
+from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
@@ -59,6 +62,27 @@ def prepare_environment(
     os.environ["PYGEOAPI_OPENAPI"] = str(openapi)
 
 
+def log_served_models(client: TritonClient) -> None:
+    """Say at start-up which weights answer for each level, and warn where they are not
+    KappaZeta's published ones."""
+    for level in LEVELS:
+        try:
+            spec = client.model(level)
+        except KappaMaskError as err:
+            LOGGER.warning("%s: %s", level, err)
+            continue
+        LOGGER.info(
+            "%s: %s %s, %s weights, ONNX sha256 %s",
+            level, spec.name, spec.version_label, spec.origin, spec.sha256 or "unrecorded",
+        )  # fmt: skip
+        if spec.origin != ORIGIN_OFFICIAL:
+            LOGGER.warning(
+                "%s masks come from %s weights, not KappaZeta's published ones: run "
+                "`kappamask fetch-weights` where the internet is reachable",
+                level, spec.origin,
+            )  # fmt: skip
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 5000,
@@ -77,6 +101,7 @@ def serve(
             triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
         with TritonClient(triton_url, protocol) as client:
             client.wait_ready()
+            log_served_models(client)
         prepare_environment(config, triton_url, protocol, output_dir, data_roots, host, port)
         stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
         from pygeoapi.flask_app import APP

@@ -135,6 +135,17 @@ def copy_stac_items() -> None:
         shutil.copyfile(path, HERE / "stac" / path.name)
 
 
+#: Real SEN12MS-CR patches (13 L1C bands, 256 px at 10 m) copied as they are: a cumulus
+#: field over farmland, for the teachers and the distillation readers.
+SEN12MSCR_PATCHES = ("cr_pairs/ROIs1970_fall_s2_cloudy_136_p139.tif",)
+
+
+def copy_sen12mscr_patches() -> None:
+    (HERE / "sen12mscr").mkdir(exist_ok=True)
+    for name in SEN12MSCR_PATCHES:
+        shutil.copyfile(SHARED / "sen12mscr" / name, HERE / "sen12mscr" / Path(name).name)
+
+
 if __name__ == "__main__":
     crop_t29unu()
     copy_t22hbd()
@@ -142,4 +153,5 @@ if __name__ == "__main__":
     copy_metadata()
     copy_stac_schemas()
     copy_stac_items()
+    copy_sen12mscr_patches()
     print(f"fixtures written under {HERE}")

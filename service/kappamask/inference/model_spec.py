@@ -5,13 +5,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: Where a model's weights come from, as every result states it.
+ORIGIN_OFFICIAL = "official"  # KappaZeta's published weights (kappamask fetch-weights)
+ORIGIN_BOOTSTRAP = "bootstrap"  # this project's own (kappamask distill / train)
+ORIGIN_IMPORTED = "keras-import"  # a Keras file a user converted (kappamask import-keras)
+ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A KappaMask model: Triton name, level, input features in order, their max_v, version."""
+    """A KappaMask model: Triton name, level, input features in order, their max_v,
+    version, where its weights come from, and the SHA-256 of its FP32 ONNX file."""
 
     name: str
     level: str
     features: tuple[str, ...]
     max_v: tuple[float, ...]
     version_label: str
+    origin: str = ORIGIN_UNKNOWN
+    sha256: str = ""
+
+    def provenance(self) -> dict[str, str]:
+        """What a result says of the weights that made it."""
+        return {"name": self.name, "version": self.version_label, "origin": self.origin,
+                "onnx_sha256": self.sha256}  # fmt: skip

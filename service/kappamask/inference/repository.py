@@ -7,6 +7,8 @@ a new ONNX file therefore needs no code change.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -17,7 +19,7 @@ import onnx
 
 from kappamask.bands import MODEL_NAMES, TILE_SIZE
 from kappamask.errors import InvalidInputError
-from kappamask.inference.model_spec import ModelSpec
+from kappamask.inference.model_spec import ORIGIN_UNKNOWN, ModelSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ def _parameters(spec: ModelSpec, **extra: str) -> str:
         "features": ",".join(spec.features),
         "max_v": ",".join(repr(v) for v in spec.max_v),
         "version_label": spec.version_label,
+        "origin": spec.origin,
+        "onnx_sha256": spec.sha256,
         **extra,
     }
     return "\n".join(
@@ -117,6 +121,7 @@ def spec_from_onnx(path: Path, level: str | None = None) -> ModelSpec:
         features,
         max_v,
         meta.get("kappamask.version", "unversioned"),
+        meta.get("kappamask.origin", ORIGIN_UNKNOWN),
     )
 
 
@@ -150,12 +155,23 @@ def install_model(
             target.unlink(missing_ok=True)
         elif source.resolve() != target.resolve():
             shutil.copyfile(source, target)
+    # the configs carry the FP32 file's digest: every result names the exact weights
+    spec = dataclasses.replace(spec, sha256=sha256_of(version_dir / FP32_FILE))
     link = version_dir / "model.py"
     if not link.exists():
         link.symlink_to(os.path.relpath(repository / PYTHON_MODEL_FILE, version_dir))
     write_configs(spec, model_dir, INT8_FILE if int8_path is not None else FP32_FILE)
     LOGGER.info("installed %s (%s) into %s", spec.name, spec.version_label, model_dir)
     return model_dir
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_configs(spec: ModelSpec, model_dir: Path, cpu_file: str = FP32_FILE) -> None:

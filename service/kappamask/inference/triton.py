@@ -18,7 +18,7 @@ import numpy as np
 
 from kappamask.bands import MODEL_NAMES
 from kappamask.errors import InferenceUnavailableError, InvalidInputError, NoModelError
-from kappamask.inference.model_spec import ModelSpec
+from kappamask.inference.model_spec import ORIGIN_UNKNOWN, ModelSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -158,6 +158,8 @@ class TritonClient:
             features,
             max_v,
             params.get("version_label", "unversioned"),
+            params.get("origin") or ORIGIN_UNKNOWN,
+            params.get("onnx_sha256", ""),
         )
         if spec.level != level:
             raise NoModelError(f"model {name} is for {spec.level} products, not {level}")

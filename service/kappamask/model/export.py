@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx
 
+from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
 from kappamask.model.onnx_graph import build_model, model_metadata
 from kappamask.model.unet import UNet
 
@@ -18,6 +19,7 @@ def export_onnx(
     max_v: Sequence[float],
     version: str,
     out_path: Path,
+    origin: str = ORIGIN_BOOTSTRAP,
 ) -> Path:
     """Write ``model`` as ONNX with its level, features, max_v and version in the metadata."""
     if len(features) != model.in_channels:
@@ -26,7 +28,7 @@ def export_onnx(
         model.numpy_weights(),
         model.in_channels,
         model.base_filters,
-        model_metadata(level, features, max_v, version),
+        model_metadata(level, features, max_v, version, origin),
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(graph, str(out_path))

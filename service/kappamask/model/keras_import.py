@@ -21,6 +21,7 @@ import onnx
 
 from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V, LEVELS, NUM_NETWORK_OUTPUTS
 from kappamask.errors import InvalidInputError
+from kappamask.inference.model_spec import ORIGIN_IMPORTED
 from kappamask.model.architecture import conv_specs
 from kappamask.model.onnx_graph import Weights, build_model, model_metadata
 
@@ -129,6 +130,7 @@ def import_keras(
     features: Sequence[str] | None = None,
     max_v: Sequence[float] | None = None,
     version: str | None = None,
+    origin: str = ORIGIN_IMPORTED,
 ) -> onnx.ModelProto:
     """Convert ``weights_file`` to the served ONNX model and write it to ``out_path``."""
     if level not in LEVELS:
@@ -146,7 +148,7 @@ def import_keras(
     digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:12]
     label = version or f"keras-{weights_file.stem}-{digest}"
     model = build_model(
-        weights, in_channels, filters, model_metadata(level, features, max_v, label)
+        weights, in_channels, filters, model_metadata(level, features, max_v, label, origin)
     )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_path))

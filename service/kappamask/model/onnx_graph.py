@@ -157,7 +157,7 @@ def _add_head(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], probs:
 
 
 def model_metadata(
-    level: str, features: Sequence[str], max_v: Sequence[float], version: str
+    level: str, features: Sequence[str], max_v: Sequence[float], version: str, origin: str
 ) -> dict[str, str]:
     """The metadata_props every exported model carries (read back by the installer)."""
     return {
@@ -165,4 +165,5 @@ def model_metadata(
         "kappamask.features": ",".join(features),
         "kappamask.max_v": ",".join(repr(float(v)) for v in max_v),
         "kappamask.version": version,
+        "kappamask.origin": origin,
     }

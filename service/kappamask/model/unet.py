@@ -31,6 +31,24 @@ class UNet(nn.Module):
                 spec.in_channels, spec.out_channels, spec.kernel, padding=(spec.kernel - 1) // 2
             )
         self.dropout = nn.Dropout(0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He initialisation for the ReLU layers (PyTorch's default shrinks the signal by
+        about half per layer: after 23 of them the head saw almost nothing), and a
+        positive bias on the head's two-channel ReLU layer. That layer is the network's
+        bottleneck: once both of its channels output 0 for every pixel, no gradient
+        reaches anything before it and the model is stuck predicting one class (seen in
+        distillation runs: dead after a few hundred steps)."""
+        for conv in self.convs.values():
+            assert isinstance(conv, nn.Conv2d) and conv.bias is not None
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        head = self.layer("head.conv1")
+        assert head.bias is not None
+        nn.init.constant_(head.bias, 1.0)
+        out = self.layer("head.conv2")
+        nn.init.xavier_uniform_(out.weight)  # sigmoid, not ReLU
 
     def layer(self, name: str) -> nn.Conv2d:
         """The Conv2d of a ConvSpec name (``enc1.conv1`` ...)."""

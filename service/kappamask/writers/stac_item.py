@@ -4,6 +4,7 @@ counts, the written files and the model that produced them."""
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,7 +24,12 @@ from kappamask.bands import (
     OUTPUT_CLASSES,
     MaskClass,
 )
-from kappamask.inference.model_spec import ModelSpec
+from kappamask.inference.model_spec import (
+    ORIGIN_BOOTSTRAP,
+    ORIGIN_IMPORTED,
+    ORIGIN_OFFICIAL,
+    ModelSpec,
+)
 from kappamask.reader import Grid
 from kappamask.sources.product import Product
 
@@ -96,6 +102,17 @@ def _classes() -> list[dict[str, Any]]:
     ]
 
 
+#: How the lineage names each origin of weights (ModelSpec.origin).
+_WEIGHTS: defaultdict[str, str] = defaultdict(
+    lambda: "weights of unrecorded origin",
+    {
+        ORIGIN_OFFICIAL: "KappaZeta's published weights",
+        ORIGIN_BOOTSTRAP: "this project's bootstrap weights, not KappaZeta's published ones",
+        ORIGIN_IMPORTED: "weights imported from a Keras file",
+    },
+)
+
+
 def create_item(
     product: Product,
     grid: Grid,
@@ -139,10 +156,12 @@ def create_item(
             "processing:datetime": (processed or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "processing:software": {"kappamask": __version__, model.name: model.version_label},
             "processing:lineage": (
-                f"KappaMask U-Net ({model.name}, {model.version_label}) applied to "
-                f"{product.level} product {product.product_id} resampled to {grid.resolution:g} m; "
-                "class codes follow Domnich et al. 2021 (0 = missing; km_predict v2 wrote 5)."
+                f"KappaMask U-Net ({model.name}, {model.version_label}, {_WEIGHTS[model.origin]}) "
+                f"applied to {product.level} product {product.product_id} resampled to "
+                f"{grid.resolution:g} m; class codes follow Domnich et al. 2021 (0 = missing; "
+                "km_predict v2 wrote 5)."
             ),
+            "kappamask:model": model.provenance(),
             "kappamask:source_level": product.level,
             "kappamask:processing_baseline": product.processing_baseline,
             "kappamask:mgrs_tile": product.mgrs_tile,

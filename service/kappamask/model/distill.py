@@ -1,0 +1,232 @@
+"""Bootstrap weights distilled from teachers on real imagery (``kappamask distill``).
+
+1. Every scene given is read (``realdata``), labelled by the teachers (``teachers``) and
+   cached as ``scenes/<name>.npz`` in the output folder (the teachers are slow; a resumed
+   or repeated run reuses them).
+2. Scenes whose name or group contains a ``--holdout`` pattern are never trained on: whole
+   acquisitions are held out, never blocks of a training scene.
+3. The U-Net is fitted on random crops of the training scenes (``train.fit``).
+4. ``holdout.json``: on the held-out scenes, per-class agreement of the model with each
+   teacher and with the fused labels, next to the teachers' agreement with each other on
+   the same pixels (the bar a distilled model can reach).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kappamask.bands import DEFAULT_FEATURES, MaskClass
+from kappamask.errors import InvalidInputError
+from kappamask.model import realdata
+from kappamask.model.datasets import Batch, augment
+from kappamask.model.metrics import agreement
+from kappamask.model.realdata import Imagery, Labelled
+from kappamask.model.train import FitConfig, fit, predict
+from kappamask.model.unet import UNet
+
+LOGGER = logging.getLogger(__name__)
+
+#: A crop is drawn again when fewer than this share of its pixels carry a label.
+MIN_LABELLED = 0.1
+MAX_ATTEMPTS = 50
+
+
+@dataclass
+class DataInputs:
+    """Where the real imagery is (each a user-supplied path; any may be empty)."""
+
+    multiband: list[Path] = field(default_factory=list)  # folders of 13-band L1C GeoTIFFs
+    band_folders: list[tuple[str, Path]] = field(default_factory=list)  # (level, folder)
+    safes: list[tuple[int, Path]] = field(default_factory=list)  # (resolution, SAFE)
+    npy: list[Path] = field(default_factory=list)  # eo-learn REFERENCE_SCENES.npy
+    mat: list[Path] = field(default_factory=list)  # DSen2 .mat scenes (cloud-free, no B10)
+
+    def imagery(self) -> Iterable[Imagery]:
+        for folder in self.multiband:
+            for path in sorted(Path(folder).rglob("*.tif")):
+                yield realdata.read_multiband(path)
+        for level, folder in self.band_folders:
+            yield realdata.read_band_folder(Path(folder), level)
+        for resolution, safe in self.safes:
+            yield realdata.read_safe(Path(safe), resolution)
+        for path in self.npy:
+            yield from realdata.read_npy_scenes(Path(path))
+        for path in self.mat:
+            yield realdata.read_dsen2_mat(Path(path))
+
+
+@dataclass
+class DistillConfig:
+    """Everything that decides a distillation run (written next to its outputs)."""
+
+    level: str
+    holdout: tuple[str, ...] = ()
+    base_filters: int = 16
+    pseudo_l2a: bool = True  # L2A: add L1C scenes brought near BOA (realdata.pseudo_l2a)
+    fit: FitConfig = field(default_factory=lambda: FitConfig(
+        crop=128, batch_size=8, steps_per_epoch=100, max_epochs=200, max_minutes=35.0,
+        learning_rate=3e-4, loss="gdl+bce", patience=12, bf16=True, grad_clip=1.0))  # fmt: skip
+
+
+def save_scene(scene: Labelled, path: Path) -> None:
+    np.savez_compressed(path, features=scene.features, labels=scene.labels,
+                        meta=json.dumps([scene.name, scene.group, scene.level]),
+                        **{f"teacher_{k}": v for k, v in scene.teacher_masks.items()})  # fmt: skip
+
+
+def load_scene(path: Path) -> Labelled:
+    with np.load(path) as z:
+        name, group, level = json.loads(str(z["meta"]))
+        masks = {k.removeprefix("teacher_"): z[k] for k in z.files if k.startswith("teacher_")}
+        return Labelled(name, group, level, z["features"], z["labels"], masks)
+
+
+def labelled_scenes(
+    inputs: DataInputs, level: str, cache: Path, pseudo_l2a: bool = True, seed: int = 0
+) -> list[Labelled]:
+    """Every usable scene of ``inputs`` labelled for a model of ``level`` (cached)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    scenes = []
+    for img in tqdm(list(inputs.imagery()), desc=f"teachers ({level})", unit="scene"):
+        path = cache / f"{level}_{img.name}.npz"
+        if path.exists():
+            scenes.append(load_scene(path))
+            continue
+        if level == "L1C" and img.level != "L1C":
+            continue
+        if level == "L2A" and img.level != "L2A":
+            if not pseudo_l2a:
+                continue
+            l1c_path = cache / f"L1C_{img.name}.npz"  # the same clouds: reuse their labels
+            l1c_labels = (load_scene(l1c_path).labels if l1c_path.exists()
+                          else realdata.teacher_labels(img, "L1C")[0])  # fmt: skip
+            scene = realdata.label(realdata.pseudo_l2a(img, rng), "L2A", l1c_labels)
+        elif level == "L2A" and img.scl is None:
+            LOGGER.warning("%s: L2A without SCL, left out", img.name)
+            continue
+        else:
+            scene = realdata.label(img, level)
+        save_scene(scene, path)
+        scenes.append(scene)
+    if not scenes:
+        raise InvalidInputError(f"no scene of the inputs can train an {level} model")
+    return scenes
+
+
+class ScenesSource:
+    """Random crops of whole scenes, drawn in proportion to their labelled pixels; the
+    validation crops come from the same scenes' last row of crops (held-out scenes are
+    never passed here)."""
+
+    name = "scenes"
+
+    def __init__(self, scenes: Sequence[Labelled]):
+        self.scenes = list(scenes)
+        weights = np.array([float(_labelled(s.labels).sum()) for s in self.scenes])
+        if not weights.sum():
+            raise InvalidInputError("no labelled pixel in the training scenes")
+        self.p = weights / weights.sum()
+
+    def _crop(self, rng: np.random.Generator, crop: int) -> Batch:
+        for attempt in range(MAX_ATTEMPTS):
+            scene = self.scenes[int(rng.choice(len(self.scenes), p=self.p))]
+            feats, labels = _pad(scene.features, scene.labels, crop)
+            _c, h, w = feats.shape
+            y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
+            lab = labels[y0 : y0 + crop, x0 : x0 + crop]
+            # a crop almost without labels teaches nothing; the last attempt is taken anyway
+            if _labelled(lab).mean() >= MIN_LABELLED or attempt == MAX_ATTEMPTS - 1:
+                break
+        return augment(feats[:, y0 : y0 + crop, x0 : x0 + crop], lab, rng)
+
+    def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
+        return self._crop(rng, crop)
+
+    def validation_crops(self, crop: int, count: int, seed: int) -> list[Batch]:
+        rng = np.random.default_rng(seed)
+        return [self._crop(rng, crop) for _ in range(count)]
+
+
+def _labelled(labels: np.ndarray) -> np.ndarray:
+    labelled: np.ndarray = (labels != MaskClass.UNDEFINED) & (labels != MaskClass.MISSING)
+    return labelled
+
+
+def _pad(feats: np.ndarray, labels: np.ndarray, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    ph, pw = max(0, crop - labels.shape[0]), max(0, crop - labels.shape[1])
+    if ph or pw:
+        feats = np.pad(feats, ((0, 0), (0, ph), (0, pw)))
+        labels = np.pad(labels, ((0, ph), (0, pw)), constant_values=MaskClass.MISSING)
+    return feats, labels
+
+
+def split(
+    scenes: Sequence[Labelled], holdout: Sequence[str]
+) -> tuple[list[Labelled], list[Labelled]]:
+    """(training, held-out) by whole scene: held out where name or group matches."""
+    held = [s for s in scenes if realdata.matches(s.name, holdout)
+            or realdata.matches(s.group, holdout)]  # fmt: skip
+    train = [s for s in scenes if s not in held]
+    held_groups = {s.group for s in held}
+    leaked = [s.name for s in train if s.group in held_groups]
+    if leaked:
+        raise InvalidInputError(f"held-out acquisitions also in training: {', '.join(leaked)}")
+    if not train:
+        raise InvalidInputError("every scene is held out: nothing left to train on")
+    return train, held
+
+
+def holdout_report(model: UNet, held: Sequence[Labelled]) -> dict[str, Any]:
+    """Agreement on the held-out scenes: the model against each teacher and against the
+    fused labels; every teacher against every other teacher (same pixels)."""
+    preds = [predict(model, s.features) for s in held]
+    names = sorted({k for s in held for k in s.teacher_masks})
+    columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for s, pred in zip(held, preds, strict=True):
+        columns.setdefault("model vs fused labels", []).append((pred, s.labels))
+        for ref in names:
+            if ref not in s.teacher_masks:
+                continue
+            columns.setdefault(f"model vs {ref}", []).append((pred, s.teacher_masks[ref]))
+            for other in names:
+                if other != ref and other in s.teacher_masks:
+                    columns.setdefault(f"{other} vs {ref}", []).append(
+                        (s.teacher_masks[other], s.teacher_masks[ref])
+                    )
+    report: dict[str, Any] = {"scenes": [s.name for s in held]}
+    for key, pairs in columns.items():
+        report[key] = agreement(np.concatenate([p.ravel() for p, _ in pairs]),
+                                np.concatenate([r.ravel() for _, r in pairs]))  # fmt: skip
+    return report
+
+
+def distill(
+    inputs: DataInputs, config: DistillConfig, out_dir: Path, cache: Path | None = None
+) -> tuple[UNet, dict[str, Any]]:
+    """Label (teachers' labels cached in ``cache``, default ``out_dir/scenes``: runs of
+    both levels may share one), split, fit; writes config.json, holdout.json and the
+    fitting outputs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scenes = labelled_scenes(inputs, config.level, cache or out_dir / "scenes",
+                             config.pseudo_l2a, config.fit.seed)  # fmt: skip
+    train_scenes, held = split(scenes, config.holdout)
+    (out_dir / "config.json").write_text(json.dumps({
+        **asdict(config), "train_scenes": [s.name for s in train_scenes],
+        "holdout_scenes": [s.name for s in held]}, indent=2, default=str))  # fmt: skip
+    LOGGER.info("%d training scenes, %d held out", len(train_scenes), len(held))
+    torch.manual_seed(config.fit.seed)
+    model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters)
+    fit(model, [ScenesSource(train_scenes)], config.fit, out_dir)
+    report = holdout_report(model, held) if held else {}
+    (out_dir / "holdout.json").write_text(json.dumps(report, indent=2, default=float))
+    return model, report

