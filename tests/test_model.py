@@ -32,10 +32,19 @@ def test_unet_shape_and_parameter_count() -> None:
     assert out.shape == (1, 6, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
-@pytest.mark.parametrize("channels", [13, 14])
-def test_onnx_export_matches_torch(tmp_path: Path, channels: int) -> None:
+@pytest.mark.parametrize(("channels", "batch_norm"), [(13, False), (14, False), (13, True)])
+def test_onnx_export_matches_torch(tmp_path: Path, channels: int, batch_norm: bool) -> None:
     torch.manual_seed(channels)
-    model = UNet(channels, 8).eval()
+    model = UNet(channels, 8, batch_norm=batch_norm)
+    if batch_norm:  # running statistics away from the identity: folding must carry them
+        model.train()
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.rand(4, channels, 64, 64) * 3)
+        for norm in model.norms.values():
+            torch.nn.init.uniform_(norm.weight, 0.5, 2.0)
+            torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+    model.eval()
     features = [f"F{i}" for i in range(channels)]
     path = export_onnx(model, "L2A", features, [0.25] * channels, "test", tmp_path / "m.onnx")
     x = torch.rand(2, channels, 96, 96) * 2

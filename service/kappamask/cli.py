@@ -642,9 +642,9 @@ def train_command(
 @click.option("--crop", default=128, show_default=True, type=int)
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--epochs", "max_epochs", default=200, show_default=True, type=int)
-@click.option("--steps-per-epoch", default=100, show_default=True, type=int)
+@click.option("--steps-per-epoch", default=200, show_default=True, type=int)
 @click.option("--max-minutes", default=35.0, show_default=True, type=float)
-@click.option("--learning-rate", default=3e-4, show_default=True, type=float)
+@click.option("--learning-rate", default=5e-4, show_default=True, type=float)
 @click.option("--no-pseudo-l2a", is_flag=True, help="L2A: train on real L2A scenes only.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--version-label", default=None, help="Model version written into the ONNX file.")
@@ -686,8 +686,8 @@ def distill_command(
         level=level, holdout=holdout, base_filters=base_filters, pseudo_l2a=not no_pseudo_l2a,
         fit=FitConfig(crop=crop, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                       max_epochs=max_epochs, max_minutes=max_minutes, loss="gdl+bce",
-                      learning_rate=learning_rate, patience=12, seed=seed, bf16=True,
-                      grad_clip=1.0),
+                      learning_rate=learning_rate, patience=8, lr_patience=3, val_batches=6,
+                      seed=seed, bf16=True, grad_clip=1.0),
     )  # fmt: skip
     try:
         model, report = distill(inputs, config, out_dir, labels_cache)

@@ -56,6 +56,10 @@ class FitConfig:
     learning_rate: float = 1e-3
     loss: str = "gdl"
     patience: int = 6
+    #: Epochs without a better validation loss before the learning rate is halved.
+    lr_patience: int = 2
+    #: Validation crops per source, in batches.
+    val_batches: int = 2
     seed: int = 0
     #: bfloat16 autocast on the CPU: twice as fast where AMX / AVX512-BF16 exist; the
     #: weights and the optimiser stay float32.
@@ -186,7 +190,9 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
     rng = np.random.default_rng(config.seed)
     loss_fn = LOSSES[config.loss]
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=0.5, patience=2)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, factor=0.5, patience=config.lr_patience
+    )
     ckpt = out_dir / "checkpoint.pt"
     start_epoch, best, stale = 0, float("inf"), 0
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -202,7 +208,7 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
     val_batches = []
     for i, source in enumerate(sources):
         crops = source.validation_crops(
-            config.crop, 2 * config.batch_size, config.seed + 10_000 + i
+            config.crop, config.val_batches * config.batch_size, config.seed + 10_000 + i
         )
         val_batches += [
             _stack(crops[j : j + config.batch_size])
@@ -288,7 +294,7 @@ def train(config: TrainConfig, out_dir: Path) -> tuple[UNet, dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = build_sources(config)
     torch.manual_seed(config.fit.seed)
-    model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters)
+    model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters, batch_norm=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     fit(model, sources, config.fit, out_dir)
     result = holdout_report(model, sources, config)

@@ -11,25 +11,43 @@ from torch import nn
 from kappamask.bands import NUM_NETWORK_OUTPUTS
 from kappamask.model.architecture import LEVELS, conv_specs
 
+#: The sigmoid output layer: no normalisation after it.
+OUTPUT_LAYER = "head.conv2"
+
 
 class UNet(nn.Module):
     """5-level U-Net, channels first; returns the 6 sigmoid outputs [N, 6, H, W].
 
     Convolutions keep the size ('same'); the 2x2 up-convolutions are padded at the
     bottom/right as Keras does, so imported Keras weights line up exactly.
+
+    ``batch_norm`` puts a BatchNorm2d after every ReLU convolution for training only.
+    The paper's network has none, and without them its activations grow with every Adam
+    step (seen in distillation: head inputs of 1e5 after 1600 steps, sigmoid outputs
+    saturated, shadow and semi-transparent never learnt). ``numpy_weights`` folds each
+    normalisation into its convolution (eval-mode statistics), so the exported graph is the
+    paper's architecture exactly.
     """
 
     def __init__(
-        self, in_channels: int, base_filters: int = 32, num_outputs: int = NUM_NETWORK_OUTPUTS
+        self,
+        in_channels: int,
+        base_filters: int = 32,
+        num_outputs: int = NUM_NETWORK_OUTPUTS,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.base_filters = base_filters
         self.convs: nn.ModuleDict = nn.ModuleDict()
+        self.norms: nn.ModuleDict = nn.ModuleDict()
         for spec in conv_specs(in_channels, base_filters, num_outputs):
-            self.convs[spec.name.replace(".", "_")] = nn.Conv2d(
+            key = spec.name.replace(".", "_")
+            self.convs[key] = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, padding=(spec.kernel - 1) // 2
             )
+            if batch_norm and spec.name != OUTPUT_LAYER:
+                self.norms[key] = nn.BatchNorm2d(spec.out_channels)
         self.dropout = nn.Dropout(0.5)
         self.reset_parameters()
 
@@ -47,7 +65,7 @@ class UNet(nn.Module):
         head = self.layer("head.conv1")
         assert head.bias is not None
         nn.init.constant_(head.bias, 1.0)
-        out = self.layer("head.conv2")
+        out = self.layer(OUTPUT_LAYER)
         nn.init.xavier_uniform_(out.weight)  # sigmoid, not ReLU
 
     def layer(self, name: str) -> nn.Conv2d:
@@ -59,7 +77,11 @@ class UNet(nn.Module):
         if conv.kernel_size[0] % 2 == 0:
             # Keras 'same' for an even kernel: the extra pixel at the bottom/right.
             x = nn.functional.pad(x, (0, 1, 0, 1))
-        return torch.relu(conv(x))
+        y = conv(x)
+        key = name.replace(".", "_")
+        if key in self.norms:
+            y = self.norms[key](y)
+        return torch.relu(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -84,5 +106,13 @@ class UNet(nn.Module):
         for spec in conv_specs(self.in_channels, self.base_filters):
             conv = self.layer(spec.name)
             assert conv.bias is not None
-            out[spec.name] = (conv.weight.detach().cpu().numpy(), conv.bias.detach().cpu().numpy())
+            weight, bias = conv.weight.detach().double(), conv.bias.detach().double()
+            key = spec.name.replace(".", "_")
+            if key in self.norms:
+                bn = cast(nn.BatchNorm2d, self.norms[key])
+                assert bn.running_var is not None and bn.running_mean is not None
+                scale = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+                weight = weight * scale[:, None, None, None]
+                bias = (bias - bn.running_mean.double()) * scale + bn.bias.detach().double()
+            out[spec.name] = (weight.float().numpy(), bias.float().numpy())
         return out

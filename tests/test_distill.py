@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +161,45 @@ def test_teachers_on_a_real_cloudy_patch() -> None:
     assert (ukis[dark] == teachers.UKIS_CLOUD).mean() < 0.15
     labels = realdata.label(img, "L1C").labels
     assert {int(v) for v in np.unique(labels)} >= {C.CLEAR, C.CLOUD}
+
+
+def test_distill_end_to_end_on_real_patches(tmp_path: Path) -> None:
+    """`kappamask distill` on two real acquisitions (the cumulus patch, and the same
+    pixels mirrored under another area's name): labels cached, one held out, a served
+    model exported, and the held-out report next to the teachers' own agreement."""
+    from click.testing import CliRunner
+
+    from kappamask.cli import main
+    from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
+    from kappamask.inference.repository import spec_from_onnx
+
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    real = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"
+    shutil.copyfile(real, patches / real.name)
+    with rasterio.open(real) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(patches / "ROIs2017_winter_s2_cloudy_84_p1.tif", "w", **profile) as dst:
+        dst.write(data[:, ::-1, :])
+    args = ["distill", "--level", "L1C", "--out", str(tmp_path / "run"), "--multiband",
+            str(patches), "--holdout", "ROIs2017_winter_84", "--filters", "4", "--crop", "64",
+            "--batch-size", "2", "--steps-per-epoch", "2", "--epochs", "1",
+            "--version-label", "tiny"]  # fmt: skip
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0, done.output
+    cached = sorted((tmp_path / "run" / "scenes").glob("L1C_*.npz"))
+    assert len(cached) == 2
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["holdout_scenes"] == ["patches_ROIs2017_winter_s2_cloudy_84_p1"]
+    report = json.loads((tmp_path / "run" / "holdout.json").read_text())
+    assert {"model vs fused labels", "model vs s2cloudless", "s2cloudless vs ukis-csmask",
+            "ukis-csmask vs s2cloudless"} <= set(report)  # fmt: skip
+    # the teachers see the same clouds in the mirrored patch as in the original
+    assert report["s2cloudless vs ukis-csmask"]["two_class"]["classes"]["cloud"]["dice"] > 0.6
+    spec = spec_from_onnx(tmp_path / "run" / "model.onnx")
+    assert spec.origin == ORIGIN_BOOTSTRAP and spec.version_label == "tiny"
+    # a second run reuses the cached labels (the teachers are not run again)
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    (tmp_path / "run" / "checkpoint.pt").unlink(missing_ok=True)
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
