@@ -552,7 +552,9 @@ def evaluate_command(
 @click.option("--epochs", "max_epochs", default=40, show_default=True, type=int)
 @click.option("--steps-per-epoch", default=50, show_default=True, type=int)
 @click.option("--max-minutes", default=30.0, show_default=True, type=float)
-@click.option("--loss", type=click.Choice(["gdl", "gdl+bce"]), default="gdl", show_default=True)
+@click.option(
+    "--loss", type=click.Choice(["gdl", "gdl+bce", "ce+bce"]), default="gdl", show_default=True
+)
 @click.option(
     "--patience",
     default=6,
@@ -644,7 +646,7 @@ def train_command(
 @click.option("--epochs", "max_epochs", default=200, show_default=True, type=int)
 @click.option("--steps-per-epoch", default=200, show_default=True, type=int)
 @click.option("--max-minutes", default=35.0, show_default=True, type=float)
-@click.option("--learning-rate", default=5e-4, show_default=True, type=float)
+@click.option("--learning-rate", default=1e-3, show_default=True, type=float)
 @click.option("--no-pseudo-l2a", is_flag=True, help="L2A: train on real L2A scenes only.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--version-label", default=None, help="Model version written into the ONNX file.")
@@ -685,9 +687,9 @@ def distill_command(
     config = DistillConfig(
         level=level, holdout=holdout, base_filters=base_filters, pseudo_l2a=not no_pseudo_l2a,
         fit=FitConfig(crop=crop, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-                      max_epochs=max_epochs, max_minutes=max_minutes, loss="gdl+bce",
+                      max_epochs=max_epochs, max_minutes=max_minutes, loss="ce+bce",
                       learning_rate=learning_rate, patience=8, lr_patience=3, val_batches=6,
-                      seed=seed, bf16=True, grad_clip=1.0),
+                      seed=seed, bf16=True, grad_clip=1.0, head_slope=0.1),
     )  # fmt: skip
     try:
         model, report = distill(inputs, config, out_dir, labels_cache)

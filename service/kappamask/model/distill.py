@@ -74,8 +74,8 @@ class DistillConfig:
     pseudo_l2a: bool = True  # L2A: add L1C scenes brought near BOA (realdata.pseudo_l2a)
     fit: FitConfig = field(default_factory=lambda: FitConfig(
         crop=128, batch_size=8, steps_per_epoch=200, max_epochs=200, max_minutes=35.0,
-        learning_rate=5e-4, loss="gdl+bce", patience=8, lr_patience=3, val_batches=6,
-        bf16=True, grad_clip=1.0))  # fmt: skip
+        learning_rate=1e-3, loss="ce+bce", patience=8, lr_patience=3, val_batches=6,
+        bf16=True, grad_clip=1.0, head_slope=0.1))  # fmt: skip
 
 
 def save_scene(scene: Labelled, path: Path) -> None:

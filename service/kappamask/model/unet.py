@@ -13,6 +13,8 @@ from kappamask.model.architecture import LEVELS, conv_specs
 
 #: The sigmoid output layer: no normalisation after it.
 OUTPUT_LAYER = "head.conv2"
+#: The two-channel ReLU layer every decision passes through.
+HEAD_BOTTLENECK = "head.conv1"
 
 
 class UNet(nn.Module):
@@ -49,6 +51,9 @@ class UNet(nn.Module):
             if batch_norm and spec.name != OUTPUT_LAYER:
                 self.norms[key] = nn.BatchNorm2d(spec.out_channels)
         self.dropout = nn.Dropout(0.5)
+        #: Negative slope of the head's two-channel layer while training (0: ReLU, the
+        #: served graph). See ``train.fit``: a ReLU there dies within a few Adam steps.
+        self.head_slope = 0.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,6 +86,8 @@ class UNet(nn.Module):
         key = name.replace(".", "_")
         if key in self.norms:
             y = self.norms[key](y)
+        if name == HEAD_BOTTLENECK and self.head_slope > 0:
+            return nn.functional.leaky_relu(y, self.head_slope)
         return torch.relu(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
