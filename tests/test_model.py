@@ -32,10 +32,16 @@ def test_unet_shape_and_parameter_count() -> None:
     assert out.shape == (1, 6, 64, 64) and float(out.min()) >= 0 and float(out.max()) <= 1
 
 
-@pytest.mark.parametrize(("channels", "batch_norm"), [(13, False), (14, False), (13, True)])
-def test_onnx_export_matches_torch(tmp_path: Path, channels: int, batch_norm: bool) -> None:
+@pytest.mark.parametrize(
+    ("channels", "batch_norm", "head"), [(13, False, 2), (14, False, 2), (13, True, 16)]
+)
+def test_onnx_export_matches_torch(
+    tmp_path: Path, channels: int, batch_norm: bool, head: int
+) -> None:
+    """Our exports (and the distilled models: batch norm folded, a 16-channel head) give
+    the classes and confidence of the PyTorch network."""
     torch.manual_seed(channels)
-    model = UNet(channels, 8, batch_norm=batch_norm)
+    model = UNet(channels, 8, batch_norm=batch_norm, head_channels=head)
     if batch_norm:  # running statistics away from the identity: folding must carry them
         model.train()
         with torch.no_grad():

@@ -689,7 +689,7 @@ def distill_command(
         fit=FitConfig(crop=crop, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
                       max_epochs=max_epochs, max_minutes=max_minutes, loss="ce+bce",
                       learning_rate=learning_rate, patience=8, lr_patience=3, val_batches=6,
-                      seed=seed, bf16=True, grad_clip=1.0, head_slope=0.1),
+                      seed=seed, bf16=True, grad_clip=1.0),
     )  # fmt: skip
     try:
         model, report = distill(inputs, config, out_dir, labels_cache)

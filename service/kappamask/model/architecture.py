@@ -24,10 +24,23 @@ class ConvSpec:
     activation: str  # "relu" or "sigmoid"
 
 
+#: Channels of the head's ReLU layer in the published network.
+PAPER_HEAD_CHANNELS = 2
+
+
 def conv_specs(
-    in_channels: int, base_filters: int = 32, num_outputs: int = NUM_NETWORK_OUTPUTS
+    in_channels: int,
+    base_filters: int = 32,
+    num_outputs: int = NUM_NETWORK_OUTPUTS,
+    head_channels: int = PAPER_HEAD_CHANNELS,
 ) -> list[ConvSpec]:
-    """Every Conv2D of the U-Net in the order Keras creates them (DESIGN §3)."""
+    """Every Conv2D of the U-Net in the order Keras creates them (DESIGN §3).
+
+    ``head_channels``: the paper's head funnels every pixel through 2 ReLU channels. Both
+    die within ten Adam steps when this network is trained from scratch here (every pixel
+    0: the output stops depending on the input, for good), so this project's own weights
+    use a wider head; published weights keep 2.
+    """
     widths = [base_filters * 2**i for i in range(LEVELS)]
     specs: list[ConvSpec] = []
     channels = in_channels
@@ -41,6 +54,6 @@ def conv_specs(
         specs.append(ConvSpec(f"dec{level}.conv1", 2 * width, width, 3, "relu"))
         specs.append(ConvSpec(f"dec{level}.conv2", width, width, 3, "relu"))
         channels = width
-    specs.append(ConvSpec("head.conv1", channels, 2, 3, "relu"))
-    specs.append(ConvSpec("head.conv2", 2, num_outputs, 1, "sigmoid"))
+    specs.append(ConvSpec("head.conv1", channels, head_channels, 3, "relu"))
+    specs.append(ConvSpec("head.conv2", head_channels, num_outputs, 1, "sigmoid"))
     return specs

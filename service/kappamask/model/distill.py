@@ -71,11 +71,13 @@ class DistillConfig:
     level: str
     holdout: tuple[str, ...] = ()
     base_filters: int = 16
+    #: Channels of the head's ReLU layer (the paper's 2 die in training: architecture.py).
+    head_channels: int = 16
     pseudo_l2a: bool = True  # L2A: add L1C scenes brought near BOA (realdata.pseudo_l2a)
     fit: FitConfig = field(default_factory=lambda: FitConfig(
         crop=128, batch_size=8, steps_per_epoch=200, max_epochs=200, max_minutes=35.0,
         learning_rate=1e-3, loss="ce+bce", patience=8, lr_patience=3, val_batches=6,
-        bf16=True, grad_clip=1.0, head_slope=0.1))  # fmt: skip
+        bf16=True, grad_clip=1.0))  # fmt: skip
 
 
 def save_scene(scene: Labelled, path: Path) -> None:
@@ -226,7 +228,8 @@ def distill(
         "holdout_scenes": [s.name for s in held]}, indent=2, default=str))  # fmt: skip
     LOGGER.info("%d training scenes, %d held out", len(train_scenes), len(held))
     torch.manual_seed(config.fit.seed)
-    model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters, batch_norm=True)
+    model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters, batch_norm=True,
+                 head_channels=config.head_channels)  # fmt: skip
     fit(model, [ScenesSource(train_scenes)], config.fit, out_dir)
     report = holdout_report(model, held) if held else {}
     (out_dir / "holdout.json").write_text(json.dumps(report, indent=2, default=float))

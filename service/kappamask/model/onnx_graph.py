@@ -60,7 +60,8 @@ def build_model(
         nodes.append(helper.make_node(op, [out + "_pre"], [out]))
         return out
 
-    specs = {s.name: s for s in conv_specs(in_channels, base_filters)}
+    head_channels = weights["head.conv1"][0].shape[0]
+    specs = {s.name: s for s in conv_specs(in_channels, base_filters, head_channels=head_channels)}
     x = INPUT_NAME
     skips = []
     for level in range(1, LEVELS + 1):

@@ -68,14 +68,6 @@ class FitConfig:
     #: network's activations grow step by step, and one large step can kill a channel of
     #: the head's two-channel ReLU layer for good.
     grad_clip: float | None = None
-    #: Negative slope of the head's two-channel layer at the start (0: a plain ReLU from
-    #: the first step). Its two ReLU channels die within ten Adam steps from a random
-    #: start (every pixel 0: the output no longer depends on the input, for good); a leaky
-    #: slope keeps them learning and is brought down linearly to 0, the served ReLU, over
-    #: the first ``head_anneal`` of ``max_minutes``. Only epochs after that count for the
-    #: best weights and for early stopping.
-    head_slope: float = 0.0
-    head_anneal: float = 0.5
 
 
 @dataclass
@@ -231,11 +223,7 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
     metrics_path = out_dir / "metrics.csv"
     started = time.monotonic()
     epochs = tqdm(range(start_epoch, config.max_epochs), desc="training", unit="epoch")
-    anneal_minutes = config.head_anneal * config.max_minutes
     for epoch in epochs:
-        elapsed = (time.monotonic() - started) / 60
-        slope = config.head_slope * max(0.0, 1.0 - elapsed / anneal_minutes)
-        model.head_slope = slope
         model.train()
         losses = []
         steps = tqdm(range(config.steps_per_epoch), desc=f"epoch {epoch}", leave=False)
@@ -250,7 +238,6 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
             losses.append(loss.item())
             steps.set_postfix(loss=f"{np.mean(losses):.4f}")
         model.eval()
-        model.head_slope = 0.0  # validated as served
         with torch.no_grad():
             val = float(np.mean([loss_fn(forward(x), y).item() for x, y in val_batches]))
         dice = _epoch_dice(model, val_batches)
@@ -265,7 +252,6 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
             "val_loss": val,
             **dice,
             "head_alive": alive,
-            "head_slope": slope,
             "lr": optimiser.param_groups[0]["lr"],
             "minutes": (time.monotonic() - started) / 60,
         }
@@ -278,9 +264,7 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
             loss=f"{row['train_loss']:.3f}", val=f"{val:.3f}",
             dice=" ".join(f"{v:.2f}" for v in dice.values()),
         )  # fmt: skip
-        if slope > 0:
-            pass  # still leaky while training: not the served network yet
-        elif val < best:
+        if val < best:
             best, stale = val, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
@@ -301,9 +285,6 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
             reason = "no better validation loss" if stale >= config.patience else "time"
             LOGGER.info("stopping after epoch %d (%s)", epoch, reason)
             break
-    if best == float("inf"):  # stopped before the head was a plain ReLU: the last weights
-        best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.head_slope = 0.0
     model.load_state_dict(best_state)
     return model
 

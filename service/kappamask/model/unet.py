@@ -9,12 +9,10 @@ import torch
 from torch import nn
 
 from kappamask.bands import NUM_NETWORK_OUTPUTS
-from kappamask.model.architecture import LEVELS, conv_specs
+from kappamask.model.architecture import LEVELS, PAPER_HEAD_CHANNELS, conv_specs
 
 #: The sigmoid output layer: no normalisation after it.
 OUTPUT_LAYER = "head.conv2"
-#: The two-channel ReLU layer every decision passes through.
-HEAD_BOTTLENECK = "head.conv1"
 
 
 class UNet(nn.Module):
@@ -37,13 +35,15 @@ class UNet(nn.Module):
         base_filters: int = 32,
         num_outputs: int = NUM_NETWORK_OUTPUTS,
         batch_norm: bool = False,
+        head_channels: int = PAPER_HEAD_CHANNELS,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.base_filters = base_filters
+        self.head_channels = head_channels
         self.convs: nn.ModuleDict = nn.ModuleDict()
         self.norms: nn.ModuleDict = nn.ModuleDict()
-        for spec in conv_specs(in_channels, base_filters, num_outputs):
+        for spec in conv_specs(in_channels, base_filters, num_outputs, head_channels):
             key = spec.name.replace(".", "_")
             self.convs[key] = nn.Conv2d(
                 spec.in_channels, spec.out_channels, spec.kernel, padding=(spec.kernel - 1) // 2
@@ -51,9 +51,6 @@ class UNet(nn.Module):
             if batch_norm and spec.name != OUTPUT_LAYER:
                 self.norms[key] = nn.BatchNorm2d(spec.out_channels)
         self.dropout = nn.Dropout(0.5)
-        #: Negative slope of the head's two-channel layer while training (0: ReLU, the
-        #: served graph). See ``train.fit``: a ReLU there dies within a few Adam steps.
-        self.head_slope = 0.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,8 +83,6 @@ class UNet(nn.Module):
         key = name.replace(".", "_")
         if key in self.norms:
             y = self.norms[key](y)
-        if name == HEAD_BOTTLENECK and self.head_slope > 0:
-            return nn.functional.leaky_relu(y, self.head_slope)
         return torch.relu(y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +105,8 @@ class UNet(nn.Module):
     def numpy_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Weights as numpy arrays keyed by ConvSpec name: (kernel [O, I, kh, kw], bias)."""
         out = {}
-        for spec in conv_specs(self.in_channels, self.base_filters):
+        for spec in conv_specs(self.in_channels, self.base_filters,
+                               head_channels=self.head_channels):  # fmt: skip
             conv = self.layer(spec.name)
             assert conv.bias is not None
             weight, bias = conv.weight.detach().double(), conv.bias.detach().double()
