@@ -149,6 +149,7 @@ def test_fetch_installs_both_levels_and_names_them(
     [
         ("missing", "not found (HTTP 404)"),
         ("truncated", "is not an HDF5 file"),
+        ("damaged", "truncated file"),
         ("html", "is not an HDF5 file"),
         ("channels", "not the 13 features of the L1C model"),
         ("outputs", "has 3 outputs"),
@@ -162,6 +163,9 @@ def test_bad_downloads_install_nothing(
     if setup == "truncated":
         data = write_keras_unet(target, 13).read_bytes()
         target.write_bytes(data[: len(data) // 3])
+    elif setup == "damaged":  # the header survives, the last layers' data do not
+        data = write_keras_unet(target, 13).read_bytes()
+        target.write_bytes(data[: len(data) * 9 // 10])
     elif setup == "html":
         target.write_text("<html><body>Access Denied</body></html>")
     elif setup == "channels":

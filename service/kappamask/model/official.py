@@ -113,7 +113,10 @@ def download(
 
 def check_weights(path: Path, level: str) -> int:
     """That ``path`` is the KappaMask U-Net of ``level``; returns its base filters."""
-    weights, channels, filters = keras_to_weights(read_keras_convs(path))
+    try:
+        weights, channels, filters = keras_to_weights(read_keras_convs(path))
+    except (OSError, KeyError, ValueError) as err:  # h5py on a damaged file past its header
+        raise InvalidInputError(f"{path.name} cannot be read as Keras weights: {err}") from err
     expected = len(DEFAULT_FEATURES[level])
     if channels != expected:
         raise InvalidInputError(
