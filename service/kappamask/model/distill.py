@@ -100,7 +100,8 @@ def labelled_scenes(
     cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     scenes = []
-    for img in tqdm(list(inputs.imagery()), desc=f"teachers ({level})", unit="scene"):
+    # one scene in memory at a time: the readers run lazily as the loop asks for them
+    for img in tqdm(inputs.imagery(), desc=f"teachers ({level})", unit="scene"):
         path = cache / f"{level}_{img.name}.npz"
         if path.exists():
             scenes.append(load_scene(path))
@@ -128,8 +129,8 @@ def labelled_scenes(
 
 class ScenesSource:
     """Random crops of whole scenes, drawn in proportion to their labelled pixels; the
-    validation crops come from the same scenes' last row of crops (held-out scenes are
-    never passed here)."""
+    validation crops are drawn the same way with their own seed (for early stopping only:
+    held-out scenes are never passed here)."""
 
     name = "scenes"
 
