@@ -148,6 +148,54 @@ def test_crops_come_from_labelled_pixels_and_small_scenes_are_padded() -> None:
         assert (lab[feats[0] == 0] == C.MISSING).all()  # padding is no data
 
 
+@pytest.mark.parametrize("level", ["L1C", "L2A"])
+def test_bare_ground_crops_look_like_desert_and_keep_clouds(level: str) -> None:
+    """Real cumulus over farmland: the clear ground becomes bright bare ground (red above
+    blue, SWIR above NIR, little vegetation: not the white, flat spectrum of cloud); the
+    cloud pixels, the unlabelled ones near them, B10, AOT and WVP stay as they were."""
+    path = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"
+    img = realdata.read_multiband(path)
+    img = img if level == "L1C" else realdata.pseudo_l2a(img, np.random.default_rng(0))
+    feats = realdata.features(img, level)
+    labels = np.full(img.shape, C.CLEAR, np.uint8)
+    visible = np.mean([img.reflectance[b] for b in ("B02", "B03", "B04")], axis=0)
+    labels[visible > 0.5] = C.CLOUD
+    labels[(visible > 0.3) & (visible <= 0.5)] = C.UNDEFINED
+    labels[:4] = C.MISSING
+    out = realdata.bare_ground_crop(feats, labels, level, np.random.default_rng(3))
+    names, scale = DEFAULT_FEATURES[level], realdata.reflectance_scale(level)
+    refl = {n: out[i] * scale[i] for i, n in enumerate(names)}
+    ground = labels == C.CLEAR
+    assert ground.mean() > 0.3 and (labels == C.CLOUD).any()
+    red, blue, nir = refl["B04"][ground], refl["B02"][ground], refl["B8A"][ground]
+    assert np.median(red / blue) > 1.3
+    assert np.median((nir - red) / (nir + red)) < 0.3
+    assert np.median(refl["B11"][ground] / nir) > 1.0
+    assert 0.1 < np.median(red) < 0.6 and red.max() <= 1.0
+    untouched = labels != C.CLEAR
+    assert np.array_equal(out[:, untouched], feats[:, untouched])
+    for kept in ("B10", "AOT", "WVP"):
+        if kept in names:
+            assert np.array_equal(out[names.index(kept)], feats[names.index(kept)])
+    # a cloud-free crop: the unlabelled pixels become ground too
+    calm = np.where(labels == C.CLOUD, C.UNDEFINED, labels).astype(np.uint8)
+    out = realdata.bare_ground_crop(feats, calm, level, np.random.default_rng(3))
+    changed = (out != feats).any(axis=0)
+    assert changed[calm == C.UNDEFINED].all() and not changed[calm == C.MISSING].any()
+
+
+def test_bare_ground_is_drawn_for_the_share_of_crops_asked() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.full((64, 64), C.CLEAR, np.uint8)
+    feats = np.stack([np.full((64, 64), 0.1, np.float32)] * 13)  # grey ground
+    scene = Labelled("s", "s", "L1C", feats, labels, {})
+    for share, low, high in ((0.0, 0, 0), (0.2, 20, 60), (1.0, 200, 200)):
+        source = ScenesSource([scene], bare_ground=share)
+        changed = sum(not np.array_equal(source.train_crop(32, rng)[0], feats[:, :32, :32])
+                      for _ in range(200))  # fmt: skip
+        assert low <= changed <= high, (share, changed)
+
+
 def test_teachers_on_a_real_cloudy_patch() -> None:
     """s2cloudless and ukis-csmask on real SEN12MS-CR pixels: both find the cumulus."""
     path = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"

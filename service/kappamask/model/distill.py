@@ -74,6 +74,9 @@ class DistillConfig:
     #: Channels of the head's ReLU layer (the paper's 2 die in training: architecture.py).
     head_channels: int = 16
     pseudo_l2a: bool = True  # L2A: add L1C scenes brought near BOA (realdata.pseudo_l2a)
+    #: Share of training crops whose clear ground becomes desert (realdata.bare_ground_crop):
+    #: the real scenes here hold almost no bare ground.
+    bare_ground: float = 0.2
     fit: FitConfig = field(default_factory=lambda: FitConfig(
         crop=128, batch_size=8, steps_per_epoch=200, max_epochs=200, max_minutes=35.0,
         learning_rate=1e-3, loss="ce+bce", patience=8, lr_patience=3, val_batches=6,
@@ -134,8 +137,9 @@ class ScenesSource:
 
     name = "scenes"
 
-    def __init__(self, scenes: Sequence[Labelled]):
+    def __init__(self, scenes: Sequence[Labelled], bare_ground: float = 0.0):
         self.scenes = list(scenes)
+        self.bare_ground = bare_ground
         weights = np.array([float(_labelled(s.labels).sum()) for s in self.scenes])
         if not weights.sum():
             raise InvalidInputError("no labelled pixel in the training scenes")
@@ -151,7 +155,10 @@ class ScenesSource:
             # a crop almost without labels teaches nothing; the last attempt is taken anyway
             if _labelled(lab).mean() >= MIN_LABELLED or attempt == MAX_ATTEMPTS - 1:
                 break
-        return augment(feats[:, y0 : y0 + crop, x0 : x0 + crop], lab, rng)
+        cut = feats[:, y0 : y0 + crop, x0 : x0 + crop]
+        if rng.random() < self.bare_ground:
+            cut = realdata.bare_ground_crop(cut, lab, scene.level, rng)
+        return augment(cut, lab, rng)
 
     def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
         return self._crop(rng, crop)
@@ -231,7 +238,7 @@ def distill(
     torch.manual_seed(config.fit.seed)
     model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters, batch_norm=True,
                  head_channels=config.head_channels)  # fmt: skip
-    fit(model, [ScenesSource(train_scenes)], config.fit, out_dir)
+    fit(model, [ScenesSource(train_scenes, config.bare_ground)], config.fit, out_dir)
     report = holdout_report(model, held) if held else {}
     (out_dir / "holdout.json").write_text(json.dumps(report, indent=2, default=float))
     return model, report

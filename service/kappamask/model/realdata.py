@@ -91,6 +91,76 @@ def features(img: Imagery, level: str) -> np.ndarray:
     return out
 
 
+def reflectance_scale(level: str) -> np.ndarray:
+    """Per feature of ``level``: the factor from the feature to reflectance (0 for AOT, WVP
+    and B10, which are not surface reflectances)."""
+    scale = [
+        0.0 if name in AUX_BANDS or name == "B10" else mv * DN_SCALE / QUANTIFICATION
+        for name, mv in zip(DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], strict=True)
+    ]
+    return np.array(scale, np.float32)
+
+
+#: Surface reflectance of three kinds of bare desert ground at the Sentinel-2 bands
+#: (typical shapes of spectral libraries: iron-coated quartz sand, weathered grey-brown
+#: gravel and rock, dry red soil). What they share and clouds do not: red well above
+#: blue, SWIR above NIR.
+BARE_GROUND = {
+    "sand": {"B01": .17, "B02": .20, "B03": .29, "B04": .40, "B05": .45, "B06": .48, "B07": .50,
+             "B08": .51, "B8A": .53, "B11": .62, "B12": .58},
+    "rock": {"B01": .13, "B02": .15, "B03": .19, "B04": .24, "B05": .27, "B06": .29, "B07": .30,
+             "B08": .31, "B8A": .32, "B11": .40, "B12": .37},
+    "red soil": {"B01": .06, "B02": .07, "B03": .10, "B04": .17, "B05": .22, "B06": .25,
+                 "B07": .27, "B08": .28, "B8A": .29, "B11": .38, "B12": .33},
+}  # fmt: skip
+
+
+def bare_ground_crop(
+    feats: np.ndarray, labels: np.ndarray, level: str, rng: np.random.Generator
+) -> np.ndarray:
+    """A crop turned into desert: its clear ground replaced by bare ground.
+
+    The real scenes here hold almost no bright bare ground (temperate farmland, snow,
+    water: under 1 % of clear pixels have red > 1.3 blue and NDVI < 0.3), so a model learns
+    "bright is cloud" and calls deserts cloud. The pixels labelled CLEAR (and, in a crop
+    without any cloud or shadow label, the unlabelled ones too) get a random mixture of
+    the ``BARE_GROUND`` spectra, scaled per crop, with the crop's own texture (its NIR
+    brightness around the median, damped); B09 keeps each pixel's B09/B8A ratio (water
+    vapour), B10 and AOT/WVP are kept. For L1C the surface is brought to the top of the
+    atmosphere with a random transmittance and path reflectance. Labels are unchanged:
+    CLEAR stays CLEAR, and clouds stay as they were, now over desert.
+    """
+    cloudy = np.isin(labels, (MaskClass.CLOUD, MaskClass.SEMI_TRANSPARENT_CLOUD,
+                              MaskClass.CLOUD_SHADOW)).any()  # fmt: skip
+    data = labels == MaskClass.CLEAR
+    if not cloudy:
+        data |= labels == MaskClass.UNDEFINED
+    if not data.any():
+        return feats
+    names, scale = DEFAULT_FEATURES[level], reflectance_scale(level)
+    band = {n: i for i, n in enumerate(names)}
+    nir = feats[band["B8A"]] * scale[band["B8A"]]
+    texture = np.clip(nir / max(float(np.median(nir[data])), 1e-4), 0.3, 3.0) ** 0.4
+    weights = rng.dirichlet(np.ones(len(BARE_GROUND)))
+    brightness = rng.uniform(0.7, 1.25)
+    transmittance, path = rng.uniform(0.85, 0.95), rng.uniform(0.3, 1.0)
+    out = feats.copy()
+    for name, i in band.items():
+        if name not in BARE_GROUND["sand"]:
+            continue  # B09 below; B10, AOT, WVP kept
+        surface = brightness * sum(w * g[name] for w, g in zip(weights, BARE_GROUND.values(),
+                                                               strict=True))  # fmt: skip
+        refl = surface * texture
+        if level == "L1C":
+            refl = refl * transmittance + path * MAX_PATH_REFLECTANCE[name]
+        out[i][data] = np.minimum(refl[data], 1.0) / scale[i]
+    if "B09" in band:
+        i, j = band["B09"], band["B8A"]
+        ratio = np.clip(feats[i] * scale[i] / np.maximum(feats[j] * scale[j], 1e-4), 0.0, 1.2)
+        out[i][data] = (out[j] * scale[j] * ratio)[data] / scale[i]
+    return out
+
+
 def pseudo_l2a(img: Imagery, rng: np.random.Generator) -> Imagery:
     """An L1C scene brought near bottom-of-atmosphere by dark-object subtraction.
 
