@@ -11,6 +11,12 @@ from pathlib import Path
 
 from pystac.validation import JsonSchemaSTACValidator
 
+from kappamask.errors import (
+    InferenceUnavailableError,
+    InvalidInputError,
+    ProductError,
+    ProductNotFoundError,
+)
 from kappamask.inference.server import LocalTriton
 
 from .conftest import S3_SECRET, T22HBD, T29UNU, S3Server, check_result
@@ -81,18 +87,19 @@ def test_an_l1c_product_through_the_l1c_model(
 
 def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_path: Path) -> None:
     out = tmp_path / "out"
+    # the exit code says the class of error (errors.py), the message what happened
     cases = {
-        str(tmp_path / "nope.SAFE"): "does not exist",
-        str(T29UNU / "GRANULE"): "not a Sentinel-2",
+        str(tmp_path / "nope.SAFE"): ("does not exist", ProductNotFoundError),
+        str(T29UNU / "GRANULE"): ("not a Sentinel-2", ProductError),
     }
-    for product, message in cases.items():
+    for product, (message, error) in cases.items():
         done = _run("run", product, "--out", str(out), "--triton-url", triton.http_url)
-        assert done.returncode == 1
+        assert done.returncode == error.exit_code
         assert message in done.stderr and "Traceback" not in done.stderr
     done = _run(
         "run", str(T29UNU), "--out", str(out), "--level", "L1C", "--triton-url", triton.http_url
     )
-    assert done.returncode == 1 and "is L2A, not L1C" in done.stderr
+    assert done.returncode == ProductError.exit_code and "is L2A, not L1C" in done.stderr
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
     done = _run(
@@ -105,9 +112,11 @@ def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_pa
         "--triton-url",
         triton.http_url,
     )
-    assert done.returncode == 1 and "cannot write results to" in done.stderr
+    assert done.returncode == InvalidInputError.exit_code
+    assert "cannot write results to" in done.stderr
     done = _run("run", str(T29UNU), "--out", str(out), "--triton-url", "127.0.0.1:1")
-    assert done.returncode == 1 and "Triton" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == InferenceUnavailableError.exit_code
+    assert "Triton" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() or list(out.iterdir()) == []
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -17,11 +18,15 @@ import jsonpatch
 import kubernetes_validate
 import onnx
 import pytest
+import requests
 import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
+from kappamask.inference.server import LocalTriton, free_port
+
+from .processes import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -213,6 +218,9 @@ def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> N
     gpu_limit = triton["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
     inits = [c["name"] for c in triton["initContainers"]]
     api = _find(docs, "Deployment", "kappamask-api")["spec"]["template"]["spec"]["containers"][0]
+    # the API pod is ready only while its Triton is (kappamask.guard), alive while it answers
+    assert api["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    assert api["livenessProbe"]["httpGet"]["path"] == "/health"
     assert {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_JOB_MANAGER"] == (
         "kappamask.managers.PostgreSQLManager"
     )
@@ -328,3 +336,39 @@ def test_engine_build_refuses_a_fixed_batch_axis(tmp_path: Path) -> None:
     onnx.save(model, str(path))
     with pytest.raises(SystemExit, match="dynamic batch"):
         build_engines.check_onnx(path)
+
+
+# -- the API container's entry point ----------------------------------------------------
+@pytest.mark.slow
+def test_api_entry_point_serves_behind_the_guard(triton: LocalTriton, tmp_path: Path) -> None:
+    """deploy/entrypoint.sh as the API container runs it (wait for Triton, OpenAPI
+    document, gunicorn kappamask.wsgi:app): health endpoints, JSON 4xx for bad bodies."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "PYGEOAPI_CONFIG": str(ROOT / "pygeoapi-config.yml"),
+        "PYGEOAPI_OPENAPI": str(tmp_path / "openapi.yml"),
+        "KAPPAMASK_TRITON_URL": triton.http_url,
+        "KAPPAMASK_PORT": str(port),
+        "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"),
+        "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+        "KAPPAMASK_OUTPUT_DIR": str(tmp_path / "out"),
+        "GUNICORN_WORKERS": "1",
+    }
+    (tmp_path / "jobs").mkdir()
+    log = tmp_path / "api.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, proc, log)
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        assert requests.get(f"{url}/health/ready", timeout=10).status_code == 200
+        bad = requests.post(f"{url}/processes/kappamask/execution", data="[1, 2, 3]",
+                            headers={"Content-Type": "application/json"}, timeout=10)  # fmt: skip
+        assert bad.status_code == 400 and "must be a JSON object" in bad.json()["description"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

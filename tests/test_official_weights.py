@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from kappamask.bands import DEFAULT_FEATURES, MODEL_NAMES
 from kappamask.cli import main
-from kappamask.errors import StorageError
+from kappamask.errors import InvalidInputError, StorageError
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
 from kappamask.model.architecture import conv_specs
@@ -174,7 +174,8 @@ def test_bad_downloads_install_nothing(
         write_keras_unet(target, 13, outputs=3)
     before = _snapshot(repository)
     done = _fetch("--level", "L1C", "--base-url", url, "--repository", str(repository))
-    assert done.exit_code == 1
+    failure = StorageError if setup == "missing" else InvalidInputError  # not there / not it
+    assert done.exit_code == failure.exit_code
     assert message in done.output and "Traceback" not in done.output
     assert _snapshot(repository) == before
     assert not list(repository.glob(".kappamask-fetch-*"))
@@ -185,7 +186,7 @@ def test_one_bad_level_installs_neither(http_folder: tuple[str, Path], repositor
     write_keras_unet(folder / OFFICIAL_FILES["L1C"], 13)  # good; L2A missing
     before = _snapshot(repository)
     done = _fetch("--base-url", url, "--repository", str(repository))
-    assert done.exit_code == 1 and "l2a_unet.hdf5: not found" in done.output
+    assert done.exit_code == StorageError.exit_code and "l2a_unet.hdf5: not found" in done.output
     assert _snapshot(repository) == before
 
 
@@ -195,7 +196,7 @@ def test_a_repository_that_cannot_be_written(http_folder: tuple[str, Path], tmp_
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     done = _fetch("--level", "L1C", "--base-url", url, "--repository", str(blocker / "repo"))
-    assert done.exit_code == 1
+    assert done.exit_code == InvalidInputError.exit_code
     assert "cannot write the model repository" in done.output
 
 

@@ -10,10 +10,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -30,6 +32,14 @@ from .conftest import (
     T29UNU,
     S3Server,
     check_result,
+)
+from .processes import (
+    alive,
+    process_group,
+    start_serve,
+    triton_port,
+    tritonservers_on,
+    wait_for,
 )
 
 
@@ -80,25 +90,12 @@ def service(
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(url, proc, log_path)
+        wait_for(url, proc, log_path)
         yield Service(url, base / "out", scratch, log_path, base / "jobs.db")
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
         log.close()
-
-
-def _wait_for(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/processes", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail("kappamask serve did not start:\n" + log_path.read_text())
-        time.sleep(0.3)
 
 
 def test_process_is_listed_and_described(service: Service) -> None:
@@ -134,7 +131,13 @@ def test_sync_execution_returns_the_hrefs(
         assert Path(result[key]).is_file()
     assert result["mask"].endswith("_KAPPAMASK.tif")
     check_result(Path(result["item"]), product, 60, stac_validator)
-    assert set(result["class_percentages"]) >= {"clear", "cloud", "cloud_shadow", "missing"}
+    classes = result["class_percentages"]
+    assert set(classes) == {"clear", "cloud_shadow", "semi_transparent_cloud", "cloud"}
+    assert sum(classes.values()) == pytest.approx(100, abs=0.01)  # of the pixels with data
+    assert result["cloud_cover"] == pytest.approx(
+        classes["cloud"] + classes["semi_transparent_cloud"], abs=0.01
+    )
+    assert 0 < result["missing_percentage"] < 100  # of every pixel: the nodata wedge
     # the result names the weights that made it: the served L2A model's own file
     onnx_file = DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / "model.onnx"
     assert result["model_provenance"] == {
@@ -177,6 +180,24 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
     return [
         ("unknown input name", inputs(product=p, colour="red"), 400, "unknown input(s): colour"),
         ("no product", {"inputs": {}}, 400, "'product' is required"),
+        (
+            "product string too long",
+            inputs(product="x" * 100_000),
+            400,
+            "input 'product' is 100000 characters long; at most 2048",
+        ),
+        (
+            "control character in output",
+            inputs(product=p, output="a\x00b"),
+            400,
+            "input 'output' holds control characters",
+        ),
+        (
+            "malformed model name",
+            inputs(product=p, model="kappamask_l2a/versions/1"),
+            400,
+            "input 'model' must be a model name",
+        ),
         ("resolution not offered", inputs(product=p, resolution=30), 400, "'resolution'"),
         ("malformed bbox", inputs(product=p, bbox=[1, 2, 3]), 400, "'bbox'"),
         (
@@ -205,7 +226,7 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
             "output outside the output roots",
             inputs(product=p, output="/tmp/elsewhere"),
             403,
-            "outside the data roots",
+            "outside the output roots",
         ),
         (
             "access denied by the storage",
@@ -258,6 +279,16 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
     ]
 
 
+#: Request bodies pygeoapi never sees (kappamask.guard): (row, raw body, status, message).
+_BODY_CASES = [
+    ("malformed JSON", '{"inputs": {"product": ', 400, "request body is not valid JSON"),
+    ("body not an object", "[1, 2, 3]", 400, "must be a JSON object, not list"),
+    ("body nested too deep", "[" * 100_000 + "]" * 100_000, 400, "nested deeper than 32"),
+    ("body over the size limit", '{"inputs": "' + "x" * 2_000_000 + '"}', 413,
+     "over this server's limit of 1048576 bytes"),
+]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, object, int, str]]:
     return _error_cases(service, s3_server)
@@ -271,11 +302,13 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(
             response = service.execute(body)
             assert response.status_code == status, (row, response.text)
             assert message in response.json()["description"], (row, response.text)
-    response = service.execute(None, raw='{"inputs": {"product": ')
-    assert response.status_code == 400 and "invalid request data" in response.text
+    for row, raw, status, message in _BODY_CASES:
+        response = service.execute(None, raw=raw)
+        assert response.status_code == status, (row, response.text)
+        assert response.headers["Content-Type"] == "application/json", row
+        assert message in response.json()["description"], (row, response.text)
     # nothing half-written
-    errors = service.output_dir / "errors"
-    assert not errors.exists() or list(errors.iterdir()) == []
+    assert not (service.output_dir / "errors").exists()
     assert s3_server.keys("results", "out/") == []
 
 
@@ -289,8 +322,8 @@ def test_error_table_in_readme_matches_the_tests(
         for line in table.splitlines()
         if line.startswith("|") and not line.startswith("|---") and "| HTTP |" not in line
     }
-    cases = {(row, str(status)) for row, _b, status, _m in error_cases}
-    assert {(r[0], r[1]) for r in rows} == cases | {("malformed JSON", "400")}
+    cases = {(row, str(status)) for row, _b, status, _m in [*error_cases, *_BODY_CASES]}
+    assert {(r[0], r[1]) for r in rows} == cases
 
 
 def _poll(service: Service, job_url: str, until: set[str], timeout: float = 300) -> list[dict]:
@@ -321,7 +354,7 @@ def test_async_execution_reports_progress(service: Service) -> None:
     assert any("crops" in j.get("message", "") for j in seen)
     result = requests.get(f"{job_url}/results", params={"f": "json"}, timeout=10).json()
     assert Path(result["mask"]).parent == service.output_dir / "async"
-    assert result["class_percentages"]["missing"] > 0
+    assert result["missing_percentage"] > 0
 
 
 def test_cancel_and_the_bound_on_concurrent_jobs(service: Service) -> None:
@@ -350,14 +383,20 @@ def test_cancel_and_the_bound_on_concurrent_jobs(service: Service) -> None:
     response = requests.delete(first, timeout=30)
     assert response.status_code == 200 and response.json()["status"] == "dismissed"
     assert _poll(service, second, {"successful", "failed"})[-1]["status"] == "successful"
-    assert requests.get(first, timeout=10).status_code == 404
-    # the cancelled job left nothing, not even its staging folder
+    # polling a dismissed job says so (OGC status), and logs no traceback
+    polled = requests.get(first, timeout=10)
+    assert polled.status_code == 200 and polled.json()["status"] == "dismissed", polled.text
+    assert requests.delete(first, timeout=10).json()["status"] == "dismissed"  # twice: fine
+    # the cancelled job left nothing, not even its staging folder or its output folder
     deadline = time.monotonic() + 60
     cancelled = service.output_dir / "cancelled"
-    while cancelled.exists() and any(cancelled.iterdir()) and time.monotonic() < deadline:
+    while cancelled.exists() and time.monotonic() < deadline:
         time.sleep(0.3)
-    assert not cancelled.exists() or list(cancelled.iterdir()) == []
-    assert "job cancelled" in service.log.read_text()
+    assert not cancelled.exists()
+    assert requests.get(first, timeout=10).json()["status"] == "dismissed"
+    log = service.log.read_text()
+    assert "job cancelled" in log and "Traceback" not in log
+    assert "unknown locale" not in log.lower()
 
 
 def test_owslib_client(service: Service) -> None:
@@ -403,24 +442,47 @@ def test_s3_in_and_out_over_http_without_leaking_credentials(
         assert S3_SECRET not in text
 
 
-def test_triton_down_is_a_503(tmp_path: Path) -> None:
-    """Triton stops after the service started: executions answer 503, naming Triton."""
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    triton = LocalTriton(DEFAULT_REPOSITORY).__enter__()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
-             "--triton-url", triton.http_url,
-             "--output-dir", str(tmp_path / "out"), "--data-root", str(DATA)],
-            stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
-                 "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
-        )  # fmt: skip
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_for(url, proc, log_path)
-            triton.stop()
+def _async_failure(url: str, inputs: dict[str, Any]) -> str:
+    """Submit an async job; the message it failed with."""
+    response = requests.post(f"{url}/processes/kappamask/execution", json={"inputs": inputs},
+                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+    assert response.status_code == 201, response.text
+    deadline = time.monotonic() + 120
+    while (job := requests.get(response.headers["Location"], timeout=10).json())["status"] in (
+        "accepted", "running",
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "failed", job
+    return str(job["message"])
+
+
+def test_external_triton_down_is_a_503_and_not_ready(tmp_path: Path) -> None:
+    """An external Triton (--triton-url) that stops after the service started, or is down
+    when it starts: the service keeps answering, /health/ready says 503, executions answer
+    503 naming Triton, async jobs fail as the server's fault (NoApplicableCode)."""
+    triton = LocalTriton(DEFAULT_REPOSITORY, supervise=False).__enter__()
+    dead = f"127.0.0.1:{free_port()}"
+    procs = []
+    try:
+        urls = []
+        for name, triton_url in (("up", triton.http_url), ("down", dead)):
+            port = free_port()
+            log = tmp_path / f"{name}.log"
+            procs.append(start_serve(
+                ["--port", str(port), "--triton-url", triton_url, "--output-dir",
+                 str(tmp_path / name), "--data-root", str(DATA)], log,
+                {"KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / name / "jobs"),
+                 "KAPPAMASK_JOBS_DB": str(tmp_path / f"{name}.db")},
+            ))  # fmt: skip
+            urls.append(f"http://127.0.0.1:{port}")
+            wait_for(urls[-1], procs[-1], log)
+        assert requests.get(f"{urls[0]}/health/ready", timeout=10).status_code == 200
+        triton.stop()
+        for url in urls:
+            assert requests.get(f"{url}/health", timeout=10).status_code == 200
+            ready = requests.get(f"{url}/health/ready", timeout=10)
+            assert ready.status_code == 503 and "Triton" in ready.json()["reason"]
             response = requests.post(
                 f"{url}/processes/kappamask/execution",
                 json={"inputs": {"product": str(T29UNU), "resolution": 60}},
@@ -428,51 +490,41 @@ def test_triton_down_is_a_503(tmp_path: Path) -> None:
             )
             assert response.status_code == 503, response.text
             assert "Triton" in response.json()["description"]
-        finally:
-            triton.stop()
+            message = _async_failure(url, {"product": str(T29UNU), "resolution": 60})
+            assert message.startswith("NoApplicableCode: ") and "Triton" in message, message
+        # the client's mistake stays the client's, asynchronously too
+        message = _async_failure(urls[0], {"product": str(DATA / "s2" / "nope.SAFE")})
+        assert message.startswith("InvalidParameterValue: ") and "does not exist" in message
+    finally:
+        triton.stop()
+        for proc in procs:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
-
-
-def _tritonservers_on(port: int) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            cmdline
-            and cmdline[0].endswith(b"tritonserver")
-            and f"--http-port={port}".encode() in cmdline
-        ):
-            pids.append(int(proc.name))
-    return pids
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
 def test_stopping_the_service_stops_its_local_triton(tmp_path: Path, stop: signal.Signals) -> None:
     port = free_port()
     log_path = tmp_path / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
-             "--output-dir", str(tmp_path / "out"), "--data-root", str(DATA)],
-            stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
-                 "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
-        )  # fmt: skip
-        deadline = time.monotonic() + 90
-        while "KappaMask service on" not in log_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.3)
-        triton_port = int(log_path.read_text().split("starting Triton on 127.0.0.1:")[1].split()[0])
-        assert len(_tritonservers_on(triton_port)) == 1
-        proc.send_signal(stop)
-        proc.wait(timeout=60)
-    deadline = time.monotonic() + 30
-    while _tritonservers_on(triton_port) and time.monotonic() < deadline:
+    proc = start_serve(
+        ["--port", str(port), "--output-dir", str(tmp_path / "out"), "--data-root", str(DATA)],
+        log_path, {"KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+                   "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while "KappaMask service on" not in log_path.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
         time.sleep(0.3)
-    assert _tritonservers_on(triton_port) == []
+    port_of_triton = triton_port(log_path)
+    assert len(tritonservers_on(port_of_triton)) == 1
+    group = process_group(tritonservers_on(port_of_triton)[0])
+    assert len(group) >= 2  # tritonserver and its Python backend stubs
+    proc.send_signal(stop)
+    proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in group) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert [p for p in group if alive(p)] == []  # the server and its stubs
+    if stop == signal.SIGINT:  # a clean stop leaves no Triton log in /tmp
+        log = Path(tempfile.gettempdir()) / f"kappamask-triton-{port_of_triton}.log"
+        assert not log.exists()

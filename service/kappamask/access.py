@@ -20,6 +20,8 @@ from kappamask.s3 import S3Settings
 LOGGER = logging.getLogger(__name__)
 
 ROOTS_ENV = "KAPPAMASK_DATA_ROOTS"
+#: Longest file or folder name Linux file systems take (bytes).
+NAME_MAX = 255
 
 
 def roots_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -28,24 +30,30 @@ def roots_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
     return [Path(p) for p in env.get(ROOTS_ENV, "").split(":") if p.strip()]
 
 
-def check_local_path(href: str, roots: Sequence[Path] | None) -> Path:
+def check_local_path(href: str, roots: Sequence[Path] | None, what: str = "product path") -> Path:
     """Resolve ``href`` (symlinks included) and refuse it unless it lies in one of ``roots``.
 
     ``roots=None`` means no restriction (the command line, run by the data's owner).
     """
-    if not href or "\x00" in href:
-        raise InvalidInputError("product path is empty or malformed")
+    if not href or any(ord(c) < 32 for c in href):
+        raise InvalidInputError(f"{what} is empty or holds control characters")
     if href.startswith("file:"):
         raise InvalidInputError("file:// URLs are not accepted: give a plain path")
     path = Path(href).expanduser()
-    resolved = path.resolve()
+    if any(len(part.encode()) > NAME_MAX for part in path.parts):
+        raise InvalidInputError(f"{what} has a name longer than {NAME_MAX} bytes")
+    try:
+        resolved = path.resolve()
+    except OSError as err:  # a symlink loop, a name the file system refuses
+        raise InvalidInputError(f"{what} cannot be resolved: {err.strerror}") from err
     if roots is None:
         return resolved
     for root in roots:
         root_resolved = Path(root).expanduser().resolve()
         if resolved == root_resolved or root_resolved in resolved.parents:
             return resolved
-    raise AccessDeniedError(f"{href} is outside the data roots this server allows")
+    kind = "output roots" if what == "output folder" else "data roots"
+    raise AccessDeniedError(f"{href} is outside the {kind} this server allows")
 
 
 HOSTS_ENV = "KAPPAMASK_ALLOWED_HOSTS"
@@ -153,7 +161,7 @@ class AccessPolicy:
         path = Path(href).expanduser()
         if base is not None and not path.is_absolute():
             path = base / path
-        return check_local_path(str(path), self.output_roots)
+        return check_local_path(str(path), self.output_roots, "output folder")
 
     def url(self, url: str) -> str:
         """Refuse anything but http(s) URLs to allowed hosts on public addresses."""

@@ -66,7 +66,20 @@ def _resolution_option(default: str) -> Callable[[F], F]:
     )
 
 
-@click.group()
+class _Main(click.Group):
+    """Every command's KappaMaskError ends the CLI with its message and the exit code of
+    its class (errors.py), the same text an API client gets."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KappaMaskError as err:
+            failure = click.ClickException(str(err))
+            failure.exit_code = err.exit_code  # type: ignore[misc]  # click declares a class default
+            raise failure from err
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
@@ -138,32 +151,29 @@ def run_command(
     from kappamask.inference.triton import TritonClient
     from kappamask.pipeline import RunOptions, run
 
-    try:
-        with ExitStack() as stack:
-            if triton_url is None:
-                triton = stack.enter_context(LocalTriton(model_repository or DEFAULT_REPOSITORY))
-                triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
-            client = stack.enter_context(TritonClient(triton_url, protocol))
-            client.wait_ready()
-            bar = stack.enter_context(tqdm(total=100, unit="%", desc="kappamask", file=sys.stderr))
+    with ExitStack() as stack:
+        if triton_url is None:
+            triton = stack.enter_context(LocalTriton(model_repository or DEFAULT_REPOSITORY))
+            triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
+        client = stack.enter_context(TritonClient(triton_url, protocol))
+        client.wait_ready()
+        bar = stack.enter_context(tqdm(total=100, unit="%", desc="kappamask", file=sys.stderr))
 
-            def progress(percent: int, message: str) -> None:
-                bar.update(percent - bar.n)
-                bar.set_postfix_str(message[-40:])
+        def progress(percent: int, message: str) -> None:
+            bar.update(percent - bar.n)
+            bar.set_postfix_str(message[-40:])
 
-            options = RunOptions(
-                resolution=int(resolution),
-                resampling=resampling,
-                level=level,
-                bbox=bbox or None,
-                aoi=_read_geojson(aoi) if aoi else None,
-                model=model,
-                overwrite=overwrite,
-            )
-            result = run(product, output, client, options, progress=progress)
-            bar.update(100 - bar.n)
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+        options = RunOptions(
+            resolution=int(resolution),
+            resampling=resampling,
+            level=level,
+            bbox=bbox or None,
+            aoi=_read_geojson(aoi) if aoi else None,
+            model=model,
+            overwrite=overwrite,
+        )
+        result = run(product, output, client, options, progress=progress)
+        bar.update(100 - bar.n)
     click.echo(f"mask:       {result.mask}")
     click.echo(f"confidence: {result.confidence}")
     click.echo(f"preview:    {result.preview}")
@@ -208,7 +218,8 @@ def _read_geojson(path: Path) -> dict[str, Any]:
     "data_roots",
     type=click.Path(path_type=Path),
     multiple=True,
-    help="Folder whose products may be processed (repeatable; default: current folder).",
+    help="Folder whose products may be processed (repeatable; default: KAPPAMASK_DATA_ROOTS, "
+    "else the current folder).",
 )
 def serve_command(
     host: str,
@@ -223,18 +234,15 @@ def serve_command(
     from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.serve import serve
 
-    try:
-        serve(
-            host,
-            port,
-            triton_url,
-            protocol,
-            output_dir,
-            data_roots or (Path("."),),
-            repository=model_repository or DEFAULT_REPOSITORY,
-        )
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    serve(
+        host,
+        port,
+        triton_url,
+        protocol,
+        output_dir,
+        data_roots or None,
+        repository=model_repository or DEFAULT_REPOSITORY,
+    )
 
 
 @main.command("wait-triton")
@@ -245,11 +253,8 @@ def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
     """Wait until the Triton server at URL is ready (for container start-up)."""
     from kappamask.inference.triton import TritonClient
 
-    try:
-        with TritonClient(url, protocol) as client:
-            client.wait_ready(timeout)
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    with TritonClient(url, protocol) as client:
+        client.wait_ready(timeout)
     click.echo(f"Triton at {url} is ready")
 
 
@@ -281,10 +286,7 @@ def install_model_command(
     """Place an exported ONNX model in the Triton model repository with its configs."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
 
-    try:
-        click.echo(install_model(onnx_file, repository or DEFAULT_REPOSITORY, level, 1, int8_file))
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    click.echo(install_model(onnx_file, repository or DEFAULT_REPOSITORY, level, 1, int8_file))
 
 
 @main.command("fetch-weights")
@@ -308,12 +310,9 @@ def fetch_weights_command(level: str, base_url: str | None, repository: Path | N
     from kappamask.model.official import OFFICIAL_BASE_URL, fetch_and_install
 
     levels = list(LEVELS) if level == "all" else [level]
-    try:
-        installed = fetch_and_install(
-            levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY
-        )
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    installed = fetch_and_install(
+        levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY
+    )
     for model, model_dir in installed:
         click.echo(f"{model.level}: {model.url}")
         click.echo(f"  sha256 {model.sha256} ({model.base_filters} base filters)")
@@ -360,14 +359,11 @@ def quantize_command(
     from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model, spec_from_onnx
     from kappamask.model.quantize import MIN_AGREEMENT, quantize_and_check
 
-    try:
-        spec = spec_from_onnx(onnx_file)
-        report = quantize_and_check(
-            onnx_file, out_path, products, int(resolution), spec.features, spec.max_v,
-            max_crops, composites=composites,
-        )  # fmt: skip
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    spec = spec_from_onnx(onnx_file)
+    report = quantize_and_check(
+        onnx_file, out_path, products, int(resolution), spec.features, spec.max_v,
+        max_crops, composites=composites,
+    )  # fmt: skip
     result = report.to_json()
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))
@@ -424,23 +420,18 @@ def import_keras_command(
         max_values = [float(v) for v in max_v.split(",")] if max_v else None
     except ValueError as err:
         raise click.BadParameter("--max-v takes comma-separated numbers") from err
-    try:
-        import_keras(
-            weights,
-            level,
-            out_path,
-            base_filters=filters,
-            features=features.split(",") if features else None,
-            max_v=max_values,
-            version=version_label,
-        )
-        click.echo(f"wrote {out_path}")
-        if install:
-            click.echo(
-                f"installed into {install_model(out_path, repository or DEFAULT_REPOSITORY)}"
-            )
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    import_keras(
+        weights,
+        level,
+        out_path,
+        base_filters=filters,
+        features=features.split(",") if features else None,
+        max_v=max_values,
+        version=version_label,
+    )
+    click.echo(f"wrote {out_path}")
+    if install:
+        click.echo(f"installed into {install_model(out_path, repository or DEFAULT_REPOSITORY)}")
 
 
 def _many_paths(flag: str, name: str, help_text: str, file_only: bool = True) -> Callable[[F], F]:
@@ -511,23 +502,20 @@ def evaluate_command(
     product's mask against the other tools (--side-by-side)."""
     from kappamask import evaluate as ev
 
-    try:
-        if side_by_side is not None:
-            result, masks, rgb = ev.side_by_side(*side_by_side)
-            click.echo(ev.format_table(result))
-            if json_path:
-                click.echo(f"JSON: {ev.write_json(result, json_path)}")
-            if png_path:
-                click.echo(f"PNG:  {ev.plot_side_by_side(masks, rgb, png_path)}")
-            return
-        if kappaset is not None:
-            if model_path is None:
-                raise click.UsageError("--kappaset needs --model")
-            result = ev.report({"kappamask": ev.predict_kappaset(kappaset, model_path, level)})
-        else:
-            result = ev.evaluate(predictions, references, scl_products, s2cloudless_products)
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    if side_by_side is not None:
+        result, masks, rgb = ev.side_by_side(*side_by_side)
+        click.echo(ev.format_table(result))
+        if json_path:
+            click.echo(f"JSON: {ev.write_json(result, json_path)}")
+        if png_path:
+            click.echo(f"PNG:  {ev.plot_side_by_side(masks, rgb, png_path)}")
+        return
+    if kappaset is not None:
+        if model_path is None:
+            raise click.UsageError("--kappaset needs --model")
+        result = ev.report({"kappamask": ev.predict_kappaset(kappaset, model_path, level)})
+    else:
+        result = ev.evaluate(predictions, references, scl_products, s2cloudless_products)
     click.echo(ev.format_table(result))
     if json_path:
         click.echo(f"JSON: {ev.write_json(result, json_path)}")
@@ -598,10 +586,7 @@ def train_command(
             seed=seed,
         ),
     )
-    try:
-        model, holdout = train(config, out_dir)
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    model, holdout = train(config, out_dir)
     features, max_v = feature_defaults(config.level)
     label = version_label or f"bootstrap-{labels.split(':')[0]}-{Path(product).name[:60]}"
     path = export_onnx(model, config.level, features, max_v, label, out_dir / "model.onnx")
@@ -648,6 +633,12 @@ def train_command(
 @click.option("--max-minutes", default=35.0, show_default=True, type=float)
 @click.option("--learning-rate", default=1e-3, show_default=True, type=float)
 @click.option("--no-pseudo-l2a", is_flag=True, help="L2A: train on real L2A scenes only.")
+@click.option(
+    "--bare-ground",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="Share of training crops whose clear ground becomes desert [default: DistillConfig's].",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--version-label", default=None, help="Model version written into the ONNX file.")
 def distill_command(
@@ -668,6 +659,7 @@ def distill_command(
     max_minutes: float,
     learning_rate: float,
     no_pseudo_l2a: bool,
+    bare_ground: float | None,
     seed: int,
     version_label: str | None,
 ) -> None:
@@ -691,10 +683,9 @@ def distill_command(
                       learning_rate=learning_rate, patience=8, lr_patience=3, val_batches=6,
                       seed=seed, bf16=True, grad_clip=1.0),
     )  # fmt: skip
-    try:
-        model, report = distill(inputs, config, out_dir, labels_cache)
-    except KappaMaskError as err:
-        raise click.ClickException(str(err)) from err
+    if bare_ground is not None:
+        config.bare_ground = bare_ground
+    model, report = distill(inputs, config, out_dir, labels_cache)
     label = version_label or f"bootstrap-distilled-{level.lower()}"
     path = export_onnx(model, level, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], label,
                        out_dir / "model.onnx")  # fmt: skip

@@ -1,7 +1,9 @@
 """The project's exceptions, each carrying its HTTP status and OGC exception code.
 
-This is the one place where a failure is mapped to what an API client sees; the
-pygeoapi processor and the CLI only read ``http_status`` / ``ogc_code`` from here.
+This is the one place where a failure is mapped to what a client sees: the pygeoapi
+processor reads ``http_status`` / ``ogc_code``, the CLI exits with ``exit_code`` (README
+"Errors": 2 the input, 3 refused, 4 not found, 5 unusable product, 6 no model, 7 Triton
+unavailable, 8 storage, 9 cancelled, 10 internal error).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ class KappaMaskError(Exception):
 
     http_status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
     ogc_code: str = "NoApplicableCode"
+    exit_code: int = 1
 
 
 class InvalidInputError(KappaMaskError):
@@ -21,6 +24,7 @@ class InvalidInputError(KappaMaskError):
 
     http_status = HTTPStatus.BAD_REQUEST
     ogc_code = "InvalidParameterValue"
+    exit_code = 2
 
 
 class AccessDeniedError(KappaMaskError):
@@ -28,6 +32,7 @@ class AccessDeniedError(KappaMaskError):
 
     http_status = HTTPStatus.FORBIDDEN
     ogc_code = "InvalidParameterValue"
+    exit_code = 3
 
 
 class ProductNotFoundError(KappaMaskError):
@@ -35,6 +40,7 @@ class ProductNotFoundError(KappaMaskError):
 
     http_status = HTTPStatus.NOT_FOUND
     ogc_code = "InvalidParameterValue"
+    exit_code = 4
 
 
 class ProductError(KappaMaskError):
@@ -42,6 +48,7 @@ class ProductError(KappaMaskError):
 
     http_status = HTTPStatus.UNPROCESSABLE_ENTITY
     ogc_code = "InvalidParameterValue"
+    exit_code = 5
 
 
 class NoModelError(KappaMaskError):
@@ -49,6 +56,7 @@ class NoModelError(KappaMaskError):
 
     http_status = HTTPStatus.UNPROCESSABLE_ENTITY
     ogc_code = "NoApplicableCode"
+    exit_code = 6
 
 
 class InferenceUnavailableError(KappaMaskError):
@@ -56,6 +64,7 @@ class InferenceUnavailableError(KappaMaskError):
 
     http_status = HTTPStatus.SERVICE_UNAVAILABLE
     ogc_code = "NoApplicableCode"
+    exit_code = 7
 
 
 class CancelledError(KappaMaskError):
@@ -63,6 +72,15 @@ class CancelledError(KappaMaskError):
 
     http_status = HTTPStatus.CONFLICT
     ogc_code = "NoApplicableCode"
+    exit_code = 9
+
+
+class InternalError(KappaMaskError):
+    """A failure of this service's own code: a bug, not the client's fault."""
+
+    http_status = HTTPStatus.INTERNAL_SERVER_ERROR
+    ogc_code = "NoApplicableCode"
+    exit_code = 10
 
 
 class StorageError(KappaMaskError):
@@ -70,3 +88,4 @@ class StorageError(KappaMaskError):
 
     http_status = HTTPStatus.BAD_GATEWAY
     ogc_code = "NoApplicableCode"
+    exit_code = 8

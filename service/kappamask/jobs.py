@@ -87,6 +87,29 @@ class JobReporter:
         return str((job or {}).get("status")) == "dismissed"
 
 
+#: What a job left accepted or running by a process that died is marked with.
+INTERRUPTED_MESSAGE = (
+    "NoApplicableCode: interrupted: the service restarted while the job ran; nothing was "
+    "published, submit it again"
+)
+
+
+def fail_interrupted_jobs(manager: Any) -> list[str]:
+    """Mark failed every job a previous process left ``accepted`` or ``running`` (called at
+    start-up, before this process accepts any job); the ids of those jobs."""
+    interrupted = []
+    for job in manager.get_jobs().get("jobs", []):
+        if str(job.get("status")) in ("accepted", "running"):
+            job_id = str(job["identifier"])
+            manager.update_job(job_id, {"status": "failed", "message": INTERRUPTED_MESSAGE,
+                                        "updated": _now(), "finished": _now()})  # fmt: skip
+            interrupted.append(job_id)
+    if interrupted:
+        LOGGER.warning("%d job(s) interrupted by the last shutdown marked failed: %s",
+                       len(interrupted), ", ".join(interrupted))  # fmt: skip
+    return interrupted
+
+
 @contextmanager
 def inference_slot(limit: int, job: JobReporter) -> Iterator[None]:
     """Hold one of ``limit`` pipeline slots of this API process; the job stays accepted

@@ -1,12 +1,19 @@
-"""pygeoapi job managers that answer a failed synchronous execution with the failure's
-own HTTP status and OGC code (404 for a missing product, 403 for a refused path, 503
-when Triton is down, ...) instead of pygeoapi's blanket 400.
+"""pygeoapi job managers that report a failure by its cause, and remember dismissals.
 
-pygeoapi's managers catch every exception of ``execute`` and mark the job failed; the
-process records its KappaMaskError per job (``record_failure``) and these managers raise
-it again, as a ``ProcessorExecuteError``, once the synchronous handler has returned. The
-job itself stays recorded as failed, as pygeoapi does it. Configure them by dotted name:
-``kappamask.managers.TinyDBManager`` or ``kappamask.managers.PostgreSQLManager``.
+pygeoapi's managers catch every exception of ``execute``, mark the job failed with
+"InvalidParameterValue: Error executing process: ..." whatever the cause, and answer a
+synchronous failure with 400. The process records its KappaMaskError per job
+(``record_failure``); these managers then
+
+- write the failed job's message as ``<OGC code>: <message>`` of that error (a server-side
+  failure reads NoApplicableCode and names the part that failed);
+- raise it again for a synchronous execution, as a ``ProcessorExecuteError`` carrying the
+  error's own HTTP status (404 missing product, 403 refused path, 503 Triton down, ...);
+- keep a dismissed job as a record with status ``dismissed`` (OGC API - Processes),
+  so that polling it answers what happened instead of a bare 404.
+
+Configure them by dotted name: ``kappamask.managers.TinyDBManager`` or
+``kappamask.managers.PostgreSQLManager``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from typing import Any
 
 from pygeoapi.process.base import ProcessorExecuteError
 from pygeoapi.process.manager.tinydb_ import TinyDBManager as _TinyDBManager
-from pygeoapi.util import JobStatus
+from pygeoapi.util import JobStatus, get_current_datetime
 
 from kappamask.errors import KappaMaskError
 
@@ -45,8 +52,50 @@ def to_process_error(err: KappaMaskError) -> ProcessorExecuteError:
     return out
 
 
+def failure_message(err: KappaMaskError) -> str:
+    """What a failed job's status says: the OGC code of the cause, then its message."""
+    return f"{err.ogc_code}: {err}"
+
+
 class ErrorStatusMixin:
-    """Raise a synchronous job's recorded failure with its own status code."""
+    """Failures by cause, dismissals remembered (see the module docstring)."""
+
+    def _execute_handler_sync(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        jfmt, outputs, status = super()._execute_handler_sync(  # type: ignore[misc]
+            p, job_id, *args, **kwargs
+        )
+        if status == JobStatus.failed:
+            with _LOCK:
+                err = _FAILURES.get(job_id)
+            if err is not None:
+                outputs = {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)}
+                self.update_job(job_id, {"message": failure_message(err)})
+        return jfmt, outputs, status
+
+    def delete_job(self, job_id: str) -> bool:
+        job = dict(self.get_job(job_id))  # type: ignore[attr-defined]
+        if job.get("status") == JobStatus.dismissed.value:
+            return True  # dismissing twice is no error
+        removed = bool(super().delete_job(job_id))  # type: ignore[misc]
+        if removed:  # the result files are gone; the record says why
+            now = get_current_datetime()
+            job.update({"status": JobStatus.dismissed.value, "message": "dismissed by request",
+                        "location": None, "updated": now,
+                        "finished": job.get("finished") or now})  # fmt: skip
+            self.add_job(job)  # type: ignore[attr-defined]
+        return removed
+
+    def update_job(self, job_id: str, update_dict: dict[str, Any]) -> bool:
+        # a dismissed job's thread may still report (its last progress, its cancellation):
+        # the dismissal stands
+        try:
+            status = self.get_job(job_id).get("status")  # type: ignore[attr-defined]
+            dismissed = status == JobStatus.dismissed.value
+        except Exception:  # JobNotFoundError: nothing to protect
+            dismissed = False
+        if dismissed:
+            return False
+        return bool(super().update_job(job_id, update_dict))  # type: ignore[misc]
 
     def execute_process(self, *args: Any, **kwargs: Any) -> Any:
         result = super().execute_process(*args, **kwargs)  # type: ignore[misc]

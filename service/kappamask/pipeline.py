@@ -112,7 +112,13 @@ class RunResult:
             "confidence": self.confidence,
             "preview": self.preview,
             "item": self.item,
-            "class_percentages": self.statistics,
+            # one denominator per figure (README "Outputs"): the four classes and the cloud
+            # cover are shares of the pixels with data, missing of every pixel of the mask
+            "class_percentages": {
+                k: v for k, v in self.statistics.items() if k not in ("missing", "cloud_cover")
+            },
+            "cloud_cover": self.statistics.get("cloud_cover", 0.0),
+            "missing_percentage": self.statistics.get("missing", 0.0),
             "crops_total": self.crops_total,
             "crops_inferred": self.crops_inferred,
             "seconds": round(self.seconds, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from pygeoapi.process.base import BaseProcessor
 from kappamask import __version__
 from kappamask.access import AccessPolicy
 from kappamask.bands import LEVELS, RESOLUTIONS
-from kappamask.errors import InvalidInputError, KappaMaskError
+from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import JobReporter, inference_slot
 from kappamask.managers import record_failure, to_process_error
@@ -189,6 +190,29 @@ def _bbox(value: Any) -> tuple[float, float, float, float] | None:
     return (float(value[0]), float(value[1]), float(value[2]), float(value[3]))
 
 
+#: Longest string input accepted (a path, URL or s3:// key is far shorter).
+MAX_TEXT = 2048
+#: A model as Triton names it, optionally with a version label after a colon.
+MODEL_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}(:[A-Za-z0-9_.+-]{1,128})?")
+
+
+def _text(data: dict[str, Any], name: str, what: str) -> str | None:
+    """The string input ``name`` stripped (None when absent); refused when empty, too
+    long or holding control characters. The message never echoes the value."""
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInputError(f"input '{name}' must be {what}")
+    value = value.strip()
+    if len(value) > MAX_TEXT:
+        raise InvalidInputError(f"input '{name}' is {len(value)} characters long; at most "
+                                f"{MAX_TEXT} are accepted")  # fmt: skip
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidInputError(f"input '{name}' holds control characters")
+    return value
+
+
 def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
     """Validate the execute request's inputs: (product, output, options).
 
@@ -200,12 +224,11 @@ def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
     if unknown:
         raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
     product = data.get("product")
-    if isinstance(product, str) and product.strip():
-        product = product.strip()
-    elif not isinstance(product, dict):
-        raise InvalidInputError(
-            "input 'product' is required: a path, an s3:// or STAC item URL, or a STAC item"
-        )
+    required = "a path, an s3:// or STAC item URL, or a STAC item"
+    if product is None:
+        raise InvalidInputError(f"input 'product' is required: {required}")
+    if not isinstance(product, dict):
+        product = _text(data, "product", required) or ""
     resolution = data.get("resolution", 10)
     if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
         raise InvalidInputError(f"input 'resolution' must be one of {list(RESOLUTIONS)}")
@@ -218,12 +241,13 @@ def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
     aoi = data.get("aoi")
     if aoi is not None and not isinstance(aoi, dict):
         raise InvalidInputError("input 'aoi' must be a GeoJSON object")
-    output = data.get("output")
-    if output is not None and (not isinstance(output, str) or not output.strip()):
-        raise InvalidInputError("input 'output' must be a folder or s3://bucket/prefix")
-    model = data.get("model")
-    if model is not None and (not isinstance(model, str) or not model.strip()):
-        raise InvalidInputError("input 'model' must be a model name")
+    output = _text(data, "output", "a folder or s3://bucket/prefix")
+    model = _text(data, "model", "a model name")
+    if model is not None and not MODEL_PATTERN.fullmatch(model):
+        raise InvalidInputError(
+            "input 'model' must be a model name (letters, digits, '_', '.', '-'), optionally "
+            "followed by ':' and a version label"
+        )
     overwrite = data.get("overwrite", False)
     if not isinstance(overwrite, bool):
         raise InvalidInputError("input 'overwrite' must be true or false")
@@ -233,7 +257,7 @@ def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
         level=None if level == "auto" else level,
         bbox=_bbox(data.get("bbox")),
         aoi=aoi,
-        model=model.strip() if model else None,
+        model=model,
         overwrite=overwrite,
     )
     return product, output, options
@@ -276,6 +300,12 @@ class KappaMaskProcessor(BaseProcessor):
             LOGGER.warning("job %s failed: %s", self.job_id, err)
             record_failure(self.job_id, err)
             raise to_process_error(err) from err
+        except Exception as err:  # a bug here, never the client's fault
+            LOGGER.exception("job %s failed on an internal error", self.job_id)
+            internal = InternalError(f"internal error of the kappamask process: "
+                                     f"{type(err).__name__}: {err}")  # fmt: skip
+            record_failure(self.job_id, internal)
+            raise to_process_error(internal) from err
         return "application/json", result.to_json()
 
     def __repr__(self) -> str:

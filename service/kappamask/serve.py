@@ -1,5 +1,11 @@
 """`kappamask serve`: pygeoapi with the kappamask process, and a local Triton unless a
-URL is given. Stopping the service (Ctrl-C, SIGTERM) stops Triton too."""
+URL is given. Stopping the service (Ctrl-C, SIGTERM) stops Triton too.
+
+At start-up the service cleans up after a previous process that died: jobs it left
+accepted or running are marked failed and its staging folders are removed. A local
+Triton is supervised (restarted when it dies); an external one (``--triton-url``) may be
+down at start-up: jobs then fail with 503 until it answers. ``/health/ready`` says which.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,22 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from kappamask.access import roots_from_env
 from kappamask.bands import LEVELS
 from kappamask.errors import KappaMaskError
+from kappamask.guard import DEFAULT_MAX_BODY_BYTES, MAX_BODY_ENV, RequestGuard
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import LocalTriton
-from kappamask.inference.triton import TritonClient
+from kappamask.inference.triton import TritonClient, server_ready
+from kappamask.jobs import fail_interrupted_jobs
+from kappamask.storage import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
 
@@ -83,32 +94,88 @@ def log_served_models(client: TritonClient) -> None:
             )  # fmt: skip
 
 
+def recover(output_dir: Path) -> None:
+    """Clean up after a previous process of this service that died: its jobs left
+    accepted/running are marked failed, its staging folders removed."""
+    from kappamask.jobs import _manager
+
+    manager = _manager()
+    if manager is not None:
+        fail_interrupted_jobs(manager)
+    if output_dir.exists():
+        remove_stale_staging(output_dir)
+
+
+class _ClientErrorTracebacks(logging.Filter):
+    """No traceback for a request that failed on the client's mistake (4xx): pygeoapi logs
+    one per failed execution, twice; the line stays, a server-side failure keeps its
+    traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        status = getattr(err, "http_status_code", None)
+        if status is not None and int(status) < 500:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_logs() -> None:
+    """No log line per request that an operator cannot act on."""
+    # pygeoapi warns for every translatable string when a request's language is unknown
+    logging.getLogger("pygeoapi.l10n").setLevel(logging.ERROR)
+    for name in ("pygeoapi.api", "pygeoapi.process.manager.base"):
+        logging.getLogger(name).addFilter(_ClientErrorTracebacks())
+
+
+def guarded_app(triton_ready: Callable[[], bool]) -> Any:
+    """pygeoapi's Flask app (configured from the environment) behind the request guard,
+    with quiet logs: what `kappamask serve` and the deployment's gunicorn (kappamask.wsgi)
+    both serve."""
+    _quiet_logs()
+    from pygeoapi.flask_app import APP
+
+    limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
+    if not isinstance(APP.wsgi_app, RequestGuard):
+        APP.wsgi_app = RequestGuard(APP.wsgi_app, triton_ready, limit)
+    return APP
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 5000,
     triton_url: str | None = None,
     protocol: str = "http",
     output_dir: Path = Path("kappamask-results"),
-    data_roots: Sequence[Path] = (Path("."),),
+    data_roots: Sequence[Path] | None = None,
     config: Path = DEFAULT_CONFIG,
     repository: Path = DEFAULT_REPOSITORY,
 ) -> None:
-    """Run the service until interrupted."""
+    """Run the service until interrupted. ``data_roots`` None: ``KAPPAMASK_DATA_ROOTS``
+    if set, else the current folder."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    roots = list(data_roots) if data_roots else (roots_from_env() or [Path(".")])
     with ExitStack() as stack:
         if triton_url is None:
             triton = stack.enter_context(LocalTriton(repository))
             triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
+            ready = lambda: triton.ready  # noqa: E731
+        else:
+            url, proto = triton_url, protocol
+            ready = lambda: server_ready(url, proto)  # noqa: E731
         with TritonClient(triton_url, protocol) as client:
-            client.wait_ready()
-            log_served_models(client)
-        prepare_environment(config, triton_url, protocol, output_dir, data_roots, host, port)
+            try:
+                client.wait_ready()
+                log_served_models(client)
+            except KappaMaskError as err:  # external Triton down: serve, answer 503 meanwhile
+                LOGGER.error("%s: jobs fail with 503 until it answers", err)
+        prepare_environment(config, triton_url, protocol, output_dir, roots, host, port)
         stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
-        from pygeoapi.flask_app import APP
+        recover(output_dir.resolve())
+        app = guarded_app(ready)
         from werkzeug.serving import run_simple
 
         LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", host, port, triton_url)
         try:
-            run_simple(host, port, APP, threaded=True, use_reloader=False)
+            run_simple(host, port, app, threaded=True, use_reloader=False)
         except KeyboardInterrupt:
             LOGGER.info("stopping")

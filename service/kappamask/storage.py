@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -30,18 +31,62 @@ STAGING_PREFIX = ".kappamask-staging-"
 TRANSFER = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20)
 
 
+def staging_name() -> str:
+    """A staging folder's name: prefix, owner process and host, then a random part, so
+    that a restarted service can tell the folders of dead processes from live ones."""
+    return f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex}"
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process that made staging folder ``name`` may still be writing it."""
+    owner = name[len(STAGING_PREFIX) :].rpartition(".")[0]
+    pid, _, host = owner.partition("@")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's (shared volume) or unknown: not ours to judge
+    if int(pid) == os.getpid():
+        return False  # called at start-up: this process has not staged anything yet
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(root: Path) -> list[Path]:
+    """Remove the staging folders under ``root`` whose process on this host is gone (a
+    service killed mid-job leaves them); the folders removed."""
+    removed = []
+    for folder, dirs, _files in os.walk(root):
+        for name in [d for d in dirs if d.startswith(STAGING_PREFIX)]:
+            dirs.remove(name)  # never walk into a staging folder
+            if not _owner_alive(name):
+                shutil.rmtree(Path(folder) / name, ignore_errors=True)
+                removed.append(Path(folder) / name)
+    if removed:
+        LOGGER.warning("removed %d staging folder(s) of interrupted jobs under %s",
+                       len(removed), root)  # fmt: skip
+    return removed
+
+
 class LocalSink:
     """Stage files in a hidden folder inside ``out_dir`` (same file system, so the final
-    move is an atomic rename) and move them in on ``commit``."""
+    move is an atomic rename) and move them in on ``commit``. A run that fails or is
+    cancelled leaves nothing: the staging folder goes, and so do the folders it created
+    to hold the result, when they stayed empty."""
 
     #: STAC items next to their assets use relative hrefs.
     absolute_hrefs = False
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
-        self.staging = self.out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex}"
+        self.staging = self.out_dir / staging_name()
+        self._created: list[Path] = []  # folders this sink made, deepest last
 
     def __enter__(self) -> LocalSink:
+        missing = [p for p in (self.out_dir, *self.out_dir.parents) if not p.exists()]
+        self._created = missing[::-1]
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.staging.mkdir()
@@ -83,6 +128,11 @@ class LocalSink:
 
     def __exit__(self, *exc_info: object) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()  # only while empty: a committed result stays
+            except OSError:
+                break
 
 
 class S3Sink:
@@ -96,7 +146,7 @@ class S3Sink:
         self.bucket, prefix = split_s3_url(url.rstrip("/") + "/")
         self.prefix = prefix.strip("/")
         self.settings = settings
-        self.staging_prefix = self._key(f"{STAGING_PREFIX}{uuid.uuid4().hex}") + "/"
+        self.staging_prefix = self._key(staging_name()) + "/"
         self._client: Any = None
         self._local = Path(tempfile.mkdtemp(prefix="kappamask-"))
         self._staged: list[str] = []

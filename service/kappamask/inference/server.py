@@ -1,12 +1,16 @@
-"""Start and stop a local Triton Inference Server on a CPU host (no Docker needed).
+"""Start, supervise and stop a local Triton Inference Server on a CPU host (no Docker).
 
 Uses the real ``tritonserver`` binary and Python backend shipped in the nvidia-pytriton
-wheel (extra ``triton``). The server dies with the process that started it, so a
-Ctrl-C or a crash of ``kappamask serve`` never leaves an orphan behind.
+wheel (extra ``triton``). Triton runs in a process group of its own with its Python
+backend stubs; the group dies with the process that started it, so a Ctrl-C or a crash
+of ``kappamask serve`` never leaves an orphan behind. A supervisor thread restarts a
+Triton that died (bounded retries with back-off) on the same ports, killing the stubs
+the dead server left; between the death and the restart ``ready`` is false.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -16,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +33,12 @@ from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 LOGGER = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
+#: Restarts of a Triton that died, before the supervisor gives up (health stays 503).
+MAX_RESTARTS = 5
+#: Seconds before the first restart; doubled after each failed one.
+RESTART_BACKOFF_S = 1.0
+#: A Triton up this long since its last restart has its restart budget back.
+STABLE_AFTER_S = 300.0
 
 
 def _pytriton_root() -> Path:
@@ -107,6 +118,7 @@ class LocalTriton:
         models: Sequence[str] | None = None,
         log_path: Path | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
+        supervise: bool = True,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.models = servable_models(self.repository, models)
@@ -120,6 +132,11 @@ class LocalTriton:
         )
         self.ready_timeout = ready_timeout
         self.process: subprocess.Popen[bytes] | None = None
+        self.supervise = supervise
+        self.restarts = 0  # restarts since the server was last stable
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def http_url(self) -> str:
@@ -147,8 +164,24 @@ class LocalTriton:
         ]  # fmt: skip
         return cmd
 
+    @property
+    def ready(self) -> bool:
+        """Whether Triton is up and was ready when last looked at (false while restarting)."""
+        return (self._ready.is_set() and self.process is not None
+                and self.process.poll() is None)  # fmt: skip
+
     def start(self) -> LocalTriton:
-        """Launch tritonserver and wait until it reports ready."""
+        """Launch tritonserver, wait until it reports ready, then supervise it."""
+        self._stopping.clear()
+        self._launch()
+        if self.supervise:
+            self._supervisor = threading.Thread(
+                target=self._watch, name="triton-supervisor", daemon=True
+            )
+            self._supervisor.start()
+        return self
+
+    def _launch(self) -> None:
         root = _pytriton_root()
         LOGGER.info(
             "starting Triton on %s with %s (log: %s)",
@@ -156,20 +189,21 @@ class LocalTriton:
             ", ".join(self.models),
             self.log_path,
         )
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_environment(root),
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_environment(root),
+                preexec_fn=_die_with_parent,
+            )
         deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self._stopping.is_set():
             if self.process.poll() is not None:
+                tail = self.log_tail()
+                self._kill_group()
                 raise InferenceUnavailableError(
-                    f"tritonserver exited with code {self.process.returncode}:\n{self.log_tail()}"
+                    f"tritonserver exited with code {self.process.returncode}:\n{tail}"
                 )
             try:
                 if (
@@ -177,14 +211,60 @@ class LocalTriton:
                     == 200
                 ):
                     LOGGER.info("Triton ready")
-                    return self
+                    self._ready.set()
+                    return
             except requests.RequestException:
                 pass
             time.sleep(0.25)
-        self.stop()
+        tail = self.log_tail()
+        self._kill_group()
         raise InferenceUnavailableError(
-            f"Triton not ready after {self.ready_timeout:.0f} s:\n{self.log_tail()}"
+            f"Triton not ready after {self.ready_timeout:.0f} s:\n{tail}"
         )
+
+    def _watch(self) -> None:
+        """Restart Triton when it dies, with back-off, until ``MAX_RESTARTS`` fail in a row."""
+        up_since = time.monotonic()
+        while not self._stopping.wait(0.5):
+            process = self.process
+            if process is None or process.poll() is None:
+                if self.restarts and time.monotonic() - up_since > STABLE_AFTER_S:
+                    self.restarts = 0
+                continue
+            self._ready.clear()
+            tail = self.log_tail(10)
+            self._kill_group()  # the backend stubs outlive a killed server otherwise
+            if self.restarts >= MAX_RESTARTS:
+                LOGGER.critical(
+                    "Triton exited with code %s and %d restarts failed: inference stays "
+                    "unavailable until the service is restarted\n%s",
+                    process.returncode, self.restarts, tail,
+                )  # fmt: skip
+                return
+            delay = RESTART_BACKOFF_S * 2**self.restarts
+            self.restarts += 1
+            LOGGER.error(
+                "Triton exited with code %s; restarting in %.0f s (attempt %d of %d)\n%s",
+                process.returncode, delay, self.restarts, MAX_RESTARTS, tail,
+            )  # fmt: skip
+            if self._stopping.wait(delay):
+                return
+            try:
+                self._launch()
+                up_since = time.monotonic()
+            except InferenceUnavailableError as err:
+                LOGGER.error("Triton restart failed: %s", err)
+
+    def _kill_group(self) -> None:
+        """SIGKILL whatever is left of Triton's process group (its stubs), reap the server."""
+        if self.process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # group already gone
+            os.killpg(self.process.pid, signal.SIGKILL)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            LOGGER.warning("tritonserver %d did not exit after SIGKILL", self.process.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -193,16 +273,21 @@ class LocalTriton:
             return ""
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within 20 s."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        LOGGER.info("Triton stopped")
+        """Stop supervising; SIGTERM the server, SIGKILL its group if it has not exited
+        within 20 s (and always its stubs); remove the log."""
+        self._stopping.set()
+        self._ready.clear()
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
+            self._supervisor.join(timeout=30)
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                LOGGER.warning("Triton did not stop within 20 s: killing it")
+            LOGGER.info("Triton stopped")
+        self._kill_group()
+        self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalTriton:
         return self.start()

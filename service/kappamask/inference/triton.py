@@ -8,6 +8,7 @@ come back as two UINT8 planes.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import threading
 import time
@@ -28,12 +29,36 @@ DEFAULT_IN_FLIGHT = 4
 _RETRY_STATUSES = {"502", "503", "504", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"}
 
 
+#: What the transports raise when the server goes away: socket errors (refused, reset,
+#: timed out) and, from the HTTP client's parser, "connection closed." when Triton dies in
+#: the middle of an answer (an http.client.HTTPException).
+_CONNECTION_ERRORS = (OSError, http.client.HTTPException)
+
+
 def normalise_url(url: str) -> str:
     """tritonclient wants host:port; accept http:// and grpc:// prefixes too."""
     for prefix in ("http://", "https://", "grpc://"):
         if url.startswith(prefix):
             return url[len(prefix) :].rstrip("/")
     return url.rstrip("/")
+
+
+def server_ready(url: str, protocol: str = "http", timeout_s: float = 2.0) -> bool:
+    """Whether the Triton at ``url`` answers ready now (a health check: never raises)."""
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as grpc_module
+
+            with grpc_module.InferenceServerClient(normalise_url(url)) as grpc_client:
+                return bool(grpc_client.is_server_ready(client_timeout=timeout_s))
+        import tritonclient.http as http_module
+
+        with http_module.InferenceServerClient(
+            normalise_url(url), connection_timeout=timeout_s, network_timeout=timeout_s
+        ) as http_client:
+            return bool(http_client.is_server_ready())
+    except Exception:  # any failure to answer is "not ready"
+        return False
 
 
 class TritonClient:
@@ -87,10 +112,12 @@ class TritonClient:
                     raise InferenceUnavailableError(
                         f"Triton at {self.url}: {what} failed: {err.message()}"
                     ) from err
-            except OSError as err:  # refused, reset, timed out
+            except _CONNECTION_ERRORS as err:  # refused, reset, closed mid-answer, timed out
                 if attempt == self.retries:
                     raise InferenceUnavailableError(
-                        f"cannot reach Triton at {self.url} ({what}): {err}"
+                        f"Triton at {self.url} stopped answering ({what}: {err}); nothing was "
+                        "published, so the job can be run again once the service's "
+                        "/health/ready answers 200"
                     ) from err
                 self._local.client = None
             LOGGER.warning(

@@ -1,0 +1,21 @@
+"""The API as a WSGI application for gunicorn (the deployment's API containers):
+``gunicorn kappamask.wsgi:app``.
+
+pygeoapi configured from ``PYGEOAPI_CONFIG`` / ``PYGEOAPI_OPENAPI``, behind the same
+request guard as `kappamask serve` (health endpoints, body limits). Readiness asks the
+Triton of ``KAPPAMASK_TRITON_URL``. Unlike `kappamask serve`, nothing is recovered at
+start-up: several API pods share one job database, and a pod that starts must not fail
+the jobs another pod is running.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kappamask.inference.triton import server_ready
+from kappamask.serve import guarded_app
+
+_URL = os.environ.get("KAPPAMASK_TRITON_URL", "triton:8000")
+_PROTOCOL = os.environ.get("KAPPAMASK_TRITON_PROTOCOL", "http")
+
+app = guarded_app(lambda: server_ready(_URL, _PROTOCOL))

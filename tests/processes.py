@@ -1,0 +1,81 @@
+"""Helpers of the tests that start `kappamask serve` and kill real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+
+def start_serve(
+    args: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`kappamask serve ARGS` in a subprocess, its output appended to ``log_path``."""
+    with log_path.open("a") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kappamask.cli", "serve", *args],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
+        )  # fmt: skip
+
+
+def wait_for(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90) -> None:
+    """Until the service at ``url`` lists its processes (fail with its log if it dies)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/processes", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("kappamask serve did not start:\n" + log_path.read_text())
+        time.sleep(0.3)
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        text = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return []
+    return text.rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+
+
+def pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie nobody reaped counts as dead: it holds no memory)."""
+    stat = _stat(pid)
+    return bool(stat) and stat[0] != "Z"
+
+
+def tritonservers_on(port: int) -> list[int]:
+    """Live tritonserver processes listening on HTTP ``port``."""
+    return [
+        pid for pid in pids()
+        if (cmd := _cmdline(pid)) and cmd[0].endswith(b"tritonserver")
+        and f"--http-port={port}".encode() in cmd and alive(pid)
+    ]  # fmt: skip
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live members of process group ``pgid`` (a tritonserver and its backend stubs)."""
+    return [pid for pid in pids() if (stat := _stat(pid)) and stat[2] == str(pgid) and alive(pid)]
+
+
+def triton_port(log_path: Path) -> int:
+    """The HTTP port of the local Triton a `kappamask serve` log says it started."""
+    return int(log_path.read_text().split("starting Triton on 127.0.0.1:")[-1].split()[0])

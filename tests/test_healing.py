@@ -1,0 +1,160 @@
+"""A service that heals: real processes killed by PID, and what a client sees next.
+
+- the local Triton killed (SIGKILL) during a job: the job fails naming Triton, the
+  backend stubs die with it, /health/ready answers 503 until the supervisor has started
+  it again, then the next job succeeds;
+- `kappamask serve` killed during a job, then started again on the same output folder and
+  job database: the job is reported failed ("interrupted"), its staging folder removed,
+  another live process's staging folder kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from kappamask.inference.server import free_port
+from kappamask.storage import STAGING_PREFIX
+
+from .conftest import DATA, T29UNU
+from .processes import alive, process_group, start_serve, triton_port, tritonservers_on, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _submit(url: str, inputs: dict[str, object]) -> str:
+    response = requests.post(f"{url}/processes/kappamask/execution", json={"inputs": inputs},
+                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+    assert response.status_code == 201, response.text
+    return str(response.headers["Location"]).rsplit("/", 1)[-1]
+
+
+def _job(url: str, job_id: str) -> dict[str, object]:
+    job: dict[str, object] = requests.get(f"{url}/jobs/{job_id}", timeout=10).json()
+    return job
+
+
+def _until(what: str, check: object, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _crunching(url: str, job_id: str) -> bool:
+    """Running and past reading: crops are being inferred."""
+    job = _job(url, job_id)
+    assert job["status"] in ("accepted", "running"), job
+    return job["status"] == "running" and "crops" in str(job.get("message", ""))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    # no --data-root: KAPPAMASK_DATA_ROOTS decides, not the current folder
+    (tmp_path / "here.SAFE").mkdir()
+    proc = start_serve(
+        ["--port", str(port), "--output-dir", str(tmp_path / "out")], log,
+        {"KAPPAMASK_DATA_ROOTS": str(DATA), "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+         "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        wait_for(url, proc, log)
+        assert requests.get(f"{url}/health/ready", timeout=10).status_code == 200
+        refused = requests.post(f"{url}/processes/kappamask/execution",
+                                json={"inputs": {"product": "here.SAFE"}}, timeout=60)  # fmt: skip
+        assert refused.status_code == 403 and "outside the data roots" in refused.text
+
+        job_id = _submit(url, {"product": str(T29UNU), "resolution": 10, "overwrite": True})
+        _until("the job to infer crops", lambda: _crunching(url, job_id))
+        (server,) = tritonservers_on(triton_port(log))
+        group = process_group(server)
+        assert len(group) >= 2, group  # the server and its Python backend stubs
+        os.kill(server, signal.SIGKILL)
+
+        seen_ready: list[int] = []
+
+        def ready() -> bool:
+            seen_ready.append(requests.get(f"{url}/health/ready", timeout=10).status_code)
+            return seen_ready[-1] == 200
+
+        def failed() -> bool:
+            ready()  # look at readiness all along
+            return _job(url, job_id)["status"] == "failed"
+
+        _until("the job to fail", failed)
+        message = str(_job(url, job_id)["message"])
+        assert message.startswith("NoApplicableCode: ") and "Triton" in message, message
+        assert "run again" in message
+        _until("the old stubs to die", lambda: not any(alive(p) for p in group), 30)
+        _until("Triton to be ready again", ready)
+        assert 503 in seen_ready  # not ready while it was down
+        assert "restarting" in log.read_text()
+
+        response = requests.post(f"{url}/processes/kappamask/execution",
+                                 json={"inputs": {"product": str(T29UNU), "resolution": 60}},
+                                 timeout=300)  # fmt: skip
+        assert response.status_code == 200, response.text
+    finally:
+        _stop(proc)
+    assert [p for p in process_group(server) if alive(p)] == []
+
+
+def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path) -> None:
+    out, jobs_db = tmp_path / "out", tmp_path / "jobs.db"
+    env = {"KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"), "KAPPAMASK_JOBS_DB": str(jobs_db)}
+    # the staging folder of a live process on this host (this test's): never removed
+    out.mkdir()
+    live = out / f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}.feedface"
+    live.mkdir()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "first.log"
+    first = start_serve(["--port", str(port), "--output-dir", str(out), "--data-root", str(DATA)],
+                        log, env)  # fmt: skip
+    try:
+        wait_for(url, first, log)
+        job_id = _submit(url, {"product": str(T29UNU), "resolution": 10, "output": "big"})
+        _until("the job to infer crops", lambda: _crunching(url, job_id))
+        staging = list((out / "big").glob(f"{STAGING_PREFIX}*"))
+        assert staging, "the running job stages its files"
+        (server,) = tritonservers_on(triton_port(log))
+        group = process_group(server)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        # its Triton and the stubs die with it
+        _until("the dead service's Triton to go", lambda: not any(alive(p) for p in group), 60)
+    finally:
+        _stop(first)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "second.log"
+    second = start_serve(["--port", str(port), "--output-dir", str(out), "--data-root", str(DATA)],
+                         log, env)  # fmt: skip
+    try:
+        wait_for(url, second, log)
+        job = _job(url, job_id)
+        assert job["status"] == "failed", job
+        assert "interrupted: the service restarted" in str(job["message"])
+        assert not any(p.exists() for p in staging)
+        assert live.is_dir()
+        assert "marked failed" in log.read_text()
+    finally:
+        _stop(second)
