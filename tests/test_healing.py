@@ -123,13 +123,15 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
     live = out / f"{STAGING_PREFIX}{os.getpid()}@{socket.gethostname()}.feedface"
     live.mkdir()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "first.log"
-    first = start_serve(["--port", str(port), "--output-dir", str(out), "--data-root", str(DATA)],
-                        log, env)  # fmt: skip
+    def started(name: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+        port, log = free_port(), tmp_path / f"{name}.log"
+        args = ["--port", str(port), "--output-dir", str(out), "--data-root", str(DATA)]
+        proc = start_serve(args, log, env)
+        wait_for(f"http://127.0.0.1:{port}", proc, log)
+        return proc, f"http://127.0.0.1:{port}", log
+
+    first, url, log = started("first")
     try:
-        wait_for(url, first, log)
         job_id = _submit(url, {"product": str(T29UNU), "resolution": 10, "output": "big"})
         _until("the job to infer crops", lambda: _crunching(url, job_id))
         staging = list((out / "big").glob(f"{STAGING_PREFIX}*"))
@@ -143,13 +145,8 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
     finally:
         _stop(first)
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "second.log"
-    second = start_serve(["--port", str(port), "--output-dir", str(out), "--data-root", str(DATA)],
-                         log, env)  # fmt: skip
+    second, url, log = started("second")
     try:
-        wait_for(url, second, log)
         job = _job(url, job_id)
         assert job["status"] == "failed", job
         assert "interrupted: the service restarted" in str(job["message"])
