@@ -13,7 +13,9 @@ maximum RSS (and, for this project, Triton's and its backend stubs' VmHWM separa
 
 Tools: ``kappamask`` (this project: read, resample, Triton, mosaic, COG, STAC),
 ``onnxruntime`` (the served ONNX files run directly on the same crops: the floor of the
-model stage; reading is not timed), ``s2cloudless`` (PyPI, 10 bands at 10 m, its
+model stage; reading is not timed), ``openvino`` (the FP32 file as the CPU model runs it:
+OpenVINO, throughput mode, bfloat16 where the CPU has it; the floor of the CPU
+deployment's model stage), ``s2cloudless`` (PyPI, 10 bands at 10 m, its
 default detector) and ``ukis-csmask`` (PyPI, 6-band L1C model at 10 m), plus ``decode``
 (every band file decoded once at its own resolution: what decoding alone costs).
 """
@@ -62,7 +64,7 @@ JP2_OPTIONS = {
 S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
 UKIS_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
 UKIS_ORDER = ["blue", "green", "red", "nir", "swir16", "swir22"]
-TOOLS = ("decode", "kappamask", "onnxruntime", "s2cloudless", "ukis-csmask")
+TOOLS = ("decode", "kappamask", "onnxruntime", "openvino", "s2cloudless", "ukis-csmask")
 REFLECTANCE_SCALE = 10000.0
 
 
@@ -207,6 +209,51 @@ def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"crops": crops, "model_seconds": seconds}
 
 
+def work_openvino(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The served FP32 ONNX file through OpenVINO as the CPU model runs it (throughput mode,
+    one request per crop, precision by the CPU): the model-only floor of the CPU
+    deployment. Crops are read in groups of 8; only their inference is timed."""
+    import openvino as ov
+
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
+    from kappamask.model.quantize import real_crops
+
+    path = DEFAULT_REPOSITORY / "kappamask_l1c" / "1" / "model.onnx"
+    spec = spec_from_onnx(path)
+    core = ov.Core()
+    precision = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
+    model = core.read_model(path)
+    model.reshape([1, len(spec.features), 512, 512])
+    hints = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision}
+    compiled = core.compile_model(model, "CPU", hints)
+    queue = ov.AsyncInferQueue(
+        compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    )
+    seconds, crops, group = 0.0, 0, []
+
+    def infer(batch: list[np.ndarray]) -> float:
+        t0 = time.perf_counter()
+        for crop in batch:
+            queue.start_async({0: crop[None]})
+        queue.wait_all()
+        return time.perf_counter() - t0
+
+    for crop in real_crops([safe], spec.features, spec.max_v, 10):
+        if args.floor_crops and crops >= args.floor_crops:
+            break
+        if crops == 0:
+            infer([crop])  # warm-up, not timed
+        group.append(crop)
+        crops += 1
+        if len(group) == 8:
+            seconds += infer(group)
+            group = []
+    if group:
+        seconds += infer(group)
+    return {"crops": crops, "model_seconds": {precision: seconds},
+            "streams": int(compiled.get_property("NUM_STREAMS"))}  # fmt: skip
+
+
 def work_s2cloudless(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     from s2cloudless import S2PixelCloudDetector
 
@@ -231,6 +278,7 @@ WORKERS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
     "decode": work_decode,
     "kappamask": work_kappamask,
     "onnxruntime": work_onnxruntime,
+    "openvino": work_openvino,
     "s2cloudless": work_s2cloudless,
     "ukis-csmask": work_ukis,
 }
@@ -317,8 +365,8 @@ def _table(results: list[dict[str, Any]]) -> str:
              "|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         rows = [(r["tool"], r["wall_s"])]
-        if r["tool"] == "onnxruntime":
-            rows = [(f"onnxruntime {k} (model only)", v) for k, v in r["model_seconds"].items()]
+        if r["tool"] in ("onnxruntime", "openvino"):
+            rows = [(f"{r['tool']} {k} (model only)", v) for k, v in r["model_seconds"].items()]
         if "failed" in r:
             lines.append(f"| {r['tool']} | failed ({r['failed']}) after {r['wall_s']:.0f} s "
                          f"| {r['peak_rss_gb']:.2f} | | |")  # fmt: skip
@@ -355,7 +403,10 @@ def main() -> None:
     parser.add_argument("--triton-url", help="A running Triton (default: a local one on CPU).")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmark")
     parser.add_argument(
-        "--floor-crops", type=int, default=0, help="onnxruntime: at most N crops (0: all)."
+        "--floor-crops",
+        type=int,
+        default=0,
+        help="Model-only floors: at most N crops (0: all).",
     )
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--product", type=Path, help=argparse.SUPPRESS)

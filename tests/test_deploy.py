@@ -118,8 +118,8 @@ def test_compose_only_the_api_is_published(compose: dict[str, Any]) -> None:
 def test_compose_cpu_profile(compose: dict[str, Any]) -> None:
     cpu = compose["services"]["triton-cpu"]
     assert cpu["profiles"] == ["cpu"] and not _gpu_reserved(cpu)
-    assert "--model-config-name=gpu" not in cpu["command"]
-    assert cpu["build"]["dockerfile"] == "deploy/Dockerfile.triton-cpu"
+    assert "--model-config-name=openvino" in cpu["command"]  # Triton's OpenVINO backend
+    assert cpu["image"].startswith("${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:")
     both = {"api", "minio", "createbucket", "postgres"}
     assert all(set(compose["services"][s]["profiles"]) == {"gpu", "cpu"} for s in both)
 
@@ -230,6 +230,8 @@ def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> N
     else:
         assert gpu_limit is None and inits == ["copy-models"]
         assert "--model-config-name=gpu" not in triton["containers"][0]["args"]
+        assert "--model-config-name=openvino" in triton["containers"][0]["args"]
+        assert triton["containers"][0]["image"].startswith("nvcr.io/nvidia/tritonserver:")
 
 
 def test_the_kubernetes_validator_rejects_a_broken_manifest() -> None:
@@ -272,16 +274,28 @@ def _config(path: Path) -> Any:
 def test_triton_configs_parse_and_agree(model: str) -> None:
     cpu = _config(DEFAULT_REPOSITORY / model / "config.pbtxt")
     gpu = _config(DEFAULT_REPOSITORY / model / "configs" / "gpu.pbtxt")
-    assert cpu.name == gpu.name == model
-    assert cpu.backend == "python" and gpu.platform == "tensorrt_plan"
-    for cfg in (cpu, gpu):
-        assert [(i.name, i.data_type) for i in cfg.input] == [("input", model_config_pb2.TYPE_FP16)]
+    ov = _config(DEFAULT_REPOSITORY / model / "configs" / "openvino.pbtxt")
+    assert cpu.name == gpu.name == ov.name == model
+    assert cpu.backend == "python" and gpu.platform == "tensorrt_plan" and ov.backend == "openvino"
+    # Triton's OpenVINO backend runs model.onnx as it is (FP32 input; the client reads the
+    # data type from the config), in throughput mode
+    assert ov.default_model_filename == "model.onnx"
+    assert [(i.name, i.data_type) for i in ov.input] == [("input", model_config_pb2.TYPE_FP32)]
+    assert ov.parameters["PERFORMANCE_HINT"].string_value == "THROUGHPUT"
+    assert cpu.parameters["runtime"].string_value == ov.parameters["runtime"].string_value
+    for cfg in (cpu, gpu, ov):
+        if cfg is not ov:
+            assert [(i.name, i.data_type) for i in cfg.input] == [
+                ("input", model_config_pb2.TYPE_FP16)
+            ]
         assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
             ("classes", model_config_pb2.TYPE_UINT8, [512, 512]),
             ("confidence", model_config_pb2.TYPE_UINT8, [512, 512]),
         ]
-    assert list(cpu.input[0].dims) == list(gpu.input[0].dims)
-    assert cpu.parameters["features"].string_value == gpu.parameters["features"].string_value
+    assert list(cpu.input[0].dims) == list(gpu.input[0].dims) == list(ov.input[0].dims)
+    for key in ("features", "max_v", "version_label", "onnx_sha256"):
+        assert cpu.parameters[key].string_value == gpu.parameters[key].string_value
+        assert cpu.parameters[key].string_value == ov.parameters[key].string_value
     assert gpu.max_batch_size == build_engines.BuildOptions().max_batch
     for onnx_path in (DEFAULT_REPOSITORY / model).glob("[0-9]*/model.onnx"):
         graph = onnx.load(str(onnx_path)).graph

@@ -81,19 +81,21 @@ def test_int8_below_the_bar_is_refused_and_not_written(
 
 
 def test_served_int8_gives_the_fp32_mask(
-    int8_l2a: tuple[Path, q.QuantizeReport], triton: LocalTriton, tmp_path: Path
+    int8_l2a: tuple[Path, q.QuantizeReport], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
     shutil.copyfile(DEFAULT_REPOSITORY / PYTHON_MODEL_FILE, repo / PYTHON_MODEL_FILE)
     model_dir = install_model(FP32_L2A, repo, int8_path=int8_l2a[0])
-    assert 'string_value: "model.int8.onnx"' in (model_dir / "config.pbtxt").read_text()
+    int8_param = 'key: "int8_file" value: { string_value: "model.int8.onnx" }'
+    assert int8_param in (model_dir / "config.pbtxt").read_text()
     assert "int8" not in (model_dir / "configs" / "gpu.pbtxt").read_text()
     masks = []
-    with LocalTriton(repo) as int8_server:
-        for url, label in ((triton.http_url, "fp32"), (int8_server.http_url, "int8")):
-            with TritonClient(url) as client:
-                result = run(T29UNU, tmp_path / label, client, RunOptions(resolution=60))
+    for precision in ("f32", "int8"):  # what a CPU without bfloat16 serves: the INT8 file
+        monkeypatch.setenv("KAPPAMASK_CPU_PRECISION", precision)
+        with LocalTriton(repo, supervise=False) as server, TritonClient(server.http_url) as client:
+            assert f", {precision}, " in server.log_tail(200)
+            result = run(T29UNU, tmp_path / precision, client, RunOptions(resolution=60))
             with rasterio.open(result.mask) as src:
                 masks.append(src.read(1))
     fp32, int8 = masks
@@ -103,7 +105,7 @@ def test_served_int8_gives_the_fp32_mask(
     # installing weights without an INT8 file drops the stale one
     install_model(FP32_L2A, repo)
     assert not (model_dir / "1" / INT8_FILE).exists()
-    assert 'string_value: "model.onnx"' in (model_dir / "config.pbtxt").read_text()
+    assert int8_param not in (model_dir / "config.pbtxt").read_text()
 
 
 def test_compare_counts_only_pixels_with_data(int8_l2a: tuple[Path, q.QuantizeReport]) -> None:

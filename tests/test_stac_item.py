@@ -36,7 +36,8 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
         k: WrittenFile(f"./{k}.tif", 100, "1220" + "0" * 64)
         for k in ("mask", "confidence", "preview")
     }
-    model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "bootstrap-test")
+    model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "bootstrap-test",
+                      runtime="openvino", precision="bf16")  # fmt: skip
     item = create_item(
         product,
         grid,
@@ -54,6 +55,7 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     assert props["eo:cloud_cover"] == pytest.approx(100 / 3, abs=1e-3)
     assert props["kappamask:missing_percentage"] == 25.0
     assert props["processing:software"]["kappamask_l2a"] == "bootstrap-test"
+    assert props["processing:software"]["triton-runtime"] == "openvino, bf16"  # how it ran
     assert props["kappamask:model"] == {"name": "kappamask_l2a", "version": "bootstrap-test",
                                         "origin": "unknown", "onnx_sha256": ""}  # fmt: skip
     assert "weights of unrecorded origin" in props["processing:lineage"]

@@ -10,6 +10,8 @@ ORIGIN_OFFICIAL = "official"  # KappaZeta's published weights (kappamask fetch-w
 ORIGIN_BOOTSTRAP = "bootstrap"  # this project's own (kappamask distill / train)
 ORIGIN_IMPORTED = "keras-import"  # a Keras file a user converted (kappamask import-keras)
 ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
+#: A CPU config's precision: decided where the model runs, by what its CPU computes.
+PRECISION_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,15 @@ class ModelSpec:
     version_label: str
     origin: str = ORIGIN_UNKNOWN
     sha256: str = ""
+    #: How Triton runs it (openvino, onnxruntime, tensorrt) and in which precision
+    #: (bf16, f32, fp16; ``auto`` where the serving host decides), and the input's dtype.
+    runtime: str = ""
+    precision: str = ""
+    input_dtype: str = "FP16"
+
+    def runtime_description(self) -> str:
+        """e.g. "openvino, bf16" (empty where the config does not say)."""
+        return ", ".join(p for p in (self.runtime, self.precision) if p)
 
     def provenance(self) -> dict[str, str]:
         """What a result says of the weights that made it."""

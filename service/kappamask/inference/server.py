@@ -28,6 +28,7 @@ from pathlib import Path
 import requests
 
 from kappamask.errors import InferenceUnavailableError, NoModelError
+from kappamask.inference.cpu import announce_host_runtime
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 
 LOGGER = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ class LocalTriton:
     def start(self) -> LocalTriton:
         """Launch tritonserver, wait until it reports ready, then supervise it."""
         self._stopping.clear()
+        announce_host_runtime()
         self._launch()
         if self.supervise:
             self._supervisor = threading.Thread(

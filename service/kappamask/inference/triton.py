@@ -19,6 +19,7 @@ import numpy as np
 
 from kappamask.bands import MODEL_NAMES
 from kappamask.errors import InferenceUnavailableError, InvalidInputError, NoModelError
+from kappamask.inference.cpu import resolve
 from kappamask.inference.model_spec import ORIGIN_UNKNOWN, ModelSpec
 
 LOGGER = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class TritonClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self._local = threading.local()
+        self._input_dtypes: dict[str, str] = {}  # FP16 unless a config says FP32 (OpenVINO)
         self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="triton")
 
     # -- connection -------------------------------------------------------------------
@@ -179,6 +181,13 @@ class TritonClient:
             raise NoModelError(
                 f"{name} does not declare its features and max_v parameters"
             ) from err
+        runtime, precision = resolve(params.get("runtime", ""), params.get("precision", ""),
+                                     bool(params.get("int8_file")))  # fmt: skip
+        first_input = config["input"][0]
+        dtype = str(first_input.get("data_type", first_input.get("dataType", "TYPE_FP16")))
+        dtype = dtype.removeprefix("TYPE_")
+        if dtype not in ("FP16", "FP32"):
+            raise NoModelError(f"{name} takes {dtype} input; FP16 or FP32 expected")
         spec = ModelSpec(
             name,
             params.get("level", level),
@@ -187,7 +196,11 @@ class TritonClient:
             params.get("version_label", "unversioned"),
             params.get("origin") or ORIGIN_UNKNOWN,
             params.get("onnx_sha256", ""),
+            runtime,
+            precision,
+            dtype,
         )
+        self._input_dtypes[name] = dtype
         if spec.level != level:
             raise NoModelError(f"model {name} is for {spec.level} products, not {level}")
         if version and version != spec.version_label:
@@ -200,8 +213,11 @@ class TritonClient:
     def _infer_one(self, model: str, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         client = self._client()
         module = self._local.module
-        batch = np.ascontiguousarray(crop[None].astype(np.float16))
-        inp = module.InferInput("input", list(batch.shape), "FP16")
+        dtype = self._input_dtypes.get(model, "FP16")
+        batch = np.ascontiguousarray(
+            crop[None].astype(np.float16 if dtype == "FP16" else np.float32)
+        )
+        inp = module.InferInput("input", list(batch.shape), dtype)
         if self.protocol == "http":
             inp.set_data_from_numpy(batch, binary_data=True)
             outputs = [

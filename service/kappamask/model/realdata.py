@@ -115,6 +115,24 @@ BARE_GROUND = {
 }  # fmt: skip
 
 
+#: Share of a crop that ``bare_ground_crop`` turns into desert.
+DESERT_COVER = (0.3, 1.0)
+
+
+def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cells: int = 4) -> np.ndarray:
+    """Random values on a coarse ``cells`` x ``cells`` grid, bilinearly interpolated to
+    ``shape``: thresholded, a blob-shaped region."""
+    h, w = shape
+    coarse = rng.random((cells + 1, cells + 1))
+    ys, xs = np.linspace(0, cells, h), np.linspace(0, cells, w)
+    y0, x0 = np.minimum(ys.astype(int), cells - 1), np.minimum(xs.astype(int), cells - 1)
+    fy, fx = (ys - y0)[:, None], xs - x0
+    top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+    bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+    field: np.ndarray = top * (1 - fy) + bottom * fy
+    return field
+
+
 def bare_ground_crop(
     feats: np.ndarray, labels: np.ndarray, level: str, rng: np.random.Generator
 ) -> np.ndarray:
@@ -135,6 +153,8 @@ def bare_ground_crop(
     data = labels == MaskClass.CLEAR
     if not cloudy:
         data |= labels == MaskClass.UNDEFINED
+    field = _smooth_field(labels.shape, rng)
+    data &= field <= np.quantile(field, rng.uniform(*DESERT_COVER))
     if not data.any():
         return feats
     names, scale = DEFAULT_FEATURES[level], reflectance_scale(level)

@@ -154,7 +154,11 @@ def create_item(
             "proj:bbox": list(grid.bounds),
             "processing:level": "L2",
             "processing:datetime": (processed or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "processing:software": {"kappamask": __version__, model.name: model.version_label},
+            "processing:software": {
+                "kappamask": __version__,
+                model.name: model.version_label,
+                **({"triton-runtime": model.runtime_description()} if model.runtime else {}),
+            },
             "processing:lineage": (
                 f"KappaMask U-Net ({model.name}, {model.version_label}, {_WEIGHTS[model.origin]}) "
                 f"applied to {product.level} product {product.product_id} resampled to "

@@ -1,1 +1,1 @@
-../../onnx_runtime_model.py
+../../cpu_model.py

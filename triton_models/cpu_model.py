@@ -1,0 +1,152 @@
+"""Triton Python-backend model that runs a KappaMask ONNX file on the CPU.
+
+Used where Triton has no OpenVINO or ONNX Runtime backend of its own (the tritonserver of
+the nvidia-pytriton wheel). Each model version directory links its model.py here.
+Tensors are those of every other deployment: ``input`` FP16 [N, C, 512, 512] in,
+``classes`` and ``confidence`` UINT8 [N, 512, 512] out.
+
+Runtime (config parameter ``runtime``, environment ``KAPPAMASK_CPU_RUNTIME`` overrides):
+
+- ``openvino`` (default): OpenVINO in throughput mode, every crop of a batch its own
+  infer request so that all of OpenVINO's streams work at once. Precision
+  (``KAPPAMASK_CPU_PRECISION`` or the config's ``precision``): ``auto`` takes bfloat16 on
+  ``model.onnx`` where the CPU computes it natively (AMX or AVX512-BF16, OpenVINO's BF16
+  capability); elsewhere the INT8 variant (``int8_file``, accepted by `kappamask quantize`)
+  on VNNI where there is one, with the layers the quantiser kept in FP32 in FP32; else
+  FP32. ``bf16``, ``f32`` and ``int8`` force one. Without the openvino package, or if it
+  cannot compile the model, the model falls back to ONNX Runtime and says so in the log.
+- ``onnxruntime``: ONNX Runtime on the INT8 variant if there is one, else ``model.onnx``.
+
+What was chosen is logged once per model instance, e.g. ``kappamask_l1c: OpenVINO
+2026.4.1, bf16, 2 streams``.
+"""
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+RUNTIMES = ("openvino", "onnxruntime")
+PRECISIONS = ("auto", "bf16", "f32", "int8")
+
+
+def choose(requested, cpu_has_bf16, int8_file):
+    """(precision, file, OpenVINO inference precision hint) of a CPU model."""
+    if requested == "auto":
+        requested = "bf16" if cpu_has_bf16 else ("int8" if int8_file else "f32")
+    if requested == "int8":
+        if not int8_file:
+            raise ValueError("precision int8 asked, but the model has no INT8 variant")
+        return "int8", int8_file, "f32"  # the quantiser's FP32 layers stay FP32
+    return requested, "model.onnx", requested
+
+
+class _OpenVINO:
+    """The model compiled by OpenVINO, one static-shape infer request per crop."""
+
+    def __init__(self, folder, channels, precision, int8_file, threads):
+        import openvino as ov
+
+        core = ov.Core()
+        bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        self.precision, name, hint = choose(precision, bf16, int8_file)
+        model = core.read_model(os.path.join(folder, name))
+        # one crop per request: a static shape compiles to the fastest kernels
+        model.reshape([1, channels, 512, 512])
+        config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": hint}
+        if threads > 0:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.streams = int(self.compiled.get_property("NUM_STREAMS"))
+        requests = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self.queue = ov.AsyncInferQueue(self.compiled, max(1, requests))
+        self.describe = f"OpenVINO {ov.__version__.split('-')[0]}, {self.precision}, " \
+                        f"{self.streams} streams"  # fmt: skip
+
+    def run(self, batch):
+        classes = np.empty((len(batch), 512, 512), np.uint8)
+        confidence = np.empty_like(classes)
+
+        def done(request, index):
+            classes[index] = request.get_tensor("classes").data[0]
+            confidence[index] = request.get_tensor("confidence").data[0]
+
+        self.queue.set_callback(done)
+        for index, crop in enumerate(batch):
+            self.queue.start_async({0: crop[None]}, index)
+        self.queue.wait_all()
+        return classes, confidence
+
+
+class _OnnxRuntime:
+    def __init__(self, path, threads):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.describe = f"ONNX Runtime {ort.__version__}, {os.path.basename(path)}"
+
+    def run(self, batch):
+        return self.session.run(["classes", "confidence"], {"input": batch})
+
+
+class TritonPythonModel:
+    """One runtime per model instance; all queued requests run as one batch."""
+
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = os.path.join(args["model_repository"], args["model_version"])
+        channels = config["input"][0]["dims"][0]
+        threads = int(
+            os.environ.get("KAPPAMASK_ORT_THREADS", params.get("ort_intra_op_threads", "0"))
+        )
+        runtime = os.environ.get("KAPPAMASK_CPU_RUNTIME") or params.get("runtime", "openvino")
+        precision = os.environ.get("KAPPAMASK_CPU_PRECISION") or params.get("precision", "auto")
+        logger = pb_utils.Logger
+        if runtime not in RUNTIMES or precision not in PRECISIONS:
+            raise pb_utils.TritonModelException(
+                f"{config['name']}: runtime must be one of {RUNTIMES} and precision one of "
+                f"{PRECISIONS}, not {runtime!r} / {precision!r}"
+            )
+        int8_file = params.get("int8_file", "")
+        self.runtime = None
+        if runtime == "openvino":
+            try:
+                self.runtime = _OpenVINO(folder, channels, precision, int8_file, threads)
+            except ImportError:
+                logger.log_warn(f"{config['name']}: the openvino package is not installed, "
+                                "falling back to ONNX Runtime")  # fmt: skip
+            except Exception as err:  # whatever OpenVINO cannot compile or run here
+                logger.log_warn(f"{config['name']}: OpenVINO cannot run the model ({err}), "
+                                "falling back to ONNX Runtime")  # fmt: skip
+        if self.runtime is None:
+            self.runtime = _OnnxRuntime(os.path.join(folder, int8_file or "model.onnx"), threads)
+        logger.log_info(f"{config['name']}: {self.runtime.describe}")
+
+    def execute(self, requests):
+        inputs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
+        sizes = [a.shape[0] for a in inputs]
+        batch = np.concatenate(inputs).astype(np.float32, copy=False)
+        classes, confidence = self.runtime.run(batch)
+        responses = []
+        start = 0
+        for size in sizes:
+            stop = start + size
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor("classes", np.ascontiguousarray(classes[start:stop])),
+                        pb_utils.Tensor("confidence", np.ascontiguousarray(confidence[start:stop])),
+                    ]
+                )
+            )
+            start = stop
+        return responses
+
+    def finalize(self):
+        self.runtime = None
