@@ -21,6 +21,7 @@ import pytest
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
+from kappamask.inference.cpu import resolve
 from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
 from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
 from kappamask.inference.server import LocalTriton, free_port
@@ -118,6 +119,10 @@ def test_start_up_log_names_the_weights(service: Service) -> None:
         digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()
         assert f"{level}: {name} {version}, bootstrap weights, ONNX sha256 {digest}" in log
         assert f"{level} masks come from bootstrap weights, not KappaZeta's" in log
+        # and how they run: the session's Triton decided it for this CPU
+        has_int8 = (onnx_file.parent / "model.int8.onnx").exists()
+        runtime, precision = resolve("openvino", "auto", has_int8)
+        assert f"ONNX sha256 {digest}, runs on {runtime}, {precision}" in log
 
 
 @pytest.mark.parametrize("product", [T29UNU, T22HBD], ids=["T29UNU", "T22HBD"])

@@ -83,8 +83,9 @@ def log_served_models(client: TritonClient) -> None:
             LOGGER.warning("%s: %s", level, err)
             continue
         LOGGER.info(
-            "%s: %s %s, %s weights, ONNX sha256 %s",
+            "%s: %s %s, %s weights, ONNX sha256 %s, runs on %s",
             level, spec.name, spec.version_label, spec.origin, spec.sha256 or "unrecorded",
+            spec.runtime_description() or "a runtime its config does not name",
         )  # fmt: skip
         if spec.origin != ORIGIN_OFFICIAL:
             LOGGER.warning(
