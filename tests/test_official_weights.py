@@ -139,7 +139,8 @@ def test_fetch_installs_both_levels_and_names_them(
         onnx_digest = hashlib.sha256((model_dir / "1" / "model.onnx").read_bytes()).hexdigest()
         assert f'key: "origin" value: {{ string_value: "{ORIGIN_OFFICIAL}" }}' in config
         assert f'key: "onnx_sha256" value: {{ string_value: "{onnx_digest}" }}' in config
-        assert 'string_value: "model.onnx"' in config  # the bootstrap INT8 file is not used
+        # the bootstrap INT8 file is neither kept nor named
+        assert 'key: "int8_file" value: { string_value: "" }' in config
         assert not (model_dir / "1" / "model.int8.onnx").exists()
     assert not list(repository.glob(".kappamask-fetch-*"))
 

@@ -120,10 +120,19 @@ class _ClientErrorTracebacks(logging.Filter):
         return True
 
 
+class _NoOffsetWarning(logging.Filter):
+    """pygeoapi 0.21 warns "int() argument must be ... not 'NoneType'" on every GET /jobs
+    without an ``offset`` (every poll of a job), then uses 0, as it should."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("int() argument must be")
+
+
 def _quiet_logs() -> None:
     """No log line per request that an operator cannot act on."""
     # pygeoapi warns for every translatable string when a request's language is unknown
     logging.getLogger("pygeoapi.l10n").setLevel(logging.ERROR)
+    logging.getLogger("pygeoapi.api.processes").addFilter(_NoOffsetWarning())
     for name in ("pygeoapi.api", "pygeoapi.process.manager.base"):
         logging.getLogger(name).addFilter(_ClientErrorTracebacks())
 

@@ -36,7 +36,9 @@ LOGGER = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
 #: Restarts of a Triton that died, before the supervisor gives up (health stays 503).
 MAX_RESTARTS = 5
-#: Seconds before the first restart; doubled after each failed one.
+#: Seconds before the first restart (``KAPPAMASK_TRITON_RESTART_DELAY_S``); doubled after
+#: each failed one. Within the client's retries (3.5 s) a running job may not notice at all.
+RESTART_DELAY_ENV = "KAPPAMASK_TRITON_RESTART_DELAY_S"
 RESTART_BACKOFF_S = 1.0
 #: A Triton up this long since its last restart has its restart budget back.
 STABLE_AFTER_S = 300.0
@@ -243,7 +245,8 @@ class LocalTriton:
                     process.returncode, self.restarts, tail,
                 )  # fmt: skip
                 return
-            delay = RESTART_BACKOFF_S * 2**self.restarts
+            first = float(os.environ.get(RESTART_DELAY_ENV) or RESTART_BACKOFF_S)
+            delay = first * 2**self.restarts
             self.restarts += 1
             LOGGER.error(
                 "Triton exited with code %s; restarting in %.0f s (attempt %d of %d)\n%s",
