@@ -66,8 +66,10 @@ def test_run_a_zip_against_a_running_triton(
     items = list(out.glob("*_KAPPAMASK.json"))
     assert len(items) == 1
     check_result(items[0], T29UNU, 60, stac_validator)
-    stats = json.loads(done.stdout.split("classes (%): ")[1].splitlines()[0])
-    assert abs(sum(v for k, v in stats.items() if k not in ("missing", "cloud_cover")) - 100) < 0.01
+    stats = json.loads(done.stdout.split("classes (% of pixels with data): ")[1].splitlines()[0])
+    assert set(stats) == {"clear", "cloud_shadow", "semi_transparent_cloud", "cloud"}
+    assert abs(sum(stats.values()) - 100) < 0.01
+    assert "% of pixels with data; missing: " in done.stdout
 
 
 def test_an_l1c_product_through_the_l1c_model(

@@ -178,7 +178,10 @@ def run_command(
     click.echo(f"confidence: {result.confidence}")
     click.echo(f"preview:    {result.preview}")
     click.echo(f"STAC item:  {result.item}")
-    click.echo("classes (%): " + json.dumps(result.statistics))
+    summary = result.to_json()  # the job result's figures, with its denominators
+    click.echo("classes (% of pixels with data): " + json.dumps(summary["class_percentages"]))
+    click.echo(f"cloud cover: {summary['cloud_cover']} % of pixels with data; "
+               f"missing: {summary['missing_percentage']} % of all pixels")  # fmt: skip
     if result.reused:
         click.echo("an identical result was already there: not computed again (--overwrite)")
     else:
