@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,3 +80,17 @@ def process_group(pgid: int) -> list[int]:
 def triton_port(log_path: Path) -> int:
     """The HTTP port of the local Triton a `kappamask serve` log says it started."""
     return int(log_path.read_text().split("starting Triton on 127.0.0.1:")[-1].split()[0])
+
+
+def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float = 60) -> None:
+    """Send ``sig`` and wait; a process that does not stop is killed (never left running
+    past its test) and the test fails."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"process {proc.pid} did not stop within {timeout:.0f} s of signal {sig}")

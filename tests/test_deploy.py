@@ -8,6 +8,7 @@ import copy
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
 
-from .processes import wait_for
+from .processes import stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -384,5 +385,4 @@ def test_api_entry_point_serves_behind_the_guard(triton: LocalTriton, tmp_path: 
                             headers={"Content-Type": "application/json"}, timeout=10)  # fmt: skip
         assert bad.status_code == 400 and "must be a JSON object" in bad.json()["description"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        stop(proc, signal.SIGTERM)

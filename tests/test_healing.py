@@ -24,7 +24,15 @@ from kappamask.inference.server import RESTART_DELAY_ENV, free_port
 from kappamask.storage import STAGING_PREFIX
 
 from .conftest import DATA, T29UNU
-from .processes import alive, process_group, start_serve, triton_port, tritonservers_on, wait_for
+from .processes import (
+    alive,
+    process_group,
+    start_serve,
+    stop,
+    triton_port,
+    tritonservers_on,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -53,12 +61,6 @@ def _crunching(url: str, job_id: str) -> bool:
     job = _job(url, job_id)
     assert job["status"] in ("accepted", "running"), job
     return job["status"] == "running" and "crops" in str(job.get("message", ""))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
 
 
 def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) -> None:
@@ -117,7 +119,7 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
                                  timeout=300)  # fmt: skip
         assert response.status_code == 200, response.text
     finally:
-        _stop(proc)
+        stop(proc)
     assert [p for p in process_group(server) if alive(p)] == []
 
 
@@ -149,7 +151,7 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
         # its Triton and the stubs die with it
         _until("the dead service's Triton to go", lambda: not any(alive(p) for p in group), 60)
     finally:
-        _stop(first)
+        stop(first)
 
     second, url, log = started("second")
     try:
@@ -160,4 +162,4 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
         assert live.is_dir()
         assert "marked failed" in log.read_text()
     finally:
-        _stop(second)
+        stop(second)

@@ -38,6 +38,7 @@ from .processes import (
     alive,
     process_group,
     start_serve,
+    stop,
     triton_port,
     tritonservers_on,
     wait_for,
@@ -94,8 +95,7 @@ def service(
         wait_for(url, proc, log_path)
         yield Service(url, base / "out", scratch, log_path, base / "jobs.db")
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
+        stop(proc)
         log.close()
 
 
@@ -503,12 +503,15 @@ def test_external_triton_down_is_a_503_and_not_ready(tmp_path: Path) -> None:
     finally:
         triton.stop()
         for proc in procs:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+            stop(proc)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
-def test_stopping_the_service_stops_its_local_triton(tmp_path: Path, stop: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "signal_to_send", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"]
+)
+def test_stopping_the_service_stops_its_local_triton(
+    tmp_path: Path, signal_to_send: signal.Signals
+) -> None:
     port = free_port()
     log_path = tmp_path / "serve.log"
     proc = start_serve(
@@ -524,12 +527,11 @@ def test_stopping_the_service_stops_its_local_triton(tmp_path: Path, stop: signa
     assert len(tritonservers_on(port_of_triton)) == 1
     group = process_group(tritonservers_on(port_of_triton)[0])
     assert len(group) >= 2  # tritonserver and its Python backend stubs
-    proc.send_signal(stop)
-    proc.wait(timeout=60)
+    stop(proc, signal_to_send)
     deadline = time.monotonic() + 30
     while any(alive(p) for p in group) and time.monotonic() < deadline:
         time.sleep(0.3)
     assert [p for p in group if alive(p)] == []  # the server and its stubs
-    if stop == signal.SIGINT:  # a clean stop leaves no Triton log in /tmp
+    if signal_to_send == signal.SIGINT:  # a clean stop leaves no Triton log in /tmp
         log = Path(tempfile.gettempdir()) / f"kappamask-triton-{port_of_triton}.log"
         assert not log.exists()

@@ -163,6 +163,9 @@ def serve(
     """Run the service until interrupted. ``data_roots`` None: ``KAPPAMASK_DATA_ROOTS``
     if set, else the current folder."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C stops the service even when it was started with SIGINT ignored (a background
+    # job of a non-interactive shell, nohup): Python keeps an inherited SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     roots = list(data_roots) if data_roots else (roots_from_env() or [Path(".")])
     with ExitStack() as stack:
         if triton_url is None:
