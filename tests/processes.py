@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -94,3 +95,11 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float
         proc.kill()
         proc.wait()
         pytest.fail(f"process {proc.pid} did not stop within {timeout:.0f} s of signal {sig}")
+
+
+def submit_async(url: str, inputs: dict[str, Any]) -> str:
+    """POST an asynchronous kappamask job to the service at ``url``; the job's URL."""
+    response = requests.post(f"{url}/processes/kappamask/execution", json={"inputs": inputs},
+                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+    assert response.status_code == 201, response.text
+    return str(response.headers["Location"])

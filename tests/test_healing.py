@@ -23,25 +23,15 @@ import requests
 from kappamask.inference.server import RESTART_DELAY_ENV, free_port
 from kappamask.storage import STAGING_PREFIX
 
+from . import processes as ps
 from .conftest import DATA, T29UNU
-from .processes import (
-    alive,
-    process_group,
-    start_serve,
-    stop,
-    triton_port,
-    tritonservers_on,
-    wait_for,
-)
 
 pytestmark = pytest.mark.slow
 
 
 def _submit(url: str, inputs: dict[str, object]) -> str:
-    response = requests.post(f"{url}/processes/kappamask/execution", json={"inputs": inputs},
-                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
-    assert response.status_code == 201, response.text
-    return str(response.headers["Location"]).rsplit("/", 1)[-1]
+    """An async job's id."""
+    return ps.submit_async(url, inputs).rsplit("/", 1)[-1]
 
 
 def _job(url: str, job_id: str) -> dict[str, object]:
@@ -72,14 +62,14 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
     log = tmp_path / "serve.log"
     # no --data-root: KAPPAMASK_DATA_ROOTS decides, not the current folder
     (tmp_path / "here.SAFE").mkdir()
-    proc = start_serve(
+    proc = ps.start_serve(
         ["--port", str(port), "--output-dir", str(tmp_path / "out")], log,
         {"KAPPAMASK_DATA_ROOTS": str(DATA), "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
          "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"), RESTART_DELAY_ENV: "8"},
         cwd=tmp_path,
     )  # fmt: skip
     try:
-        wait_for(url, proc, log)
+        ps.wait_for(url, proc, log)
         assert requests.get(f"{url}/health/ready", timeout=10).status_code == 200
         refused = requests.post(f"{url}/processes/kappamask/execution",
                                 json={"inputs": {"product": "here.SAFE"}}, timeout=60)  # fmt: skip
@@ -87,8 +77,8 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
 
         job_id = _submit(url, {"product": str(T29UNU), "resolution": 10, "overwrite": True})
         _until("the job to infer crops", lambda: _crunching(url, job_id))
-        (server,) = tritonservers_on(triton_port(log))
-        group = process_group(server)
+        (server,) = ps.tritonservers_on(ps.triton_port(log))
+        group = ps.process_group(server)
         assert len(group) >= 2, group  # the server and its Python backend stubs
         os.kill(server, signal.SIGKILL)
 
@@ -108,7 +98,7 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
         message = str(_job(url, job_id)["message"])
         assert message.startswith("NoApplicableCode: ") and "Triton" in message, message
         assert "run again" in message
-        _until("the old stubs to die", lambda: not any(alive(p) for p in group), 30)
+        _until("the old stubs to die", lambda: not any(ps.alive(p) for p in group), 30)
         _until("Triton to be ready again", ready)
         assert 503 in seen_ready  # not ready while it was down
         assert "restarting in 8 s" in log.read_text()
@@ -119,8 +109,8 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
                                  timeout=300)  # fmt: skip
         assert response.status_code == 200, response.text
     finally:
-        stop(proc)
-    assert [p for p in process_group(server) if alive(p)] == []
+        ps.stop(proc)
+    assert [p for p in ps.process_group(server) if ps.alive(p)] == []
 
 
 def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path) -> None:
@@ -134,8 +124,8 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
     def started(name: str) -> tuple[subprocess.Popen[bytes], str, Path]:
         port, log = free_port(), tmp_path / f"{name}.log"
         args = ["--port", str(port), "--output-dir", str(out), "--data-root", str(DATA)]
-        proc = start_serve(args, log, env)
-        wait_for(f"http://127.0.0.1:{port}", proc, log)
+        proc = ps.start_serve(args, log, env)
+        ps.wait_for(f"http://127.0.0.1:{port}", proc, log)
         return proc, f"http://127.0.0.1:{port}", log
 
     first, url, log = started("first")
@@ -144,14 +134,14 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
         _until("the job to infer crops", lambda: _crunching(url, job_id))
         staging = list((out / "big").glob(f"{STAGING_PREFIX}*"))
         assert staging, "the running job stages its files"
-        (server,) = tritonservers_on(triton_port(log))
-        group = process_group(server)
+        (server,) = ps.tritonservers_on(ps.triton_port(log))
+        group = ps.process_group(server)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         # its Triton and the stubs die with it
-        _until("the dead service's Triton to go", lambda: not any(alive(p) for p in group), 60)
+        _until("the dead service's Triton to go", lambda: not any(ps.alive(p) for p in group), 60)
     finally:
-        stop(first)
+        ps.stop(first)
 
     second, url, log = started("second")
     try:
@@ -162,4 +152,4 @@ def test_restart_fails_interrupted_jobs_and_removes_their_staging(tmp_path: Path
         assert live.is_dir()
         assert "marked failed" in log.read_text()
     finally:
-        stop(second)
+        ps.stop(second)

@@ -39,6 +39,7 @@ from .processes import (
     process_group,
     start_serve,
     stop,
+    submit_async,
     triton_port,
     tritonservers_on,
     wait_for,
@@ -344,14 +345,9 @@ def _poll(service: Service, job_url: str, until: set[str], timeout: float = 300)
 
 
 def test_async_execution_reports_progress(service: Service) -> None:
-    response = requests.post(
-        f"{service.url}/processes/kappamask/execution",
-        json={"inputs": {"product": str(T29UNU), "resolution": 20, "output": "async"}},
-        headers={"Prefer": "respond-async"},
-        timeout=30,
+    job_url = submit_async(
+        service.url, {"product": str(T29UNU), "resolution": 20, "output": "async"}
     )
-    assert response.status_code == 201, response.text
-    job_url = response.headers["Location"]
     seen = _poll(service, job_url, {"successful", "failed"})
     assert seen[-1]["status"] == "successful", seen[-1]
     progress = [j["progress"] for j in seen if j["status"] == "running"]
@@ -367,15 +363,8 @@ def test_cancel_and_the_bound_on_concurrent_jobs(service: Service) -> None:
     stops the first between batches and leaves no output; then the second runs."""
 
     def submit(product: Path, resolution: int, output: str) -> str:
-        response = requests.post(
-            f"{service.url}/processes/kappamask/execution",
-            json={"inputs": {"product": str(product), "resolution": resolution,
-                             "output": output, "overwrite": True}},
-            headers={"Prefer": "respond-async"},
-            timeout=30,
-        )  # fmt: skip
-        assert response.status_code == 201, response.text
-        return str(response.headers["Location"])
+        return submit_async(service.url, {"product": str(product), "resolution": resolution,
+                                          "output": output, "overwrite": True})  # fmt: skip
 
     first = submit(T29UNU, 10, "cancelled")
     _poll(service, first, {"running"}, timeout=120)
@@ -449,11 +438,9 @@ def test_s3_in_and_out_over_http_without_leaking_credentials(
 
 def _async_failure(url: str, inputs: dict[str, Any]) -> str:
     """Submit an async job; the message it failed with."""
-    response = requests.post(f"{url}/processes/kappamask/execution", json={"inputs": inputs},
-                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
-    assert response.status_code == 201, response.text
+    job_url = submit_async(url, inputs)
     deadline = time.monotonic() + 120
-    while (job := requests.get(response.headers["Location"], timeout=10).json())["status"] in (
+    while (job := requests.get(job_url, timeout=10).json())["status"] in (
         "accepted", "running",
     ):  # fmt: skip
         assert time.monotonic() < deadline, job
