@@ -379,7 +379,8 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 #: Pipeline stages in the order of the data flow; the client's stages overlap Triton's.
-STAGE_ORDER = ("decode", "resample", "inference_wait", "mosaic", "cog", "stac", "publish")
+STAGE_ORDER = ("decode", "resample", "inference_wait", "mosaic", "postprocess", "cog", "stac",
+               "publish")
 
 
 def _stages(result: dict[str, Any]) -> str:

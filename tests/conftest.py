@@ -205,7 +205,7 @@ def check_result(
         k: item_path.parent / PurePosixPath(urlsplit(v["href"]).path).name
         for k, v in data["assets"].items()
     }
-    for key in ("mask", "confidence"):
+    for key in ("mask", "confidence", "probability", "valid"):
         ok, errors, _warnings = cog_validate(str(assets[key]), quiet=True)
         assert ok, errors
     for key, path in assets.items():
@@ -223,6 +223,21 @@ def check_result(
         assert data["properties"]["proj:transform"] == list(src.transform)[:6]
     with rasterio.open(assets["confidence"]) as src:
         confidence = src.read(1)
+    with rasterio.open(assets["probability"]) as src:
+        probability = src.read(1)
+        assert src.nodata == 255 and src.dtypes[0] == "uint8"
+    with rasterio.open(assets["valid"]) as src:
+        usable = src.read(1)
+        assert src.nodata == 255
+    # the usable-pixel mask is the (buffered) class map's clear pixels, 255 without data
+    assert (usable == np.where(classes == 0, 255, (classes == 1).astype(np.uint8))).all()
+    assert (probability[classes == 0] == 255).all() and (probability[classes != 0] <= 100).all()
+    parameters = data["properties"]["kappamask:parameters"]
+    if parameters["cloud_buffer"] == 0 and parameters["shadow_buffer"] == 0:
+        # the probability is above 50 exactly where the mask says (semi-transparent) cloud
+        cloudy = (classes == 3) | (classes == 4)
+        assert (probability[cloudy] >= 50).all()
+        assert (probability[(classes == 1) | (classes == 2)] <= 50).all()
     product = open_safe(product_dir)
     grid = output_grid(product, resolution)
     level = product.level

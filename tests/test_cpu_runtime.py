@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from kappamask.inference.cpu import HOST_PRECISION_ENV, host_runtime
+from kappamask.inference.model_spec import OUTPUTS
 from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
@@ -57,6 +58,7 @@ def cpu_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
 
 def _args(level: str = "kappamask_l2a", **params: str) -> dict[str, Any]:
     config = {"name": level, "input": [{"dims": [13, 512, 512]}],
+              "output": [{"name": name} for name in OUTPUTS],
               "parameters": {k: {"string_value": v} for k, v in params.items()}}  # fmt: skip
     return {"model_config": json.dumps(config), "model_repository": str(DEFAULT_REPOSITORY / level),
             "model_version": "1"}  # fmt: skip
@@ -203,12 +205,12 @@ def test_a_model_declaring_fp32_input_gets_fp32(
     with LocalTriton(tmp_path, supervise=False) as triton, TritonClient(triton.http_url) as client:
         spec = client.model("L2A")
         assert spec.input_dtype == "FP32"
-        classes, _confidence = client.submit(spec.name, features).result()
+        classes = client.submit(spec.name, features).result().classes
     with (
         LocalTriton(DEFAULT_REPOSITORY, supervise=False) as triton,
         TritonClient(triton.http_url) as client,
     ):
         spec = client.model("L2A")
         assert spec.input_dtype == "FP16"
-        fp16_classes, _ = client.submit(spec.name, features).result()
+        fp16_classes = client.submit(spec.name, features).result().classes
     assert (classes == fp16_classes)[data].mean() > 0.999

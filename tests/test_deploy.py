@@ -292,6 +292,7 @@ def test_triton_configs_parse_and_agree(model: str) -> None:
         assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [
             ("classes", model_config_pb2.TYPE_UINT8, [512, 512]),
             ("confidence", model_config_pb2.TYPE_UINT8, [512, 512]),
+            ("cloud_probability", model_config_pb2.TYPE_UINT8, [512, 512]),
         ]
     assert list(cpu.input[0].dims) == list(gpu.input[0].dims) == list(ov.input[0].dims)
     for key in ("features", "max_v", "version_label", "onnx_sha256"):

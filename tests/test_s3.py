@@ -67,9 +67,9 @@ def test_s3_product_to_s3_output(
     result = run(url, f"s3://results/{prefix}", client, OPTIONS, policy=policy)
     assert result.item.startswith(f"s3://results/{prefix}/") and not result.reused
     keys = s3_server.keys("results", prefix)
-    assert [k.rsplit("/", 1)[-1] for k in keys] == sorted(
-        Path(h).name for h in (result.mask, result.confidence, result.preview, result.item)
-    )
+    hrefs = (result.mask, result.confidence, result.probability, result.valid, result.preview,
+             result.item)  # fmt: skip
+    assert [k.rsplit("/", 1)[-1] for k in keys] == sorted(Path(h).name for h in hrefs)
     _check_published(s3_server, result.item, tmp_path, stac_validator)
 
 

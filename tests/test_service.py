@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
+import rasterio
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
@@ -25,6 +27,7 @@ from kappamask.inference.cpu import resolve
 from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
 from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
 from kappamask.inference.server import LocalTriton, free_port
+from kappamask.pipeline import ASSETS
 
 from .conftest import (
     DATA,
@@ -45,6 +48,8 @@ from .processes import (
     wait_for,
 )
 
+ASSET_KEYS = (*ASSETS, "item")
+
 
 @dataclass
 class Service:
@@ -53,6 +58,14 @@ class Service:
     scratch: Path  # a data root the tests may put broken products in
     log: Path
     jobs_db: Path
+    #: The URL the service names itself by (KAPPAMASK_PUBLIC_URL's default).
+    public_url: str
+
+    def local(self, href: str) -> Path:
+        """The file behind a result's URL (the service serves its output folder)."""
+        prefix = f"{self.public_url}/outputs/"
+        assert href.startswith(prefix), href
+        return self.output_dir / unquote(href[len(prefix) :])
 
     def execute(self, body: object, raw: str | None = None) -> requests.Response:
         url = f"{self.url}/processes/kappamask/execution"
@@ -94,7 +107,8 @@ def service(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)
-        yield Service(url, base / "out", scratch, log_path, base / "jobs.db")
+        yield Service(url, base / "out", scratch, log_path, base / "jobs.db",
+                      f"http://localhost:{port}")  # fmt: skip
     finally:
         stop(proc)
         log.close()
@@ -133,10 +147,10 @@ def test_sync_execution_returns_the_hrefs(
     response = service.execute({"inputs": {"product": str(product), "resolution": 60}})
     assert response.status_code == 200, response.text
     result = response.json()
-    for key in ("mask", "confidence", "preview", "item"):
-        assert Path(result[key]).is_file()
+    for key in ASSET_KEYS:  # URLs where the service serves its output folder
+        assert service.local(result[key]).is_file()
     assert result["mask"].endswith("_KAPPAMASK.tif")
-    check_result(Path(result["item"]), product, 60, stac_validator)
+    check_result(service.local(result["item"]), product, 60, stac_validator)
     classes = result["class_percentages"]
     assert set(classes) == {"clear", "cloud_shadow", "semi_transparent_cloud", "cloud"}
     assert sum(classes.values()) == pytest.approx(100, abs=0.01)  # of the pixels with data
@@ -152,7 +166,7 @@ def test_sync_execution_returns_the_hrefs(
         "origin": ORIGIN_BOOTSTRAP,
         "onnx_sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
     }
-    item = json.loads(Path(result["item"]).read_text())
+    item = json.loads(service.local(result["item"]).read_text())
     assert item["properties"]["kappamask:model"] == result["model_provenance"]
     assert "not KappaZeta's published ones" in item["properties"]["processing:lineage"]
 
@@ -186,6 +200,24 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
     return [
         ("unknown input name", inputs(product=p, colour="red"), 400, "unknown input(s): colour"),
         ("no product", {"inputs": {}}, 400, "'product' is required"),
+        (
+            "negative buffer",
+            inputs(product=p, cloud_buffer=-30),
+            400,
+            "input 'cloud_buffer' must be a number of metres from 0 to 1000",
+        ),
+        (
+            "buffer over 1000 m",
+            inputs(product=p, shadow_buffer=5000),
+            400,
+            "input 'shadow_buffer' must be a number of metres from 0 to 1000",
+        ),
+        (
+            "buffer not a number",
+            inputs(product=p, cloud_buffer="100m"),
+            400,
+            "input 'cloud_buffer' must be a number of metres from 0 to 1000",
+        ),
         (
             "product string too long",
             inputs(product="x" * 100_000),
@@ -354,7 +386,7 @@ def test_async_execution_reports_progress(service: Service) -> None:
     assert progress == sorted(progress) and any(5 < p < 95 for p in progress), progress
     assert any("crops" in j.get("message", "") for j in seen)
     result = requests.get(f"{job_url}/results", params={"f": "json"}, timeout=10).json()
-    assert Path(result["mask"]).parent == service.output_dir / "async"
+    assert service.local(result["mask"]).parent == service.output_dir / "async"
     assert result["missing_percentage"] > 0
 
 
@@ -404,6 +436,22 @@ def test_owslib_client(service: Service) -> None:
     inputs = {"product": str(T22HBD), "resolution": 60, "output": "owslib"}
     result = api.execute("kappamask", inputs=inputs, response="raw")
     assert result["item"].endswith("_KAPPAMASK.json") and not result["reused"]
+    # the client can open every file the result names, as from another machine: over HTTP,
+    # and the COGs in place through GDAL's /vsicurl/ (range requests)
+    for key in ASSET_KEYS:
+        answer = requests.get(result[key], timeout=30)
+        assert answer.status_code == 200, (key, answer.text[:200])
+        assert answer.content == service.local(result[key]).read_bytes()
+    item = requests.get(result["item"], timeout=30).json()
+    assert {a["href"] for a in item["assets"].values()} == {result[k] for k in ASSETS}
+    assert next(link["href"] for link in item["links"] if link["rel"] == "self") == result["item"]
+    with (
+        rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"),
+        rasterio.open(f"/vsicurl/{result['mask']}") as remote,
+        rasterio.open(service.local(result["mask"])) as local,
+    ):
+        assert (remote.read(1) == local.read(1)).all()
+        assert (remote.read(1, out_shape=(10, 10)) == local.read(1, out_shape=(10, 10))).all()
     again = api.execute("kappamask", inputs=inputs, response="raw")
     assert again["reused"] and again["item"] == result["item"]
     api.execute("kappamask", inputs={**inputs, "overwrite": True}, async_=True)
@@ -429,7 +477,7 @@ def test_s3_in_and_out_over_http_without_leaking_credentials(
     result = response.json()
     assert result["item"].startswith("s3://results/http/")
     assert [k.rsplit("/", 1)[-1] for k in s3_server.keys("results", "http/")] == sorted(
-        result[k].rsplit("/", 1)[-1] for k in ("mask", "confidence", "preview", "item")
+        result[k].rsplit("/", 1)[-1] for k in ASSET_KEYS
     )
     jobs = requests.get(f"{service.url}/jobs", params={"limit": 1000}, timeout=10).text
     for text in (response.text, jobs, service.log.read_text(), service.jobs_db.read_text()):

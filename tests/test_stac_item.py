@@ -10,6 +10,7 @@ from affine import Affine
 from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.inference.model_spec import ModelSpec
+from kappamask.pipeline import ASSETS
 from kappamask.reader import Grid
 from kappamask.sources import open_safe
 from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
@@ -26,22 +27,23 @@ def test_class_statistics_by_hand() -> None:
     assert stats["semi_transparent_cloud"] == 12.5 and stats["cloud"] == 25.0
     assert stats["cloud_cover"] == 37.5
     assert class_statistics(np.zeros(256))["cloud_cover"] == 0.0
+    # with an AOI: missing of the area's pixels (the raster's 100 include 20 outside it)
+    inside = class_statistics(counts, area_pixels=90)
+    assert inside["missing"] == pytest.approx(100 * 10 / 90)
+    assert inside["cloud_cover"] == 37.5  # of the pixels with data, as without an area
 
 
 def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACValidator) -> None:
     product = open_safe(T29UNU)
     grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 544, 544)
     counts = np.bincount(np.array([0, 1, 1, 4], dtype=np.uint8), minlength=256)
-    files = {
-        k: WrittenFile(f"./{k}.tif", 100, "1220" + "0" * 64)
-        for k in ("mask", "confidence", "preview")
-    }
+    files = {k: WrittenFile(f"./{k}.tif", 100, "1220" + "0" * 64) for k in ASSETS}
     model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "bootstrap-test",
                       runtime="openvino", precision="bf16")  # fmt: skip
     item = create_item(
         product,
         grid,
-        counts,
+        class_statistics(counts),
         files,
         model,
         {"B08": "B8A"},
@@ -63,6 +65,10 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     classes = data["assets"]["mask"]["classification:classes"]
     assert [c["value"] for c in classes] == [0, 1, 2, 3, 4]
     assert data["assets"]["preview"]["roles"] == ["overview"]
+    assert data["assets"]["mask"]["roles"] == ["data", "cloud", "cloud-shadow"]
+    assert data["assets"]["valid"]["roles"] == ["data-mask"]
+    assert data["assets"]["probability"]["raster:bands"][0]["nodata"] == 255
+    assert [c["value"] for c in data["assets"]["valid"]["classification:classes"]] == [1, 0, 255]
     assert any(link["rel"] == "derived_from" for link in data["links"])
     # the geometry is the tile footprint clipped to the output grid: inside the grid bbox
     west, south, east, north = data["bbox"]
@@ -74,12 +80,9 @@ def test_the_offline_validator_really_checks_extensions(
 ) -> None:
     product = open_safe(T29UNU)
     grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 544, 544)
-    files = {
-        k: WrittenFile(f"./{k}.tif", 1, "1220" + "0" * 64)
-        for k in ("mask", "confidence", "preview")
-    }
+    files = {k: WrittenFile(f"./{k}.tif", 1, "1220" + "0" * 64) for k in ASSETS}
     model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "v")
-    data = create_item(product, grid, np.ones(256), files, model, {}).to_dict(
+    data = create_item(product, grid, class_statistics(np.ones(256)), files, model, {}).to_dict(
         include_self_link=False
     )
     data["assets"]["mask"]["classification:classes"][0]["color_hint"] = "not a colour"

@@ -3,7 +3,8 @@
 Used where Triton has no OpenVINO or ONNX Runtime backend of its own (the tritonserver of
 the nvidia-pytriton wheel). Each model version directory links its model.py here.
 Tensors are those of every other deployment: ``input`` FP16 [N, C, 512, 512] in,
-``classes`` and ``confidence`` UINT8 [N, 512, 512] out.
+the UINT8 [N, 512, 512] outputs the model's config lists (``classes``, ``confidence``,
+``cloud_probability``) out.
 
 Runtime (config parameter ``runtime``, environment ``KAPPAMASK_CPU_RUNTIME`` overrides):
 
@@ -45,9 +46,10 @@ def choose(requested, cpu_has_bf16, int8_file):
 class _OpenVINO:
     """The model compiled by OpenVINO, one static-shape infer request per crop."""
 
-    def __init__(self, folder, channels, precision, int8_file, threads):
+    def __init__(self, folder, channels, precision, int8_file, threads, outputs):
         import openvino as ov
 
+        self.outputs = outputs
         core = ov.Core()
         bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         self.precision, name, hint = choose(precision, bf16, int8_file)
@@ -65,24 +67,24 @@ class _OpenVINO:
                         f"{self.streams} streams"  # fmt: skip
 
     def run(self, batch):
-        classes = np.empty((len(batch), 512, 512), np.uint8)
-        confidence = np.empty_like(classes)
+        out = {name: np.empty((len(batch), 512, 512), np.uint8) for name in self.outputs}
 
         def done(request, index):
-            classes[index] = request.get_tensor("classes").data[0]
-            confidence[index] = request.get_tensor("confidence").data[0]
+            for name, array in out.items():
+                array[index] = request.get_tensor(name).data[0]
 
         self.queue.set_callback(done)
         for index, crop in enumerate(batch):
             self.queue.start_async({0: crop[None]}, index)
         self.queue.wait_all()
-        return classes, confidence
+        return out
 
 
 class _OnnxRuntime:
-    def __init__(self, path, threads):
+    def __init__(self, path, threads, outputs):
         import onnxruntime as ort
 
+        self.outputs = outputs
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -91,7 +93,8 @@ class _OnnxRuntime:
         self.describe = f"ONNX Runtime {ort.__version__}, {os.path.basename(path)}"
 
     def run(self, batch):
-        return self.session.run(["classes", "confidence"], {"input": batch})
+        arrays = self.session.run(self.outputs, {"input": batch})
+        return dict(zip(self.outputs, arrays, strict=True))
 
 
 class TritonPythonModel:
@@ -114,10 +117,11 @@ class TritonPythonModel:
                 f"{PRECISIONS}, not {runtime!r} / {precision!r}"
             )
         int8_file = params.get("int8_file", "")
+        outputs = [o["name"] for o in config["output"]]
         self.runtime = None
         if runtime == "openvino":
             try:
-                self.runtime = _OpenVINO(folder, channels, precision, int8_file, threads)
+                self.runtime = _OpenVINO(folder, channels, precision, int8_file, threads, outputs)
             except ImportError:
                 logger.log_warn(f"{config['name']}: the openvino package is not installed, "
                                 "falling back to ONNX Runtime")  # fmt: skip
@@ -125,26 +129,22 @@ class TritonPythonModel:
                 logger.log_warn(f"{config['name']}: OpenVINO cannot run the model ({err}), "
                                 "falling back to ONNX Runtime")  # fmt: skip
         if self.runtime is None:
-            self.runtime = _OnnxRuntime(os.path.join(folder, int8_file or "model.onnx"), threads)
+            path = os.path.join(folder, int8_file or "model.onnx")
+            self.runtime = _OnnxRuntime(path, threads, outputs)
         logger.log_info(f"{config['name']}: {self.runtime.describe}")
 
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
         sizes = [a.shape[0] for a in inputs]
         batch = np.concatenate(inputs).astype(np.float32, copy=False)
-        classes, confidence = self.runtime.run(batch)
+        out = self.runtime.run(batch)
         responses = []
         start = 0
         for size in sizes:
             stop = start + size
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("classes", np.ascontiguousarray(classes[start:stop])),
-                        pb_utils.Tensor("confidence", np.ascontiguousarray(confidence[start:stop])),
-                    ]
-                )
-            )
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(array[start:stop]))
+                       for name, array in out.items()]  # fmt: skip
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start = stop
         return responses
 

@@ -116,6 +116,11 @@ CLASS_COLORS: dict[int, tuple[int, int, int, int]] = {
     MaskClass.CLOUD: (245, 245, 245, 255),
 }
 
+#: The usable-pixel mask (``valid`` asset): clear after buffers, anything else, no data.
+VALID_CLEAR, VALID_UNUSABLE, VALID_NODATA = 1, 0, 255
+#: Largest cloud or shadow buffer a run accepts, in metres (100 px at 10 m).
+MAX_BUFFER_M = 1000.0
+
 #: Sen2Cor scene classification (SCL) -> mask code, after the paper's Table 1.
 SCL_TO_CLASS = {
     0: MaskClass.MISSING,  # no data

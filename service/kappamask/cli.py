@@ -14,7 +14,7 @@ import click
 from tqdm import tqdm
 
 from kappamask import __version__
-from kappamask.bands import LEVELS, RESOLUTIONS
+from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
 from kappamask.errors import KappaMaskError
 from kappamask.reader import RESAMPLING
 
@@ -124,6 +124,20 @@ def main(verbose: bool) -> None:
 )
 @click.option("--model", default=None, help="Model name[:version_label] (default: by level).")
 @click.option(
+    "--cloud-buffer",
+    type=click.FloatRange(0, MAX_BUFFER_M),
+    default=0.0,
+    show_default=True,
+    help="Grow clouds (opaque and semi-transparent) by this many metres.",
+)
+@click.option(
+    "--shadow-buffer",
+    type=click.FloatRange(0, MAX_BUFFER_M),
+    default=0.0,
+    show_default=True,
+    help="Grow cloud shadows by this many metres.",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Compute again even when the output holds this result."
 )
 @_triton_url
@@ -138,6 +152,8 @@ def run_command(
     bbox: tuple[float, float, float, float] | None,
     aoi: Path | None,
     model: str | None,
+    cloud_buffer: float,
+    shadow_buffer: float,
     overwrite: bool,
     triton_url: str | None,
     protocol: str,
@@ -149,7 +165,7 @@ def run_command(
     from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.inference.server import LocalTriton
     from kappamask.inference.triton import TritonClient
-    from kappamask.pipeline import RunOptions, run
+    from kappamask.pipeline import ASSETS, RunOptions, run
 
     with ExitStack() as stack:
         if triton_url is None:
@@ -171,17 +187,21 @@ def run_command(
             aoi=_read_geojson(aoi) if aoi else None,
             model=model,
             overwrite=overwrite,
+            cloud_buffer=cloud_buffer,
+            shadow_buffer=shadow_buffer,
         )
         result = run(product, output, client, options, progress=progress)
         bar.update(100 - bar.n)
-    click.echo(f"mask:       {result.mask}")
-    click.echo(f"confidence: {result.confidence}")
-    click.echo(f"preview:    {result.preview}")
-    click.echo(f"STAC item:  {result.item}")
     summary = result.to_json()  # the job result's figures, with its denominators
-    click.echo("classes (% of pixels with data): " + json.dumps(summary["class_percentages"]))
-    click.echo(f"cloud cover: {summary['cloud_cover']} % of pixels with data; "
-               f"missing: {summary['missing_percentage']} % of all pixels")  # fmt: skip
+    for key in (*ASSETS, "item"):
+        click.echo(f"{'STAC item:' if key == 'item' else key + ':':<12} {summary[key]}")
+    where = " inside the bbox/aoi" if bbox or aoi else ""
+    denominator = "the area's" if where else "all"
+    click.echo(f"classes (% of pixels with data{where}): "
+               + json.dumps(summary["class_percentages"]))  # fmt: skip
+    click.echo(f"cloud cover: {summary['cloud_cover']} % of pixels with data{where}; "
+               f"missing: {summary['missing_percentage']} % of "
+               f"{denominator} pixels")  # fmt: skip
     if result.reused:
         click.echo("an identical result was already there: not computed again (--overwrite)")
     else:

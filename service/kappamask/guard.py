@@ -3,6 +3,10 @@
 - ``GET /health``: liveness, 200 while the API process answers.
 - ``GET /health/ready``: readiness for a load balancer, 200 only while Triton is ready
   (503 while it is down or restarting).
+- ``GET``/``HEAD /outputs/<path>``: the published results of the local output folder, read
+  only, with range requests (GDAL's /vsicurl/ and QGIS read the COGs in place), so that the
+  URLs a result names can be opened by the client that asked for it. Hidden files and
+  folders (staging folders of running jobs, the job database) are never served.
 - Request bodies: larger than the limit, 413; a POST body that is not one JSON object
   (an array, a number, nested deeper than ``MAX_JSON_DEPTH``, not JSON at all), 400.
   pygeoapi would answer those with an HTML 500 page, or parse 50 MB before refusing.
@@ -15,9 +19,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import mimetypes
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
+
+from werkzeug.security import safe_join
+from werkzeug.utils import send_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,6 +36,12 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_BODY_ENV = "KAPPAMASK_MAX_REQUEST_BYTES"
 #: Deepest nesting of arrays and objects a request may hold (a MultiPolygon is 4).
 MAX_JSON_DEPTH = 32
+
+#: Where the local output folder is served.
+OUTPUTS_ROUTE = "/outputs"
+#: Media types of the files of a result (STAC items are GeoJSON).
+_MEDIA_TYPES = {".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+                ".json": "application/geo+json", ".png": "image/png"}  # fmt: skip
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -64,10 +79,12 @@ class RequestGuard:
     """WSGI middleware in front of pygeoapi (see the module docstring)."""
 
     def __init__(self, app: WSGIApp, triton_ready: Callable[[], bool],
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:  # fmt: skip
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 outputs: Path | None = None) -> None:  # fmt: skip
         self.app = app
         self.triton_ready = triton_ready
         self.max_body_bytes = max_body_bytes
+        self.outputs = outputs
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "").rstrip("/")
@@ -79,6 +96,8 @@ class RequestGuard:
                 return _answer(start_response, HTTPStatus.OK, {"status": "ready"})
             return _answer(start_response, HTTPStatus.SERVICE_UNAVAILABLE,
                            {"status": "unavailable", "reason": "Triton is not ready"})  # fmt: skip
+        if self.outputs is not None and (path + "/").startswith(OUTPUTS_ROUTE + "/"):
+            return self._output_file(environ, start_response, path[len(OUTPUTS_ROUTE) :])
         if method not in ("POST", "PUT", "PATCH"):
             return self.app(environ, start_response)
         try:
@@ -108,6 +127,25 @@ class RequestGuard:
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         return self.app(environ, start_response)
+
+    def _output_file(
+        self, environ: dict[str, Any], start_response: Callable[..., Any], relative: str
+    ) -> Any:
+        """A published file of the output folder (see the module docstring)."""
+        assert self.outputs is not None
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED, "InvalidParameterValue",
+                          "results are read only: GET or HEAD")  # fmt: skip
+        parts = [p for p in relative.split("/") if p]
+        found = safe_join(str(self.outputs), *parts) if parts else None
+        if found is None or any(p.startswith(".") for p in parts) or not Path(found).is_file():
+            return _error(start_response, HTTPStatus.NOT_FOUND, "NotFound",
+                          f"no published result at {OUTPUTS_ROUTE}{relative}")  # fmt: skip
+        media = _MEDIA_TYPES.get(Path(found).suffix.lower()) or (
+            mimetypes.guess_type(found)[0] or "application/octet-stream"
+        )
+        response = send_file(found, environ, mimetype=media, conditional=True, max_age=0)
+        return response(environ, start_response)
 
 
 def _json_problem(body: bytes) -> str | None:

@@ -1,10 +1,12 @@
-"""source -> reader -> tiler -> Triton -> mosaic -> COG + STAC -> sink, with progress.
+"""source -> reader -> tiler -> Triton -> mosaic -> buffers -> COGs + STAC -> sink, with
+progress.
 
 The raster is processed in strips of one crop row, each read in chunks of a few crops:
 while Triton works on submitted crops, the next chunk is read and resampled (at most
 MAX_IN_FLIGHT crops wait for Triton, so the reader cannot run ahead and pile up strips),
 and finished rows of the mosaic are written out and freed. Memory does not grow with
-the product's height, and little with its width.
+the product's height, and little with its width. Buffers, the usable-pixel mask and the
+class counts come from a second pass over the mosaic (kappamask.postprocess).
 """
 
 from __future__ import annotations
@@ -23,16 +25,24 @@ from rasterio.windows import Window
 
 from kappamask.access import AccessPolicy
 from kappamask.aoi import area_mask, clip_grid, parse_area
-from kappamask.bands import CLASS_NAMES, DEFAULT_RESOLUTION, OUTPUT_CLASSES, MaskClass
-from kappamask.errors import CancelledError, ProductError
-from kappamask.inference.model_spec import ModelSpec
-from kappamask.inference.triton import TritonClient
+from kappamask.bands import (
+    CLASS_NAMES,
+    DEFAULT_RESOLUTION,
+    MAX_BUFFER_M,
+    OUTPUT_CLASSES,
+    VALID_NODATA,
+    MaskClass,
+)
+from kappamask.errors import CancelledError, InvalidInputError, ProductError
+from kappamask.inference.model_spec import PROBABILITY_NODATA, ModelSpec
+from kappamask.inference.triton import CropOutputs, TritonClient
+from kappamask.postprocess import finish_layers
 from kappamask.reader import BandReader, Grid, output_grid
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
 from kappamask.storage import Sink, open_sink
 from kappamask.tiling import CropGrid, extract, place
-from kappamask.writers.cog import StripWriter, to_cog
+from kappamask.writers.cog import OverviewResampling, StripWriter, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file
 
@@ -65,6 +75,22 @@ class RunOptions:
     model: str | None = None
     #: Compute again even when the output holds a result for the same parameters.
     overwrite: bool = False
+    #: Metres by which clouds (opaque and semi-transparent) and cloud shadows are grown.
+    cloud_buffer: float = 0.0
+    shadow_buffer: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("cloud_buffer", "shadow_buffer"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value <= MAX_BUFFER_M
+            ):
+                raise InvalidInputError(
+                    f"input '{name}' must be a number of metres from 0 to {MAX_BUFFER_M:g}"
+                )
+            object.__setattr__(self, name, float(value))
 
     def parameters(self, model: ModelSpec) -> dict[str, Any]:
         """What makes two results the same (stored in the STAC item)."""
@@ -75,6 +101,8 @@ class RunOptions:
             "aoi": self.aoi,
             "model": model.name,
             "model_version": model.version_label,
+            "cloud_buffer": self.cloud_buffer,
+            "shadow_buffer": self.shadow_buffer,
         }
 
 
@@ -86,9 +114,12 @@ class RunResult:
     level: str
     model: str
     model_version: str
-    #: Paths (local output) or s3:// URLs of the published files.
+    #: Paths (local output), http(s) URLs (an output folder the service serves) or s3://
+    #: URLs of the published files.
     mask: str
     confidence: str
+    probability: str
+    valid: str
     preview: str
     item: str
     statistics: dict[str, float]
@@ -110,10 +141,13 @@ class RunResult:
             "model_provenance": self.model_provenance,
             "mask": self.mask,
             "confidence": self.confidence,
+            "probability": self.probability,
+            "valid": self.valid,
             "preview": self.preview,
             "item": self.item,
             # one denominator per figure (README "Outputs"): the four classes and the cloud
-            # cover are shares of the pixels with data, missing of every pixel of the mask
+            # cover are shares of the pixels with data (inside the bbox/aoi when there is
+            # one), missing of every pixel of the mask (of the area's pixels)
             "class_percentages": {
                 k: v for k, v in self.statistics.items() if k not in ("missing", "cloud_cover")
             },
@@ -126,14 +160,35 @@ class RunResult:
         }
 
 
+#: Asset keys of a result, in publishing order (the STAC item comes last, after them).
+ASSETS = ("mask", "confidence", "probability", "valid", "preview")
+
+
+#: How each raster's overviews are made: categorical rasters keep a class per overview
+#: pixel (the confidence follows its class map), the probability is averaged.
+OVERVIEWS: dict[str, OverviewResampling] = {
+    "mask": "mode",
+    "confidence": "mode",
+    "probability": "average",
+    "valid": "nearest",
+}
+
+
 def output_names(product_id: str) -> dict[str, str]:
     """File names of a result in the output folder, keyed by STAC asset key."""
     return {
         "mask": f"{product_id}_KAPPAMASK.tif",
         "confidence": f"{product_id}_KAPPAMASK_CONFIDENCE.tif",
+        "probability": f"{product_id}_KAPPAMASK_PROBABILITY.tif",
+        "valid": f"{product_id}_KAPPAMASK_VALID.tif",
         "preview": f"{product_id}_KAPPAMASK_PREVIEW.png",
         "item": f"{product_id}_KAPPAMASK.json",
     }
+
+
+def _hrefs(hrefs: Sequence[str]) -> dict[str, Any]:
+    """RunResult's href fields from the hrefs of ASSETS and the item, in that order."""
+    return dict(zip((*ASSETS, "item"), hrefs, strict=True))
 
 
 def _noop_progress(_percent: int, _message: str) -> None:
@@ -141,7 +196,8 @@ def _noop_progress(_percent: int, _message: str) -> None:
 
 
 class _Mosaic:
-    """Collects a strip's crop outputs, keeps their centres, writes finished rows."""
+    """Collects a strip's crop outputs, keeps their centres, writes finished rows of the
+    model's classes, confidence and cloud probability."""
 
     def __init__(
         self,
@@ -149,41 +205,39 @@ class _Mosaic:
         crops: CropGrid,
         classes: StripWriter,
         confidence: StripWriter,
+        probability: StripWriter,
         timings: dict[str, float],
     ):
         self.grid, self.crops = grid, crops
-        self.classes_out, self.confidence_out = classes, confidence
-        self.counts = np.zeros(256, dtype=np.int64)
+        self.writers = (classes, confidence, probability)
         self.timings = timings
 
     def finish_row(
-        self,
-        row: int,
-        valid: np.ndarray,
-        futures: Sequence[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]],
+        self, row: int, valid: np.ndarray, futures: Sequence[tuple[int, Future[CropOutputs]]]
     ) -> None:
         y = self.crops.rows[row]
         height = y.keep_stop - y.keep_start
         classes = np.zeros((height, self.grid.width), dtype=np.uint8)
         confidence = np.zeros_like(classes)
+        probability = np.full_like(classes, PROBABILITY_NODATA)
         row_crops = self.crops.row_crops(row)
         for col, future in futures:
             t0 = time.monotonic()
-            crop_classes, crop_conf = future.result()
+            outputs = future.result()
             t1 = time.monotonic()
-            place(classes, crop_classes, row_crops[col], y.keep_start)
-            place(confidence, crop_conf, row_crops[col], y.keep_start)
+            for plane, crop_plane in zip((classes, confidence, probability), outputs, strict=True):
+                place(plane, crop_plane, row_crops[col], y.keep_start)
             _add(self.timings, "inference_wait", t1 - t0)
             _add(self.timings, "mosaic", time.monotonic() - t1)
         t0 = time.monotonic()
         kept_valid = valid[y.keep_start - y.start : y.keep_stop - y.start]
         classes[~kept_valid] = MaskClass.MISSING
         confidence[~kept_valid] = 0
+        probability[~kept_valid] = PROBABILITY_NODATA
         # A valid pixel always has some confidence; 0 is the nodata value.
         np.maximum(confidence, kept_valid.astype(np.uint8), out=confidence)
-        self.classes_out.write(y.keep_start, classes)
-        self.confidence_out.write(y.keep_start, confidence)
-        self.counts += np.bincount(classes.ravel(), minlength=256)
+        for writer, plane in zip(self.writers, (classes, confidence, probability), strict=True):
+            writer.write(y.keep_start, plane)
         _add(self.timings, "mosaic", time.monotonic() - t0)
 
 
@@ -206,9 +260,8 @@ def _infer_all(
     crops = mosaic.crops
     total = len(crops)
     inferred = done = 0
-    pending: tuple[int, np.ndarray, list[tuple[int, Future[tuple[np.ndarray, np.ndarray]]]]] | None
-    pending = None
-    in_flight: list[Future[tuple[np.ndarray, np.ndarray]]] = []
+    pending: tuple[int, np.ndarray, list[tuple[int, Future[CropOutputs]]]] | None = None
+    in_flight: list[Future[CropOutputs]] = []
     with BandReader(
         product, model.features, model.max_v, grid, options.resampling, dtype=np.float16
     ) as reader:
@@ -263,9 +316,7 @@ def _infer_all(
     return inferred, substitutions
 
 
-def _throttle(
-    futures: list[Future[tuple[np.ndarray, np.ndarray]]], limit: int
-) -> list[Future[tuple[np.ndarray, np.ndarray]]]:
+def _throttle(futures: list[Future[CropOutputs]], limit: int) -> list[Future[CropOutputs]]:
     """Wait until at most ``limit`` of ``futures`` are unanswered; return those."""
     open_ = [f for f in futures if not f.done()]
     while len(open_) > limit:
@@ -288,7 +339,7 @@ def _reuse(
         return None
     if props.get("kappamask:parameters") != parameters:
         return None
-    if not all(sink.read_existing(names[k]) is not None for k in ("mask", "confidence", "preview")):
+    if not all(sink.exists(names[key]) for key in ASSETS):
         return None
     stats = {
         key.removeprefix("kappamask:").removesuffix("_percentage"): float(value)
@@ -303,10 +354,7 @@ def _reuse(
         level=str(props.get("kappamask:source_level", "")),
         model=parameters["model"],
         model_version=parameters["model_version"],
-        mask=sink.final_href(names["mask"]),
-        confidence=sink.final_href(names["confidence"]),
-        preview=sink.final_href(names["preview"]),
-        item=sink.final_href(names["item"]),
+        **_hrefs([sink.final_href(names[key]) for key in (*ASSETS, "item")]),
         statistics=stats,
         crops_total=int(crops.get("total", 0)),
         crops_inferred=0,
@@ -325,11 +373,14 @@ def run(
     cancelled: CancelledFn | None = None,
     policy: AccessPolicy | None = None,
     output_base: Path | None = None,
+    public_url: str | None = None,
 ) -> RunResult:
-    """Mask one product and publish mask COG, confidence COG, preview PNG and STAC item.
+    """Mask one product and publish its mask, confidence, cloud probability and usable-pixel
+    COGs, the preview PNG and the STAC item.
 
     ``output`` is a folder or ``s3://bucket/prefix`` (relative folders are taken from
-    ``output_base``); ``policy`` says what may be read and written (default: anything).
+    ``output_base``, which the service serves at ``public_url``); ``policy`` says what may
+    be read and written (default: anything).
     """
     options = options or RunOptions()
     progress = progress or _noop_progress
@@ -350,7 +401,7 @@ def run(
     names = output_names(product.product_id)
     parameters = options.parameters(model)
     timings: dict[str, float] = {}
-    with open_sink(output, policy, output_base) as sink:
+    with open_sink(output, policy, output_base, public_url) as sink:
         if not options.overwrite:
             reused = _reuse(sink, names, parameters, started)
             if reused is not None:
@@ -369,15 +420,14 @@ def run(
             options.resolution,
             sink.location,
         )
-        scratch_classes, scratch_conf = (
-            sink.path("classes.scratch.tif"),
-            sink.path("confidence.scratch.tif"),
-        )
+        layers = ("model_classes", "mask", "confidence", "probability", "valid")
+        scratch = {key: sink.path(f"{key}.scratch.tif") for key in layers}
         with (
-            StripWriter(scratch_classes, grid, colormap=True) as classes_out,
-            StripWriter(scratch_conf, grid) as conf_out,
+            StripWriter(scratch["model_classes"], grid) as classes_out,
+            StripWriter(scratch["confidence"], grid) as conf_out,
+            StripWriter(scratch["probability"], grid, nodata=PROBABILITY_NODATA) as prob_out,
         ):
-            mosaic = _Mosaic(grid, crops, classes_out, conf_out, timings)
+            mosaic = _Mosaic(grid, crops, classes_out, conf_out, prob_out, timings)
             inferred, substitutions = _infer_all(
                 product,
                 model,
@@ -391,28 +441,45 @@ def run(
                 local_area,
             )
         t0 = time.monotonic()
+        progress(PROGRESS_INFERENCE_END, "buffers and the usable-pixel mask")
+        with (
+            StripWriter(scratch["mask"], grid, colormap=True) as mask_out,
+            StripWriter(scratch["valid"], grid, nodata=VALID_NODATA) as valid_out,
+        ):
+            counts = finish_layers(
+                scratch["model_classes"],
+                grid,
+                options.cloud_buffer / grid.resolution,
+                options.shadow_buffer / grid.resolution,
+                mask_out,
+                valid_out,
+                local_area,
+            )
+        timings["postprocess"] = time.monotonic() - t0
+        t0 = time.monotonic()
         tags = {
             "KAPPAMASK_MODEL": f"{model.name} {model.version_label}",
             "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES),
+            "KAPPAMASK_CLOUD_BUFFER_M": f"{options.cloud_buffer:g}",
+            "KAPPAMASK_SHADOW_BUFFER_M": f"{options.shadow_buffer:g}",
         }
-        to_cog(scratch_classes, sink.path(names["mask"]), tags=tags)
-        to_cog(scratch_conf, sink.path(names["confidence"]), tags=tags)
-        scratch_classes.unlink()
-        scratch_conf.unlink()
-        write_preview(sink.path(names["mask"]), sink.path(names["preview"]))
+        for key, overviews in OVERVIEWS.items():
+            to_cog(scratch[key], sink.path(names[key]), tags=tags, overviews=overviews)
+        for path in scratch.values():
+            path.unlink()
+        write_preview(sink.path(names["mask"]), sink.path(names["preview"]), product)
         timings["cog"] = time.monotonic() - t0
         if cancelled is not None and cancelled():
             raise CancelledError("job cancelled")
         t0 = time.monotonic()
         progress(PROGRESS_END - 2, "writing the STAC item")
-        files = {
-            key: describe_file(sink.path(names[key]), sink.href(names[key]))
-            for key in ("mask", "confidence", "preview")
-        }
+        files = {key: describe_file(sink.path(names[key]), sink.href(names[key]))
+                 for key in ASSETS}  # fmt: skip
+        statistics = class_statistics(counts.classes, counts.area_pixels)
         item = create_item(
             product,
             grid,
-            mosaic.counts,
+            statistics,
             files,
             model,
             substitutions,
@@ -430,7 +497,7 @@ def run(
         )
         timings["stac"] = time.monotonic() - t0
         t0 = time.monotonic()
-        final = sink.commit([names["mask"], names["confidence"], names["preview"], names["item"]])
+        final = sink.commit([names[key] for key in (*ASSETS, "item")])
         timings["publish"] = time.monotonic() - t0
     progress(PROGRESS_END, "done")
     return RunResult(
@@ -438,11 +505,8 @@ def run(
         level=product.level,
         model=model.name,
         model_version=model.version_label,
-        mask=final[0],
-        confidence=final[1],
-        preview=final[2],
-        item=final[3],
-        statistics=class_statistics(mosaic.counts),
+        **_hrefs(final),
+        statistics=statistics,
         crops_total=len(crops),
         crops_inferred=inferred,
         seconds=time.monotonic() - started,

@@ -13,7 +13,7 @@ from pygeoapi.process.base import BaseProcessor
 
 from kappamask import __version__
 from kappamask.access import AccessPolicy
-from kappamask.bands import LEVELS, RESOLUTIONS
+from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
 from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import JobReporter, inference_slot
@@ -34,7 +34,8 @@ PROCESS_METADATA: dict[str, Any] = {
         "en": "Classifies every pixel of a Sentinel-2 L1C or L2A product as clear, cloud "
         "shadow, semi-transparent cloud, cloud or missing with the KappaMask U-Nets "
         "(Domnich et al. 2021) and returns a Cloud-Optimized GeoTIFF, a confidence COG, "
-        "a PNG preview and a STAC item."
+        "a cloud probability COG, a usable-pixel mask COG, a PNG preview and a STAC item; "
+        "clouds and shadows optionally grown by buffers."
     },
     "jobControlOptions": ["sync-execute", "async-execute"],
     "outputTransmission": ["value"],
@@ -124,6 +125,22 @@ PROCESS_METADATA: dict[str, Any] = {
             "minOccurs": 0,
             "maxOccurs": 1,
         },
+        "cloud_buffer": {
+            "title": "Cloud buffer (m)",
+            "description": "Grow opaque and semi-transparent clouds by this distance over "
+            "clear and shadow pixels (edges of clouds are where masks fail most); never over "
+            "missing pixels. Applied to the mask and the usable-pixel mask.",
+            "schema": {"type": "number", "minimum": 0, "maximum": MAX_BUFFER_M, "default": 0},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "shadow_buffer": {
+            "title": "Shadow buffer (m)",
+            "description": "Grow cloud shadows by this distance over clear pixels.",
+            "schema": {"type": "number", "minimum": 0, "maximum": MAX_BUFFER_M, "default": 0},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
         "overwrite": {
             "title": "Overwrite",
             "description": "false (default): when the output already holds a result for the "
@@ -136,8 +153,10 @@ PROCESS_METADATA: dict[str, Any] = {
     "outputs": {
         "result": {
             "title": "Result",
-            "description": "Hrefs of the mask COG, confidence COG, preview PNG and STAC item, "
-            "with the class percentages.",
+            "description": "Hrefs (URLs where the service serves its output folder) of the "
+            "mask, confidence, cloud probability and usable-pixel COGs, the preview PNG and "
+            "the STAC item, with the class percentages and cloud cover over the pixels with "
+            "data inside the bbox/aoi (the whole tile without one).",
             "schema": {"type": "object", "contentMediaType": "application/json"},
         }
     },
@@ -161,6 +180,8 @@ class ProcessSettings:
     policy: AccessPolicy
     #: Inference pipelines one API process runs at once; further jobs wait (accepted).
     max_jobs: int
+    #: Where the service serves output_dir over HTTP (results name their files by it).
+    outputs_url: str | None = None
 
     @classmethod
     def from_definition(cls, definition: dict[str, Any]) -> ProcessSettings:
@@ -172,6 +193,7 @@ class ProcessSettings:
             output_dir=output_dir,
             policy=AccessPolicy.for_server(definition, output_dir),
             max_jobs=max(1, int(max_jobs)),
+            outputs_url=str(definition.get("outputs_url") or "") or None,
         )
 
 
@@ -259,6 +281,8 @@ def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
         aoi=aoi,
         model=model,
         overwrite=overwrite,
+        cloud_buffer=data.get("cloud_buffer", 0.0),
+        shadow_buffer=data.get("shadow_buffer", 0.0),
     )
     return product, output, options
 
@@ -295,6 +319,7 @@ class KappaMaskProcessor(BaseProcessor):
                         cancelled=job.cancelled,
                         policy=self.settings.policy,
                         output_base=self.settings.output_dir,
+                        public_url=self.settings.outputs_url,
                     )
         except KappaMaskError as err:
             LOGGER.warning("job %s failed: %s", self.job_id, err)

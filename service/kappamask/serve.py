@@ -22,7 +22,7 @@ from typing import Any
 from kappamask.access import roots_from_env
 from kappamask.bands import LEVELS
 from kappamask.errors import KappaMaskError
-from kappamask.guard import DEFAULT_MAX_BODY_BYTES, MAX_BODY_ENV, RequestGuard
+from kappamask.guard import DEFAULT_MAX_BODY_BYTES, MAX_BODY_ENV, OUTPUTS_ROUTE, RequestGuard
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import LocalTriton
@@ -31,6 +31,11 @@ from kappamask.jobs import fail_interrupted_jobs
 from kappamask.storage import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
+
+#: "false": the output folder is not served at /outputs (results name server paths).
+SERVE_OUTPUTS_ENV = "KAPPAMASK_SERVE_OUTPUTS"
+#: The URL of the served output folder, as results name their files.
+OUTPUTS_URL_ENV = "KAPPAMASK_OUTPUTS_URL"
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "pygeoapi-config.yml"
 
@@ -137,16 +142,31 @@ def _quiet_logs() -> None:
         logging.getLogger(name).addFilter(_ClientErrorTracebacks())
 
 
+def served_outputs() -> Path | None:
+    """The output folder the service serves at /outputs (KAPPAMASK_OUTPUT_DIR, unless
+    KAPPAMASK_SERVE_OUTPUTS is false: results on S3, or a web server of its own)."""
+    folder = os.environ.get("KAPPAMASK_OUTPUT_DIR")
+    if not folder or os.environ.get(SERVE_OUTPUTS_ENV, "true").lower() in ("false", "0", "no"):
+        return None
+    return Path(folder).resolve()
+
+
 def guarded_app(triton_ready: Callable[[], bool]) -> Any:
     """pygeoapi's Flask app (configured from the environment) behind the request guard,
     with quiet logs: what `kappamask serve` and the deployment's gunicorn (kappamask.wsgi)
     both serve."""
     _quiet_logs()
+    outputs = served_outputs()
+    if outputs is not None:
+        # what the processor names results by (pygeoapi-config.yml: outputs_url); set
+        # before pygeoapi reads its configuration, on import
+        public = os.environ.get("KAPPAMASK_PUBLIC_URL", "http://localhost:5000").rstrip("/")
+        os.environ.setdefault(OUTPUTS_URL_ENV, public + OUTPUTS_ROUTE)
     from pygeoapi.flask_app import APP
 
     limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
     if not isinstance(APP.wsgi_app, RequestGuard):
-        APP.wsgi_app = RequestGuard(APP.wsgi_app, triton_ready, limit)
+        APP.wsgi_app = RequestGuard(APP.wsgi_app, triton_ready, limit, outputs)
     return APP
 
 

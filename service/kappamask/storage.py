@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from boto3.s3.transfer import TransferConfig
 
@@ -74,13 +75,16 @@ class LocalSink:
     """Stage files in a hidden folder inside ``out_dir`` (same file system, so the final
     move is an atomic rename) and move them in on ``commit``. A run that fails or is
     cancelled leaves nothing: the staging folder goes, and so do the folders it created
-    to hold the result, when they stayed empty."""
+    to hold the result, when they stayed empty.
 
-    #: STAC items next to their assets use relative hrefs.
-    absolute_hrefs = False
+    ``public_url``: where the service serves ``out_dir`` over HTTP; results then name their
+    files by absolute URLs a client elsewhere can open (as S3 results do), else by paths
+    and, inside the STAC item, by hrefs relative to it."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, public_url: str | None = None) -> None:
         self.out_dir = Path(out_dir)
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.absolute_hrefs = self.public_url is not None
         self.staging = self.out_dir / staging_name()
         self._created: list[Path] = []  # folders this sink made, deepest last
 
@@ -106,10 +110,14 @@ class LocalSink:
 
     def href(self, name: str) -> str:
         """The href of ``name`` in a STAC item that sits next to it."""
-        return f"./{name}"
+        return f"{self.public_url}/{quote(name)}" if self.public_url else f"./{name}"
 
     def final_href(self, name: str) -> str:
-        return str(self.out_dir / name)
+        return f"{self.public_url}/{quote(name)}" if self.public_url else str(self.out_dir / name)
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is published."""
+        return (self.out_dir / name).is_file()
 
     def read_existing(self, name: str) -> bytes | None:
         """The bytes of a published ``name``, or None."""
@@ -178,6 +186,15 @@ class S3Sink:
     def final_href(self, name: str) -> str:
         return f"s3://{self.bucket}/{self._key(name)}"
 
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` is published (a HEAD request; no download)."""
+        try:
+            with s3_errors(self.final_href(name)):
+                self._client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception:  # absent or unreadable: compute it again
+            return False
+        return True
+
     def read_existing(self, name: str) -> bytes | None:
         try:
             with s3_errors(self.final_href(name)):
@@ -224,11 +241,24 @@ class S3Sink:
 Sink = LocalSink | S3Sink
 
 
-def open_sink(output: str | os.PathLike[str], policy: AccessPolicy, base: Path | None) -> Sink:
-    """The sink for an output folder or ``s3://bucket/prefix`` allowed by ``policy``."""
+def open_sink(
+    output: str | os.PathLike[str],
+    policy: AccessPolicy,
+    base: Path | None,
+    public_url: str | None = None,
+) -> Sink:
+    """The sink for an output folder or ``s3://bucket/prefix`` allowed by ``policy``.
+
+    ``public_url``: the URL at which ``base`` is served; a folder inside ``base`` is named
+    by URLs under it."""
     text = str(output)
     if text.startswith("s3://"):
         return S3Sink(text, policy.s3)
     if "://" in text:
         raise InvalidInputError("output must be a folder or an s3://bucket/prefix URL")
-    return LocalSink(policy.local_output(text, base))
+    folder = policy.local_output(text, base)
+    url = None
+    if public_url and base is not None and folder.resolve().is_relative_to(base.resolve()):
+        relative = folder.resolve().relative_to(base.resolve()).as_posix()
+        url = public_url.rstrip("/") + ("/" + quote(relative) if relative != "." else "")
+    return LocalSink(folder, url)

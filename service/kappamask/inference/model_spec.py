@@ -13,6 +13,17 @@ ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
 #: A CPU config's precision: decided where the model runs, by what its CPU computes.
 PRECISION_AUTO = "auto"
 
+#: The tensors of every served model, on every backend: normalised features in; per pixel
+#: the mask code, the winning sigmoid x 255, and the cloud probability in percent (255
+#: where the input has no data; see kappamask.model.onnx_graph).
+INPUT = "input"
+OUTPUT_CLASSES = "classes"
+OUTPUT_CONFIDENCE = "confidence"
+OUTPUT_PROBABILITY = "cloud_probability"
+OUTPUTS = (OUTPUT_CLASSES, OUTPUT_CONFIDENCE, OUTPUT_PROBABILITY)
+#: The probability's value where the input has no data.
+PROBABILITY_NODATA = 255
+
 
 @dataclass(frozen=True)
 class ModelSpec:

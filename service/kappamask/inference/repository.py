@@ -20,7 +20,7 @@ import onnx
 
 from kappamask.bands import MODEL_NAMES, TILE_SIZE
 from kappamask.errors import InvalidInputError
-from kappamask.inference.model_spec import ORIGIN_UNKNOWN, PRECISION_AUTO, ModelSpec
+from kappamask.inference.model_spec import INPUT, ORIGIN_UNKNOWN, OUTPUTS, PRECISION_AUTO, ModelSpec
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,12 +48,15 @@ def _parameters(spec: ModelSpec, **extra: str) -> str:
 
 
 def _io(channels: int, input_type: str = "TYPE_FP16") -> str:
+    outputs = ",\n".join(
+        f'  {{ name: "{name}" data_type: TYPE_UINT8 dims: [ {TILE_SIZE}, {TILE_SIZE} ] }}'
+        for name in OUTPUTS
+    )
     return f"""input [
-  {{ name: "input" data_type: {input_type} dims: [ {channels}, {TILE_SIZE}, {TILE_SIZE} ] }}
+  {{ name: "{INPUT}" data_type: {input_type} dims: [ {channels}, {TILE_SIZE}, {TILE_SIZE} ] }}
 ]
 output [
-  {{ name: "classes" data_type: TYPE_UINT8 dims: [ {TILE_SIZE}, {TILE_SIZE} ] }},
-  {{ name: "confidence" data_type: TYPE_UINT8 dims: [ {TILE_SIZE}, {TILE_SIZE} ] }}
+{outputs}
 ]"""
 
 
@@ -181,8 +184,8 @@ def install_model(
         target = version_dir / name
         if source is None:
             target.unlink(missing_ok=True)
-        elif source.resolve() != target.resolve():
-            shutil.copyfile(source, target)
+        else:
+            _place(source, target)
     # the configs carry the FP32 file's digest: every result names the exact weights
     spec = dataclasses.replace(spec, sha256=sha256_of(version_dir / FP32_FILE))
     link = version_dir / "model.py"
@@ -192,6 +195,21 @@ def install_model(
     write_configs(spec, model_dir, int8=int8_path is not None)
     LOGGER.info("installed %s (%s) into %s", spec.name, spec.version_label, model_dir)
     return model_dir
+
+
+def _place(source: Path, target: Path) -> None:
+    """Copy an ONNX file into the repository; one exported before the service had the
+    ``cloud_probability`` output gains it on the way (the weights stay as they are)."""
+    from kappamask.model.onnx_graph import add_probability_output
+
+    model = onnx.load(str(source))
+    if add_probability_output(model):
+        LOGGER.info("%s: added the cloud_probability output to the graph", source.name)
+        tmp = target.with_suffix(".partial")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, target)
+    elif source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
 
 
 def sha256_of(path: Path) -> str:

@@ -3,7 +3,7 @@
 Several requests are kept in flight (one crop each) so that Triton's dynamic batcher can
 fill its batches; each worker thread has its own connection (the tritonclient HTTP
 client is not shared across threads). Crops go as FP16 (half the bytes of FP32) and
-come back as two UINT8 planes.
+come back as three UINT8 planes (class, confidence, cloud probability).
 """
 
 from __future__ import annotations
@@ -13,14 +13,22 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from kappamask.bands import MODEL_NAMES
 from kappamask.errors import InferenceUnavailableError, InvalidInputError, NoModelError
 from kappamask.inference.cpu import resolve
-from kappamask.inference.model_spec import ORIGIN_UNKNOWN, ModelSpec
+from kappamask.inference.model_spec import (
+    INPUT,
+    ORIGIN_UNKNOWN,
+    OUTPUT_CLASSES,
+    OUTPUT_CONFIDENCE,
+    OUTPUT_PROBABILITY,
+    OUTPUTS,
+    ModelSpec,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -34,6 +42,14 @@ _RETRY_STATUSES = {"502", "503", "504", "StatusCode.UNAVAILABLE", "StatusCode.RE
 #: timed out) and, from the HTTP client's parser, "connection closed." when Triton dies in
 #: the middle of an answer (an http.client.HTTPException).
 _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
+
+
+class CropOutputs(NamedTuple):
+    """What the model says of one crop, each uint8 [512, 512]."""
+
+    classes: np.ndarray
+    confidence: np.ndarray
+    probability: np.ndarray
 
 
 def normalise_url(url: str) -> str:
@@ -201,6 +217,12 @@ class TritonClient:
             dtype,
         )
         self._input_dtypes[name] = dtype
+        declared = {str(o.get("name")) for o in config.get("output", [])}
+        if not set(OUTPUTS) <= declared:
+            raise NoModelError(
+                f"model {name} lacks the output(s) {sorted(set(OUTPUTS) - declared)}: install "
+                "it again with `kappamask install-model`, which adds them to its graph"
+            )
         if spec.level != level:
             raise NoModelError(f"model {name} is for {spec.level} products, not {level}")
         if version and version != spec.version_label:
@@ -210,30 +232,29 @@ class TritonClient:
         return spec
 
     # -- inference --------------------------------------------------------------------
-    def _infer_one(self, model: str, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _infer_one(self, model: str, crop: np.ndarray) -> CropOutputs:
         client = self._client()
         module = self._local.module
         dtype = self._input_dtypes.get(model, "FP16")
         batch = np.ascontiguousarray(
             crop[None].astype(np.float16 if dtype == "FP16" else np.float32)
         )
-        inp = module.InferInput("input", list(batch.shape), dtype)
+        inp = module.InferInput(INPUT, list(batch.shape), dtype)
         if self.protocol == "http":
             inp.set_data_from_numpy(batch, binary_data=True)
-            outputs = [
-                module.InferRequestedOutput(n, binary_data=True) for n in ("classes", "confidence")
-            ]
+            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in OUTPUTS]
         else:
             inp.set_data_from_numpy(batch)
-            outputs = [module.InferRequestedOutput(n) for n in ("classes", "confidence")]
+            outputs = [module.InferRequestedOutput(n) for n in OUTPUTS]
         result = self._call("inference", client.infer, model, [inp], outputs=outputs)
-        classes, confidence = result.as_numpy("classes"), result.as_numpy("confidence")
-        if classes is None or confidence is None or classes.size == 0:
+        planes = [result.as_numpy(n) for n in (OUTPUT_CLASSES, OUTPUT_CONFIDENCE,
+                                               OUTPUT_PROBABILITY)]  # fmt: skip
+        if any(p is None or p.size == 0 for p in planes):
             raise InferenceUnavailableError(f"{model} returned no output (server-side numpy >= 2?)")
-        return classes[0], confidence[0]
+        return CropOutputs(*(p[0] for p in planes))
 
-    def submit(self, model: str, crop: np.ndarray) -> Future[tuple[np.ndarray, np.ndarray]]:
-        """Queue one normalised crop [C, 512, 512]; the future gives (classes, confidence)."""
+    def submit(self, model: str, crop: np.ndarray) -> Future[CropOutputs]:
+        """Queue one normalised crop [C, 512, 512]; the future gives its CropOutputs."""
         return self._pool.submit(self._infer_one, model, crop)
 
     def close(self) -> None:

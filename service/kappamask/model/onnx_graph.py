@@ -1,8 +1,10 @@
 """Build the served ONNX graph straight from numpy weights (no PyTorch, no TensorFlow).
 
 Input ``input`` float32 [N, C, H, W] (normalised features, H and W multiples of 16);
-outputs ``classes`` uint8 [N, H, W] with mask codes and ``confidence`` uint8 [N, H, W]
-(the winning sigmoid x 255). See ``_add_head`` for how MISSING and UNDEFINED are handled.
+outputs ``classes`` uint8 [N, H, W] with mask codes, ``confidence`` uint8 [N, H, W]
+(the winning sigmoid x 255) and ``cloud_probability`` uint8 [N, H, W] (percent, 255 where
+the input has no data). See ``_add_head`` for how MISSING and UNDEFINED are handled and
+``_probability_nodes`` for what the probability is.
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from kappamask.bands import NETWORK_OUTPUT_ORDER, MaskClass
+from kappamask.inference.model_spec import (
+    INPUT,
+    OUTPUT_CLASSES,
+    OUTPUT_CONFIDENCE,
+    OUTPUT_PROBABILITY,
+    PROBABILITY_NODATA,
+)
 from kappamask.model.architecture import LEVELS, conv_specs
 
 OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_CLASSES = "classes"
-OUTPUT_CONFIDENCE = "confidence"
+INPUT_NAME = INPUT
+#: The tensor of the six sigmoid outputs the head reads.
+PROBS = "head.conv2.out"
 
 Weights = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
@@ -85,7 +94,9 @@ def build_model(
         nodes.append(helper.make_node("Concat", [skips[level - 1], x], [cat], axis=1))
         x = conv(f"dec{level}.conv2", conv(f"dec{level}.conv1", cat))
     probs = conv("head.conv2", conv("head.conv1", x))
+    assert probs == PROBS
     _add_head(nodes, inits, probs)
+    _probability_nodes(nodes, inits, probs)
 
     plane = ["batch", "height", "width"]
     graph = helper.make_graph(
@@ -99,6 +110,7 @@ def build_model(
         [
             helper.make_tensor_value_info(OUTPUT_CLASSES, TensorProto.UINT8, plane),
             helper.make_tensor_value_info(OUTPUT_CONFIDENCE, TensorProto.UINT8, plane),
+            helper.make_tensor_value_info(OUTPUT_PROBABILITY, TensorProto.UINT8, plane),
         ],
         inits,
     )  # fmt: skip
@@ -155,6 +167,75 @@ def _add_head(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], probs:
         helper.make_node("Round", ["top255"], ["top_round"]),
         helper.make_node("Cast", ["top_round"], [OUTPUT_CONFIDENCE], to=TensorProto.UINT8),
     ]
+
+
+def _probability_nodes(
+    nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], probs: str
+) -> None:
+    """Sigmoid outputs -> ``cloud_probability``, uint8 percent.
+
+    The network's sigmoids are independent (they need not sum to 1), so the probability is
+    the odds between the strongest cloudy and the strongest cloud-free output:
+    ``p = c / (c + k)`` with ``c = max(sigmoid SEMI_TRANSPARENT_CLOUD, sigmoid CLOUD)`` and
+    ``k = max(sigmoid CLEAR, sigmoid CLOUD_SHADOW)``, as ``round(100 p)``. It is above 50
+    exactly where ``classes`` says semi-transparent cloud or cloud and at most 50 where it
+    says clear or shadow, so thresholding it at 50 reproduces the mask's cloud decision;
+    a user who wants fewer missed cloud edges takes a lower threshold. 255 where the input
+    has no data (``no_data`` of ``_add_head``).
+    """
+    order = list(NETWORK_OUTPUT_ORDER)
+
+    def channel(name: str, cls: MaskClass) -> str:
+        index = order.index(cls)
+        inits.append(numpy_helper.from_array(np.array([index], np.int64), f"{name}_start"))
+        inits.append(numpy_helper.from_array(np.array([index + 1], np.int64), f"{name}_end"))
+        nodes.append(helper.make_node(
+            "Slice", [probs, f"{name}_start", f"{name}_end", "head_axis"], [name]
+        ))  # fmt: skip
+        return name
+
+    inits += [
+        numpy_helper.from_array(np.array(100.0, np.float32), "prob_100"),
+        numpy_helper.from_array(np.array(1e-12, np.float32), "prob_eps"),
+        numpy_helper.from_array(np.array(PROBABILITY_NODATA, np.uint8), "prob_nodata"),
+    ]
+    nodes += [
+        helper.make_node("Max", [channel("p_semi", MaskClass.SEMI_TRANSPARENT_CLOUD),
+                                 channel("p_cloud", MaskClass.CLOUD)], ["p_cloudy"]),
+        helper.make_node("Max", [channel("p_clear", MaskClass.CLEAR),
+                                 channel("p_shadow", MaskClass.CLOUD_SHADOW)], ["p_free"]),
+        helper.make_node("Add", ["p_cloudy", "p_free"], ["p_sum"]),
+        helper.make_node("Max", ["p_sum", "prob_eps"], ["p_den"]),
+        helper.make_node("Div", ["p_cloudy", "p_den"], ["p_odds"]),
+        helper.make_node("Squeeze", ["p_odds", "head_axis"], ["p_odds_3d"]),
+        helper.make_node("Mul", ["p_odds_3d", "prob_100"], ["p_percent"]),
+        helper.make_node("Round", ["p_percent"], ["p_round"]),
+        helper.make_node("Cast", ["p_round"], ["p_uint8"], to=TensorProto.UINT8),
+        helper.make_node("Where", ["no_data", "prob_nodata", "p_uint8"], [OUTPUT_PROBABILITY]),
+    ]  # fmt: skip
+
+
+def add_probability_output(model: onnx.ModelProto) -> bool:
+    """Give a model exported before ``cloud_probability`` existed that output, in place
+    (FP32 and INT8 files alike: the head reads the same sigmoid tensor in both). False
+    when it has it already."""
+    graph = model.graph
+    if any(o.name == OUTPUT_PROBABILITY for o in graph.output):
+        return False
+    if not any(PROBS in n.output for n in graph.node) or not any(
+        "no_data" in n.output for n in graph.node
+    ):
+        raise ValueError(f"not a KappaMask graph: no {PROBS!r} / 'no_data' tensor")
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    _probability_nodes(nodes, inits, PROBS)
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    plane = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_PROBABILITY, TensorProto.UINT8,
+                                                      plane))  # fmt: skip
+    onnx.checker.check_model(model)
+    return True
 
 
 def model_metadata(

@@ -27,8 +27,9 @@ import onnx
 from rasterio.windows import Window
 
 from kappamask.errors import InvalidInputError
+from kappamask.inference.model_spec import INPUT as INPUT_NAME
+from kappamask.inference.model_spec import OUTPUT_CLASSES
 from kappamask.model.composites import compose
-from kappamask.model.onnx_graph import INPUT_NAME, OUTPUT_CLASSES
 from kappamask.reader import BandReader, output_grid
 from kappamask.sources.safe import open_safe
 from kappamask.tiling import CropGrid, extract

@@ -1,14 +1,17 @@
-"""Cloud-Optimized GeoTIFFs of the class map and the confidence.
+"""Cloud-Optimized GeoTIFFs of the result's rasters (class map, confidence, cloud
+probability, usable-pixel mask).
 
 The pipeline streams finished strips into a plain GeoTIFF (``StripWriter``); at the end
-``to_cog`` rewrites it as a COG: uint8, 512 px blocks, DEFLATE, nodata 0, the class
-colour table, and overviews by 'mode' (a categorical raster must never be averaged).
+``to_cog`` rewrites it as a COG: uint8, 512 px blocks, DEFLATE, the raster's nodata, the
+class colour table where there is one, and overviews by the raster's own rule ('mode' for
+the class map: a categorical raster must never be averaged; 'average' for the probability).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
@@ -21,6 +24,8 @@ from kappamask.reader import Grid
 
 LOGGER = logging.getLogger(__name__)
 
+OverviewResampling = Literal["mode", "average", "nearest"]
+
 #: COG creation profile of every raster the service writes.
 COG_PROFILE = {
     **cog_profiles.get("deflate"),  # type: ignore[no-untyped-call]
@@ -32,17 +37,18 @@ COG_PROFILE = {
 class StripWriter:
     """A scratch single-band uint8 GeoTIFF on ``grid`` that takes rows as they finish."""
 
-    def __init__(self, path: Path, grid: Grid, colormap: bool = False) -> None:
+    def __init__(self, path: Path, grid: Grid, colormap: bool = False, nodata: int = 0) -> None:
         self.path = path
         self.grid = grid
         self.colormap = colormap
+        self.nodata = nodata
         self._dst: rasterio.io.DatasetWriter | None = None
 
     def __enter__(self) -> StripWriter:
         self._dst = rasterio.open(
             self.path, "w", driver="GTiff", width=self.grid.width, height=self.grid.height,
             count=1, dtype="uint8", crs=self.grid.crs, transform=self.grid.transform,
-            nodata=0, tiled=True, blockxsize=512, blockysize=512, compress="LZW",
+            nodata=self.nodata, tiled=True, blockxsize=512, blockysize=512, compress="LZW",
         )  # fmt: skip
         if self.colormap:
             # On the scratch file already, so the COG's overviews are built on a palette band.
@@ -59,11 +65,17 @@ class StripWriter:
             self._dst.close()
 
 
-def to_cog(src: Path, dst: Path, tags: dict[str, str] | None = None) -> None:
-    """Rewrite the scratch GeoTIFF ``src`` as a COG at ``dst`` (its colour table kept)."""
+def to_cog(
+    src: Path,
+    dst: Path,
+    tags: dict[str, str] | None = None,
+    overviews: OverviewResampling = "mode",
+) -> None:
+    """Rewrite the scratch GeoTIFF ``src`` as a COG at ``dst`` (its nodata and colour table
+    kept), with overviews resampled by ``overviews``."""
     with rasterio.open(src) as ds:
         cog_translate(
-            ds, dst, dict(COG_PROFILE), nodata=0, overview_resampling="mode",
+            ds, dst, dict(COG_PROFILE), nodata=ds.nodata, overview_resampling=overviews,
             additional_cog_metadata=tags, in_memory=False, quiet=True,
         )  # fmt: skip
     LOGGER.debug("wrote %s", dst)

@@ -1,5 +1,5 @@
 """The STAC item of a mask: a pure function of the source product, the grid, the class
-counts, the written files and the model that produced them."""
+statistics, the written files and the model that produced them."""
 
 from __future__ import annotations
 
@@ -22,12 +22,16 @@ from kappamask.bands import (
     CLASS_DESCRIPTIONS,
     CLASS_NAMES,
     OUTPUT_CLASSES,
+    VALID_CLEAR,
+    VALID_NODATA,
+    VALID_UNUSABLE,
     MaskClass,
 )
 from kappamask.inference.model_spec import (
     ORIGIN_BOOTSTRAP,
     ORIGIN_IMPORTED,
     ORIGIN_OFFICIAL,
+    PROBABILITY_NODATA,
     ModelSpec,
 )
 from kappamask.reader import Grid
@@ -61,16 +65,18 @@ def describe_file(path: Path, href: str) -> WrittenFile:
     return WrittenFile(href, path.stat().st_size, "1220" + digest.hexdigest())
 
 
-def class_statistics(counts: np.ndarray) -> dict[str, float]:
+def class_statistics(counts: np.ndarray, area_pixels: int | None = None) -> dict[str, float]:
     """Percentages per class from a bincount of mask codes.
 
-    Real classes are percentages of valid pixels; ``missing`` of all pixels. ``eo:cloud_cover``
+    Real classes are percentages of the pixels with data; ``missing`` of all pixels of the
+    mask, or, with ``area_pixels`` (the pixels inside the user's bbox/aoi), of those: the
+    pixels outside the area are not missing data, only not asked for. ``eo:cloud_cover``
     counts opaque and semi-transparent cloud.
     """
     counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum()
-    valid = total - counts[MaskClass.MISSING]
-    stats = {"missing": 100.0 * counts[MaskClass.MISSING] / total if total else 0.0}
+    valid = counts.sum() - counts[MaskClass.MISSING]
+    total = float(area_pixels) if area_pixels is not None else counts.sum()
+    stats = {"missing": 100.0 * max(0.0, total - valid) / total if total else 0.0}
     for cls in OUTPUT_CLASSES[1:]:
         stats[CLASS_NAMES[cls]] = 100.0 * counts[cls] / valid if valid else 0.0
     stats["cloud_cover"] = (
@@ -116,16 +122,16 @@ _WEIGHTS: defaultdict[str, str] = defaultdict(
 def create_item(
     product: Product,
     grid: Grid,
-    counts: np.ndarray,
+    stats: Mapping[str, float],
     files: Mapping[str, WrittenFile],
     model: ModelSpec,
     substitutions: Mapping[str, str],
     processed: datetime | None = None,
     extra_properties: Mapping[str, Any] | None = None,
 ) -> pystac.Item:
-    """Build the STAC item describing a mask of ``product`` (files: mask, confidence, preview)."""
+    """Build the STAC item describing a mask of ``product`` (``stats``: class_statistics;
+    files: mask, confidence, probability, valid, preview)."""
     geometry = _geometry(product, grid)
-    stats = class_statistics(counts)
     item = pystac.Item(
         id=f"{product.product_id}_KAPPAMASK",
         geometry=geometry,
@@ -198,9 +204,9 @@ def create_item(
     }
     add(
         "mask",
-        "Cloud mask (KappaMask classes)",
+        "Cloud mask (KappaMask classes, buffers applied)",
         COG_MEDIA_TYPE,
-        ["data"],
+        ["data", "cloud", "cloud-shadow"],
         {"raster:bands": [band], "classification:classes": _classes()},
     )
     add(
@@ -210,7 +216,33 @@ def create_item(
         ["data"],
         {"raster:bands": [{**band, "scale": 1 / 255, "offset": 0.0, "unit": "1"}]},
     )
-    add("preview", "Mask preview", "image/png", ["overview"], {})
+    add(
+        "probability",
+        "Cloud probability (%): max(sigmoid semi-transparent, sigmoid cloud) over it plus "
+        "max(sigmoid clear, sigmoid shadow); above 50 where the mask says cloud",
+        COG_MEDIA_TYPE,
+        ["data", "cloud"],
+        {"raster:bands": [{**band, "nodata": PROBABILITY_NODATA, "sampling": "area",
+                           "scale": 0.01, "offset": 0.0, "unit": "1"}]},
+    )  # fmt: skip
+    add(
+        "valid",
+        "Usable pixels: 1 clear, 0 cloud, shadow or a buffer around them",
+        COG_MEDIA_TYPE,
+        ["data-mask"],
+        {
+            "raster:bands": [{**band, "nodata": VALID_NODATA}],
+            "classification:classes": [
+                {"value": VALID_CLEAR, "name": "usable", "color_hint": "2EA043",
+                 "description": "Clear, outside every cloud and shadow buffer"},
+                {"value": VALID_UNUSABLE, "name": "unusable", "color_hint": "000000",
+                 "description": "Cloud, semi-transparent cloud, shadow or their buffers"},
+                {"value": VALID_NODATA, "name": "no_data", "nodata": True,
+                 "description": "No data, or outside the bbox/aoi"},
+            ],
+        },
+    )  # fmt: skip
+    add("preview", "Mask over a true-colour quicklook", "image/png", ["overview"], {})
     if product.href:
         item.add_link(pystac.Link("derived_from", product.href, title=product.product_id))
     return item
