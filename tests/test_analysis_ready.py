@@ -8,6 +8,7 @@ sample and on the model's real mask of it."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -217,10 +218,37 @@ def test_buffers_probability_and_valid_on_the_real_sample(
     assert buffered.statistics["cloud_cover"] == pytest.approx(
         100 * (counts[SEMI] + counts[CLOUD]) / counts.sum(), abs=1e-3
     )
+    _check_preview(buffered.preview, buffered.mask)
     assert run(str(T29UNU), tmp_path / "buffered", client, options).reused
     # the buffers are part of what makes a result the same
     other = RunOptions(60, cloud_buffer=60)
     assert not run(str(T29UNU), tmp_path / "buffered", client, other).reused
+
+
+def _check_preview(preview: str, mask: str) -> None:
+    """Clear pixels of the preview away from class edges show the product's own colours:
+    red from B04 as reflectance x 2.5, read here straight from the band file."""
+    from rasterio.enums import Resampling
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a picture, not a map
+        with rasterio.open(preview) as png:
+            image = png.read()
+    shape = image.shape[1:]
+    with rasterio.open(mask) as src:
+        classes = src.read(1, out_shape=shape, resampling=Resampling.mode)
+    b04 = next(T29UNU.glob("GRANULE/*/IMG_DATA/R60m/*_B04_60m.jp2"))
+    with rasterio.open(b04) as src:
+        dn = src.read(1, out_shape=shape, resampling=Resampling.average).astype(np.float64)
+    red = np.clip((dn - 1000) / 10000 * 2.5 * 255, 0, 255)  # baseline 04.00: offset -1000
+    interior = binary_dilation(classes != CLEAR, np.ones((3, 3))) == 0
+    assert interior.sum() > 500
+    assert np.abs(image[0][interior] - red[interior]).max() <= 1.5
+    assert (image[3][classes == MISSING] == 0).all() and (image[3][classes != MISSING] == 255).all()
+    # clouds are tinted, not shown as the image: amber over the white cloud tops
+    cloud = classes == CLOUD
+    assert image[2][cloud].mean() < image[0][cloud].mean() - 40
 
 
 @pytest.mark.slow

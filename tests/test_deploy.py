@@ -304,7 +304,7 @@ def test_triton_configs_parse_and_agree(model: str) -> None:
         assert [i.name for i in graph.input] == ["input"]
         assert graph.input[0].type.tensor_type.shape.dim[1].dim_value == cpu.input[0].dims[0]
         assert [o.name for o in graph.output] == [o.name for o in cpu.output]
-        assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.UINT8] * 2
+        assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.UINT8] * 3
 
 
 def test_engine_build_checks_and_exact_trtexec_commands(

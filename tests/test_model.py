@@ -56,7 +56,9 @@ def test_onnx_export_matches_torch(
     x = torch.rand(2, channels, 96, 96) * 2
     with torch.no_grad():
         probs = model(x).numpy()
-    classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    classes, confidence, probability = ort.InferenceSession(str(path)).run(
+        None, {"input": x.numpy()}
+    )
     real = probs[:, 1:5]  # every pixel has data: the best of CLEAR .. CLOUD wins
     expected = np.array([1, 2, 3, 4], dtype=np.uint8)[real.argmax(1)]
     top2 = np.sort(real, axis=1)[:, -2:]
@@ -64,6 +66,13 @@ def test_onnx_export_matches_torch(
     assert (classes[clear_winner] == expected[clear_winner]).all()
     assert np.abs(confidence.astype(int) - np.round(real.max(1) * 255)).max() <= 1
     assert classes.dtype == np.uint8 and confidence.dtype == np.uint8
+    # the cloud probability: strongest cloudy against strongest cloud-free sigmoid, in %
+    cloudy, free = real[:, 2:4].max(1), real[:, 0:2].max(1)
+    expected_p = np.round(100 * cloudy / (cloudy + free))
+    # where every sigmoid of this untrained net is below 1e-6 the odds are rounding noise
+    sure = (cloudy + free > 1e-6) & clear_winner
+    assert sure.mean() > 0.9
+    assert np.abs(probability.astype(int) - expected_p)[sure].max() <= 1
     spec = spec_from_onnx(path)
     assert spec.features == tuple(features) and spec.version_label == "test"
 
@@ -77,8 +86,12 @@ def test_missing_means_no_data_and_undefined_never_wins(tmp_path: Path) -> None:
     path = export_onnx(model, "L2A", ["a", "b"], [1.0, 1.0], "t", tmp_path / "m.onnx")
     x = np.zeros((1, 2, 32, 32), np.float32)
     x[0, 0, :, 16:] = 0.5  # right half has data, left half is all zeros
-    classes, confidence = ort.InferenceSession(str(path)).run(None, {"input": x})
+    classes, confidence, probability = ort.InferenceSession(str(path)).run(None, {"input": x})
     assert (classes[0, :, :16] == MaskClass.MISSING).all()
+    assert (probability[0, :, :16] == 255).all()  # no data
+    sigmoid = 1 / (1 + np.exp(-np.array([-5.0, -5.0, -5.0, 1.0])))  # clear, shadow, semi, cloud
+    expected = 100 * sigmoid[3] / (sigmoid[3] + sigmoid[0])
+    assert (probability[0, :, 16:] == round(expected)).all()
     assert (confidence[0, :, :16] == round(255 / (1 + np.exp(-5.0)))).all()
     assert (classes[0, :, 16:] == MaskClass.CLOUD).all()
     assert (confidence[0, :, 16:] == round(255 / (1 + np.exp(-1.0)))).all()

@@ -66,6 +66,16 @@ def _resolution_option(default: str) -> Callable[[F], F]:
     )
 
 
+def _buffer_option(flag: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        flag,
+        type=click.FloatRange(0, MAX_BUFFER_M),
+        default=0.0,
+        show_default=True,
+        help=f"Grow {what} by this many metres.",
+    )
+
+
 class _Main(click.Group):
     """Every command's KappaMaskError ends the CLI with its message and the exit code of
     its class (errors.py), the same text an API client gets."""
@@ -123,20 +133,8 @@ def main(verbose: bool) -> None:
     help="Mask only this GeoJSON (Multi)Polygon (a file; EPSG:4326).",
 )
 @click.option("--model", default=None, help="Model name[:version_label] (default: by level).")
-@click.option(
-    "--cloud-buffer",
-    type=click.FloatRange(0, MAX_BUFFER_M),
-    default=0.0,
-    show_default=True,
-    help="Grow clouds (opaque and semi-transparent) by this many metres.",
-)
-@click.option(
-    "--shadow-buffer",
-    type=click.FloatRange(0, MAX_BUFFER_M),
-    default=0.0,
-    show_default=True,
-    help="Grow cloud shadows by this many metres.",
-)
+@_buffer_option("--cloud-buffer", "clouds (opaque and semi-transparent)")
+@_buffer_option("--shadow-buffer", "cloud shadows")
 @click.option(
     "--overwrite", is_flag=True, help="Compute again even when the output holds this result."
 )
