@@ -165,7 +165,8 @@ def work_decode(safe: Path, _args: argparse.Namespace) -> dict[str, Any]:
 
 def work_kappamask(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     from kappamask.inference.triton import TritonClient
-    from kappamask.pipeline import RunOptions, run
+    from kappamask.options import RunOptions
+    from kappamask.pipeline import run
 
     out = Path(args.work) / "kappamask"
     with TritonClient(args.triton_url) as client:
@@ -379,8 +380,16 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 #: Pipeline stages in the order of the data flow; the client's stages overlap Triton's.
-STAGE_ORDER = ("decode", "resample", "inference_wait", "mosaic", "postprocess", "cog", "stac",
-               "publish")
+STAGE_ORDER = (
+    "decode",
+    "resample",
+    "inference_wait",
+    "mosaic",
+    "postprocess",
+    "cog",
+    "stac",
+    "publish",
+)
 
 
 def _stages(result: dict[str, Any]) -> str:

@@ -32,6 +32,16 @@ STAC = DATA / "stac"
 #: A secret the tests give the services: it must never show up in an answer or a log.
 S3_SECRET = "kappamask-test-SECRET-do-not-print-0123456789"
 
+#: Fixtures that start a server: every test using one (directly or through another
+#: fixture) is end to end, marked ``slow``; ``pytest -m "not slow"`` is the fast layer.
+SERVER_FIXTURES = {"triton", "s3_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def triton() -> Iterator[LocalTriton]:
@@ -194,7 +204,8 @@ def check_result(
     from rio_cogeo.cogeo import cog_validate
 
     from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
-    from kappamask.reader import BandReader, output_grid
+    from kappamask.grid import output_grid
+    from kappamask.reader import BandReader
     from kappamask.sources import open_safe
 
     item_path = Path(item_path)

@@ -26,12 +26,13 @@ from kappamask import postprocess
 from kappamask.bands import SCL_TO_CLASS, MaskClass
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
+from kappamask.grid import Grid, output_grid
 from kappamask.guard import RequestGuard
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
-from kappamask.pipeline import RunOptions, run
+from kappamask.options import RunOptions
+from kappamask.pipeline import run
 from kappamask.process import parse_inputs
-from kappamask.reader import Grid, output_grid
 from kappamask.sources import open_safe
 from kappamask.writers.cog import StripWriter
 

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.errors import (
@@ -32,6 +33,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_run_starts_its_own_triton_on_the_full_safe_layout(
     tmp_path: Path, stac_validator: JsonSchemaSTACValidator
 ) -> None:
@@ -129,7 +131,7 @@ def test_run_from_s3_to_s3_with_a_bbox_and_rerun(triton: LocalTriton, s3_server:
     result and does not compute it again."""
     from rasterio.warp import transform_bounds
 
-    from kappamask.reader import output_grid
+    from kappamask.grid import output_grid
     from kappamask.sources import open_safe
 
     grid = output_grid(open_safe(T29UNU), 60)

@@ -218,6 +218,7 @@ def test_teachers_on_a_real_cloudy_patch() -> None:
     assert {int(v) for v in np.unique(labels)} >= {C.CLEAR, C.CLOUD}
 
 
+@pytest.mark.slow
 def test_distill_end_to_end_on_real_patches(tmp_path: Path) -> None:
     """`kappamask distill` on two real acquisitions (the cumulus patch, and the same
     pixels mirrored under another area's name): labels cached, one held out, a served

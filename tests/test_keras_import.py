@@ -21,9 +21,10 @@ from rasterio.windows import Window
 from kappamask.bands import L1C_FEATURES, L1C_MAX_V, L2A_FEATURES, L2A_MAX_V, MaskClass
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
+from kappamask.grid import output_grid
 from kappamask.inference.repository import spec_from_onnx
 from kappamask.model.keras_import import import_keras
-from kappamask.reader import BandReader, output_grid
+from kappamask.reader import BandReader
 from kappamask.sources import open_safe
 
 from .conftest import T29UNU, make_l1c_safe
@@ -101,6 +102,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("level", "filters", "features", "max_v"), CASES)
 def test_import_matches_keras(
     keras_python: Path,

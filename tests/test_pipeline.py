@@ -11,7 +11,8 @@ from pystac.validation import JsonSchemaSTACValidator
 from kappamask.errors import CancelledError, NoModelError, ProductError
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
-from kappamask.pipeline import RunOptions, run
+from kappamask.options import RunOptions
+from kappamask.pipeline import run
 
 from .conftest import T22HBD, T29UNU, check_result
 
@@ -79,7 +80,7 @@ def test_bbox_and_aoi_limit_the_output_and_the_crops(client: TritonClient, tmp_p
     import rasterio
     from shapely.geometry import Polygon, mapping
 
-    from kappamask.reader import output_grid
+    from kappamask.grid import output_grid
     from kappamask.sources import open_safe
 
     grid = output_grid(open_safe(T29UNU), 60)
@@ -128,7 +129,8 @@ def test_chunks_outside_the_aoi_are_neither_read_nor_sent(
     from rasterio.warp import transform_geom
     from rasterio.windows import Window
 
-    from kappamask.reader import BandReader, output_grid
+    from kappamask.grid import output_grid
+    from kappamask.reader import BandReader
     from kappamask.sources import open_safe
 
     grid = output_grid(open_safe(T29UNU), 10)
@@ -160,6 +162,7 @@ def test_chunks_outside_the_aoi_are_neither_read_nor_sent(
     assert (mask[: 400 - margin, : 400 - margin] != 0).any()
 
 
+@pytest.mark.slow
 def test_a_level_without_a_served_model(l1c_safe: Path, tmp_path: Path) -> None:
     """A Triton that serves only the L2A model: an L1C product gets "no model for L1C"."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY

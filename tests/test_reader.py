@@ -14,7 +14,8 @@ from rasterio.windows import Window
 
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.reader import BandReader, BlockRows, Grid, normalise, output_grid
+from kappamask.grid import Grid, output_grid
+from kappamask.reader import BandReader, BlockRows, normalise
 from kappamask.sources import open_safe
 
 from .conftest import T22HBD, T29UNU

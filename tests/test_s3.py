@@ -14,7 +14,8 @@ from kappamask.access import AccessPolicy
 from kappamask.errors import AccessDeniedError, ProductNotFoundError
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
-from kappamask.pipeline import RunOptions, run
+from kappamask.options import RunOptions
+from kappamask.pipeline import run
 from kappamask.s3 import S3Settings
 
 from .conftest import S3_SECRET, T29UNU, S3Server, check_result

@@ -497,6 +497,7 @@ def _async_failure(url: str, inputs: dict[str, Any]) -> str:
     return str(job["message"])
 
 
+@pytest.mark.slow
 def test_external_triton_down_is_a_503_and_not_ready(tmp_path: Path) -> None:
     """An external Triton (--triton-url) that stops after the service started, or is down
     when it starts: the service keeps answering, /health/ready says 503, executions answer
@@ -541,6 +542,7 @@ def test_external_triton_down_is_a_503_and_not_ready(tmp_path: Path) -> None:
             stop(proc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "signal_to_send", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"]
 )

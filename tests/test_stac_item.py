@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import numpy as np
@@ -9,11 +10,11 @@ import pytest
 from affine import Affine
 from pystac.validation import JsonSchemaSTACValidator
 
+from kappamask.grid import Grid
 from kappamask.inference.model_spec import ModelSpec
 from kappamask.pipeline import ASSETS
-from kappamask.reader import Grid
 from kappamask.sources import open_safe
-from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
+from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item, read_item
 
 from .conftest import T29UNU, validate_item
 
@@ -88,3 +89,25 @@ def test_the_offline_validator_really_checks_extensions(
     data["assets"]["mask"]["classification:classes"][0]["color_hint"] = "not a colour"
     with pytest.raises(Exception, match=r"color_hint|does not match"):
         validate_item(data, stac_validator)
+
+
+def test_read_item_gives_back_what_create_item_wrote() -> None:
+    """The reuse of a published result reads the item it wrote: a round trip."""
+    product = open_safe(T29UNU)
+    grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 544, 544)
+    files = {k: WrittenFile(f"./{k}.tif", 1, "1220" + "0" * 64) for k in ASSETS}
+    model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "v", "bootstrap", "ab12")
+    counts = np.zeros(256, dtype=np.int64)
+    counts[:5] = [7, 40, 10, 10, 20]
+    stats = class_statistics(counts, area_pixels=90)
+    parameters = {"resolution": 60, "cloud_buffer": 120.0}
+    item = create_item(product, grid, stats, files, model, {}, extra_properties={
+        "kappamask:parameters": parameters, "kappamask:product_id": product.product_id,
+        "kappamask:crops": {"total": 4, "inferred": 3}})  # fmt: skip
+    recorded = read_item(json.dumps(item.to_dict(include_self_link=False)))
+    assert recorded is not None
+    assert recorded.statistics == pytest.approx(stats)
+    assert recorded.parameters == parameters and recorded.crops_total == 4
+    assert recorded.product_id == product.product_id and recorded.level == "L2A"
+    assert recorded.model_provenance == model.provenance()
+    assert read_item(b"not json") is None and read_item('{"properties": {}}') is None

@@ -161,15 +161,27 @@ def run_command(
     (URL, s3:// or local .json), L1C or L2A. S3 settings come from the environment
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., KAPPAMASK_S3_REQUESTER_PAYS)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
-    from kappamask.inference.server import LocalTriton
+    from kappamask.inference.server import triton_endpoint
     from kappamask.inference.triton import TritonClient
-    from kappamask.pipeline import ASSETS, RunOptions, run
+    from kappamask.options import RunOptions
+    from kappamask.pipeline import ASSETS, run
 
+    # checked before anything starts: bad options end here, with the process's message
+    options = RunOptions(
+        resolution=int(resolution),
+        resampling=resampling,
+        level=level,
+        bbox=bbox or None,
+        aoi=_read_geojson(aoi) if aoi else None,
+        model=model,
+        overwrite=overwrite,
+        cloud_buffer=cloud_buffer,
+        shadow_buffer=shadow_buffer,
+    )
     with ExitStack() as stack:
-        if triton_url is None:
-            triton = stack.enter_context(LocalTriton(model_repository or DEFAULT_REPOSITORY))
-            triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
-        client = stack.enter_context(TritonClient(triton_url, protocol))
+        triton = triton_endpoint(stack, triton_url, protocol,
+                                 model_repository or DEFAULT_REPOSITORY)  # fmt: skip
+        client = stack.enter_context(TritonClient(triton.url, protocol))
         client.wait_ready()
         bar = stack.enter_context(tqdm(total=100, unit="%", desc="kappamask", file=sys.stderr))
 
@@ -177,17 +189,6 @@ def run_command(
             bar.update(percent - bar.n)
             bar.set_postfix_str(message[-40:])
 
-        options = RunOptions(
-            resolution=int(resolution),
-            resampling=resampling,
-            level=level,
-            bbox=bbox or None,
-            aoi=_read_geojson(aoi) if aoi else None,
-            model=model,
-            overwrite=overwrite,
-            cloud_buffer=cloud_buffer,
-            shadow_buffer=shadow_buffer,
-        )
         result = run(product, output, client, options, progress=progress)
         bar.update(100 - bar.n)
     summary = result.to_json()  # the job result's figures, with its denominators
@@ -213,12 +214,9 @@ def _read_geojson(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise click.BadParameter(f"{path} is not a GeoJSON file: {err}") from err
-    if data.get("type") == "FeatureCollection":
-        features = data.get("features") or []
-        if len(features) != 1:
-            raise click.BadParameter(f"{path} must hold exactly one feature")
-        data = features[0]
-    return dict(data)
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} is not a GeoJSON object")
+    return data  # a geometry, Feature or FeatureCollection: RunOptions checks it
 
 
 @main.command("serve")

@@ -18,9 +18,11 @@ from rasterio.windows import Window
 
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
+from kappamask.gdal import GDAL_ENV
+from kappamask.grid import Grid
 from kappamask.model.metrics import CLASSES, TWO_CLASS, agreement, without_nan
 from kappamask.model.teachers import S2CLOUDLESS_BANDS
-from kappamask.reader import GDAL_ENV, BandReader, Grid
+from kappamask.reader import BandReader
 from kappamask.sources import open_safe
 
 LOGGER = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,27 +24,26 @@ import numpy as np
 from rasterio.windows import Window
 
 from kappamask.access import AccessPolicy
-from kappamask.aoi import area_mask, clip_grid, parse_area
 from kappamask.bands import (
     CLASS_NAMES,
-    DEFAULT_RESOLUTION,
-    MAX_BUFFER_M,
     OUTPUT_CLASSES,
     VALID_NODATA,
     MaskClass,
 )
-from kappamask.errors import CancelledError, InvalidInputError, ProductError
+from kappamask.errors import CancelledError, ProductError
+from kappamask.grid import Grid, area_mask, clip_grid, output_grid
 from kappamask.inference.model_spec import PROBABILITY_NODATA, ModelSpec
 from kappamask.inference.triton import CropOutputs, TritonClient
+from kappamask.options import RunOptions
 from kappamask.postprocess import finish_layers
-from kappamask.reader import BandReader, Grid, output_grid
+from kappamask.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
 from kappamask.storage import Sink, open_sink
 from kappamask.tiling import CropGrid, extract, place
 from kappamask.writers.cog import OverviewResampling, StripWriter, to_cog
 from kappamask.writers.preview import write_preview
-from kappamask.writers.stac_item import class_statistics, create_item, describe_file
+from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
 
 LOGGER = logging.getLogger(__name__)
 
@@ -55,55 +54,11 @@ PROGRESS_START, PROGRESS_INFERENCE_END, PROGRESS_END = 5, 88, 95
 
 #: Crops of a row read together: one read per chunk, not one per strip, bounds memory.
 CHUNK_CROPS = 6
+#: COGs written at once at the end of a run (four rasters; two cores on a small VM).
+COG_THREADS = 2
 #: Crops submitted and not yet answered before the reader waits: enough for Triton to
 #: batch while the reader decodes the next rows of the band files.
 MAX_IN_FLIGHT = 16
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What a user may choose about a run."""
-
-    resolution: int = DEFAULT_RESOLUTION
-    resampling: str = "lanczos"
-    #: The level the user expects; None: whatever the metadata says.
-    level: str | None = None
-    #: [west, south, east, north] in degrees, or a GeoJSON (Multi)Polygon in EPSG:4326.
-    bbox: tuple[float, float, float, float] | None = None
-    aoi: dict[str, Any] | None = None
-    #: A model of the repository (``name`` or ``name:version_label``); None: the level's.
-    model: str | None = None
-    #: Compute again even when the output holds a result for the same parameters.
-    overwrite: bool = False
-    #: Metres by which clouds (opaque and semi-transparent) and cloud shadows are grown.
-    cloud_buffer: float = 0.0
-    shadow_buffer: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("cloud_buffer", "shadow_buffer"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0 <= value <= MAX_BUFFER_M
-            ):
-                raise InvalidInputError(
-                    f"input '{name}' must be a number of metres from 0 to {MAX_BUFFER_M:g}"
-                )
-            object.__setattr__(self, name, float(value))
-
-    def parameters(self, model: ModelSpec) -> dict[str, Any]:
-        """What makes two results the same (stored in the STAC item)."""
-        return {
-            "resolution": self.resolution,
-            "resampling": self.resampling,
-            "bbox": list(self.bbox) if self.bbox is not None else None,
-            "aoi": self.aoi,
-            "model": model.name,
-            "model_version": model.version_label,
-            "cloud_buffer": self.cloud_buffer,
-            "shadow_buffer": self.shadow_buffer,
-        }
 
 
 @dataclass
@@ -332,35 +287,24 @@ def _reuse(
     raw = sink.read_existing(names["item"])
     if raw is None:
         return None
-    try:
-        item = json.loads(raw)
-        props = item["properties"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    if props.get("kappamask:parameters") != parameters:
+    recorded = read_item(raw)
+    if recorded is None or recorded.parameters != parameters:
         return None
     if not all(sink.exists(names[key]) for key in ASSETS):
         return None
-    stats = {
-        key.removeprefix("kappamask:").removesuffix("_percentage"): float(value)
-        for key, value in props.items()
-        if key.startswith("kappamask:") and key.endswith("_percentage")
-    }
-    stats["cloud_cover"] = float(props.get("eo:cloud_cover", 0.0))
-    crops = props.get("kappamask:crops", {})
     LOGGER.info("%s already holds this result: not computed again", sink.location)
     return RunResult(
-        product_id=str(props.get("kappamask:product_id", "")),
-        level=str(props.get("kappamask:source_level", "")),
+        product_id=recorded.product_id,
+        level=recorded.level,
         model=parameters["model"],
         model_version=parameters["model_version"],
         **_hrefs([sink.final_href(names[key]) for key in (*ASSETS, "item")]),
-        statistics=stats,
-        crops_total=int(crops.get("total", 0)),
+        statistics=recorded.statistics,
+        crops_total=recorded.crops_total,
         crops_inferred=0,
         seconds=time.monotonic() - started,
         reused=True,
-        model_provenance=dict(props.get("kappamask:model") or {}),
+        model_provenance=recorded.model_provenance,
     )
 
 
@@ -386,7 +330,6 @@ def run(
     progress = progress or _noop_progress
     policy = policy or AccessPolicy.unrestricted()
     started = time.monotonic()
-    area = parse_area(options.bbox, options.aoi)
     product = open_product(product_ref, policy)
     if options.level and options.level != product.level:
         raise ProductError(
@@ -395,8 +338,8 @@ def run(
     model = client.model(product.level, options.model)
     grid = output_grid(product, options.resolution)
     local_area = None
-    if area is not None:
-        grid, local_area = clip_grid(grid, area)
+    if options.area is not None:
+        grid, local_area = clip_grid(grid, options.area)
     crops = CropGrid(grid.height, grid.width)
     names = output_names(product.product_id)
     parameters = options.parameters(model)
@@ -463,8 +406,13 @@ def run(
             "KAPPAMASK_CLOUD_BUFFER_M": f"{options.cloud_buffer:g}",
             "KAPPAMASK_SHADOW_BUFFER_M": f"{options.shadow_buffer:g}",
         }
-        for key, overviews in OVERVIEWS.items():
-            to_cog(scratch[key], sink.path(names[key]), tags=tags, overviews=overviews)
+        # the model is done: the cores are free, and GDAL builds COGs without the GIL
+        with ThreadPoolExecutor(COG_THREADS) as pool:
+            written = [pool.submit(to_cog, scratch[key], sink.path(names[key]), tags=tags,
+                                   overviews=overviews)
+                       for key, overviews in OVERVIEWS.items()]  # fmt: skip
+            for future in written:
+                future.result()
         for path in scratch.values():
             path.unlink()
         write_preview(sink.path(names["mask"]), sink.path(names["preview"]), product)

@@ -22,9 +22,8 @@ import rasterio
 from rasterio.windows import Window
 from scipy.ndimage import distance_transform_edt
 
-from kappamask.aoi import area_mask
 from kappamask.bands import VALID_CLEAR, VALID_NODATA, VALID_UNUSABLE, MaskClass
-from kappamask.reader import Grid
+from kappamask.grid import Grid, area_mask
 from kappamask.writers.cog import StripWriter
 
 #: Rows of the class raster handled at once (plus the halo above and below).

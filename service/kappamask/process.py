@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +17,15 @@ from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import JobReporter, inference_slot
 from kappamask.managers import record_failure, to_process_error
-from kappamask.pipeline import PROGRESS_START, RunOptions, run
-from kappamask.reader import RESAMPLING
+from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
+from kappamask.pipeline import PROGRESS_START, run
 from kappamask.sources import ProductRef, describe_reference
 
 LOGGER = logging.getLogger(__name__)
 
 MAX_JOBS_ENV = "KAPPAMASK_MAX_CONCURRENT_JOBS"
+#: The options' defaults, as the process description shows them.
+_DEFAULTS = RunOptions()
 
 PROCESS_METADATA: dict[str, Any] = {
     "version": __version__,
@@ -70,21 +71,29 @@ PROCESS_METADATA: dict[str, Any] = {
             "title": "Expected processing level",
             "description": "auto (default): read from the product; L1C or L2A: fail unless "
             "the product is of this level.",
-            "schema": {"type": "string", "enum": ["auto", *LEVELS], "default": "auto"},
+            "schema": {"type": "string", "enum": [LEVEL_AUTO, *LEVELS], "default": LEVEL_AUTO},
             "minOccurs": 0,
             "maxOccurs": 1,
         },
         "resolution": {
             "title": "Output resolution (m)",
             "description": "Ground sampling distance of the mask; every band is resampled to it.",
-            "schema": {"type": "integer", "enum": list(RESOLUTIONS), "default": 10},
+            "schema": {
+                "type": "integer",
+                "enum": list(RESOLUTIONS),
+                "default": _DEFAULTS.resolution,
+            },
             "minOccurs": 0,
             "maxOccurs": 1,
         },
         "resampling": {
             "title": "Resampling",
             "description": "Lanczos (windowed sinc, as in the paper) or bilinear.",
-            "schema": {"type": "string", "enum": sorted(RESAMPLING), "default": "lanczos"},
+            "schema": {
+                "type": "string",
+                "enum": list(RESAMPLING_METHODS),
+                "default": _DEFAULTS.resampling,
+            },
             "minOccurs": 0,
             "maxOccurs": 1,
         },
@@ -130,14 +139,24 @@ PROCESS_METADATA: dict[str, Any] = {
             "description": "Grow opaque and semi-transparent clouds by this distance over "
             "clear and shadow pixels (edges of clouds are where masks fail most); never over "
             "missing pixels. Applied to the mask and the usable-pixel mask.",
-            "schema": {"type": "number", "minimum": 0, "maximum": MAX_BUFFER_M, "default": 0},
+            "schema": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": MAX_BUFFER_M,
+                "default": _DEFAULTS.cloud_buffer,
+            },
             "minOccurs": 0,
             "maxOccurs": 1,
         },
         "shadow_buffer": {
             "title": "Shadow buffer (m)",
             "description": "Grow cloud shadows by this distance over clear pixels.",
-            "schema": {"type": "number", "minimum": 0, "maximum": MAX_BUFFER_M, "default": 0},
+            "schema": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": MAX_BUFFER_M,
+                "default": _DEFAULTS.shadow_buffer,
+            },
             "minOccurs": 0,
             "maxOccurs": 1,
         },
@@ -145,7 +164,7 @@ PROCESS_METADATA: dict[str, Any] = {
             "title": "Overwrite",
             "description": "false (default): when the output already holds a result for the "
             "same product, model and parameters, return it without computing again.",
-            "schema": {"type": "boolean", "default": False},
+            "schema": {"type": "boolean", "default": _DEFAULTS.overwrite},
             "minOccurs": 0,
             "maxOccurs": 1,
         },
@@ -197,48 +216,11 @@ class ProcessSettings:
         )
 
 
-def _bbox(value: Any) -> tuple[float, float, float, float] | None:
-    if value is None:
-        return None
-    if isinstance(value, dict):  # OGC API bbox input: {"bbox": [...], "crs": ...}
-        crs = str(value.get("crs", "CRS84"))
-        if not crs.upper().endswith(("CRS84", "4326")):
-            raise InvalidInputError("input 'bbox' must be in CRS84 (lon/lat degrees)")
-        value = value.get("bbox")
-    if not isinstance(value, list) or len(value) != 4:
-        raise InvalidInputError("input 'bbox' must be [west, south, east, north] in degrees")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-        raise InvalidInputError("input 'bbox' must hold four numbers")
-    return (float(value[0]), float(value[1]), float(value[2]), float(value[3]))
-
-
-#: Longest string input accepted (a path, URL or s3:// key is far shorter).
-MAX_TEXT = 2048
-#: A model as Triton names it, optionally with a version label after a colon.
-MODEL_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}(:[A-Za-z0-9_.+-]{1,128})?")
-
-
-def _text(data: dict[str, Any], name: str, what: str) -> str | None:
-    """The string input ``name`` stripped (None when absent); refused when empty, too
-    long or holding control characters. The message never echoes the value."""
-    value = data.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidInputError(f"input '{name}' must be {what}")
-    value = value.strip()
-    if len(value) > MAX_TEXT:
-        raise InvalidInputError(f"input '{name}' is {len(value)} characters long; at most "
-                                f"{MAX_TEXT} are accepted")  # fmt: skip
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidInputError(f"input '{name}' holds control characters")
-    return value
-
-
 def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
     """Validate the execute request's inputs: (product, output, options).
 
-    Unknown names and wrong types are errors naming the input.
+    Unknown names and wrong types are errors naming the input (RunOptions checks the
+    options, as it does for the CLI).
     """
     if not isinstance(data, dict):
         raise InvalidInputError("inputs must be a JSON object")
@@ -250,41 +232,9 @@ def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
     if product is None:
         raise InvalidInputError(f"input 'product' is required: {required}")
     if not isinstance(product, dict):
-        product = _text(data, "product", required) or ""
-    resolution = data.get("resolution", 10)
-    if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
-        raise InvalidInputError(f"input 'resolution' must be one of {list(RESOLUTIONS)}")
-    resampling = data.get("resampling", "lanczos")
-    if resampling not in RESAMPLING:
-        raise InvalidInputError(f"input 'resampling' must be one of {sorted(RESAMPLING)}")
-    level = data.get("level", "auto")
-    if level not in ("auto", *LEVELS):
-        raise InvalidInputError(f"input 'level' must be one of {['auto', *LEVELS]}")
-    aoi = data.get("aoi")
-    if aoi is not None and not isinstance(aoi, dict):
-        raise InvalidInputError("input 'aoi' must be a GeoJSON object")
-    output = _text(data, "output", "a folder or s3://bucket/prefix")
-    model = _text(data, "model", "a model name")
-    if model is not None and not MODEL_PATTERN.fullmatch(model):
-        raise InvalidInputError(
-            "input 'model' must be a model name (letters, digits, '_', '.', '-'), optionally "
-            "followed by ':' and a version label"
-        )
-    overwrite = data.get("overwrite", False)
-    if not isinstance(overwrite, bool):
-        raise InvalidInputError("input 'overwrite' must be true or false")
-    options = RunOptions(
-        resolution=int(resolution),
-        resampling=resampling,
-        level=None if level == "auto" else level,
-        bbox=_bbox(data.get("bbox")),
-        aoi=aoi,
-        model=model,
-        overwrite=overwrite,
-        cloud_buffer=data.get("cloud_buffer", 0.0),
-        shadow_buffer=data.get("shadow_buffer", 0.0),
-    )
-    return product, output, options
+        product = text_input(data, "product", required) or ""
+    output = text_input(data, "output", "a folder or s3://bucket/prefix")
+    return product, output, RunOptions.from_inputs(data)
 
 
 class KappaMaskProcessor(BaseProcessor):

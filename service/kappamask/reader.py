@@ -20,12 +20,10 @@ cheapest first:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
 
 import numpy as np
 import rasterio
@@ -35,66 +33,16 @@ from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE, RESOLUTIONS
+from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE
 from kappamask.errors import InvalidInputError, ProductError
+from kappamask.gdal import GDAL_ENV
+from kappamask.grid import Grid
 from kappamask.regrid import RADIUS, downsample, upsample
 from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)
 
 RESAMPLING = {"lanczos": Resampling.lanczos, "bilinear": Resampling.bilinear}
-
-#: GDAL settings of every read: threads for JPEG 2000 decoding, a block cache for the
-#: warped reads (aligned bands keep their own decoded rows, see BlockRows), and no
-#: directory listing on remote files.
-GDAL_ENV = {
-    "GDAL_NUM_THREADS": "ALL_CPUS",
-    "GDAL_CACHEMAX": 192,
-    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-}
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The output raster grid: CRS, affine transform and size in pixels."""
-
-    crs: str
-    transform: Affine
-    width: int
-    height: int
-
-    @property
-    def resolution(self) -> float:
-        return float(self.transform.a)
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        left, top = self.transform.c, self.transform.f
-        return (
-            left,
-            top + self.height * self.transform.e,
-            left + self.width * self.transform.a,
-            top,
-        )
-
-
-def output_grid(product: Product, resolution: int) -> Grid:
-    """The grid at ``resolution`` metres covering the product's tile."""
-    if resolution not in RESOLUTIONS:
-        raise InvalidInputError(f"resolution must be one of {RESOLUTIONS}, not {resolution}")
-    band = next((b for b in ("B02", "B04", "B8A", "B01") if product.has_band(b)), None)
-    if band is None:
-        raise ProductError(f"{product.product_id} has no spectral band files")
-    path, _res = product.band_path(band, resolution)
-    try:
-        with product.rasterio_env(**GDAL_ENV), rasterio.open(path) as src:
-            left, bottom, right, top = src.bounds
-            crs = src.crs.to_string() if src.crs else product.crs
-    except RasterioIOError as err:
-        raise ProductError(f"cannot open {band} of {product.product_id}: {err}") from err
-    width = math.ceil(round((right - left) / resolution, 6))
-    height = math.ceil(round((top - bottom) / resolution, 6))
-    return Grid(crs, Affine(resolution, 0.0, left, 0.0, -resolution, top), width, height)
 
 
 def resolve_features(product: Product, features: Sequence[str]) -> dict[str, str]:

@@ -25,8 +25,8 @@ from kappamask.errors import KappaMaskError
 from kappamask.guard import DEFAULT_MAX_BODY_BYTES, MAX_BODY_ENV, OUTPUTS_ROUTE, RequestGuard
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY
-from kappamask.inference.server import LocalTriton
-from kappamask.inference.triton import TritonClient, server_ready
+from kappamask.inference.server import triton_endpoint
+from kappamask.inference.triton import TritonClient
 from kappamask.jobs import fail_interrupted_jobs
 from kappamask.storage import remove_stale_staging
 
@@ -188,26 +188,20 @@ def serve(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     roots = list(data_roots) if data_roots else (roots_from_env() or [Path(".")])
     with ExitStack() as stack:
-        if triton_url is None:
-            triton = stack.enter_context(LocalTriton(repository))
-            triton_url = triton.grpc_url if protocol == "grpc" else triton.http_url
-            ready = lambda: triton.ready  # noqa: E731
-        else:
-            url, proto = triton_url, protocol
-            ready = lambda: server_ready(url, proto)  # noqa: E731
-        with TritonClient(triton_url, protocol) as client:
+        triton = triton_endpoint(stack, triton_url, protocol, repository)
+        with TritonClient(triton.url, protocol) as client:
             try:
                 client.wait_ready()
                 log_served_models(client)
             except KappaMaskError as err:  # external Triton down: serve, answer 503 meanwhile
                 LOGGER.error("%s: jobs fail with 503 until it answers", err)
-        prepare_environment(config, triton_url, protocol, output_dir, roots, host, port)
+        prepare_environment(config, triton.url, protocol, output_dir, roots, host, port)
         stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
         recover(output_dir.resolve())
-        app = guarded_app(ready)
+        app = guarded_app(triton.ready)
         from werkzeug.serving import run_simple
 
-        LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", host, port, triton_url)
+        LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", host, port, triton.url)
         try:
             run_simple(host, port, app, threaded=True, use_reloader=False)
         except KeyboardInterrupt:

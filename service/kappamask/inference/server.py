@@ -22,7 +22,8 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -299,3 +300,30 @@ class LocalTriton:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class TritonEndpoint:
+    """The Triton a command talks to, and how to ask whether it is ready."""
+
+    url: str
+    protocol: str
+    ready: Callable[[], bool]
+
+
+def triton_endpoint(
+    stack: contextlib.ExitStack,
+    url: str | None,
+    protocol: str = "http",
+    repository: Path = DEFAULT_REPOSITORY,
+) -> TritonEndpoint:
+    """``url`` (a Triton someone else runs), or a supervised local Triton on
+    ``repository`` that stops when ``stack`` closes: what `run` and `serve` both do."""
+    if url is not None:
+        from kappamask.inference.triton import server_ready
+
+        external = url
+        return TritonEndpoint(url, protocol, lambda: server_ready(external, protocol))
+    triton = stack.enter_context(LocalTriton(repository))
+    local = triton.grpc_url if protocol == "grpc" else triton.http_url
+    return TritonEndpoint(local, protocol, lambda: triton.ready)

@@ -28,9 +28,11 @@ from rasterio.windows import Window
 
 from kappamask.bands import DN_SCALE, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
+from kappamask.gdal import GDAL_ENV
+from kappamask.grid import Grid, output_grid
 from kappamask.model.composites import compose
 from kappamask.model.labels import read_scl_labels
-from kappamask.reader import GDAL_ENV, BandReader, Grid, output_grid
+from kappamask.reader import BandReader
 from kappamask.sources import open_safe
 from kappamask.sources.product import Product
 

@@ -9,7 +9,8 @@ from rasterio.vrt import WarpedVRT
 
 from kappamask.bands import SCL_TO_CLASS, MaskClass
 from kappamask.errors import ProductError
-from kappamask.reader import GDAL_ENV, Grid
+from kappamask.gdal import GDAL_ENV
+from kappamask.grid import Grid
 from kappamask.sources.product import Product
 
 

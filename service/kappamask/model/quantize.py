@@ -27,10 +27,11 @@ import onnx
 from rasterio.windows import Window
 
 from kappamask.errors import InvalidInputError
+from kappamask.grid import output_grid
 from kappamask.inference.model_spec import INPUT as INPUT_NAME
 from kappamask.inference.model_spec import OUTPUT_CLASSES
 from kappamask.model.composites import compose
-from kappamask.reader import BandReader, output_grid
+from kappamask.reader import BandReader
 from kappamask.sources.safe import open_safe
 from kappamask.tiling import CropGrid, extract
 

@@ -263,8 +263,9 @@ def _resolution(path: Path) -> float:
 
 def read_safe(path: Path, resolution: int) -> Imagery:
     """A SAFE product through the service's reader (offsets applied), with SCL if L2A."""
+    from kappamask.grid import output_grid
     from kappamask.model.labels import read_scl_labels
-    from kappamask.reader import BandReader, output_grid
+    from kappamask.reader import BandReader
     from kappamask.sources import open_safe
 
     product = open_safe(path)

@@ -20,7 +20,7 @@ from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
 
 from kappamask.bands import CLASS_COLORS
-from kappamask.reader import Grid
+from kappamask.grid import Grid
 
 LOGGER = logging.getLogger(__name__)
 

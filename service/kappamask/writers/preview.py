@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from kappamask.bands import CLASS_COLORS, MaskClass
-from kappamask.reader import GDAL_ENV
+from kappamask.gdal import GDAL_ENV
 from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)

@@ -1,9 +1,11 @@
 """The STAC item of a mask: a pure function of the source product, the grid, the class
-statistics, the written files and the model that produced them."""
+statistics, the written files and the model that produced them (``create_item``), and
+what a published item says of its result, read back (``read_item``)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from kappamask.bands import (
     VALID_UNUSABLE,
     MaskClass,
 )
+from kappamask.grid import Grid
 from kappamask.inference.model_spec import (
     ORIGIN_BOOTSTRAP,
     ORIGIN_IMPORTED,
@@ -34,7 +37,6 @@ from kappamask.inference.model_spec import (
     PROBABILITY_NODATA,
     ModelSpec,
 )
-from kappamask.reader import Grid
 from kappamask.sources.product import Product
 
 EXT_PROJECTION = "https://stac-extensions.github.io/projection/v2.0.0/schema.json"
@@ -246,3 +248,37 @@ def create_item(
     if product.href:
         item.add_link(pystac.Link("derived_from", product.href, title=product.product_id))
     return item
+
+
+@dataclass(frozen=True)
+class RecordedResult:
+    """What a published item records of its result (the inverse of ``create_item``)."""
+
+    parameters: dict[str, Any]
+    product_id: str
+    level: str
+    statistics: dict[str, float]
+    crops_total: int
+    model_provenance: dict[str, str]
+
+
+def read_item(raw: bytes | str) -> RecordedResult | None:
+    """The result an item written by ``create_item`` describes; None when it is not one."""
+    try:
+        props = json.loads(raw)["properties"]
+        stats = {
+            key.removeprefix("kappamask:").removesuffix("_percentage"): float(value)
+            for key, value in props.items()
+            if key.startswith("kappamask:") and key.endswith("_percentage")
+        }
+        stats["cloud_cover"] = float(props.get("eo:cloud_cover", 0.0))
+        return RecordedResult(
+            parameters=dict(props["kappamask:parameters"]),
+            product_id=str(props.get("kappamask:product_id", "")),
+            level=str(props.get("kappamask:source_level", "")),
+            statistics=stats,
+            crops_total=int(props.get("kappamask:crops", {}).get("total", 0)),
+            model_provenance=dict(props.get("kappamask:model") or {}),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
