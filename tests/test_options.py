@@ -88,3 +88,21 @@ def test_the_cli_gives_the_process_message(tmp_path: Any) -> None:
     assert done.exit_code == 2, done.output
     assert "input 'aoi' must be a GeoJSON Polygon or MultiPolygon" in done.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_tool_without_its_extra_says_which_to_install(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h5py is in the tools extra, not the service's dependencies: import-keras without
+    it names the extra instead of printing a traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` fails as if absent
+    for name in [m for m in sys.modules if m.startswith("kappamask.model.")]:
+        monkeypatch.delitem(sys.modules, name)
+    weights = tmp_path / "l2a_unet.hdf5"
+    weights.write_bytes(b"")
+    done = CliRunner().invoke(main, ["import-keras", str(weights), "--level", "L2A",
+                                     "--out", str(tmp_path / "m.onnx")])  # fmt: skip
+    assert done.exit_code == 1, done.output
+    assert "needs h5py: pip install 'kappamask[tools]'" in done.output

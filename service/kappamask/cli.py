@@ -76,6 +76,11 @@ def _buffer_option(flag: str, what: str) -> Callable[[F], F]:
     )
 
 
+#: The extra that brings each optional package a command may need.
+_EXTRAS = {"h5py": "tools", "onnxruntime": "tools", "torch": "train", "matplotlib": "train",
+           "s2cloudless": "compare", "ukis_csmask": "compare", "cv2": "compare"}  # fmt: skip
+
+
 class _Main(click.Group):
     """Every command's KappaMaskError ends the CLI with its message and the exit code of
     its class (errors.py), the same text an API client gets."""
@@ -87,6 +92,14 @@ class _Main(click.Group):
             failure = click.ClickException(str(err))
             failure.exit_code = err.exit_code  # type: ignore[misc]  # click declares a class default
             raise failure from err
+        except ModuleNotFoundError as err:
+            # the model tools' packages are extras: say which to install, not a traceback
+            extra = _EXTRAS.get((err.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            raise click.ClickException(
+                f"this command needs {err.name}: pip install 'kappamask[{extra}]'"
+            ) from err
 
 
 @click.group(cls=_Main)
