@@ -184,7 +184,7 @@ def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
     from kappamask.inference.repository import DEFAULT_REPOSITORY, INT8_FILE, spec_from_onnx
-    from kappamask.model.quantize import real_crops
+    from kappamask.tools.quantize import real_crops
 
     version_dir = DEFAULT_REPOSITORY / "kappamask_l1c" / "1"
     spec = spec_from_onnx(version_dir / "model.onnx")
@@ -217,7 +217,7 @@ def work_openvino(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
 
     from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
-    from kappamask.model.quantize import real_crops
+    from kappamask.tools.quantize import real_crops
 
     path = DEFAULT_REPOSITORY / "kappamask_l1c" / "1" / "model.onnx"
     spec = spec_from_onnx(path)

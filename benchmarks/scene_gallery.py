@@ -19,8 +19,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
-from kappamask.model.distill import load_scene
-from kappamask.model.metrics import CLASSES
+from kappamask.tools.distill import load_scene
+from kappamask.tools.metrics import CLASSES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

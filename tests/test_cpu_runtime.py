@@ -21,7 +21,7 @@ from kappamask.inference.model_spec import OUTPUTS
 from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
-from kappamask.model import realdata
+from kappamask.tools import realdata
 
 from .conftest import DATA, T29UNU
 

@@ -13,9 +13,9 @@ from affine import Affine
 
 from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
 from kappamask.errors import InvalidInputError
-from kappamask.model import realdata, teachers
-from kappamask.model.distill import ScenesSource, split
-from kappamask.model.realdata import Labelled
+from kappamask.tools import realdata, teachers
+from kappamask.tools.distill import ScenesSource, split
+from kappamask.tools.realdata import Labelled
 
 C = MaskClass
 #: ukis-csmask's answers: background, cloud, shadow

@@ -23,9 +23,9 @@ from kappamask.cli import main
 from kappamask.errors import InvalidInputError
 from kappamask.grid import output_grid
 from kappamask.inference.repository import spec_from_onnx
-from kappamask.model.keras_import import import_keras
 from kappamask.reader import BandReader
 from kappamask.sources import open_safe
+from kappamask.tools.keras_import import import_keras
 
 from .conftest import T29UNU, make_l1c_safe
 

@@ -14,12 +14,12 @@ torch = pytest.importorskip("torch", reason="training extra not installed")
 
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V, MaskClass  # noqa: E402
 from kappamask.inference.repository import spec_from_onnx  # noqa: E402
-from kappamask.model.export import export_onnx  # noqa: E402
-from kappamask.model.labels import scl_to_mask  # noqa: E402
-from kappamask.model.losses import generalised_dice_loss, masked_bce  # noqa: E402
-from kappamask.model.metrics import agreement  # noqa: E402
-from kappamask.model.train import FitConfig, TrainConfig, train  # noqa: E402
-from kappamask.model.unet import UNet  # noqa: E402
+from kappamask.tools.export import export_onnx  # noqa: E402
+from kappamask.tools.labels import scl_to_mask  # noqa: E402
+from kappamask.tools.losses import generalised_dice_loss, masked_bce  # noqa: E402
+from kappamask.tools.metrics import agreement  # noqa: E402
+from kappamask.tools.train import FitConfig, TrainConfig, train  # noqa: E402
+from kappamask.tools.unet import UNet  # noqa: E402
 
 from .conftest import T29UNU  # noqa: E402
 

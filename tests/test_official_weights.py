@@ -23,7 +23,7 @@ from kappamask.errors import InvalidInputError, StorageError
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
 from kappamask.model.architecture import conv_specs
-from kappamask.model.official import OFFICIAL_FILES, OFFICIAL_RELEASE, download
+from kappamask.tools.official import OFFICIAL_FILES, OFFICIAL_RELEASE, download
 
 FILTERS = 4  # the published files have 64; a small U-Net keeps the test fast
 

@@ -98,7 +98,7 @@ def test_a_tool_without_its_extra_says_which_to_install(
     import sys
 
     monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` fails as if absent
-    for name in [m for m in sys.modules if m.startswith("kappamask.model.")]:
+    for name in [m for m in sys.modules if m.startswith("kappamask.tools.")]:
         monkeypatch.delitem(sys.modules, name)
     weights = tmp_path / "l2a_unet.hdf5"
     weights.write_bytes(b"")

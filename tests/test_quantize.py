@@ -23,9 +23,9 @@ from kappamask.inference.repository import (
 )
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
-from kappamask.model import quantize as q
 from kappamask.options import RunOptions
 from kappamask.pipeline import run
+from kappamask.tools import quantize as q
 
 from .conftest import T29UNU
 

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 from kappamask.bands import L1C_FEATURES, L1C_MAX_V, L2A_FEATURES, L2A_MAX_V, MaskClass
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.evaluate import evaluate, format_table
-from kappamask.model.composites import THICK_CLOUD, CompositeConfig, compose, fractal_field
-from kappamask.model.datasets import KappaSetSource, Scene, SceneSource, read_label_raster
+from kappamask.tools.composites import THICK_CLOUD, CompositeConfig, compose, fractal_field
+from kappamask.tools.datasets import KappaSetSource, Scene, SceneSource, read_label_raster
+from kappamask.tools.evaluate import evaluate, format_table
 
 from .conftest import T29UNU, make_l1c_safe
 
@@ -157,8 +157,8 @@ def test_evaluate_tables_json_and_png(tmp_path: Path) -> None:
 def test_evaluate_with_the_sen2cor_column(tmp_path: Path) -> None:
     """The reference here is SCL itself, so the Sen2Cor column must agree perfectly."""
     from kappamask.grid import output_grid
-    from kappamask.model.labels import read_scl_labels
     from kappamask.sources import open_safe
+    from kappamask.tools.labels import read_scl_labels
 
     product = open_safe(T29UNU)
     grid = output_grid(product, 60)
@@ -176,8 +176,8 @@ def test_evaluate_a_kappaset_folder_with_a_model(tmp_path: Path) -> None:
     """The served ONNX format on KappaSet-style sub-tiles: a model whose head prefers
     CLOUD everywhere scores exactly the cloud fraction of the labels."""
     torch = pytest.importorskip("torch")
-    from kappamask.model.export import export_onnx
-    from kappamask.model.unet import UNet
+    from kappamask.tools.export import export_onnx
+    from kappamask.tools.unet import UNet
 
     rng = np.random.default_rng(2)
     folder = tmp_path / "kappaset"
@@ -230,8 +230,8 @@ def test_evaluate_with_the_s2cloudless_column(tmp_path: Path) -> None:
 def test_composites_over_a_cloudy_product_keep_its_own_labels() -> None:
     """Over T29UNU (real clouds), composites are cut from mostly clear areas, and pixels
     that are not clear underneath keep SCL's label or are left out."""
-    from kappamask.model.datasets import CompositeSource
-    from kappamask.model.labels import read_scl_labels
+    from kappamask.tools.datasets import CompositeSource
+    from kappamask.tools.labels import read_scl_labels
 
     scene = Scene.load(T29UNU, L2A_FEATURES, L2A_MAX_V, 60)
     scl = read_scl_labels(scene.product, scene.grid)
@@ -249,8 +249,8 @@ def test_side_by_side_on_a_real_l2a_product(tmp_path: Path) -> None:
     agree perfectly; ukis-csmask is run on the same grid and must find T29UNU's clouds;
     the picture has the true colour and the three masks."""
     from kappamask.grid import output_grid
-    from kappamask.model.labels import read_scl_labels
     from kappamask.sources import open_safe
+    from kappamask.tools.labels import read_scl_labels
 
     product = open_safe(T29UNU)
     grid = output_grid(product, 60)

@@ -1,1 +1,4 @@
-"""The KappaMask U-Net: architecture, ONNX export, training (PyTorch only here, optional)."""
+"""The served KappaMask U-Net: its layers (``architecture``) and the ONNX graph the
+service runs (``onnx_graph``: network, class head, confidence and cloud probability).
+Training, export from PyTorch, quantisation, Keras import and evaluation are tools beside
+the service: ``kappamask.tools``."""

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
 from kappamask.errors import InvalidInputError
-from kappamask.model.datasets import (
+from kappamask.tools.datasets import (
     Batch,
     CompositeSource,
     KappaSetSource,
@@ -32,9 +32,9 @@ from kappamask.model.datasets import (
     Source,
     read_label_raster,
 )
-from kappamask.model.losses import LOSSES
-from kappamask.model.metrics import CLASSES, agreement, confusion_matrix, scores
-from kappamask.model.unet import UNet
+from kappamask.tools.losses import LOSSES
+from kappamask.tools.metrics import CLASSES, agreement, confusion_matrix, scores
+from kappamask.tools.unet import UNet
 
 LOGGER = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from kappamask.bands import DEFAULT_FEATURES, LEVELS, MODEL_NAMES
 from kappamask.errors import InvalidInputError, KappaMaskError, StorageError
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import install_model, sha256_of
-from kappamask.model.keras_import import import_keras, keras_to_weights, read_keras_convs
+from kappamask.tools.keras_import import import_keras, keras_to_weights, read_keras_convs
 
 LOGGER = logging.getLogger(__name__)
 

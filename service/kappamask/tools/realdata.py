@@ -41,8 +41,8 @@ from kappamask.bands import (
     MaskClass,
 )
 from kappamask.errors import InvalidInputError
-from kappamask.model import teachers
-from kappamask.model.labels import scl_to_mask
+from kappamask.tools import teachers
+from kappamask.tools.labels import scl_to_mask
 
 LOGGER = logging.getLogger(__name__)
 
@@ -264,9 +264,9 @@ def _resolution(path: Path) -> float:
 def read_safe(path: Path, resolution: int) -> Imagery:
     """A SAFE product through the service's reader (offsets applied), with SCL if L2A."""
     from kappamask.grid import output_grid
-    from kappamask.model.labels import read_scl_labels
     from kappamask.reader import BandReader
     from kappamask.sources import open_safe
+    from kappamask.tools.labels import read_scl_labels
 
     product = open_safe(path)
     grid = output_grid(product, resolution)

@@ -30,10 +30,10 @@ from kappamask.errors import InvalidInputError
 from kappamask.grid import output_grid
 from kappamask.inference.model_spec import INPUT as INPUT_NAME
 from kappamask.inference.model_spec import OUTPUT_CLASSES
-from kappamask.model.composites import compose
 from kappamask.reader import BandReader
 from kappamask.sources.safe import open_safe
 from kappamask.tiling import CropGrid, extract
+from kappamask.tools.composites import compose
 
 LOGGER = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import onnx
 
 from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
 from kappamask.model.onnx_graph import build_model, model_metadata
-from kappamask.model.unet import UNet
+from kappamask.tools.unet import UNet
 
 
 def export_onnx(

