@@ -7,6 +7,11 @@ MAX_IN_FLIGHT crops wait for Triton, so the reader cannot run ahead and pile up 
 and finished rows of the mosaic are written out and freed. Memory does not grow with
 the product's height, and little with its width. Buffers, the usable-pixel mask and the
 class counts come from a second pass over the mosaic (kappamask.postprocess).
+
+Three stages, each a function: ``plan`` (product, model, grid, names: nothing read yet),
+``infer`` (strips through Triton into scratch rasters, then the second pass) and
+``publish`` (COGs, preview, STAC item, committed to the sink); ``run`` chains them and
+returns an identical published result instead when there is one.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from kappamask.grid import Grid, area_mask, clip_grid, output_grid
 from kappamask.inference.model_spec import PROBABILITY_NODATA, ModelSpec
 from kappamask.inference.triton import CropOutputs, TritonClient
 from kappamask.options import RunOptions
-from kappamask.postprocess import finish_layers
+from kappamask.postprocess import LayerCounts, finish_layers
 from kappamask.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
@@ -308,6 +313,156 @@ def _reuse(
     )
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided before anything is read: the product, the model, the
+    output grid (clipped to the user's area) and its crops, the result's file names and the
+    parameters that make two results the same."""
+
+    product: Product
+    model: ModelSpec
+    grid: Grid
+    #: The bbox/aoi in the grid's CRS (GeoJSON), or None for the whole tile.
+    local_area: dict[str, Any] | None
+    crops: CropGrid
+    names: dict[str, str]
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """The model's answer, in the sink's scratch rasters, with what it counted."""
+
+    counts: LayerCounts
+    crops_inferred: int
+    #: Bands the product lacked, and what stood in for them.
+    substitutions: dict[str, str]
+
+
+#: Scratch rasters between the stages (in the sink's staging area): the model's classes,
+#: confidence and probability as the strips finish; the buffered mask and usable-pixel mask.
+_SCRATCH = ("model_classes", "confidence", "probability", "mask", "valid")
+
+
+def _scratch(sink: Sink) -> dict[str, Path]:
+    return {key: sink.path(f"{key}.scratch.tif") for key in _SCRATCH}
+
+
+def plan(
+    product_ref: ProductRef, client: TritonClient, options: RunOptions, policy: AccessPolicy
+) -> Plan:
+    """Stage 1: open the product, choose the model and lay out the output grid."""
+    product = open_product(product_ref, policy)
+    if options.level and options.level != product.level:
+        raise ProductError(
+            f"{product.product_id} is {product.level}, not {options.level} as requested"
+        )
+    model = client.model(product.level, options.model)
+    grid = output_grid(product, options.resolution)
+    local_area = None
+    if options.area is not None:
+        grid, local_area = clip_grid(grid, options.area)
+    return Plan(product, model, grid, local_area, CropGrid(grid.height, grid.width),
+                output_names(product.product_id), options.parameters(model))  # fmt: skip
+
+
+def infer(
+    planned: Plan,
+    options: RunOptions,
+    client: TritonClient,
+    sink: Sink,
+    progress: ProgressFn,
+    cancelled: CancelledFn,
+    timings: dict[str, float],
+) -> Inferred:
+    """Stage 2: strips through Triton into scratch rasters, then the buffers, the
+    usable-pixel mask and the class counts (kappamask.postprocess)."""
+    grid, scratch = planned.grid, _scratch(sink)
+    with (
+        StripWriter(scratch["model_classes"], grid) as classes_out,
+        StripWriter(scratch["confidence"], grid) as conf_out,
+        StripWriter(scratch["probability"], grid, nodata=PROBABILITY_NODATA) as prob_out,
+    ):
+        mosaic = _Mosaic(grid, planned.crops, classes_out, conf_out, prob_out, timings)
+        inferred, substitutions = _infer_all(planned.product, planned.model, grid, options,
+                                             client, mosaic, progress, cancelled, timings,
+                                             planned.local_area)  # fmt: skip
+    t0 = time.monotonic()
+    progress(PROGRESS_INFERENCE_END, "buffers and the usable-pixel mask")
+    with (
+        StripWriter(scratch["mask"], grid, colormap=True) as mask_out,
+        StripWriter(scratch["valid"], grid, nodata=VALID_NODATA) as valid_out,
+    ):
+        counts = finish_layers(scratch["model_classes"], grid,
+                               options.cloud_buffer / grid.resolution,
+                               options.shadow_buffer / grid.resolution,
+                               mask_out, valid_out, planned.local_area)  # fmt: skip
+    timings["postprocess"] = time.monotonic() - t0
+    return Inferred(counts, inferred, substitutions)
+
+
+def publish(
+    planned: Plan,
+    options: RunOptions,
+    inferred: Inferred,
+    sink: Sink,
+    progress: ProgressFn,
+    cancelled: CancelledFn,
+    timings: dict[str, float],
+) -> tuple[list[str], dict[str, float]]:
+    """Stage 3: COGs, preview and STAC item, committed to the sink (the item last); the
+    published hrefs (ASSETS, then the item) and the class statistics."""
+    names, model, scratch = planned.names, planned.model, _scratch(sink)
+    t0 = time.monotonic()
+    tags = {
+        "KAPPAMASK_MODEL": f"{model.name} {model.version_label}",
+        "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES),
+        "KAPPAMASK_CLOUD_BUFFER_M": f"{options.cloud_buffer:g}",
+        "KAPPAMASK_SHADOW_BUFFER_M": f"{options.shadow_buffer:g}",
+    }
+    # the model is done: the cores are free, and GDAL builds COGs without the GIL
+    with ThreadPoolExecutor(COG_THREADS) as pool:
+        written = [pool.submit(to_cog, scratch[key], sink.path(names[key]), tags=tags,
+                               overviews=overviews)
+                   for key, overviews in OVERVIEWS.items()]  # fmt: skip
+        for future in written:
+            future.result()
+    for path in scratch.values():
+        path.unlink()
+    write_preview(sink.path(names["mask"]), sink.path(names["preview"]), planned.product)
+    timings["cog"] = time.monotonic() - t0
+    if cancelled():
+        raise CancelledError("job cancelled")
+    t0 = time.monotonic()
+    progress(PROGRESS_END - 2, "writing the STAC item")
+    files = {key: describe_file(sink.path(names[key]), sink.href(names[key])) for key in ASSETS}
+    statistics = class_statistics(inferred.counts.classes, inferred.counts.area_pixels)
+    item = create_item(
+        planned.product,
+        planned.grid,
+        statistics,
+        files,
+        model,
+        inferred.substitutions,
+        extra_properties={
+            "kappamask:product_id": planned.product.product_id,
+            "kappamask:parameters": planned.parameters,
+            "kappamask:crops": {"total": len(planned.crops), "inferred": inferred.crops_inferred},
+        },
+    )
+    include_self = sink.absolute_hrefs
+    if include_self:
+        item.set_self_href(sink.href(names["item"]))
+    sink.path(names["item"]).write_text(
+        json.dumps(item.to_dict(include_self_link=include_self), indent=2)
+    )
+    timings["stac"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    final = sink.commit([names[key] for key in (*ASSETS, "item")])
+    timings["publish"] = time.monotonic() - t0
+    return final, statistics
+
+
 def run(
     product_ref: ProductRef,
     output: str | Path,
@@ -320,7 +475,8 @@ def run(
     public_url: str | None = None,
 ) -> RunResult:
     """Mask one product and publish its mask, confidence, cloud probability and usable-pixel
-    COGs, the preview PNG and the STAC item.
+    COGs, the preview PNG and the STAC item: plan -> (an identical result? return it) ->
+    infer -> publish.
 
     ``output`` is a folder or ``s3://bucket/prefix`` (relative folders are taken from
     ``output_base``, which the service serves at ``public_url``); ``policy`` says what may
@@ -328,125 +484,26 @@ def run(
     """
     options = options or RunOptions()
     progress = progress or _noop_progress
+    cancelled = cancelled or (lambda: False)
     policy = policy or AccessPolicy.unrestricted()
     started = time.monotonic()
-    product = open_product(product_ref, policy)
-    if options.level and options.level != product.level:
-        raise ProductError(
-            f"{product.product_id} is {product.level}, not {options.level} as requested"
-        )
-    model = client.model(product.level, options.model)
-    grid = output_grid(product, options.resolution)
-    local_area = None
-    if options.area is not None:
-        grid, local_area = clip_grid(grid, options.area)
-    crops = CropGrid(grid.height, grid.width)
-    names = output_names(product.product_id)
-    parameters = options.parameters(model)
+    planned = plan(product_ref, client, options, policy)
+    product, model, grid = planned.product, planned.model, planned.grid
     timings: dict[str, float] = {}
     with open_sink(output, policy, output_base, public_url) as sink:
         if not options.overwrite:
-            reused = _reuse(sink, names, parameters, started)
+            reused = _reuse(sink, planned.names, planned.parameters, started)
             if reused is not None:
                 progress(PROGRESS_END, "an identical result exists: returned as is")
                 return reused
-        progress(
-            PROGRESS_START,
-            f"{product.product_id}: {grid.width}x{grid.height} px, {len(crops)} crops",
-        )
-        LOGGER.info(
-            "%s (%s) -> %s, %d crops at %d m -> %s",
-            product.product_id,
-            product.level,
-            model.name,
-            len(crops),
-            options.resolution,
-            sink.location,
-        )
-        layers = ("model_classes", "mask", "confidence", "probability", "valid")
-        scratch = {key: sink.path(f"{key}.scratch.tif") for key in layers}
-        with (
-            StripWriter(scratch["model_classes"], grid) as classes_out,
-            StripWriter(scratch["confidence"], grid) as conf_out,
-            StripWriter(scratch["probability"], grid, nodata=PROBABILITY_NODATA) as prob_out,
-        ):
-            mosaic = _Mosaic(grid, crops, classes_out, conf_out, prob_out, timings)
-            inferred, substitutions = _infer_all(
-                product,
-                model,
-                grid,
-                options,
-                client,
-                mosaic,
-                progress,
-                cancelled or (lambda: False),
-                timings,
-                local_area,
-            )
-        t0 = time.monotonic()
-        progress(PROGRESS_INFERENCE_END, "buffers and the usable-pixel mask")
-        with (
-            StripWriter(scratch["mask"], grid, colormap=True) as mask_out,
-            StripWriter(scratch["valid"], grid, nodata=VALID_NODATA) as valid_out,
-        ):
-            counts = finish_layers(
-                scratch["model_classes"],
-                grid,
-                options.cloud_buffer / grid.resolution,
-                options.shadow_buffer / grid.resolution,
-                mask_out,
-                valid_out,
-                local_area,
-            )
-        timings["postprocess"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        tags = {
-            "KAPPAMASK_MODEL": f"{model.name} {model.version_label}",
-            "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES),
-            "KAPPAMASK_CLOUD_BUFFER_M": f"{options.cloud_buffer:g}",
-            "KAPPAMASK_SHADOW_BUFFER_M": f"{options.shadow_buffer:g}",
-        }
-        # the model is done: the cores are free, and GDAL builds COGs without the GIL
-        with ThreadPoolExecutor(COG_THREADS) as pool:
-            written = [pool.submit(to_cog, scratch[key], sink.path(names[key]), tags=tags,
-                                   overviews=overviews)
-                       for key, overviews in OVERVIEWS.items()]  # fmt: skip
-            for future in written:
-                future.result()
-        for path in scratch.values():
-            path.unlink()
-        write_preview(sink.path(names["mask"]), sink.path(names["preview"]), product)
-        timings["cog"] = time.monotonic() - t0
-        if cancelled is not None and cancelled():
-            raise CancelledError("job cancelled")
-        t0 = time.monotonic()
-        progress(PROGRESS_END - 2, "writing the STAC item")
-        files = {key: describe_file(sink.path(names[key]), sink.href(names[key]))
-                 for key in ASSETS}  # fmt: skip
-        statistics = class_statistics(counts.classes, counts.area_pixels)
-        item = create_item(
-            product,
-            grid,
-            statistics,
-            files,
-            model,
-            substitutions,
-            extra_properties={
-                "kappamask:product_id": product.product_id,
-                "kappamask:parameters": parameters,
-                "kappamask:crops": {"total": len(crops), "inferred": inferred},
-            },
-        )
-        include_self = sink.absolute_hrefs
-        if include_self:
-            item.set_self_href(sink.href(names["item"]))
-        sink.path(names["item"]).write_text(
-            json.dumps(item.to_dict(include_self_link=include_self), indent=2)
-        )
-        timings["stac"] = time.monotonic() - t0
-        t0 = time.monotonic()
-        final = sink.commit([names[key] for key in (*ASSETS, "item")])
-        timings["publish"] = time.monotonic() - t0
+        progress(PROGRESS_START, f"{product.product_id}: {grid.width}x{grid.height} px, "
+                                 f"{len(planned.crops)} crops")  # fmt: skip
+        LOGGER.info("%s (%s) -> %s, %d crops at %d m -> %s", product.product_id, product.level,
+                    model.name, len(planned.crops), options.resolution,
+                    sink.location)  # fmt: skip
+        inferred = infer(planned, options, client, sink, progress, cancelled, timings)
+        final, statistics = publish(planned, options, inferred, sink, progress, cancelled,
+                                    timings)  # fmt: skip
     progress(PROGRESS_END, "done")
     return RunResult(
         product_id=product.product_id,
@@ -455,8 +512,8 @@ def run(
         model_version=model.version_label,
         **_hrefs(final),
         statistics=statistics,
-        crops_total=len(crops),
-        crops_inferred=inferred,
+        crops_total=len(planned.crops),
+        crops_inferred=inferred.crops_inferred,
         seconds=time.monotonic() - started,
         timings=timings,
         model_provenance=model.provenance(),
