@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.errors import RasterioIOError
 from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
 from rasterio.windows import Window
@@ -22,7 +21,7 @@ from shapely.geometry.base import BaseGeometry
 
 from kappamask.bands import RESOLUTIONS
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV
+from kappamask.gdal import GDAL_ENV, product_errors
 from kappamask.sources.product import Product
 
 
@@ -58,12 +57,13 @@ def output_grid(product: Product, resolution: int) -> Grid:
     if band is None:
         raise ProductError(f"{product.product_id} has no spectral band files")
     path, _res = product.band_path(band, resolution)
-    try:
-        with product.rasterio_env(**GDAL_ENV), rasterio.open(path) as src:
-            left, bottom, right, top = src.bounds
-            crs = src.crs.to_string() if src.crs else product.crs
-    except RasterioIOError as err:
-        raise ProductError(f"cannot open {band} of {product.product_id}: {err}") from err
+    with (
+        product_errors(f"open {band} of {product.product_id}"),
+        product.rasterio_env(**GDAL_ENV),
+        rasterio.open(path) as src,
+    ):
+        left, bottom, right, top = src.bounds
+        crs = src.crs.to_string() if src.crs else product.crs
     width = math.ceil(round((right - left) / resolution, 6))
     height = math.ceil(round((top - bottom) / resolution, 6))
     return Grid(crs, Affine(resolution, 0.0, left, 0.0, -resolution, top), width, height)

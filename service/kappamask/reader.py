@@ -29,13 +29,12 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
-from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV
+from kappamask.gdal import GDAL_ENV, product_errors
 from kappamask.grid import Grid
 from kappamask.regrid import RADIUS, downsample, upsample
 from kappamask.sources.product import Product
@@ -118,30 +117,31 @@ class BandReader:
         self._stack.enter_context(self.product.rasterio_env(**GDAL_ENV))
         try:
             for layer in dict.fromkeys(self.layers.values()):
-                path, _res = self.product.band_path(layer, int(self.grid.resolution))
-                src = self._stack.enter_context(rasterio.open(path))
-                factor = self._alignment(src)
-                if factor:
-                    self._vrts[layer] = src
-                    self._factors[layer] = factor
-                    self._rows[layer] = BlockRows(src)
-                    continue
-                self._vrts[layer] = self._stack.enter_context(
-                    WarpedVRT(
-                        src,
-                        crs=self.grid.crs,
-                        transform=self.grid.transform,
-                        width=self.grid.width,
-                        height=self.grid.height,
-                        resampling=self.resampling,
-                        src_nodata=0,
-                        nodata=np.nan,
-                        dtype="float32",
+                with product_errors(f"open {layer} of {self.product.product_id}"):
+                    path, _res = self.product.band_path(layer, int(self.grid.resolution))
+                    src = self._stack.enter_context(rasterio.open(path))
+                    factor = self._alignment(src)
+                    if factor:
+                        self._vrts[layer] = src
+                        self._factors[layer] = factor
+                        self._rows[layer] = BlockRows(src)
+                        continue
+                    self._vrts[layer] = self._stack.enter_context(
+                        WarpedVRT(
+                            src,
+                            crs=self.grid.crs,
+                            transform=self.grid.transform,
+                            width=self.grid.width,
+                            height=self.grid.height,
+                            resampling=self.resampling,
+                            src_nodata=0,
+                            nodata=np.nan,
+                            dtype="float32",
+                        )
                     )
-                )
-        except RasterioIOError as err:
+        except BaseException:
             self._stack.close()
-            raise ProductError(f"cannot open a band of {self.product.product_id}: {err}") from err
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -215,13 +215,9 @@ class BandReader:
         for i, (feature, max_v) in enumerate(zip(self.features, self.max_v, strict=True)):
             layer = self.layers[feature]
             if layer not in cache:
-                try:
+                with product_errors(f"decode {layer} of {self.product.product_id} "
+                                    "(corrupt or truncated file?)"):  # fmt: skip
                     cache[layer] = self._read_layer(layer, window)
-                except RasterioIOError as err:
-                    raise ProductError(
-                        f"cannot decode {layer} of {self.product.product_id} "
-                        f"(corrupt or truncated file?): {err}"
-                    ) from err
             uses[layer] -= 1
             dn = cache.pop(layer) if uses[layer] == 0 else cache[layer].copy()
             nodata = np.isnan(dn)
