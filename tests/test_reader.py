@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
-from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
+from kappamask import reader as reader_module
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.grid import Grid, output_grid
-from kappamask.reader import BandReader, BlockRows, normalise
+from kappamask.reader import AlignedLayer, BandReader, BlockRows, WarpedLayer, normalise
 from kappamask.sources import open_safe
 
 from .conftest import T22HBD, T29UNU
@@ -137,12 +137,12 @@ def test_aligned_bands_skip_the_warp_and_keep_its_values(
     scale = 60 // resolution
     window = Window(100 * scale, 200 * scale, 300 * scale, 250 * scale)  # crosses the wedge
     with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid, resampling) as reader:
-        assert not any(isinstance(v, WarpedVRT) for v in reader._vrts.values())
-        assert set(reader._factors.values()) == {scale}
+        assert all(isinstance(v, AlignedLayer) for v in reader.sources.values())
+        assert {v.factor for v in reader.sources.values()} == {scale}  # type: ignore[union-attr]
         fast, fast_valid = reader.read(window)
-    monkeypatch.setattr(BandReader, "_alignment", lambda self, src: 0)
+    monkeypatch.setattr(reader_module, "alignment", lambda src, grid: 0)
     with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid, resampling) as reader:
-        assert all(isinstance(v, WarpedVRT) for v in reader._vrts.values())
+        assert all(isinstance(v, WarpedLayer) for v in reader.sources.values())
         warped, warped_valid = reader.read(window)
     # GDAL blanks a few more pixels along the no-data edge than the rule "valid where the
     # source pixel underneath is valid"; everywhere else the validity is the same.
@@ -176,7 +176,7 @@ def test_finer_bands_are_averaged_onto_a_coarser_grid() -> None:
     t = fine.transform
     grid = Grid(fine.crs, Affine(360.0, 0.0, t.c, 0.0, -360.0, t.f), 91, 91)
     with BandReader(product, L2A_FEATURES, L2A_MAX_V, grid) as reader:
-        assert set(reader._factors.values()) == {-6}
+        assert {v.factor for v in reader.sources.values()} == {-6}  # type: ignore[union-attr]
         features, valid = reader.read(Window(0, 0, 91, 91))
         part, _ = reader.read(Window(10, 37, 50, 40))
     b02 = np.pad(_raw(T29UNU, "B02"), ((0, 2), (0, 2)))  # 544 px: the last cells are partial

@@ -78,8 +78,97 @@ def normalise(dn: np.ndarray, offset: float, max_v: float) -> np.ndarray:
     return dn
 
 
+def alignment(src: rasterio.io.DatasetReader, grid: Grid) -> int:
+    """How a band file's grid relates to the output grid, which shares its origin.
+
+    ``k > 1``: each band pixel covers k x k output pixels (upsample); ``1``: the same
+    grid; ``-k``: each output pixel covers k x k band pixels (downsample); ``0``: not
+    aligned (another CRS or origin, a non-integer ratio), so the warper resamples.
+    """
+    if src.crs is None or src.crs.to_string() != grid.crs:
+        return 0
+    t, g = src.transform, grid.transform
+    coarser = t.a >= g.a
+    factor = int(round(t.a / g.a) if coarser else round(g.a / t.a))
+    scale = factor if coarser else 1.0 / factor
+    same_origin = abs(t.c - g.c) < g.a * 1e-6 and abs(t.f - g.f) < g.a * 1e-6
+    if factor < 1 or not same_origin:
+        return 0
+    if not t.almost_equals(Affine(g.a * scale, 0.0, g.c, 0.0, g.e * scale, g.f)):
+        return 0
+    if factor == 1 and (src.width, src.height) != (grid.width, grid.height):
+        return 0
+    return factor if coarser else -factor
+
+
+class AlignedLayer:
+    """A band file on a grid aligned with the output grid: its rows decoded once
+    (BlockRows), then read as they are (factor 1), upsampled (k > 1) or averaged (-k)."""
+
+    def __init__(self, src: rasterio.io.DatasetReader, factor: int, resampling: str) -> None:
+        self.src, self.factor, self.resampling = src, factor, resampling
+        self.rows = BlockRows(src)
+
+    @property
+    def decode_seconds(self) -> float:
+        return self.rows.decode_seconds
+
+    def read(self, window: Window) -> np.ndarray:
+        """The window of the output grid as float32, NaN where there is no data."""
+        factor, src = self.factor, self.src
+        if factor == 1:
+            return self.rows.read(window)
+        out_rows = (int(window.row_off), int(window.row_off + window.height))
+        out_cols = (int(window.col_off), int(window.col_off + window.width))
+        if factor < 0:
+            k = -factor
+            row0, col0 = out_rows[0] * k, out_cols[0] * k
+            row1 = min(out_rows[1] * k, src.height)
+            col1 = min(out_cols[1] * k, src.width)
+            fine = self.rows.read(Window(col0, row0, col1 - col0, row1 - row0))
+            return downsample(fine, k, out_rows, out_cols, origin=(row0, col0))
+        # Source pixels under the window plus the kernel's reach on either side.
+        margin = RADIUS[self.resampling] + 1
+        row0 = max(out_rows[0] // factor - margin, 0)
+        col0 = max(out_cols[0] // factor - margin, 0)
+        row1 = min(-(-out_rows[1] // factor) + margin, src.height)
+        col1 = min(-(-out_cols[1] // factor) + margin, src.width)
+        native = self.rows.read(Window(col0, row0, col1 - col0, row1 - row0))
+        return upsample(native, factor, self.resampling, out_rows, out_cols, origin=(row0, col0))
+
+
+class WarpedLayer:
+    """Any other band file: GDAL's warper resamples it onto the output grid."""
+
+    #: Decoding happens inside the warp, not counted apart.
+    decode_seconds = 0.0
+
+    def __init__(self, vrt: WarpedVRT) -> None:
+        self.vrt = vrt
+
+    def read(self, window: Window) -> np.ndarray:
+        data: np.ndarray = self.vrt.read(1, window=window)
+        return data
+
+
+LayerSource = AlignedLayer | WarpedLayer
+
+
+def open_layer(stack: ExitStack, path: str, grid: Grid, resampling: str) -> LayerSource:
+    """The cheapest way to read the band file at ``path`` on ``grid`` (open in ``stack``)."""
+    src = stack.enter_context(rasterio.open(path))
+    factor = alignment(src, grid)
+    if factor:
+        return AlignedLayer(src, factor, resampling)
+    return WarpedLayer(stack.enter_context(WarpedVRT(
+        src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+        resampling=RESAMPLING[resampling], src_nodata=0, nodata=np.nan, dtype="float32",
+    )))  # fmt: skip
+
+
 class BandReader:
-    """Reads normalised model features for windows of the output grid.
+    """Reads normalised model features for windows of the output grid: each layer from its
+    source (``open_layer``), assembled into the model's features.
 
     Use as a context manager; ``read(window)`` returns ``(features, valid)`` with
     ``features`` [C, h, w] of ``dtype`` (invalid pixels 0) and ``valid`` bool [h, w]: a
@@ -104,14 +193,11 @@ class BandReader:
         self.features = tuple(features)
         self.max_v = tuple(float(v) for v in max_v)
         self.grid = grid
-        self.resampling = RESAMPLING[resampling]
-        self.resampling_name = resampling
+        self.resampling = resampling
         self.dtype = dtype
         self.layers = resolve_features(product, features)
         self._stack = ExitStack()
-        self._vrts: dict[str, WarpedVRT | rasterio.io.DatasetReader] = {}
-        self._factors: dict[str, int] = {}
-        self._rows: dict[str, BlockRows] = {}
+        self.sources: dict[str, LayerSource] = {}
 
     def __enter__(self) -> BandReader:
         self._stack.enter_context(self.product.rasterio_env(**GDAL_ENV))
@@ -119,26 +205,8 @@ class BandReader:
             for layer in dict.fromkeys(self.layers.values()):
                 with product_errors(f"open {layer} of {self.product.product_id}"):
                     path, _res = self.product.band_path(layer, int(self.grid.resolution))
-                    src = self._stack.enter_context(rasterio.open(path))
-                    factor = self._alignment(src)
-                    if factor:
-                        self._vrts[layer] = src
-                        self._factors[layer] = factor
-                        self._rows[layer] = BlockRows(src)
-                        continue
-                    self._vrts[layer] = self._stack.enter_context(
-                        WarpedVRT(
-                            src,
-                            crs=self.grid.crs,
-                            transform=self.grid.transform,
-                            width=self.grid.width,
-                            height=self.grid.height,
-                            resampling=self.resampling,
-                            src_nodata=0,
-                            nodata=np.nan,
-                            dtype="float32",
-                        )
-                    )
+                    self.sources[layer] = open_layer(self._stack, path, self.grid,
+                                                     self.resampling)  # fmt: skip
         except BaseException:
             self._stack.close()
             raise
@@ -150,59 +218,7 @@ class BandReader:
     @property
     def decode_seconds(self) -> float:
         """Time spent decoding band files so far (warped reads decode inside the warp)."""
-        return sum(rows.decode_seconds for rows in self._rows.values())
-
-    def _alignment(self, src: rasterio.io.DatasetReader) -> int:
-        """How the band's grid relates to the output grid, which shares its origin.
-
-        ``k > 1``: each band pixel covers k x k output pixels (upsample); ``1``: the same
-        grid; ``-k``: each output pixel covers k x k band pixels (downsample); ``0``: not
-        aligned (another CRS or origin, a non-integer ratio), so the warper resamples.
-        """
-        if src.crs is None or src.crs.to_string() != self.grid.crs:
-            return 0
-        t, g = src.transform, self.grid.transform
-        coarser = t.a >= g.a
-        factor = int(round(t.a / g.a) if coarser else round(g.a / t.a))
-        scale = factor if coarser else 1.0 / factor
-        same_origin = abs(t.c - g.c) < g.a * 1e-6 and abs(t.f - g.f) < g.a * 1e-6
-        if factor < 1 or not same_origin:
-            return 0
-        if not t.almost_equals(Affine(g.a * scale, 0.0, g.c, 0.0, g.e * scale, g.f)):
-            return 0
-        if factor == 1 and (src.width, src.height) != (self.grid.width, self.grid.height):
-            return 0
-        return factor if coarser else -factor
-
-    def _read_layer(self, layer: str, window: Window) -> np.ndarray:
-        """One layer's window as float32, NaN where there is no data."""
-        source = self._vrts[layer]
-        if isinstance(source, WarpedVRT):
-            data: np.ndarray = source.read(1, window=window)
-            return data
-        factor = self._factors[layer]
-        rows = self._rows[layer]
-        if factor == 1:
-            return rows.read(window)
-        out_rows = (int(window.row_off), int(window.row_off + window.height))
-        out_cols = (int(window.col_off), int(window.col_off + window.width))
-        if factor < 0:
-            k = -factor
-            row0, col0 = out_rows[0] * k, out_cols[0] * k
-            row1 = min(out_rows[1] * k, source.height)
-            col1 = min(out_cols[1] * k, source.width)
-            fine = rows.read(Window(col0, row0, col1 - col0, row1 - row0))
-            return downsample(fine, k, out_rows, out_cols, origin=(row0, col0))
-        # Source pixels under the window plus the kernel's reach on either side.
-        margin = RADIUS[self.resampling_name] + 1
-        row0 = max(out_rows[0] // factor - margin, 0)
-        col0 = max(out_cols[0] // factor - margin, 0)
-        row1 = min(-(-out_rows[1] // factor) + margin, source.height)
-        col1 = min(-(-out_cols[1] // factor) + margin, source.width)
-        native = rows.read(Window(col0, row0, col1 - col0, row1 - row0))
-        return upsample(
-            native, factor, self.resampling_name, out_rows, out_cols, origin=(row0, col0)
-        )
+        return sum(source.decode_seconds for source in self.sources.values())
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Read ``window`` of the grid: normalised features and the validity mask."""
@@ -217,7 +233,7 @@ class BandReader:
             if layer not in cache:
                 with product_errors(f"decode {layer} of {self.product.product_id} "
                                     "(corrupt or truncated file?)"):  # fmt: skip
-                    cache[layer] = self._read_layer(layer, window)
+                    cache[layer] = self.sources[layer].read(window)
             uses[layer] -= 1
             dn = cache.pop(layer) if uses[layer] == 0 else cache[layer].copy()
             nodata = np.isnan(dn)
