@@ -60,6 +60,21 @@ output [
 ]"""
 
 
+def _serving(max_batch: int, preferred: tuple[int, int], delay_us: int, kind: str) -> str:
+    """Batch size, dynamic batching and instances: what differs between CPU and GPU."""
+    return f"""max_batch_size: {max_batch}
+dynamic_batching {{
+  preferred_batch_size: [ {preferred[0]}, {preferred[1]} ]
+  max_queue_delay_microseconds: {delay_us}
+}}
+instance_group [ {{ kind: {kind} count: 1 }} ]"""
+
+
+#: CPU models: small batches soon (two OpenVINO streams); GPU: larger ones.
+_CPU_SERVING = _serving(CPU_MAX_BATCH, (2, 4), 5000, "KIND_CPU")
+_GPU_SERVING = _serving(GPU_MAX_BATCH, (4, 8), 2000, "KIND_GPU")
+
+
 def cpu_config(spec: ModelSpec, int8: bool = False) -> str:
     """config.pbtxt of the CPU model: the Python backend (triton_models/cpu_model.py)
     running OpenVINO (ONNX Runtime where OpenVINO is missing) in the precision the CPU
@@ -72,13 +87,8 @@ def cpu_config(spec: ModelSpec, int8: bool = False) -> str:
 # the precision the CPU computes best; ONNX Runtime as the fallback).
 name: "{spec.name}"
 backend: "python"
-max_batch_size: {CPU_MAX_BATCH}
 {_io(len(spec.features))}
-dynamic_batching {{
-  preferred_batch_size: [ 2, 4 ]
-  max_queue_delay_microseconds: 5000
-}}
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{_CPU_SERVING}
 model_warmup [
   {{
     name: "zeros"
@@ -100,13 +110,8 @@ def openvino_config(spec: ModelSpec) -> str:
 name: "{spec.name}"
 backend: "openvino"
 default_model_filename: "{FP32_FILE}"
-max_batch_size: {CPU_MAX_BATCH}
 {_io(len(spec.features), "TYPE_FP32")}
-dynamic_batching {{
-  preferred_batch_size: [ 2, 4 ]
-  max_queue_delay_microseconds: 5000
-}}
-instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+{_CPU_SERVING}
 parameters: {{ key: "PERFORMANCE_HINT" value: {{ string_value: "THROUGHPUT" }} }}
 {_parameters(spec, runtime="openvino", precision=PRECISION_AUTO)}
 """
@@ -120,13 +125,8 @@ def gpu_config(spec: ModelSpec) -> str:
 name: "{spec.name}"
 platform: "tensorrt_plan"
 default_model_filename: "model.plan"
-max_batch_size: {GPU_MAX_BATCH}
 {_io(len(spec.features))}
-dynamic_batching {{
-  preferred_batch_size: [ 4, 8 ]
-  max_queue_delay_microseconds: 2000
-}}
-instance_group [ {{ kind: KIND_GPU count: 1 }} ]
+{_GPU_SERVING}
 {_parameters(spec, runtime="tensorrt", precision="fp16")}
 """
 
