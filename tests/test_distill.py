@@ -203,6 +203,7 @@ def test_bare_ground_is_drawn_for_the_share_of_crops_asked() -> None:
         assert low <= changed <= high, (share, changed)
 
 
+@pytest.mark.slow
 def test_teachers_on_a_real_cloudy_patch() -> None:
     """s2cloudless and ukis-csmask on real SEN12MS-CR pixels: both find the cumulus."""
     path = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"

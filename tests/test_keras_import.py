@@ -174,6 +174,7 @@ def test_files_that_are_not_the_unet_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_cli_import_and_install(keras_python: Path, tmp_path: Path) -> None:
     x = _inputs(13, None, seed=1)
     np.savez(tmp_path / "inputs.npz", x=x)

@@ -126,7 +126,12 @@ def test_l1c_bands_at_every_resolution(l1c_safe: Path) -> None:
 
 @pytest.mark.parametrize(
     ("resolution", "resampling"),
-    [(60, "lanczos"), (20, "lanczos"), (10, "lanczos"), (10, "bilinear")],
+    [
+        (60, "lanczos"),
+        (20, "lanczos"),  # the whole 10 m raster: end to end, slow
+        pytest.param(10, "lanczos", marks=pytest.mark.slow),
+        pytest.param(10, "bilinear", marks=pytest.mark.slow),
+    ],
 )
 def test_aligned_bands_skip_the_warp_and_keep_its_values(
     monkeypatch: pytest.MonkeyPatch, resolution: int, resampling: str
@@ -152,7 +157,7 @@ def test_aligned_bands_skip_the_warp_and_keep_its_values(
     np.testing.assert_allclose(fast[:, both], warped[:, both], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("resolution", [60, 10])
+@pytest.mark.parametrize("resolution", [60, pytest.param(10, marks=pytest.mark.slow)])
 def test_strips_read_the_same_as_the_whole(resolution: int) -> None:
     """Each strip reads its own kernel margin: no seam where strips meet.
 
