@@ -20,6 +20,11 @@ GDAL_ENV = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
 }
 
+#: GDAL settings of the COG writes: a small block cache. GDAL's default (5 % of the RAM)
+#: let two COGs built side by side of a 10980 px product hold 0.75 GB of blocks they never
+#: read again (measured: peak 0.99 GB with the default, 0.29 GB with 64 MB, no slower).
+COG_ENV = {"GDAL_CACHEMAX": 64}
+
 
 @contextmanager
 def product_errors(what: str) -> Iterator[None]:

@@ -20,6 +20,7 @@ from rio_cogeo.cogeo import cog_translate
 from rio_cogeo.profiles import cog_profiles
 
 from kappamask.bands import CLASS_COLORS
+from kappamask.gdal import COG_ENV
 from kappamask.grid import Grid
 
 LOGGER = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def to_cog(
 ) -> None:
     """Rewrite the scratch GeoTIFF ``src`` as a COG at ``dst`` (its nodata and colour table
     kept), with overviews resampled by ``overviews``."""
-    with rasterio.open(src) as ds:
+    with rasterio.Env(**COG_ENV), rasterio.open(src) as ds:
         cog_translate(
             ds, dst, dict(COG_PROFILE), nodata=ds.nodata, overview_resampling=overviews,
             additional_cog_metadata=tags, in_memory=False, quiet=True,
