@@ -78,3 +78,21 @@ def test_mosaic_takes_each_pixel_from_the_crop_where_it_is_central() -> None:
         place(out[crop.y.keep_start : crop.y.keep_stop], tile, crop, crop.y.keep_start)
     assert out[495, 495] == 1 and out[496, 495] == 3 and out[495, 496] == 2 and out[599, 599] == 4
     assert isinstance(next(iter(grid)), Crop)
+
+
+def test_only_crops_with_data_are_worth_sending() -> None:
+    """The no-data wedge: a crop without one valid pixel is not sent; one pixel is enough,
+    and the zero padding past the raster's edge never counts as data."""
+    from kappamask.tiling import has_data
+
+    grid = CropGrid(512, 1400)
+    valid = np.zeros((512, 1400), bool)
+    valid[:, :700] = True  # the left half has data
+    sent = [has_data(valid, crop.x) for crop in grid.row_crops(0)]
+    starts = [crop.x.start for crop in grid.row_crops(0)]
+    assert sent == [start < 700 for start in starts]
+    valid[:] = False
+    valid[511, 1399] = True  # the last pixel of the last crop
+    assert [has_data(valid, crop.x) for crop in grid.row_crops(0)] == [False] * (
+        len(starts) - 1
+    ) + [True]

@@ -45,7 +45,7 @@ from kappamask.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
 from kappamask.storage import Sink, open_sink
-from kappamask.tiling import CropGrid, extract, place
+from kappamask.tiling import CropGrid, extract, has_data, place
 from kappamask.writers.cog import OverviewResampling, StripWriter, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
@@ -252,7 +252,7 @@ def _infer_all(
                 _add(timings, "read", time.monotonic() - t1)  # split below
                 for crop in chunk:
                     x = replace(crop.x, start=crop.x.start - col0)
-                    if extract(chunk_valid, x).any():  # crops without a valid pixel: never sent
+                    if has_data(chunk_valid, x):
                         future = client.submit(model.name, extract(features, x))
                         futures.append((crop.col, future))
                         in_flight.append(future)

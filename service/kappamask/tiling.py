@@ -95,6 +95,13 @@ def extract(strip: np.ndarray, x: Span, size: int = TILE_SIZE) -> np.ndarray:
     return part
 
 
+def has_data(valid: np.ndarray, x: Span) -> bool:
+    """Whether the crop at column ``x.start`` of a strip's validity mask has a pixel with
+    data: the one rule for which crops go to the model (the service, the INT8 calibration
+    and the benchmark's floors); the others, such as the no-data wedge, are never sent."""
+    return bool(extract(valid, x).any())
+
+
 def place(target: np.ndarray, crop_out: np.ndarray, crop: Crop, strip_top: int) -> None:
     """Write the kept centre of a crop's output [size, size] into a strip [h, width]
     whose first row is grid row ``strip_top``."""

@@ -32,7 +32,7 @@ from kappamask.inference.model_spec import INPUT as INPUT_NAME
 from kappamask.inference.model_spec import OUTPUT_CLASSES
 from kappamask.reader import BandReader
 from kappamask.sources.safe import open_safe
-from kappamask.tiling import CropGrid, extract
+from kappamask.tiling import CropGrid, extract, has_data
 from kappamask.tools.composites import compose
 
 LOGGER = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def real_crops(
                 height = min(crops.size, grid.height - y.start)
                 strip, valid = reader.read(Window(0, y.start, grid.width, height))
                 for crop in crops.row_crops(row):
-                    if extract(valid, crop.x).any():
+                    if has_data(valid, crop.x):
                         yield extract(strip, crop.x)
 
 
