@@ -35,6 +35,21 @@ def test_normalise_follows_the_paper() -> None:
     assert out[1] == 0.0 and out[0] == 0.0  # negatives clipped
 
 
+def test_normalise_to_float16_rounds_as_numpy_casts() -> None:
+    # Every 7th float32 from 0 to the largest float16 (rounding ties, subnormals, the
+    # carry into the exponent), as DN with max_v 1 / 65535 so normalising is the identity.
+    values = np.arange(0, 0x477FF000, 7, dtype=np.uint32).view(np.float32)
+    values = np.concatenate([values, np.float32([65504.0, 65519.0, 1e9])])
+    out = np.empty(values.shape, dtype=np.float16)
+    normalise(values.copy(), 0.0, 1.0 / 65535.0, out=out)
+    expected = np.minimum(values, 65504.0).astype(np.float16)
+    assert np.array_equal(out.view(np.uint16), expected.view(np.uint16))
+    # float32 output: the same numbers as in place
+    dn = np.float32([0.0, 1200.0, 65535.0])
+    into = np.empty(3, dtype=np.float32)
+    assert np.array_equal(normalise(dn.copy(), -1000.0, 0.5, out=into), normalise(dn, -1000.0, 0.5))
+
+
 def test_grid_of_the_product_at_each_resolution() -> None:
     product = open_safe(T29UNU)
     grid = output_grid(product, 60)

@@ -14,9 +14,9 @@ for the 10 m bands of one product at 60 m).
 from __future__ import annotations
 
 import math
+from functools import cache
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 #: Support of each kernel in source pixels on either side of the sample point.
 RADIUS = {"lanczos": 3, "bilinear": 1}
@@ -55,54 +55,69 @@ def phase_taps(factor: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
     return first, weights
 
 
-def _phases(
-    factor: int, start: int, size: int, first: np.ndarray, pad: int
-) -> list[tuple[int, int, int, int]]:
-    """Per output phase present in ``[start, start + size)``: (phase, first output index
-    relative to ``start``, output count, first padded source index of its taps)."""
-    phases = []
-    for p in range(factor):
-        j0 = start + (p - start) % factor
-        if j0 >= start + size:
-            continue
-        count = (start + size - j0 + factor - 1) // factor
-        phases.append((p, j0 - start, count, (j0 - p) // factor + int(first[p]) + pad))
-    return phases
+@cache
+def _block_matrix(factor: int, kernel: str) -> tuple[int, np.ndarray]:
+    """The upsampling of one block of ``BLOCK // factor`` source pixels as a matrix.
+
+    Returns ``(lead, matrix)``: output pixels ``factor * q0 + m`` for ``m`` in
+    ``range(block)`` are ``source[q0 + lead : q0 + lead + K] @ matrix`` ([K, block]); the
+    same matrix serves every block, as every block starts at phase 0. Each phase's taps
+    are scaled to sum to 1, so away from no data and the edges the result needs no
+    renormalisation (``upsample`` divides by the filtered weights anyway).
+    """
+    first, weights = phase_taps(factor, kernel)
+    weights = weights / weights.sum(axis=1, keepdims=True)
+    block = factor * max(1, BLOCK // factor)
+    taps = weights.shape[1]
+    lead = int(first.min())
+    span = (block // factor - 1) + int(first.max()) - lead + taps
+    matrix = np.zeros((span, block), dtype=np.float32)
+    for m in range(block):
+        q, p = divmod(m, factor)
+        row = q + int(first[p]) - lead
+        matrix[row : row + taps, m] = weights[p]
+    return lead, matrix
+
+
+#: Output pixels per matrix product: a block's source rows stay in the core's cache and
+#: the products run in BLAS, 3x faster than one array pass per tap.
+BLOCK = 64
 
 
 def _upsample_axis(
     data: np.ndarray, factor: int, kernel: str, start: int, size: int, axis: int
 ) -> np.ndarray:
-    """Filter ``data`` along ``axis`` onto ``size`` output pixels from output index ``start``.
+    """Filter ``data`` along ``axis`` (0 or 1) onto ``size`` output pixels from output
+    index ``start``.
 
     ``data`` covers source indices ``0..n-1`` of that axis; taps outside it count as zero.
-    Along the last axis each phase is one matrix product of a sliding window of the taps
-    with their weights (a memory pass per phase instead of one per tap: 3-4x faster, same
-    sums); along the first, where rows are contiguous, the taps are added row-block-wise.
+    Output pixels go block by block (``_block_matrix``), each one matrix product.
     """
-    first, weights = phase_taps(factor, kernel)
-    pad = int(RADIUS[kernel]) + 1
-    weights = weights.astype(data.dtype)
-    if axis == data.ndim - 1:
-        n = data.shape[-1]
-        padded = np.zeros((*data.shape[:-1], n + 2 * pad), dtype=data.dtype)
-        padded[..., pad : pad + n] = data
-        windows = sliding_window_view(padded, weights.shape[1], axis=-1)
-        out = np.empty((*data.shape[:-1], size), dtype=data.dtype)
-        for p, j, count, s0 in _phases(factor, start, size, first, pad):
-            out[..., j::factor] = windows[..., s0 : s0 + count, :] @ weights[p]
-        return out
-    moved = np.moveaxis(data, axis, 0)
-    n = moved.shape[0]
-    padded = np.zeros((n + 2 * pad, *moved.shape[1:]), dtype=data.dtype)
-    padded[pad : pad + n] = moved
-    out = np.zeros((size, *moved.shape[1:]), dtype=data.dtype)
-    for p, j, count, s0 in _phases(factor, start, size, first, pad):
-        target = out[j::factor]
-        for t, weight in enumerate(weights[p]):
-            if weight != 0.0:
-                target += padded[s0 + t : s0 + t + count] * weight
-    return np.moveaxis(out, 0, axis)
+    lead, matrix = _block_matrix(factor, kernel)
+    span, block = matrix.shape
+    if data.ndim == 1:
+        return _upsample_axis(data[:, None], factor, kernel, start, size, 0)[:, 0]
+    first_block = start - start % factor
+    last_block = first_block + (start + size - first_block - 1) // block * block
+    # Zero padding so that every block's source slice lies inside the array.
+    before = max(0, -(first_block // factor + lead))
+    after = max(0, last_block // factor + lead + span - data.shape[axis])
+    pad = [(0, 0)] * data.ndim
+    pad[axis] = (before, after)
+    padded = np.pad(data, pad) if before or after else data
+    shape = list(data.shape)
+    shape[axis] = size
+    out = np.empty(shape, dtype=np.float32)
+    for b0 in range(first_block, start + size, block):
+        s0 = b0 // factor + lead + before
+        o0, o1 = max(b0, start), min(b0 + block, start + size)
+        if axis == 0:
+            out[o0 - start : o1 - start] = (matrix.T @ padded[s0 : s0 + span])[o0 - b0 : o1 - b0]
+        else:
+            out[:, o0 - start : o1 - start] = (padded[:, s0 : s0 + span] @ matrix)[
+                :, o0 - b0 : o1 - b0
+            ]
+    return out
 
 
 def upsample(
@@ -123,7 +138,9 @@ def upsample(
     no-data areas never shrink (GDAL's warper blanks a few more edge pixels than this).
     """
     valid = ~np.isnan(source)
-    values = np.where(valid, source, np.float32(0.0)).astype(np.float32, copy=False)
+    all_valid = bool(valid.all())
+    values = source if all_valid else np.where(valid, source, np.float32(0.0))
+    values = values.astype(np.float32, copy=False)
     out_rows = (rows[0] - origin[0] * factor, rows[1] - rows[0])
     out_cols = (cols[0] - origin[1] * factor, cols[1] - cols[0])
 
@@ -132,18 +149,22 @@ def upsample(
         return _upsample_axis(data, factor, kernel, *out_cols, axis=1)
 
     result = filtered(values)
-    if valid.all():
+    if all_valid:
         # A full-valid weight array is the outer product of two ones vectors, and so is
-        # its filtered version: two 1-D passes instead of a second 2-D one.
-        along_rows = _upsample_axis(
-            np.ones(valid.shape[0], np.float32), factor, kernel, *out_rows, 0
-        )
-        along_cols = _upsample_axis(
-            np.ones(valid.shape[1], np.float32), factor, kernel, *out_cols, 0
-        )
-        total = np.outer(along_rows, along_cols)
-    else:
-        total = filtered(valid.astype(np.float32))
+        # its filtered version: 1-D weights, and as the taps sum to 1 only the rows and
+        # columns within a kernel's reach of the source's edges differ from 1.
+        for axis, (start, size) in enumerate((out_rows, out_cols)):
+            along = _upsample_axis(np.ones(valid.shape[axis], np.float32), factor, kernel,
+                                   start, size, 0)  # fmt: skip
+            under = (start + np.arange(size)) // factor
+            inside = (under >= 0) & (under < valid.shape[axis])
+            blank = (along < MIN_WEIGHT) | ~inside
+            edge = np.flatnonzero((np.abs(along - 1.0) > 1e-6) & ~blank)
+            lines = np.moveaxis(result, axis, 0)  # a view: rows, or columns, first
+            lines[edge] /= along[edge][:, None]
+            lines[blank] = np.nan
+        return result
+    total = filtered(valid.astype(np.float32))
     low = total < MIN_WEIGHT
     total[low] = 1.0
     result /= total

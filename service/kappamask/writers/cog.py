@@ -1,10 +1,14 @@
 """Cloud-Optimized GeoTIFFs of the result's rasters (class map, confidence, cloud
 probability, usable-pixel mask).
 
-The pipeline streams finished strips into a plain GeoTIFF (``StripWriter``); at the end
-``to_cog`` rewrites it as a COG: uint8, 512 px blocks, DEFLATE, the raster's nodata, the
-class colour table where there is one, and overviews by the raster's own rule ('mode' for
-the class map: a categorical raster must never be averaged; 'average' for the probability).
+The pipeline streams finished strips into a plain GeoTIFF (``StripWriter``, ZSTD at its
+fastest level: written once, read once); at the end ``to_cog`` rewrites it as a COG with
+GDAL's COG driver: uint8, 512 px blocks, DEFLATE (what every COG reader decodes), the
+raster's nodata, the class colour table where there is one, and overviews by the raster's
+own rule ('mode' for the class map: a categorical raster must never be averaged; 'average'
+for the probability). The driver compresses blocks on all cores; rio-cogeo's translate,
+used before, built the overviews in a temporary file on one (2.5x slower on a 10980 px
+class map).
 """
 
 from __future__ import annotations
@@ -15,9 +19,8 @@ from typing import Literal
 
 import numpy as np
 import rasterio
+from rasterio.shutil import copy
 from rasterio.windows import Window
-from rio_cogeo.cogeo import cog_translate
-from rio_cogeo.profiles import cog_profiles
 
 from kappamask.bands import CLASS_COLORS
 from kappamask.gdal import COG_ENV
@@ -27,12 +30,15 @@ LOGGER = logging.getLogger(__name__)
 
 OverviewResampling = Literal["mode", "average", "nearest"]
 
-#: COG creation profile of every raster the service writes.
-COG_PROFILE = {
-    **cog_profiles.get("deflate"),  # type: ignore[no-untyped-call]
-    "blockxsize": 512,
-    "blockysize": 512,
+#: COG creation options of every raster the service writes (GDAL's COG driver).
+COG_OPTIONS = {
+    "COMPRESS": "DEFLATE",
+    "BLOCKSIZE": 512,
+    "NUM_THREADS": "ALL_CPUS",
+    "BIGTIFF": "IF_SAFER",
 }
+#: Scratch GeoTIFF compression: fast, and a tenth of the uncompressed size on disk.
+SCRATCH_OPTIONS = {"compress": "ZSTD", "zstd_level": 1}
 
 
 class StripWriter:
@@ -49,7 +55,7 @@ class StripWriter:
         self._dst = rasterio.open(
             self.path, "w", driver="GTiff", width=self.grid.width, height=self.grid.height,
             count=1, dtype="uint8", crs=self.grid.crs, transform=self.grid.transform,
-            nodata=self.nodata, tiled=True, blockxsize=512, blockysize=512, compress="LZW",
+            nodata=self.nodata, tiled=True, blockxsize=512, blockysize=512, **SCRATCH_OPTIONS,
         )  # fmt: skip
         if self.colormap:
             # On the scratch file already, so the COG's overviews are built on a palette band.
@@ -74,9 +80,9 @@ def to_cog(
 ) -> None:
     """Rewrite the scratch GeoTIFF ``src`` as a COG at ``dst`` (its nodata and colour table
     kept), with overviews resampled by ``overviews``."""
-    with rasterio.Env(**COG_ENV), rasterio.open(src) as ds:
-        cog_translate(
-            ds, dst, dict(COG_PROFILE), nodata=ds.nodata, overview_resampling=overviews,
-            additional_cog_metadata=tags, in_memory=False, quiet=True,
-        )  # fmt: skip
+    with rasterio.Env(**COG_ENV):
+        if tags:
+            with rasterio.open(src, "r+") as ds:
+                ds.update_tags(**tags)
+        copy(src, dst, driver="COG", OVERVIEW_RESAMPLING=overviews.upper(), **COG_OPTIONS)
     LOGGER.debug("wrote %s", dst)
