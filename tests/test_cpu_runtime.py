@@ -57,7 +57,7 @@ def cpu_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
 
 
 def _args(level: str = "kappamask_l2a", **params: str) -> dict[str, Any]:
-    config = {"name": level, "input": [{"dims": [13, 512, 512]}],
+    config = {"name": level, "input": [{"dims": [13, 512, 512], "data_type": "TYPE_FP16"}],
               "output": [{"name": name} for name in OUTPUTS],
               "parameters": {k: {"string_value": v} for k, v in params.items()}}  # fmt: skip
     return {"model_config": json.dumps(config), "model_repository": str(DEFAULT_REPOSITORY / level),

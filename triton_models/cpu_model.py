@@ -46,8 +46,9 @@ def choose(requested, cpu_has_bf16, int8_file):
 class _OpenVINO:
     """The model compiled by OpenVINO, one static-shape infer request per crop."""
 
-    def __init__(self, folder, channels, precision, int8_file, threads, outputs):
+    def __init__(self, folder, channels, precision, int8_file, threads, outputs, half_input):
         import openvino as ov
+        from openvino.preprocess import PrePostProcessor
 
         self.outputs = outputs
         core = ov.Core()
@@ -56,6 +57,13 @@ class _OpenVINO:
         model = core.read_model(os.path.join(folder, name))
         # one crop per request: a static shape compiles to the fastest kernels
         model.reshape([1, channels, 512, 512])
+        if half_input:
+            # FP16 crops go in as they come: the compiled model converts them with the
+            # CPU's vector instructions, where numpy 1.x casts one element at a time
+            # (10-18 ms a crop, 5-10 core-seconds of a full product).
+            ppp = PrePostProcessor(model)
+            ppp.input(0).tensor().set_element_type(ov.Type.f16)
+            model = ppp.build()
         config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": hint}
         if threads > 0:
             config["INFERENCE_NUM_THREADS"] = threads
@@ -93,6 +101,7 @@ class _OnnxRuntime:
         self.describe = f"ONNX Runtime {ort.__version__}, {os.path.basename(path)}"
 
     def run(self, batch):
+        batch = batch.astype(np.float32, copy=False)
         arrays = self.session.run(self.outputs, {"input": batch})
         return dict(zip(self.outputs, arrays, strict=True))
 
@@ -105,6 +114,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = os.path.join(args["model_repository"], args["model_version"])
         channels = config["input"][0]["dims"][0]
+        half_input = config["input"][0]["data_type"] == "TYPE_FP16"
         threads = int(
             os.environ.get("KAPPAMASK_ORT_THREADS", params.get("ort_intra_op_threads", "0"))
         )
@@ -121,7 +131,8 @@ class TritonPythonModel:
         self.runtime = None
         if runtime == "openvino":
             try:
-                self.runtime = _OpenVINO(folder, channels, precision, int8_file, threads, outputs)
+                self.runtime = _OpenVINO(folder, channels, precision, int8_file, threads,
+                                         outputs, half_input)  # fmt: skip
             except ImportError:
                 logger.log_warn(f"{config['name']}: the openvino package is not installed, "
                                 "falling back to ONNX Runtime")  # fmt: skip
@@ -136,7 +147,7 @@ class TritonPythonModel:
     def execute(self, requests):
         inputs = [pb_utils.get_input_tensor_by_name(r, "input").as_numpy() for r in requests]
         sizes = [a.shape[0] for a in inputs]
-        batch = np.concatenate(inputs).astype(np.float32, copy=False)
+        batch = np.concatenate(inputs)  # FP16 or FP32 as the config says: the runtime converts
         out = self.runtime.run(batch)
         responses = []
         start = 0
