@@ -118,6 +118,10 @@ class TritonPythonModel:
         threads = int(
             os.environ.get("KAPPAMASK_ORT_THREADS", params.get("ort_intra_op_threads", "0"))
         )
+        instances = sum(group.get("count", 1) for group in config.get("instance_group", []))
+        if threads == 0 and instances > 1:
+            # instances run side by side: each on its share of the cores, not all of them
+            threads = max(1, len(os.sched_getaffinity(0)) // instances)
         runtime = os.environ.get("KAPPAMASK_CPU_RUNTIME") or params.get("runtime", "openvino")
         precision = os.environ.get("KAPPAMASK_CPU_PRECISION") or params.get("precision", "auto")
         logger = pb_utils.Logger
