@@ -151,9 +151,12 @@ def stac_validator() -> JsonSchemaSTACValidator:
     return validator
 
 
-def validate_item(item_dict: dict[str, Any], validator: JsonSchemaSTACValidator) -> pystac.Item:
-    """``item.validate()`` against the core and every extension schema, offline."""
-    item = pystac.Item.from_dict(item_dict, migrate=False)
+def validate_item(
+    item_dict: dict[str, Any], validator: JsonSchemaSTACValidator, href: str | None = None
+) -> pystac.Item:
+    """``item.validate()`` against the core and every extension schema, offline (``href``:
+    where the item lies, which its relative links, a collection's for one, need)."""
+    item = pystac.Item.from_dict(item_dict, href=href, migrate=False)
     pystac.validation.set_validator(validator)
     item.validate()
     return item

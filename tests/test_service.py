@@ -376,6 +376,25 @@ def _poll(service: Service, job_url: str, until: set[str], timeout: float = 300)
     pytest.fail(f"job {job_url} did not reach {until}: {seen[-1]}")
 
 
+def test_callback_urls_pass_the_url_policy_at_submission(service: Service) -> None:
+    """The service refuses private addresses: a subscriber on 127.0.0.1 is a 403 before any
+    job exists; another scheme is a 400 (tests/test_callbacks.py delivers them)."""
+    jobs = requests.get(f"{service.url}/jobs", params={"f": "json"}, timeout=10).json()["jobs"]
+    inputs = {"product": str(T29UNU), "resolution": 60, "output": "callback"}
+    for subscriber, status, says in (
+        ({"successUri": "http://127.0.0.1:9/done"}, 403, "loopback or private"),
+        ({"successUri": "ftp://example.org/done"}, 400, "only http"),
+    ):
+        response = requests.post(f"{service.url}/processes/kappamask/execution",
+                                 json={"inputs": inputs, "subscriber": subscriber},
+                                 headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+        assert response.status_code == status, response.text
+        assert says in response.json()["description"]
+    after = requests.get(f"{service.url}/jobs", params={"f": "json"}, timeout=10).json()["jobs"]
+    assert len(after) == len(jobs)
+    assert not (service.output_dir / "callback").exists()
+
+
 def test_async_execution_reports_progress(service: Service) -> None:
     job_url = submit_async(
         service.url, {"product": str(T29UNU), "resolution": 20, "output": "async"}

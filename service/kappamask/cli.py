@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from kappamask import __version__
 from kappamask.bands import LEVELS
 from kappamask.cli_options import (
+    F,
     buffer_option,
     install_repository_option,
     protocol_option,
@@ -26,6 +28,9 @@ from kappamask.cli_options import (
 )
 from kappamask.errors import KappaMaskError
 from kappamask.options import RESAMPLING_METHODS, RunOptions
+
+if TYPE_CHECKING:  # the pipeline's imports (rasterio, tritonclient) wait for a command
+    from kappamask.pipeline import ProgressFn
 
 LOGGER = logging.getLogger(__name__)
 
@@ -66,6 +71,75 @@ def main(verbose: bool) -> None:
     )
 
 
+def product_options(command: F) -> F:
+    """The per-product options of `run` and `batch` (RunOptions'), declared once."""
+    decorators = [
+        resolution_option("10"),
+        click.option("--resampling", type=click.Choice(RESAMPLING_METHODS),
+                     default=RunOptions().resampling, show_default=True),
+        click.option("--level", type=click.Choice(LEVELS), default=None,
+                     help="Fail unless the product is of this level (default: read from the "
+                     "metadata)."),
+        click.option("--bbox", type=float, nargs=4, default=None, metavar="W S E N",
+                     help="Mask only this lon/lat box (degrees)."),
+        click.option("--aoi", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     default=None, help="Mask only this GeoJSON (Multi)Polygon (a file; "
+                     "EPSG:4326)."),
+        click.option("--model", default=None,
+                     help="Model name[:version_label] (default: by level)."),
+        buffer_option("--cloud-buffer", "clouds (opaque and semi-transparent)"),
+        buffer_option("--shadow-buffer", "cloud shadows"),
+        click.option("--overwrite", is_flag=True,
+                     help="Compute again even when the output holds this result."),
+        triton_url_option,
+        protocol_option,
+        repository_option,
+    ]  # fmt: skip
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+def _run_options(flags: dict[str, Any]) -> RunOptions:
+    """RunOptions from the flags of `product_options` (checked before anything starts: bad
+    options end here, with the process's message)."""
+    aoi = flags["aoi"]
+    return RunOptions(
+        resolution=int(flags["resolution"]),
+        resampling=flags["resampling"],
+        level=flags["level"],
+        bbox=flags["bbox"] or None,
+        aoi=_read_geojson(aoi) if aoi else None,
+        model=flags["model"],
+        overwrite=flags["overwrite"],
+        cloud_buffer=flags["cloud_buffer"],
+        shadow_buffer=flags["shadow_buffer"],
+    )
+
+
+@contextmanager
+def _triton_and_progress(flags: dict[str, Any], desc: str) -> Iterator[tuple[Any, ProgressFn]]:
+    """A ready Triton client (a local Triton started when no URL is given) and a progress
+    bar on stderr."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.inference.server import triton_endpoint
+    from kappamask.inference.triton import TritonClient
+
+    with ExitStack() as stack:
+        triton = triton_endpoint(stack, flags["triton_url"], flags["protocol"],
+                                 flags["model_repository"] or DEFAULT_REPOSITORY)  # fmt: skip
+        client = stack.enter_context(TritonClient(triton.url, flags["protocol"]))
+        client.wait_ready()
+        bar = stack.enter_context(tqdm(total=100, unit="%", desc=desc, file=sys.stderr))
+
+        def progress(percent: int, message: str) -> None:
+            bar.update(percent - bar.n)
+            bar.set_postfix_str(message[-40:])
+
+        yield client, progress
+        bar.update(100 - bar.n)
+
+
 @main.command("run")
 @click.argument("product")
 @click.option(
@@ -74,95 +148,20 @@ def main(verbose: bool) -> None:
     required=True,
     help="Folder or s3://bucket/prefix for the mask COG, confidence COG, preview and STAC item.",
 )
-@resolution_option("10")
-@click.option(
-    "--resampling",
-    type=click.Choice(RESAMPLING_METHODS),
-    default=RunOptions().resampling,
-    show_default=True,
-)
-@click.option(
-    "--level",
-    type=click.Choice(LEVELS),
-    default=None,
-    help="Fail unless the product is of this level (default: read from the metadata).",
-)
-@click.option(
-    "--bbox",
-    type=float,
-    nargs=4,
-    default=None,
-    metavar="W S E N",
-    help="Mask only this lon/lat box (degrees).",
-)
-@click.option(
-    "--aoi",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Mask only this GeoJSON (Multi)Polygon (a file; EPSG:4326).",
-)
-@click.option("--model", default=None, help="Model name[:version_label] (default: by level).")
-@buffer_option("--cloud-buffer", "clouds (opaque and semi-transparent)")
-@buffer_option("--shadow-buffer", "cloud shadows")
-@click.option(
-    "--overwrite", is_flag=True, help="Compute again even when the output holds this result."
-)
-@triton_url_option
-@protocol_option
-@repository_option
-def run_command(
-    product: str,
-    output: str,
-    resolution: str,
-    resampling: str,
-    level: str | None,
-    bbox: tuple[float, float, float, float] | None,
-    aoi: Path | None,
-    model: str | None,
-    cloud_buffer: float,
-    shadow_buffer: float,
-    overwrite: bool,
-    triton_url: str | None,
-    protocol: str,
-    model_repository: Path | None,
-) -> None:
+@product_options
+def run_command(product: str, output: str, **flags: Any) -> None:
     """Mask PRODUCT: a .SAFE folder or .zip, s3://bucket/...SAFE (or .zip), or a STAC item
     (URL, s3:// or local .json), L1C or L2A. S3 settings come from the environment
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., KAPPAMASK_S3_REQUESTER_PAYS)."""
-    from kappamask.inference.repository import DEFAULT_REPOSITORY
-    from kappamask.inference.server import triton_endpoint
-    from kappamask.inference.triton import TritonClient
     from kappamask.pipeline import ASSETS, run
 
-    # checked before anything starts: bad options end here, with the process's message
-    options = RunOptions(
-        resolution=int(resolution),
-        resampling=resampling,
-        level=level,
-        bbox=bbox or None,
-        aoi=_read_geojson(aoi) if aoi else None,
-        model=model,
-        overwrite=overwrite,
-        cloud_buffer=cloud_buffer,
-        shadow_buffer=shadow_buffer,
-    )
-    with ExitStack() as stack:
-        triton = triton_endpoint(stack, triton_url, protocol,
-                                 model_repository or DEFAULT_REPOSITORY)  # fmt: skip
-        client = stack.enter_context(TritonClient(triton.url, protocol))
-        client.wait_ready()
-        bar = stack.enter_context(tqdm(total=100, unit="%", desc="kappamask", file=sys.stderr))
-
-        def progress(percent: int, message: str) -> None:
-            bar.update(percent - bar.n)
-            bar.set_postfix_str(message[-40:])
-
+    options = _run_options(flags)
+    with _triton_and_progress(flags, "kappamask") as (client, progress):
         result = run(product, output, client, options, progress=progress)
-        bar.update(100 - bar.n)
     summary = result.to_json()  # the job result's figures, with its denominators
     for key in (*ASSETS, "item"):
         click.echo(f"{'STAC item:' if key == 'item' else key + ':':<12} {summary[key]}")
-    where = " inside the bbox/aoi" if bbox or aoi else ""
+    where = " inside the bbox/aoi" if options.area is not None else ""
     denominator = "the area's" if where else "all"
     click.echo(f"classes (% of pixels with data{where}): "
                + json.dumps(summary["class_percentages"]))  # fmt: skip
@@ -175,6 +174,60 @@ def run_command(
         click.echo(
             f"{result.crops_inferred}/{result.crops_total} crops inferred in {result.seconds:.1f} s"
         )
+
+
+@main.command("batch")
+@click.argument("products", nargs=-1)
+@click.option(
+    "--products-file",
+    type=click.File("r"),
+    default=None,
+    help="More products, one per line ('-': standard input; # starts a comment).",
+)
+@click.option(
+    "--out",
+    "output",
+    required=True,
+    help="Folder or s3://bucket/prefix for every product's result and collection.json.",
+)
+@click.option(
+    "--collection-id",
+    default="kappamask",
+    show_default=True,
+    help="Id of the STAC Collection over the results.",
+)
+@product_options
+def batch_command(
+    products: tuple[str, ...],
+    products_file: Any,
+    output: str,
+    collection_id: str,
+    **flags: Any,
+) -> None:
+    """Mask every PRODUCT (anything `run` takes) into one output with a STAC Collection
+    (collection.json) over the results. A product that fails is reported and the batch
+    goes on; the exit code is 1 when any failed."""
+    from kappamask.batch import check_batch, run_batch
+
+    listed = list(products)
+    if products_file is not None:
+        lines = (line.split("#", 1)[0].strip() for line in products_file)
+        listed += [line for line in lines if line]
+    check_batch(listed, collection_id)
+    options = _run_options(flags)
+    with _triton_and_progress(flags, "kappamask batch") as (client, progress):
+        result = run_batch(listed, output, client, options, collection_id=collection_id,
+                           progress=progress)  # fmt: skip
+    for outcome in result.products:
+        if outcome.status == "successful":
+            again = " (already there)" if outcome.reused else ""
+            click.echo(f"ok      {outcome.product}: {outcome.item}, cloud cover "
+                       f"{outcome.cloud_cover} %{again}")  # fmt: skip
+        else:
+            click.echo(f"FAILED  {outcome.product}: {outcome.message}")
+    click.echo(f"collection: {result.collection} ({result.succeeded}/{len(listed)} products)")
+    if result.succeeded < len(listed):
+        sys.exit(1)
 
 
 def _read_geojson(path: Path) -> dict[str, Any]:

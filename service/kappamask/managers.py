@@ -10,7 +10,10 @@ synchronous failure with 400. The process records its KappaMaskError per job
 - raise it again for a synchronous execution, as a ``ProcessorExecuteError`` carrying the
   error's own HTTP status (404 missing product, 403 refused path, 503 Triton down, ...);
 - keep a dismissed job as a record with status ``dismissed`` (OGC API - Processes),
-  so that polling it answers what happened instead of a bare 404.
+  so that polling it answers what happened instead of a bare 404;
+- check the callback URLs of a ``subscriber`` when the job is submitted and send its
+  callbacks themselves (``kappamask.callbacks``): the failure callback after the failure's
+  message is known, and none of them able to fail the job.
 
 Configure them by dotted name: ``kappamask.managers.TinyDBManager`` or
 ``kappamask.managers.PostgreSQLManager``.
@@ -24,8 +27,9 @@ from typing import Any
 
 from pygeoapi.process.base import ProcessorExecuteError
 from pygeoapi.process.manager.tinydb_ import TinyDBManager as _TinyDBManager
-from pygeoapi.util import JobStatus, get_current_datetime
+from pygeoapi.util import JobStatus, Subscriber, get_current_datetime
 
+from kappamask.callbacks import JobSubscriber, check_subscriber, deliver
 from kappamask.errors import KappaMaskError
 
 _FAILURES: OrderedDict[str, KappaMaskError] = OrderedDict()
@@ -61,16 +65,43 @@ class ErrorStatusMixin:
     """Failures by cause, dismissals remembered (see the module docstring)."""
 
     def _execute_handler_sync(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        # pygeoapi passes the subscriber positionally or by name: bind it to this job
+        policy = getattr(getattr(p, "settings", None), "policy", None)
+        process_id = str(p.metadata.get("id", ""))
+        args = tuple(JobSubscriber.bind(a, job_id, process_id, policy)
+                     if isinstance(a, Subscriber) else a for a in args)  # fmt: skip
+        if isinstance(kwargs.get("subscriber"), Subscriber):
+            kwargs["subscriber"] = JobSubscriber.bind(kwargs["subscriber"], job_id, process_id,
+                                                      policy)  # fmt: skip
+        subscriber = next((a for a in (*args, *kwargs.values()) if isinstance(a, JobSubscriber)),
+                          None)  # fmt: skip
         jfmt, outputs, status = super()._execute_handler_sync(  # type: ignore[misc]
             p, job_id, *args, **kwargs
         )
         if status == JobStatus.failed:
             with _LOCK:
                 err = _FAILURES.get(job_id)
+            message = str(outputs.get("description", "")) if isinstance(outputs, dict) else ""
             if err is not None:
                 outputs = {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)}
-                self.update_job(job_id, {"message": failure_message(err)})
+                message = failure_message(err)
+                self.update_job(job_id, {"message": message})
+            if subscriber is not None:
+                info = subscriber.status_info(JobStatus.failed.value, message)
+                deliver(subscriber.failed_uri, info, subscriber.policy)
         return jfmt, outputs, status
+
+    def _send_in_progress_notification(self, subscriber: Subscriber | None) -> None:
+        if isinstance(subscriber, JobSubscriber):
+            info = subscriber.status_info(JobStatus.running.value, "job started", 0)
+            deliver(subscriber.in_progress_uri, info, subscriber.policy)
+
+    def _send_success_notification(self, subscriber: Subscriber | None, outputs: Any) -> None:
+        if isinstance(subscriber, JobSubscriber):
+            deliver(subscriber.success_uri, outputs, subscriber.policy)
+
+    def _send_failed_notification(self, subscriber: Subscriber | None) -> None:
+        """Sent by ``_execute_handler_sync`` once the failure's cause is known."""
 
     def delete_job(self, job_id: str) -> bool:
         job = dict(self.get_job(job_id))  # type: ignore[attr-defined]
@@ -98,6 +129,18 @@ class ErrorStatusMixin:
         return bool(super().update_job(job_id, update_dict))  # type: ignore[misc]
 
     def execute_process(self, *args: Any, **kwargs: Any) -> Any:
+        subscriber = kwargs.get("subscriber")
+        if subscriber is None:  # positional: (process_id, data, mode, outputs, subscriber, ...)
+            subscriber = next((a for a in args if isinstance(a, Subscriber)), None)
+        process_id = kwargs.get("process_id", args[0] if args else None)
+        if subscriber is not None and process_id is not None:
+            processor = self.get_processor(process_id)  # type: ignore[attr-defined]
+            policy = getattr(getattr(processor, "settings", None), "policy", None)
+            if policy is not None:
+                try:
+                    check_subscriber(subscriber, policy)
+                except KappaMaskError as refused:
+                    raise to_process_error(refused) from refused
         result = super().execute_process(*args, **kwargs)  # type: ignore[misc]
         job_id, _mime, _outputs, status, _headers = result
         with _LOCK:

@@ -1,7 +1,9 @@
-"""The pygeoapi process ``kappamask``: a thin shell over ``pipeline.run``."""
+"""The pygeoapi processes ``kappamask`` and ``kappamask-batch``: thin shells over
+``pipeline.run`` and ``batch.run_batch``."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from pygeoapi.process.base import BaseProcessor
 from kappamask import __version__
 from kappamask.access import AccessPolicy
 from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
+from kappamask.batch import DEFAULT_COLLECTION_ID, MAX_PRODUCTS, check_batch, run_batch
 from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import JobReporter, inference_slot
@@ -189,6 +192,61 @@ PROCESS_METADATA: dict[str, Any] = {
 }
 
 
+def _batch_metadata() -> dict[str, Any]:
+    """``kappamask-batch``: the inputs of ``kappamask`` with ``products`` (a list) in place
+    of ``product``, and the collection's id."""
+    meta = copy.deepcopy(PROCESS_METADATA)
+    single = meta["inputs"].pop("product")
+    meta.update({
+        "id": "kappamask-batch",
+        "title": {"en": "KappaMask batch: cloud masks of many Sentinel-2 products"},
+        "description": {"en": "Masks every product of a list as the kappamask process does, "
+                        "into one output, and publishes a STAC Collection (collection.json) "
+                        "over the results. A product that fails is listed with its error; "
+                        "the others go on. Dismissing the job stops it after the running "
+                        "product; the collection keeps the products finished by then."},
+        "jobControlOptions": ["async-execute", "sync-execute"],
+    })  # fmt: skip
+    meta["inputs"] = {
+        "products": {
+            "title": "Sentinel-2 products",
+            "description": f"1 to {MAX_PRODUCTS} products, each anything the kappamask "
+            "process takes as 'product'.",
+            "schema": {
+                "type": "array",
+                "items": single["schema"],
+                "minItems": 1,
+                "maxItems": MAX_PRODUCTS,
+            },
+            "minOccurs": 1,
+            "maxOccurs": 1,
+        },
+        "collection_id": {
+            "title": "Collection id",
+            "description": "Id of the STAC Collection over the results (letters, digits, "
+            "'-', '_', '.').",
+            "schema": {"type": "string", "default": DEFAULT_COLLECTION_ID},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        **meta["inputs"],
+    }
+    meta["outputs"] = {
+        "result": {
+            "title": "Result",
+            "description": "The collection's href and, per product in the order given, its "
+            "outcome: the STAC item's href and cloud cover, or the error message.",
+            "schema": {"type": "object", "contentMediaType": "application/json"},
+        }
+    }
+    meta["example"] = {"inputs": {"products": [PROCESS_METADATA["example"]["inputs"]["product"]],
+                                  "resolution": 60, "collection_id": "example"}}  # fmt: skip
+    return meta
+
+
+BATCH_METADATA = _batch_metadata()
+
+
 @dataclass(frozen=True)
 class ProcessSettings:
     """Server-side settings of the process, from the pygeoapi resource definition."""
@@ -254,34 +312,80 @@ class KappaMaskProcessor(BaseProcessor):
     ) -> tuple[str, Any]:
         job = JobReporter(self.job_id)
         try:
-            product, output, options = parse_inputs(data)
-            with inference_slot(self.settings.max_jobs, job):
-                job.update(PROGRESS_START, f"running: {describe_reference(product)}")
-                with TritonClient(
-                    self.settings.triton_url, self.settings.triton_protocol
-                ) as client:
-                    result = run(
-                        product,
-                        output or self.settings.output_dir,
-                        client,
-                        options,
-                        progress=job.update,
-                        cancelled=job.cancelled,
-                        policy=self.settings.policy,
-                        output_base=self.settings.output_dir,
-                        public_url=self.settings.outputs_url,
-                    )
+            result = self._run(data, job)
         except KappaMaskError as err:
             LOGGER.warning("job %s failed: %s", self.job_id, err)
             record_failure(self.job_id, err)
             raise to_process_error(err) from err
         except Exception as err:  # a bug here, never the client's fault
             LOGGER.exception("job %s failed on an internal error", self.job_id)
-            internal = InternalError(f"internal error of the kappamask process: "
+            internal = InternalError(f"internal error of the {self.metadata['id']} process: "
                                      f"{type(err).__name__}: {err}")  # fmt: skip
             record_failure(self.job_id, internal)
             raise to_process_error(internal) from err
-        return "application/json", result.to_json()
+        return "application/json", result
+
+    def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
+        product, output, options = parse_inputs(data)
+        with inference_slot(self.settings.max_jobs, job):
+            job.update(PROGRESS_START, f"running: {describe_reference(product)}")
+            with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
+                result = run(product, output or self.settings.output_dir, client, options,
+                             progress=job.update, cancelled=job.cancelled,
+                             policy=self.settings.policy, output_base=self.settings.output_dir,
+                             public_url=self.settings.outputs_url)  # fmt: skip
+        return result.to_json()
 
     def __repr__(self) -> str:
         return f"<KappaMaskProcessor> {self.name}"
+
+
+def parse_batch_inputs(data: Any) -> tuple[list[ProductRef], str | None, RunOptions, str]:
+    """Validate a batch's inputs: (products, output, options, collection id)."""
+    if not isinstance(data, dict):
+        raise InvalidInputError("inputs must be a JSON object")
+    unknown = sorted(set(data) - set(BATCH_METADATA["inputs"]))
+    if unknown:
+        raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
+    listed = data.get("products")
+    if not isinstance(listed, list):
+        raise InvalidInputError("input 'products' is required: a list of products")
+    products: list[ProductRef] = []
+    for index, product in enumerate(listed):
+        if isinstance(product, dict):
+            products.append(product)
+        else:
+            what = "a path, an s3:// or STAC item URL, or a STAC item"
+            products.append(text_input({"products": product}, "products", what) or "")
+            if not products[-1]:
+                raise InvalidInputError(f"products[{index}] must be {what}")
+    collection_id = text_input(data, "collection_id", "a collection id")
+    collection_id = collection_id or DEFAULT_COLLECTION_ID
+    check_batch(products, collection_id)
+    output = text_input(data, "output", "a folder or s3://bucket/prefix")
+    return products, output, RunOptions.from_inputs(data), collection_id
+
+
+class KappaMaskBatchProcessor(KappaMaskProcessor):
+    """pygeoapi processor of ``kappamask-batch``: one inference slot for the whole batch,
+    progress over its products."""
+
+    def __init__(self, processor_def: dict[str, Any]) -> None:
+        BaseProcessor.__init__(self, processor_def, BATCH_METADATA)
+        self.settings = ProcessSettings.from_definition(processor_def)
+        self.job_id = None
+
+    def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
+        products, output, options, collection_id = parse_batch_inputs(data)
+        with inference_slot(self.settings.max_jobs, job):
+            job.update(1, f"running: {len(products)} products")
+            with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
+                result = run_batch(products, output or self.settings.output_dir, client,
+                                   options, self.settings.policy, collection_id,
+                                   progress=job.update, cancelled=job.cancelled,
+                                   output_base=self.settings.output_dir,
+                                   public_url=self.settings.outputs_url)  # fmt: skip
+        return result.to_json()
+
+    def __repr__(self) -> str:
+        return f"<KappaMaskBatchProcessor> {self.name}"
