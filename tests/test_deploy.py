@@ -26,6 +26,7 @@ from tritonclient.grpc import model_config_pb2
 
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
+from kappamask.queue import QUEUE
 
 from .processes import stop, wait_for
 
@@ -83,6 +84,14 @@ def test_compose_services_and_ordering(compose: dict[str, Any]) -> None:
     assert api["build"]["dockerfile"] == "deploy/Dockerfile"
     assert api["environment"]["KAPPAMASK_JOB_MANAGER"] == "kappamask.managers.PostgreSQLManager"
     assert api["ports"] == ["5000:5000"]
+    # the queue: the API enqueues on redis, workers of the same image and settings run jobs
+    worker, redis = services["worker"], services["redis"]
+    assert worker["image"] == api["image"] and worker["environment"] == api["environment"]
+    assert worker["entrypoint"][:2] == ["kappamask", "worker"]
+    assert api["environment"]["KAPPAMASK_BROKER_URL"].startswith("redis://redis:6379/")
+    for service in (api, worker):
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "--appendonly" in redis["command"] and "redis-cli" in redis["healthcheck"]["test"]
 
 
 def test_compose_fetches_the_official_weights_before_triton(compose: dict[str, Any]) -> None:
@@ -121,7 +130,7 @@ def test_compose_cpu_profile(compose: dict[str, Any]) -> None:
     assert cpu["profiles"] == ["cpu"] and not _gpu_reserved(cpu)
     assert "--model-config-name=openvino" in cpu["command"]  # Triton's OpenVINO backend
     assert cpu["image"].startswith("${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:")
-    both = {"api", "minio", "createbucket", "postgres"}
+    both = {"api", "worker", "redis", "minio", "createbucket", "postgres"}
     assert all(set(compose["services"][s]["profiles"]) == {"gpu", "cpu"} for s in both)
 
 
@@ -198,6 +207,8 @@ def _find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> None:
     docs = _render(DEPLOY / "k8s" / "overlays" / overlay)
     for doc in docs:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # KEDA's custom resource: checked below, not a core API schema
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
     assert {
@@ -225,6 +236,29 @@ def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> N
     assert {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_JOB_MANAGER"] == (
         "kappamask.managers.PostgreSQLManager"
     )
+    # the queue: the API enqueues on the Redis the workers read; KEDA scales the workers
+    # on the length of the queue's Redis list; both mount the one ReadWriteMany results
+    worker_pod = _find(docs, "Deployment", "kappamask-worker")["spec"]["template"]["spec"]
+    worker = worker_pod["containers"][0]
+    assert worker["command"][:2] == ["kappamask", "worker"]
+    broker = {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_BROKER_URL"]
+    assert {e["name"]: e.get("value") for e in worker["env"]}["KAPPAMASK_BROKER_URL"] == broker
+    assert broker.startswith("redis://kappamask-redis:6379/")
+    assert ("Service", "kappamask-redis") in kinds
+    scaled = _find(docs, "ScaledObject", "kappamask-worker")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "kappamask-worker"
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == QUEUE
+    assert trigger["metadata"]["address"].startswith("kappamask-redis.")
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+    pvc = _find(docs, "PersistentVolumeClaim", "kappamask-results")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    api_pod = _find(docs, "Deployment", "kappamask-api")["spec"]["template"]["spec"]
+    for pod in (api_pod, worker_pod):
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v]  # fmt: skip
+        assert claims == ["kappamask-results"]
     if overlay == "gpu":
         assert gpu_limit == 1 and inits == ["copy-models", "build-engines"]
         assert "--model-config-name=gpu" in triton["containers"][0]["args"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -240,40 +241,53 @@ def _read_geojson(path: Path) -> dict[str, Any]:
     return data  # a geometry, Feature or FeatureCollection: RunOptions checks it
 
 
+def service_options(command: F) -> F:
+    """What the API (`serve`) and the queue's workers (`worker`) share: Triton, the output
+    folder, the data roots."""
+    decorators = [
+        triton_url_option,
+        protocol_option,
+        repository_option,
+        click.option("--output-dir", type=click.Path(path_type=Path),
+                     default=Path("kappamask-results"), show_default=True,
+                     help="Where results are written."),
+        click.option("--data-root", "data_roots", type=click.Path(path_type=Path),
+                     multiple=True, help="Folder whose products may be processed (repeatable; "
+                     "default: KAPPAMASK_DATA_ROOTS, else the current folder)."),
+    ]  # fmt: skip
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
 @main.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=5000, show_default=True, type=int)
-@triton_url_option
-@protocol_option
-@repository_option
 @click.option(
-    "--output-dir",
-    type=click.Path(path_type=Path),
-    default=Path("kappamask-results"),
-    show_default=True,
-    help="Where results are written.",
+    "--broker-url",
+    envvar="KAPPAMASK_BROKER_URL",
+    default=None,
+    help="Redis URL of the job queue: jobs then run on `kappamask worker` processes "
+    "(default: in this process's threads).",
 )
-@click.option(
-    "--data-root",
-    "data_roots",
-    type=click.Path(path_type=Path),
-    multiple=True,
-    help="Folder whose products may be processed (repeatable; default: KAPPAMASK_DATA_ROOTS, "
-    "else the current folder).",
-)
+@service_options
 def serve_command(
     host: str,
     port: int,
+    broker_url: str | None,
     triton_url: str | None,
     protocol: str,
     model_repository: Path | None,
     output_dir: Path,
     data_roots: tuple[Path, ...],
 ) -> None:
-    """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask process."""
+    """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask processes."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.queue import BROKER_ENV
     from kappamask.serve import serve
 
+    if broker_url:
+        os.environ[BROKER_ENV] = broker_url
     serve(
         host,
         port,
@@ -283,6 +297,39 @@ def serve_command(
         data_roots or None,
         repository=model_repository or DEFAULT_REPOSITORY,
     )
+
+
+@main.command("worker")
+@click.option(
+    "--broker-url",
+    envvar="KAPPAMASK_BROKER_URL",
+    required=True,
+    help="Redis URL of the job queue (the API's --broker-url).",
+)
+@click.option(
+    "--public-url",
+    envvar="KAPPAMASK_PUBLIC_URL",
+    default="http://localhost:5000",
+    show_default=True,
+    help="The API's URL: results name their files under it (it serves the output folder).",
+)
+@service_options
+def worker_command(
+    broker_url: str,
+    public_url: str,
+    triton_url: str | None,
+    protocol: str,
+    model_repository: Path | None,
+    output_dir: Path,
+    data_roots: tuple[Path, ...],
+) -> None:
+    """Take jobs from the queue and run them, one at a time (start as many as the Triton
+    behind them can feed; see deploy/README.md)."""
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.worker import work
+
+    work(broker_url, triton_url, protocol, output_dir, data_roots or None,
+         model_repository or DEFAULT_REPOSITORY, public_url)  # fmt: skip
 
 
 @main.command("wait-triton")

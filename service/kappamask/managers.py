@@ -29,6 +29,7 @@ from pygeoapi.process.base import ProcessorExecuteError
 from pygeoapi.process.manager.tinydb_ import TinyDBManager as _TinyDBManager
 from pygeoapi.util import JobStatus, Subscriber, get_current_datetime
 
+from kappamask import queue
 from kappamask.callbacks import JobSubscriber, check_subscriber, deliver
 from kappamask.errors import KappaMaskError
 
@@ -48,6 +49,12 @@ def record_failure(job_id: str | None, err: KappaMaskError) -> None:
             _FAILURES.popitem(last=False)
 
 
+def recorded_failure(job_id: str) -> KappaMaskError | None:
+    """The error recorded for job ``job_id`` in this process, if any."""
+    with _LOCK:
+        return _FAILURES.get(job_id)
+
+
 def to_process_error(err: KappaMaskError) -> ProcessorExecuteError:
     """A pygeoapi error carrying our message, HTTP status and OGC code."""
     out = ProcessorExecuteError(user_msg=str(err))
@@ -64,7 +71,48 @@ def failure_message(err: KappaMaskError) -> str:
 class ErrorStatusMixin:
     """Failures by cause, dismissals remembered (see the module docstring)."""
 
+    def _execute_handler_async(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not queue.queued():
+            return super()._execute_handler_async(p, job_id, *args, **kwargs)  # type: ignore[misc]
+        self._enqueue(p, job_id, *args, **kwargs)
+        return "application/json", None, JobStatus.accepted
+
+    def _enqueue(
+        self,
+        p: Any,
+        job_id: str,
+        data_dict: dict[str, Any],
+        requested_outputs: Any = None,
+        subscriber: Subscriber | None = None,
+        requested_response: Any = "raw",
+    ) -> Any:
+        """Queue a recorded job; a broker that cannot be reached fails it (503)."""
+        try:
+            return queue.enqueue(str(p.metadata["id"]), job_id, data_dict, requested_outputs,
+                                 subscriber, requested_response)  # fmt: skip
+        except KappaMaskError as err:
+            now = get_current_datetime()
+            self.update_job(job_id, {"status": JobStatus.failed.value, "updated": now,
+                                     "finished": now, "message": failure_message(err)})  # fmt: skip
+            raise to_process_error(err) from err
+
+    def _wait_for_queued(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        """A synchronous request to the API of a queue: a worker runs the job, this
+        request waits for it and answers as if it had run it."""
+        outcome = self._enqueue(p, job_id, *args, **kwargs).get(propagate=False)
+        job = dict(self.get_job(job_id))  # type: ignore[attr-defined]
+        if job.get("status") == JobStatus.successful.value:
+            mimetype, outputs = self.get_job_result(job_id)  # type: ignore[attr-defined]
+            return mimetype, outputs, JobStatus.successful
+        err = queue.error_from(outcome, job)
+        record_failure(job_id, err)
+        return ("application/json",
+                {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)},
+                JobStatus.failed)  # fmt: skip
+
     def _execute_handler_sync(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if queue.queued():
+            return self._wait_for_queued(p, job_id, *args, **kwargs)
         # pygeoapi passes the subscriber positionally or by name: bind it to this job
         policy = getattr(getattr(p, "settings", None), "policy", None)
         process_id = str(p.metadata.get("id", ""))

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from kappamask import queue
 from kappamask.access import roots_from_env
 from kappamask.bands import LEVELS
 from kappamask.errors import KappaMaskError
@@ -106,7 +107,10 @@ def recover(output_dir: Path) -> None:
     from kappamask.jobs import _manager
 
     manager = _manager()
-    if manager is not None:
+    if queue.broker_url() is not None:
+        # queued jobs belong to the workers: one that dies has its job run by another
+        LOGGER.info("jobs run on the queue at %s", queue.safe_url(queue.broker_url()))
+    elif manager is not None:
         fail_interrupted_jobs(manager)
     if output_dir.exists():
         remove_stale_staging(output_dir)
@@ -151,17 +155,23 @@ def served_outputs() -> Path | None:
     return Path(folder).resolve()
 
 
+def set_outputs_url() -> Path | None:
+    """Where results are named from (pygeoapi-config.yml: outputs_url): the API's public
+    URL of the served output folder. Set before pygeoapi reads its configuration, in the
+    API and in the queue's workers alike; the served folder, if any."""
+    outputs = served_outputs()
+    if outputs is not None:
+        public = os.environ.get("KAPPAMASK_PUBLIC_URL", "http://localhost:5000").rstrip("/")
+        os.environ.setdefault(OUTPUTS_URL_ENV, public + OUTPUTS_ROUTE)
+    return outputs
+
+
 def guarded_app(triton_ready: Callable[[], bool]) -> Any:
     """pygeoapi's Flask app (configured from the environment) behind the request guard,
     with quiet logs: what `kappamask serve` and the deployment's gunicorn (kappamask.wsgi)
     both serve."""
     _quiet_logs()
-    outputs = served_outputs()
-    if outputs is not None:
-        # what the processor names results by (pygeoapi-config.yml: outputs_url); set
-        # before pygeoapi reads its configuration, on import
-        public = os.environ.get("KAPPAMASK_PUBLIC_URL", "http://localhost:5000").rstrip("/")
-        os.environ.setdefault(OUTPUTS_URL_ENV, public + OUTPUTS_ROUTE)
+    outputs = set_outputs_url()
     from pygeoapi.flask_app import APP
 
     limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)

@@ -1,0 +1,190 @@
+"""The job queue: Celery on a Redis broker, so that jobs run on worker processes anywhere
+and survive the death of the process that ran them.
+
+With ``KAPPAMASK_BROKER_URL`` set (``kappamask serve --broker-url``), an API process only
+validates a job, records it in pygeoapi's job manager (PostgreSQL when API pods and
+workers are many: every one of them answers for every job) and enqueues it; a
+synchronous request waits for its job to finish. ``kappamask worker`` processes take jobs
+one at a time and run them through the manager's own execution path (progress,
+cancellation, results, callbacks, failures by cause), so a queued job behaves as a
+threaded one does. Without a broker, ``kappamask serve`` runs jobs in its own threads as
+before.
+
+Workers acknowledge a job only when it has finished (``acks_late``): a worker killed in
+the middle leaves its job unacknowledged, and Redis hands it to another worker once the
+visibility timeout has passed (``KAPPAMASK_QUEUE_VISIBILITY_S``, default 3 hours: longer
+than any job, or a running job would be handed out twice). The second run publishes the
+same files atomically, or finds the first run's complete result and reuses it, so a
+product ends with exactly one result. A job that is dismissed, or already finished, when a
+worker takes it is acknowledged and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import cache
+from typing import Any
+
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
+from pygeoapi.util import JobStatus, Subscriber
+
+from kappamask import errors
+from kappamask.errors import (
+    CancelledError,
+    InferenceUnavailableError,
+    InternalError,
+    KappaMaskError,
+)
+from kappamask.storage import remove_stale_staging
+
+LOGGER = logging.getLogger(__name__)
+
+BROKER_ENV = "KAPPAMASK_BROKER_URL"
+VISIBILITY_ENV = "KAPPAMASK_QUEUE_VISIBILITY_S"
+DEFAULT_VISIBILITY_S = 3 * 3600
+QUEUE = "kappamask"
+TASK = "kappamask.run_job"
+#: Set in worker processes: there the manager runs jobs instead of enqueueing them.
+WORKER_ENV = "KAPPAMASK_QUEUE_WORKER"
+FINISHED = {JobStatus.successful.value, JobStatus.failed.value, JobStatus.dismissed.value}
+
+
+def broker_url() -> str | None:
+    """The broker jobs are queued on, or None (jobs run in the API process's threads)."""
+    return os.environ.get(BROKER_ENV) or None
+
+
+def in_worker() -> bool:
+    return os.environ.get(WORKER_ENV) == "1"
+
+
+def queued() -> bool:
+    """Whether this process hands its jobs to the queue (an API process with a broker)."""
+    return broker_url() is not None and not in_worker()
+
+
+@cache
+def app() -> Any:
+    """The Celery application on ``broker_url()``."""
+    from celery import Celery
+
+    url = broker_url()
+    if url is None:
+        raise InternalError(f"no job queue: {BROKER_ENV} is not set")
+    # the result backend carries a synchronous job's outcome (its error class) back to the
+    # API process that waits for it
+    celery = Celery("kappamask", broker=url, backend=url)
+    celery.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker holds one job, never a backlog
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={
+            "visibility_timeout": int(os.environ.get(VISIBILITY_ENV, DEFAULT_VISIBILITY_S))
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        result_expires=24 * 3600,
+        # a broker that is down is a 503 within seconds, not a request left hanging
+        broker_connection_timeout=3,
+        redis_socket_connect_timeout=3,
+        result_backend_transport_options={"retry_policy": {"max_retries": 1}},
+    )
+    celery.task(name=TASK)(run_job)
+    return celery
+
+
+def enqueue(
+    process_id: str,
+    job_id: str,
+    data: dict[str, Any],
+    requested_outputs: Any,
+    subscriber: Subscriber | None,
+    requested_response: Any,
+) -> Any:
+    """Put a recorded job on the queue (its Celery AsyncResult); InferenceUnavailableError
+    (503) when the broker cannot be reached."""
+    urls = None
+    if subscriber is not None:
+        urls = [subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri]
+    try:
+        return app().send_task(TASK, args=[process_id, job_id, data, requested_outputs, urls,
+                                    requested_response], task_id=job_id,
+                        retry_policy={"max_retries": 1, "interval_start": 0,
+                                      "interval_step": 0.5})  # fmt: skip
+    except (OperationalError, RedisError, OSError, RuntimeError) as err:
+        # kombu's error for the broker, redis-py's (or a refused socket, or Celery's
+        # RuntimeError) for the result backend on the same server
+        raise InferenceUnavailableError(
+            f"the job queue at {safe_url(broker_url())} cannot be reached ({err}); try again later"
+        ) from err
+
+
+def safe_url(url: str | None) -> str:
+    """The broker URL without its password."""
+    if not url or "@" not in url:
+        return str(url)
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def run_job(
+    process_id: str,
+    job_id: str,
+    data: dict[str, Any],
+    requested_outputs: Any,
+    subscriber_urls: list[str | None] | None,
+    requested_response: Any,
+) -> dict[str, Any]:
+    """The worker's side: run the recorded job through the manager, as its thread would;
+    its final status and, for a failure, the error's class (for a waiting API)."""
+    from kappamask.jobs import _manager
+    from kappamask.managers import recorded_failure
+
+    manager = _manager()
+    if manager is None:
+        raise InternalError("the worker has no pygeoapi job manager (PYGEOAPI_CONFIG)")
+    try:
+        status = str(manager.get_job(job_id).get("status"))
+    except Exception:  # JobNotFoundError: deleted before a worker took it
+        LOGGER.info("job %s is gone: dropped", job_id)
+        return {"status": JobStatus.dismissed.value}
+    if status in FINISHED:
+        LOGGER.info("job %s is already %s: dropped", job_id, status)
+        return {"status": status}
+    processor = manager.get_processor(process_id)
+    if status == JobStatus.running.value:
+        LOGGER.warning("job %s was running on a worker that died: running it again", job_id)
+        settings = getattr(processor, "settings", None)
+        if settings is not None and settings.output_dir.exists():
+            remove_stale_staging(settings.output_dir)  # what the dead worker left half-written
+    processor.set_job_id(job_id)
+    subscriber = Subscriber(*subscriber_urls) if subscriber_urls else None
+    _fmt, _outputs, final = manager._execute_handler_sync(
+        processor, job_id, data, requested_outputs, subscriber, requested_response
+    )
+    outcome: dict[str, Any] = {"status": str(getattr(final, "value", final))}
+    err = recorded_failure(job_id)
+    if err is not None:
+        outcome["error"] = type(err).__name__
+    return outcome
+
+
+def error_from(outcome: Any, job: dict[str, Any]) -> KappaMaskError:
+    """The error of a queued job that did not succeed, as its worker raised it (class and
+    message), for the API's answer to a synchronous request."""
+    message = str(job.get("message") or "the job did not finish")
+    code, _, text = message.partition(": ")
+    text = text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
+    name = outcome.get("error") if isinstance(outcome, dict) else None
+    cls = getattr(errors, str(name), None)
+    if isinstance(cls, type) and issubclass(cls, KappaMaskError):
+        return cls(text)
+    if str(job.get("status")) == JobStatus.dismissed.value:
+        return CancelledError(text)
+    return InternalError(text)

@@ -1,0 +1,203 @@
+"""The job queue: a real redis-server, `kappamask serve --broker-url` that only enqueues,
+real `kappamask worker` processes that run the jobs, and one of them killed mid-job."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from kappamask.errors import InferenceUnavailableError
+from kappamask.inference.server import LocalTriton, free_port
+
+from .conftest import DATA, T29UNU
+from .processes import start_serve, stop, submit_async, wait_for
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _redis_server() -> str:
+    """The redis-server binary; installed from Debian when missing and allowed (root, as
+    in CI: .ci/run installs it before the tests)."""
+    found = shutil.which("redis-server")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-qq"],
+                        ["apt-get", "install", "-y", "-qq", "redis-server"]):  # fmt: skip
+            subprocess.run(command, env=env, check=False, capture_output=True, timeout=600)
+        found = shutil.which("redis-server")
+    if found is None:
+        pytest.fail("the queue tests need redis-server: apt-get install redis-server")
+    return found
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (the Debian package) on a free port, nothing persisted."""
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(folder)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not _redis_answers(port):
+        assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@dataclass
+class Queue:
+    url: str
+    output_dir: Path
+    env: dict[str, str]
+    worker_args: list[str]
+    base: Path
+    workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    def start_worker(self) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.base / f"worker-{len(self.workers)}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kappamask.cli", "worker", *self.worker_args],
+                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                start_new_session=True,  # its own process group, as a container would be
+            )  # fmt: skip
+        self.workers.append((proc, log))
+        deadline = time.monotonic() + 90
+        while "ready." not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        return proc, log
+
+
+@pytest.fixture(scope="module")
+def queue(
+    triton: LocalTriton, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Queue]:
+    """An API that enqueues and two workers, sharing the job database and output folder
+    (TinyDB behind a file lock on one machine; PostgreSQL across machines)."""
+    base = tmp_path_factory.mktemp("queue")
+    port = free_port()
+    env = {
+        "KAPPAMASK_BROKER_URL": redis_url,
+        "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"),
+        "KAPPAMASK_JOBS_DB": str(base / "jobs.db"),
+        "KAPPAMASK_PUBLIC_URL": f"http://localhost:{port}",
+        # a killed worker's job goes back to the queue after this; the jobs here take less
+        "KAPPAMASK_QUEUE_VISIBILITY_S": "12",
+    }
+    shared = ["--triton-url", triton.http_url, "--output-dir", str(base / "out"),
+              "--data-root", str(DATA)]  # fmt: skip
+    log_path = base / "serve.log"
+    api = start_serve(["--port", str(port), *shared], log_path, env)
+    url = f"http://127.0.0.1:{port}"
+    running = Queue(url, base / "out", env, shared, base)
+    try:
+        wait_for(url, api, log_path)
+        running.start_worker()
+        running.start_worker()
+        yield running
+    finally:
+        for proc, _log in running.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+        stop(api)
+
+
+def _poll(job_url: str, until: set[str], timeout: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(job_url, timeout=10).json()
+        if job["status"] in until:
+            return dict(job)
+        time.sleep(0.2)
+    pytest.fail(f"job {job_url} did not reach {until}")
+
+
+def _worker_of(queue: Queue, job_id: str) -> tuple[subprocess.Popen[bytes], Path]:
+    for proc, log in queue.workers:
+        if job_id in log.read_text():
+            return proc, log
+    pytest.fail(f"no worker took job {job_id}")
+
+
+@pytest.mark.slow
+def test_the_api_enqueues_and_workers_run_the_jobs(queue: Queue) -> None:
+    job_url = submit_async(queue.url, {"product": str(T29UNU), "resolution": 60,
+                                       "output": "queued"})  # fmt: skip
+    job = _poll(job_url, {"successful", "failed"})
+    assert job["status"] == "successful", job
+    job_id = job_url.rstrip("/").rsplit("/", 1)[-1]
+    _worker_of(queue, job_id)  # a worker ran it, not the API
+    result = requests.get(f"{job_url}/results", params={"f": "json"}, timeout=10).json()
+    assert result["mask"].startswith(f"{queue.env['KAPPAMASK_PUBLIC_URL']}/outputs/queued/")
+    assert requests.get(result["mask"].replace("localhost", "127.0.0.1"), timeout=10).ok
+    # a synchronous request waits for its worker, and a failure keeps its status
+    body = {"inputs": {"product": str(T29UNU), "resolution": 60, "output": "queued"}}
+    sync = requests.post(f"{queue.url}/processes/kappamask/execution", json=body, timeout=300)
+    assert sync.status_code == 200 and sync.json()["mask"] == result["mask"], sync.text
+    missing = {"inputs": {"product": str(DATA / "s2" / "gone.SAFE")}}
+    lost = requests.post(f"{queue.url}/processes/kappamask/execution", json=missing, timeout=300)
+    assert lost.status_code == 404 and "does not exist" in lost.json()["description"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_leaves_the_job_to_another_and_one_result(queue: Queue) -> None:
+    job_url = submit_async(queue.url, {"product": str(T29UNU), "resolution": 20,
+                                       "output": "killed"})  # fmt: skip
+    job_id = job_url.rstrip("/").rsplit("/", 1)[-1]
+    deadline = time.monotonic() + 120
+    while (job := requests.get(job_url, timeout=10).json())["progress"] < 20:
+        assert job["status"] in ("accepted", "running") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    proc, _log = _worker_of(queue, job_id)
+    os.killpg(proc.pid, signal.SIGKILL)  # the worker and everything it started
+    proc.wait(timeout=30)
+    assert requests.get(job_url, timeout=10).json()["status"] == "running"
+    job = _poll(job_url, {"successful", "failed"}, timeout=300)
+    assert job["status"] == "successful", job
+    survivor = [lg for p, lg in queue.workers if p.poll() is None]
+    assert any("running it again" in lg.read_text() for lg in survivor)
+    folder = queue.output_dir / "killed"
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 6 and all(n.startswith(T29UNU.stem) for n in names), names
+    assert not any(p.name.startswith(".") for p in folder.iterdir())  # no staging left
+    queue.start_worker()  # two workers again for what follows
+
+
+def test_an_unreachable_broker_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kappamask import queue as job_queue
+
+    monkeypatch.setenv(job_queue.BROKER_ENV, f"redis://:secret@127.0.0.1:{free_port()}/0")
+    job_queue.app.cache_clear()
+    try:
+        with pytest.raises(InferenceUnavailableError, match="cannot be reached") as raised:
+            job_queue.enqueue("kappamask", "job-1", {}, None, None, "raw")
+        assert "secret" not in str(raised.value)
+    finally:
+        job_queue.app.cache_clear()
