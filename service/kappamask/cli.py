@@ -271,16 +271,7 @@ def service_options(command: F) -> F:
     "(default: in this process's threads).",
 )
 @service_options
-def serve_command(
-    host: str,
-    port: int,
-    broker_url: str | None,
-    triton_url: str | None,
-    protocol: str,
-    model_repository: Path | None,
-    output_dir: Path,
-    data_roots: tuple[Path, ...],
-) -> None:
+def serve_command(host: str, port: int, broker_url: str | None, **flags: Any) -> None:
     """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask processes."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.queue import BROKER_ENV
@@ -288,15 +279,9 @@ def serve_command(
 
     if broker_url:
         os.environ[BROKER_ENV] = broker_url
-    serve(
-        host,
-        port,
-        triton_url,
-        protocol,
-        output_dir,
-        data_roots or None,
-        repository=model_repository or DEFAULT_REPOSITORY,
-    )
+    serve(host, port, flags["triton_url"], flags["protocol"], flags["output_dir"],
+          flags["data_roots"] or None,
+          repository=flags["model_repository"] or DEFAULT_REPOSITORY)  # fmt: skip
 
 
 @main.command("worker")
@@ -314,22 +299,15 @@ def serve_command(
     help="The API's URL: results name their files under it (it serves the output folder).",
 )
 @service_options
-def worker_command(
-    broker_url: str,
-    public_url: str,
-    triton_url: str | None,
-    protocol: str,
-    model_repository: Path | None,
-    output_dir: Path,
-    data_roots: tuple[Path, ...],
-) -> None:
+def worker_command(broker_url: str, public_url: str, **flags: Any) -> None:
     """Take jobs from the queue and run them, one at a time (start as many as the Triton
     behind them can feed; see deploy/README.md)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.worker import work
 
-    work(broker_url, triton_url, protocol, output_dir, data_roots or None,
-         model_repository or DEFAULT_REPOSITORY, public_url)  # fmt: skip
+    work(broker_url, flags["triton_url"], flags["protocol"], flags["output_dir"],
+         flags["data_roots"] or None, flags["model_repository"] or DEFAULT_REPOSITORY,
+         public_url)  # fmt: skip
 
 
 @main.command("wait-triton")

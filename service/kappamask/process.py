@@ -274,17 +274,22 @@ class ProcessSettings:
         )
 
 
+def _check_names(data: Any, metadata: dict[str, Any]) -> None:
+    """Inputs are a JSON object of the process's input names only."""
+    if not isinstance(data, dict):
+        raise InvalidInputError("inputs must be a JSON object")
+    unknown = sorted(set(data) - set(metadata["inputs"]))
+    if unknown:
+        raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
+
+
 def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
     """Validate the execute request's inputs: (product, output, options).
 
     Unknown names and wrong types are errors naming the input (RunOptions checks the
     options, as it does for the CLI).
     """
-    if not isinstance(data, dict):
-        raise InvalidInputError("inputs must be a JSON object")
-    unknown = sorted(set(data) - set(PROCESS_METADATA["inputs"]))
-    if unknown:
-        raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
+    _check_names(data, PROCESS_METADATA)
     product = data.get("product")
     required = "a path, an s3:// or STAC item URL, or a STAC item"
     if product is None:
@@ -342,11 +347,7 @@ class KappaMaskProcessor(BaseProcessor):
 
 def parse_batch_inputs(data: Any) -> tuple[list[ProductRef], str | None, RunOptions, str]:
     """Validate a batch's inputs: (products, output, options, collection id)."""
-    if not isinstance(data, dict):
-        raise InvalidInputError("inputs must be a JSON object")
-    unknown = sorted(set(data) - set(BATCH_METADATA["inputs"]))
-    if unknown:
-        raise InvalidInputError(f"unknown input(s): {', '.join(unknown)}")
+    _check_names(data, BATCH_METADATA)
     listed = data.get("products")
     if not isinstance(listed, list):
         raise InvalidInputError("input 'products' is required: a list of products")

@@ -27,8 +27,8 @@ from functools import cache
 from typing import Any
 
 from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
 from pygeoapi.util import JobStatus, Subscriber
+from redis.exceptions import RedisError
 
 from kappamask import errors
 from kappamask.errors import (
