@@ -201,3 +201,19 @@ def test_an_unreachable_broker_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None
         assert "secret" not in str(raised.value)
     finally:
         job_queue.app.cache_clear()
+
+
+@pytest.mark.slow
+def test_dismissing_a_queued_job_stops_it_wherever_it_is(queue: Queue) -> None:
+    """DELETE /jobs/{id}: a worker that has not taken the job drops it, one that runs it
+    stops between strips (it reads the shared job record); nothing is published."""
+    job_url = submit_async(queue.url, {"product": str(T29UNU), "resolution": 20,
+                                       "output": "dismissed"})  # fmt: skip
+    deleted = requests.delete(job_url, timeout=30)
+    assert deleted.status_code == 200, deleted.text
+    job = _poll(job_url, {"dismissed", "successful", "failed"})
+    assert job["status"] == "dismissed", job
+    time.sleep(3)  # a worker that was running it has had time to stop
+    assert requests.get(job_url, timeout=10).json()["status"] == "dismissed"
+    folder = queue.output_dir / "dismissed"
+    assert not folder.exists() or not any(folder.iterdir())
