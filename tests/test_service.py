@@ -199,6 +199,18 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
 
     return [
         ("unknown input name", inputs(product=p, colour="red"), 400, "unknown input(s): colour"),
+        (
+            "callback on a private address",
+            {**inputs(product=p), "subscriber": {"successUri": "http://127.0.0.1:9/done"}},
+            403,
+            "is a loopback or private address",
+        ),
+        (
+            "callback URL not http(s)",
+            {**inputs(product=p), "subscriber": {"successUri": "ftp://example.org/done"}},
+            400,
+            "only http(s) and s3 URLs are accepted",
+        ),
         ("no product", {"inputs": {}}, 400, "'product' is required"),
         (
             "negative buffer",
@@ -378,7 +390,8 @@ def _poll(service: Service, job_url: str, until: set[str], timeout: float = 300)
 
 def test_callback_urls_pass_the_url_policy_at_submission(service: Service) -> None:
     """The service refuses private addresses: a subscriber on 127.0.0.1 is a 403 before any
-    job exists; another scheme is a 400 (tests/test_callbacks.py delivers them)."""
+    job exists, even an asynchronous one; another scheme is a 400 (the error table has the
+    synchronous rows; tests/test_callbacks.py delivers callbacks)."""
     jobs = requests.get(f"{service.url}/jobs", params={"f": "json"}, timeout=10).json()["jobs"]
     inputs = {"product": str(T29UNU), "resolution": 60, "output": "callback"}
     for subscriber, status, says in (

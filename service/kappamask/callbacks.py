@@ -48,7 +48,10 @@ def check_subscriber(subscriber: Subscriber | None, policy: AccessPolicy) -> Non
     """Raise the policy's error (InvalidInputError 400, AccessDeniedError 403, ...) for
     the first callback URL it refuses."""
     for url in subscriber_urls(subscriber):
-        policy.url(url)
+        try:
+            policy.url(url)
+        except KappaMaskError as err:
+            raise type(err)(f"subscriber: {err}") from err
 
 
 @dataclass(frozen=True)
