@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -303,8 +305,11 @@ def parse_inputs(data: Any) -> tuple[ProductRef, str | None, RunOptions]:
 class KappaMaskProcessor(BaseProcessor):
     """pygeoapi processor; construction does no I/O (pygeoapi builds one per request)."""
 
+    #: The process description (inputs, outputs, job control) of this processor.
+    METADATA: dict[str, Any] = PROCESS_METADATA
+
     def __init__(self, processor_def: dict[str, Any]) -> None:
-        super().__init__(processor_def, PROCESS_METADATA)
+        super().__init__(processor_def, self.METADATA)
         self.settings = ProcessSettings.from_definition(processor_def)
         self.job_id: str | None = None
 
@@ -332,14 +337,21 @@ class KappaMaskProcessor(BaseProcessor):
 
     def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
         product, output, options = parse_inputs(data)
-        with inference_slot(self.settings.max_jobs, job):
-            job.update(PROGRESS_START, f"running: {describe_reference(product)}")
-            with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
-                result = run(product, output or self.settings.output_dir, client, options,
-                             progress=job.update, cancelled=job.cancelled,
-                             policy=self.settings.policy, output_base=self.settings.output_dir,
-                             public_url=self.settings.outputs_url)  # fmt: skip
+        with self._client(job, PROGRESS_START, describe_reference(product)) as client:
+            result = run(product, output or self.settings.output_dir, client, options,
+                         progress=job.update, cancelled=job.cancelled,
+                         policy=self.settings.policy, output_base=self.settings.output_dir,
+                         public_url=self.settings.outputs_url)  # fmt: skip
         return result.to_json()
+
+    @contextmanager
+    def _client(self, job: JobReporter, percent: int, what: str) -> Iterator[TritonClient]:
+        """One of this API process's inference slots (the job stays accepted while it
+        waits), then a Triton client for the job."""
+        with inference_slot(self.settings.max_jobs, job):
+            job.update(percent, f"running: {what}")
+            with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
+                yield client
 
     def __repr__(self) -> str:
         return f"<KappaMaskProcessor> {self.name}"
@@ -371,21 +383,15 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
     """pygeoapi processor of ``kappamask-batch``: one inference slot for the whole batch,
     progress over its products."""
 
-    def __init__(self, processor_def: dict[str, Any]) -> None:
-        BaseProcessor.__init__(self, processor_def, BATCH_METADATA)
-        self.settings = ProcessSettings.from_definition(processor_def)
-        self.job_id = None
+    METADATA = BATCH_METADATA
 
     def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
         products, output, options, collection_id = parse_batch_inputs(data)
-        with inference_slot(self.settings.max_jobs, job):
-            job.update(1, f"running: {len(products)} products")
-            with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
-                result = run_batch(products, output or self.settings.output_dir, client,
-                                   options, self.settings.policy, collection_id,
-                                   progress=job.update, cancelled=job.cancelled,
-                                   output_base=self.settings.output_dir,
-                                   public_url=self.settings.outputs_url)  # fmt: skip
+        with self._client(job, 1, f"{len(products)} products") as client:
+            result = run_batch(products, output or self.settings.output_dir, client, options,
+                               self.settings.policy, collection_id, progress=job.update,
+                               cancelled=job.cancelled, output_base=self.settings.output_dir,
+                               public_url=self.settings.outputs_url)  # fmt: skip
         return result.to_json()
 
     def __repr__(self) -> str:

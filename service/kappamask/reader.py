@@ -71,7 +71,7 @@ def resolve_features(product: Product, features: Sequence[str]) -> dict[str, str
 
 
 #: Elements per pass of ``normalise``: a chunk and its scratch stay in the core's cache
-#: across the five passes over it.
+#: across the ten or so passes over it (scale, clip, round to float16).
 CHUNK = 1 << 16
 #: The largest finite float16; larger reflectances (none in a valid product) saturate.
 HALF_MAX = 65504.0
