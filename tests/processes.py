@@ -97,9 +97,9 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float
         pytest.fail(f"process {proc.pid} did not stop within {timeout:.0f} s of signal {sig}")
 
 
-def submit_async(url: str, inputs: dict[str, Any]) -> str:
-    """POST an asynchronous kappamask job to the service at ``url``; the job's URL."""
-    response = requests.post(f"{url}/processes/kappamask/execution", json={"inputs": inputs},
+def submit_async(url: str, inputs: dict[str, Any], process: str = "kappamask") -> str:
+    """POST an asynchronous job of ``process`` to the service at ``url``; the job's URL."""
+    response = requests.post(f"{url}/processes/{process}/execution", json={"inputs": inputs},
                              headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
     assert response.status_code == 201, response.text
     return str(response.headers["Location"])

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pystac
 import pytest
 import requests
 
 from kappamask.errors import InferenceUnavailableError
 from kappamask.inference.server import LocalTriton, free_port
 
-from .conftest import DATA, T29UNU
+from .conftest import DATA, T22HBD, T29UNU
 from .processes import start_serve, stop, submit_async, wait_for
 
 
@@ -217,3 +218,61 @@ def test_dismissing_a_queued_job_stops_it_wherever_it_is(queue: Queue) -> None:
     assert requests.get(job_url, timeout=10).json()["status"] == "dismissed"
     folder = queue.output_dir / "dismissed"
     assert not folder.exists() or not any(folder.iterdir())
+
+
+def _logged_by(queue: Queue, job_id: str) -> list[int]:
+    """The workers (their index) whose log names ``job_id``."""
+    return [n for n, (_proc, log) in enumerate(queue.workers) if job_id in log.read_text()]
+
+
+@pytest.mark.slow
+def test_a_batch_on_the_queue_runs_each_product_as_its_own_job(queue: Queue) -> None:
+    missing = str(DATA / "s2" / "S2B_MSIL1C_20991231T000000_N0500_R001_T01AAA_X.SAFE")
+    batch_url = submit_async(queue.url, {"products": [str(T29UNU), missing, str(T22HBD)],
+                                         "resolution": 60, "output": "season",
+                                         "collection_id": "season"}, "kappamask-batch")  # fmt: skip
+    batch = _poll(batch_url, {"successful", "failed", "dismissed"})
+    assert batch["status"] == "successful", batch
+    result = requests.get(f"{batch_url}/results", params={"f": "json"}, timeout=10).json()
+    outcomes = result["products"]
+    assert [p["status"] for p in outcomes] == ["successful", "failed", "successful"], result
+    assert "T01AAA" in outcomes[1]["message"] and result["succeeded"] == 2
+    children = [p["job"] for p in outcomes]
+    assert len(set(children)) == 3
+    for child, outcome in zip(children, outcomes, strict=True):
+        job = requests.get(f"{queue.url}/jobs/{child}", params={"f": "json"}, timeout=10).json()
+        assert job["processID"] == "kappamask" and job["status"] == outcome["status"], job
+        assert _logged_by(queue, child), f"no worker ran product job {child}"
+    collection = pystac.Collection.from_file(str(queue.output_dir / "season" / "collection.json"))
+    collection.validate()
+    assert sorted(i.properties["kappamask:product_id"] for i in collection.get_items()) == sorted(
+        p["product_id"] for p in outcomes if p["status"] == "successful"
+    )
+    assert result["collection"].startswith(queue.env["KAPPAMASK_PUBLIC_URL"])
+
+
+@pytest.mark.slow
+def test_dismissing_a_queued_batch_dismisses_its_products(queue: Queue) -> None:
+    batch_url = submit_async(queue.url, {"products": [str(T29UNU), str(T22HBD), str(T29UNU)],
+                                         "resolution": 20, "output": "dismissed-season"},
+                             "kappamask-batch")  # fmt: skip
+    _poll(batch_url, {"running"}, timeout=120)  # its products are queued as their own jobs
+    assert requests.delete(batch_url, timeout=30).status_code == 200
+    assert _poll(batch_url, {"dismissed", "successful", "failed"})["status"] == "dismissed"
+    jobs = requests.get(f"{queue.url}/jobs", params={"f": "json", "limit": 1000}, timeout=10)
+    batch_id = batch_url.rstrip("/").rsplit("/", 1)[-1]
+    children = [j for j in jobs.json()["jobs"] if f"of batch {batch_id}" in str(j.get("message"))
+                or j["jobID"] in _children_of(batch_id)]  # fmt: skip
+    assert len(children) == 3
+    for child in children:  # every product's job ends dismissed, none left to run
+        done = _poll(f"{queue.url}/jobs/{child['jobID']}", {"dismissed", "successful", "failed"})
+        assert done["status"] == "dismissed", done
+    folder = queue.output_dir / "dismissed-season"
+    if (folder / "collection.json").exists():  # what finished before is a valid collection
+        pystac.Collection.from_file(str(folder / "collection.json")).validate()
+
+
+def _children_of(batch_id: str) -> list[str]:
+    from kappamask.fanout import child_id
+
+    return [child_id(batch_id, index) for index in range(3)]

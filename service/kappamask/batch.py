@@ -49,6 +49,8 @@ class ProductOutcome:
     message: str | None = None
     reused: bool = False
     cloud_cover: float | None = None
+    #: The product's own job, when the batch ran on the job queue.
+    job: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -90,6 +92,21 @@ def check_batch(products: Sequence[ProductRef], collection_id: str) -> None:
         )
 
 
+def describe(total: int, options: RunOptions) -> str:
+    """The collection's description."""
+    return (f"Cloud masks of {total} Sentinel-2 product(s) by KappaMask "
+            f"(Domnich et al. 2021) at {options.resolution} m")  # fmt: skip
+
+
+def outcome_of(name: str, result: dict[str, Any]) -> ProductOutcome:
+    """A successful product's outcome from its run's result (``RunResult.to_json``)."""
+    statistics = result.get("statistics")
+    cloud_cover = statistics.get("cloud_cover") if isinstance(statistics, dict) else None
+    return ProductOutcome(name, "successful", product_id=str(result["product_id"]),
+                          item=str(result["item"]), reused=bool(result.get("reused")),
+                          cloud_cover=cloud_cover)  # fmt: skip
+
+
 def run_batch(
     products: Sequence[ProductRef],
     output: str | Path,
@@ -102,25 +119,21 @@ def run_batch(
     output_base: Path | None = None,
     public_url: str | None = None,
 ) -> BatchResult:
-    """Mask every product of ``products`` into ``output`` and publish their collection.
+    """Mask every product of ``products`` into ``output``, one after another, and publish
+    their collection (one process; on the job queue each product is a child job instead,
+    ``kappamask.fanout``).
 
     Progress runs over the products (the current product's own progress inside its
     share); a cancellation between or inside products raises CancelledError after the
     collection lists the products finished so far."""
     check_batch(products, collection_id)
     options = options or RunOptions()
-    policy = policy or AccessPolicy.unrestricted()
     report = progress or (lambda _p, _m: None)
     is_cancelled = cancelled or (lambda: False)
     total = len(products)
-    result = BatchResult(collection="", collection_id=collection_id)
-    linked: dict[str, dict[str, Any]] = {}  # item file name -> item as linked, in order
-    description = (
-        f"Cloud masks of {total} Sentinel-2 product(s) by KappaMask "
-        f"(Domnich et al. 2021) at {options.resolution} m"
-    )
-    result.collection = _publish(output, policy, output_base, public_url, collection_id,
-                                 description, linked, None)  # fmt: skip
+    collection = CollectionWriter(output, policy or AccessPolicy.unrestricted(), output_base,
+                                  public_url, collection_id, describe(total, options))  # fmt: skip
+    result = BatchResult(collection=collection.publish(), collection_id=collection_id)
     for index, ref in enumerate(products):
         name = describe_reference(ref)
         if is_cancelled():
@@ -133,49 +146,52 @@ def run_batch(
 
         try:
             run_result = run(ref, output, client, options, product_progress, is_cancelled,
-                             policy, output_base, public_url)  # fmt: skip
+                             collection.policy, output_base, public_url)  # fmt: skip
         except CancelledError:
             raise
         except KappaMaskError as err:
             LOGGER.warning("batch product %s failed: %s", name, err)
             result.products.append(ProductOutcome(name, "failed", message=str(err)))
             continue
-        item_name = output_names(run_result.product_id)["item"]
-        result.products.append(ProductOutcome(
-            name, "successful", product_id=run_result.product_id, item=run_result.item,
-            reused=run_result.reused, cloud_cover=run_result.statistics.get("cloud_cover"),
-        ))  # fmt: skip
-        if item_name not in linked:
-            linked[item_name] = {}  # read back and linked by _publish
-            result.collection = _publish(output, policy, output_base, public_url, collection_id,
-                                         description, linked, item_name)  # fmt: skip
+        outcome = outcome_of(name, run_result.to_json())
+        result.products.append(outcome)
+        result.collection = collection.publish(run_result.product_id)
     report(100, f"{result.succeeded}/{total} products masked")
     return result
 
 
-def _publish(
-    output: str | Path,
-    policy: AccessPolicy,
-    output_base: Path | None,
-    public_url: str | None,
-    collection_id: str,
-    description: str,
-    linked: dict[str, dict[str, Any]],
-    new_item: str | None,
-) -> str:
-    """Link ``new_item`` (published by its run) into the collection and write the
-    collection over every item of ``linked``; the collection's href."""
-    with open_sink(output, policy, output_base, public_url) as sink:
-        names = []
-        if new_item is not None:
-            raw = sink.read_existing(new_item)
-            if raw is None:
-                raise KappaMaskError(f"the item {new_item} of a finished product is missing")
-            linked[new_item] = link_item(json.loads(raw), collection_id)
-            sink.path(new_item).write_text(json.dumps(linked[new_item], indent=2))
-            names.append(new_item)
-        collection = create_collection(collection_id, description, list(linked.values()),
-                                       [f"./{name}" for name in linked])  # fmt: skip
-        sink.path(COLLECTION_FILE).write_text(json.dumps(collection, indent=2))
-        names.append(COLLECTION_FILE)
-        return sink.commit(names)[-1]
+@dataclass
+class CollectionWriter:
+    """The batch's ``collection.json`` over the items linked so far (in the order linked),
+    written again, staged and moved in whole, each time an item joins."""
+
+    output: str | Path
+    policy: AccessPolicy
+    output_base: Path | None
+    public_url: str | None
+    collection_id: str
+    description: str
+    #: item file name -> the item as linked (with its collection links)
+    linked: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def publish(self, *product_ids: str) -> str:
+        """Link the items of ``product_ids`` (published by their runs; those linked already
+        are skipped) and write the collection; the collection's href."""
+        with open_sink(self.output, self.policy, self.output_base, self.public_url) as sink:
+            names = []
+            for product_id in product_ids:
+                new_item = output_names(product_id)["item"]
+                if new_item in self.linked:
+                    continue
+                raw = sink.read_existing(new_item)
+                if raw is None:
+                    raise KappaMaskError(f"the item {new_item} of a finished product is missing")
+                self.linked[new_item] = link_item(json.loads(raw), self.collection_id)
+                sink.path(new_item).write_text(json.dumps(self.linked[new_item], indent=2))
+                names.append(new_item)
+            collection = create_collection(self.collection_id, self.description,
+                                           list(self.linked.values()),
+                                           [f"./{name}" for name in self.linked])  # fmt: skip
+            sink.path(COLLECTION_FILE).write_text(json.dumps(collection, indent=2))
+            names.append(COLLECTION_FILE)
+            return sink.commit(names)[-1]

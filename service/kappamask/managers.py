@@ -21,7 +21,9 @@ Configure them by dotted name: ``kappamask.managers.TinyDBManager`` or
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -33,6 +35,10 @@ from kappamask import queue
 from kappamask.callbacks import JobSubscriber, check_subscriber, deliver
 from kappamask.errors import KappaMaskError
 
+LOGGER = logging.getLogger(__name__)
+
+#: Seconds between looks at a queued batch a synchronous request waits for.
+WAIT_POLL_S = 1.0
 _FAILURES: OrderedDict[str, KappaMaskError] = OrderedDict()
 _LOCK = threading.Lock()
 #: Failures kept for jobs nobody asks about (asynchronous ones): the newest few only.
@@ -101,6 +107,9 @@ class ErrorStatusMixin:
         request waits for it and answers as if it had run it."""
         outcome = self._enqueue(p, job_id, *args, **kwargs).get(propagate=False)
         job = dict(self.get_job(job_id))  # type: ignore[attr-defined]
+        while str(job.get("status")) not in queue.FINISHED:  # a batch: its children run on
+            time.sleep(WAIT_POLL_S)
+            job = dict(self.get_job(job_id))  # type: ignore[attr-defined]
         if job.get("status") == JobStatus.successful.value:
             mimetype, outputs = self.get_job_result(job_id)  # type: ignore[attr-defined]
             return mimetype, outputs, JobStatus.successful
@@ -162,7 +171,19 @@ class ErrorStatusMixin:
                         "location": None, "updated": now,
                         "finished": job.get("finished") or now})  # fmt: skip
             self.add_job(job)  # type: ignore[attr-defined]
+            if queue.broker_url() is not None:
+                self._dismiss_children(job_id)
         return removed
+
+    def _dismiss_children(self, job_id: str) -> None:
+        """A dismissed batch on the queue: its products' jobs are dismissed too (queued
+        ones are dropped by the worker that takes them, running ones stop)."""
+        from kappamask import fanout
+
+        try:
+            fanout.dismiss_children(self, job_id)
+        except Exception:  # the queue's Redis: the batch itself is dismissed all the same
+            LOGGER.exception("the child jobs of batch %s could not be dismissed", job_id)
 
     def update_job(self, job_id: str, update_dict: dict[str, Any]) -> bool:
         # a dismissed job's thread may still report (its last progress, its cancellation):

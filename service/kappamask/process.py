@@ -14,13 +14,19 @@ from typing import Any
 
 from pygeoapi.process.base import BaseProcessor
 
-from kappamask import __version__
+from kappamask import __version__, fanout, queue
 from kappamask.access import AccessPolicy
 from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
-from kappamask.batch import DEFAULT_COLLECTION_ID, MAX_PRODUCTS, check_batch, run_batch
+from kappamask.batch import (
+    DEFAULT_COLLECTION_ID,
+    MAX_PRODUCTS,
+    check_batch,
+    describe,
+    run_batch,
+)
 from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
-from kappamask.jobs import JobReporter, inference_slot
+from kappamask.jobs import JobReporter, _manager, inference_slot
 from kappamask.managers import record_failure, to_process_error
 from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
 from kappamask.pipeline import PROGRESS_START, run
@@ -379,14 +385,38 @@ def parse_batch_inputs(data: Any) -> tuple[list[ProductRef], str | None, RunOpti
     return products, output, RunOptions.from_inputs(data), collection_id
 
 
+def child_inputs(data: dict[str, Any]) -> dict[str, Any]:
+    """The inputs of a batch that each of its products' ``kappamask`` jobs takes."""
+    return {k: v for k, v in data.items() if k in PROCESS_METADATA["inputs"] and k != "product"}
+
+
 class KappaMaskBatchProcessor(KappaMaskProcessor):
-    """pygeoapi processor of ``kappamask-batch``: one inference slot for the whole batch,
-    progress over its products."""
+    """pygeoapi processor of ``kappamask-batch``. In one process (no job queue): one
+    inference slot for the whole batch, products one after another. On the job queue:
+    each product a child job on any worker (``fan_out``, ``kappamask.fanout``)."""
 
     METADATA = BATCH_METADATA
 
+    def fan_out(self, manager: Any, job_id: str, data: dict[str, Any], task: list[Any]) -> bool:
+        """Queue the batch's products as child jobs (a worker's side); whether the batch's
+        ``execute`` should run now: when its last child has finished, or to fail on
+        inputs it refuses."""
+        plan = fanout.load(job_id)
+        if plan is not None and plan.finishing:
+            return True
+        try:
+            products, output, options, collection_id = parse_batch_inputs(data)
+        except KappaMaskError:
+            return True  # execute raises it again and the job fails by its cause
+        fanout.fan_out(manager, job_id, products, child_inputs(data), output, collection_id,
+                       describe(len(products), options), task)  # fmt: skip
+        return False
+
     def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
         products, output, options, collection_id = parse_batch_inputs(data)
+        if queue.in_worker() and self.job_id is not None:
+            # every child has finished (fan_out): the collection and their outcomes
+            return fanout.finish(_manager(), self.job_id, self.settings).to_json()
         with self._client(job, 1, f"{len(products)} products") as client:
             result = run_batch(products, output or self.settings.output_dir, client, options,
                                self.settings.policy, collection_id, progress=job.update,

@@ -106,15 +106,17 @@ def enqueue(
     requested_outputs: Any,
     subscriber: Subscriber | None,
     requested_response: Any,
+    parent: str | None = None,
 ) -> Any:
-    """Put a recorded job on the queue (its Celery AsyncResult); InferenceUnavailableError
-    (503) when the broker cannot be reached."""
+    """Put a recorded job on the queue (its Celery AsyncResult); ``parent``: the batch the
+    job is a product of. InferenceUnavailableError (503) when the broker cannot be
+    reached."""
     urls = None
     if subscriber is not None:
         urls = [subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri]
     try:
         return app().send_task(TASK, args=[process_id, job_id, data, requested_outputs, urls,
-                                    requested_response], task_id=job_id,
+                                    requested_response, parent], task_id=job_id,
                         retry_policy={"max_retries": 1, "interval_start": 0,
                                       "interval_step": 0.5})  # fmt: skip
     except (OperationalError, RedisError, OSError, RuntimeError) as err:
@@ -140,9 +142,12 @@ def run_job(
     requested_outputs: Any,
     subscriber_urls: list[str | None] | None,
     requested_response: Any,
+    parent: str | None = None,
 ) -> dict[str, Any]:
     """The worker's side: run the recorded job through the manager, as its thread would;
-    its final status and, for a failure, the error's class (for a waiting API)."""
+    its final status and, for a failure, the error's class (for a waiting API). A batch
+    (a processor with ``fan_out``) queues its products as child jobs and finishes when the
+    last of them has (``kappamask.fanout``); a child advances its batch."""
     from kappamask.jobs import _manager
     from kappamask.managers import recorded_failure
 
@@ -156,9 +161,15 @@ def run_job(
         return {"status": JobStatus.dismissed.value}
     if status in FINISHED:
         LOGGER.info("job %s is already %s: dropped", job_id, status)
+        _advance(manager, parent)  # the worker that finished it may have died before this
         return {"status": status}
     processor = manager.get_processor(process_id)
-    if status == JobStatus.running.value:
+    fan_out = getattr(processor, "fan_out", None)
+    if fan_out is not None:
+        task = [process_id, job_id, data, requested_outputs, subscriber_urls, requested_response]
+        if not fan_out(manager, job_id, data, task):
+            return {"status": JobStatus.running.value}
+    elif status == JobStatus.running.value:
         LOGGER.warning("job %s was running on a worker that died: running it again", job_id)
         settings = getattr(processor, "settings", None)
         if settings is not None and settings.output_dir.exists():
@@ -172,7 +183,21 @@ def run_job(
     err = recorded_failure(job_id)
     if err is not None:
         outcome["error"] = type(err).__name__
+    _advance(manager, parent)
     return outcome
+
+
+def _advance(manager: Any, parent: str | None) -> None:
+    """Tell batch ``parent`` that one of its products has finished; never fails the
+    product's job (the batch is advanced again by its next product)."""
+    if parent is None:
+        return
+    from kappamask import fanout
+
+    try:
+        fanout.advance(manager, parent)
+    except Exception:
+        LOGGER.exception("batch %s could not be advanced", parent)
 
 
 def error_from(outcome: Any, job: dict[str, Any]) -> KappaMaskError:

@@ -1,0 +1,264 @@
+"""A batch on the job queue: every product is its own child job, run by any worker.
+
+The worker that takes a ``kappamask-batch`` job does not mask anything: it records one
+``kappamask`` job per product in the job manager (ids derived from the batch's, so a
+batch taken again finds its children instead of making new ones) and queues them; the
+batch stays ``running``. Each worker that finishes a child then *advances* its batch under
+a Redis lock: it links the child's item into the collection (``collection.json`` written
+again, staged and moved in whole), writes the batch's progress over products and, when no
+child is left, finishes the batch through the manager's own path (results, callbacks).
+
+The plan (children, product names, the batch's task) is kept in Redis, next to the
+queue, because pygeoapi's job records have no room for it. A child that fails is listed
+with its error and the batch goes on; dismissing the batch dismisses its children (a
+worker drops a queued child, a running one stops between strips).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pygeoapi.util import JobStatus
+
+from kappamask import queue
+from kappamask.access import AccessPolicy
+from kappamask.batch import BatchResult, CollectionWriter, ProductOutcome, outcome_of
+from kappamask.errors import InternalError
+from kappamask.jobs import _now
+from kappamask.sources import ProductRef, describe_reference
+
+LOGGER = logging.getLogger(__name__)
+
+#: The process every child runs.
+CHILD_PROCESS = "kappamask"
+#: How long a batch's plan is kept after it was last touched (its children are done by then).
+PLAN_TTL_S = 30 * 24 * 3600
+#: A worker advancing a batch holds its lock at most this long (reading items, writing
+#: the collection); others wait for it up to ``LOCK_WAIT_S``.
+LOCK_TIMEOUT_S = 300
+LOCK_WAIT_S = 600
+_NAMESPACE = uuid.UUID("6f1c1c52-8d6e-4f57-9d3c-6b8a0e0f6a11")
+
+
+@dataclass
+class Plan:
+    """What a batch was split into, and the batch's own task (to finish it with)."""
+
+    batch_id: str
+    children: list[str]
+    names: list[str]
+    output: str | None
+    collection_id: str
+    description: str
+    #: run_job's arguments of the batch: process, job, inputs, outputs, callbacks, response
+    task: list[Any]
+    #: every child is recorded and queued (before that, a missing child is not a lost one)
+    queued: bool = False
+    #: the last child has finished: the batch's task runs to finish it
+    finishing: bool = False
+    finished: bool = False
+    #: item file name -> the item as linked, in the order linked
+    linked: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@cache
+def _redis() -> Any:
+    import redis
+
+    url = queue.broker_url()
+    if url is None:
+        raise InternalError(f"no job queue: {queue.BROKER_ENV} is not set")
+    return redis.Redis.from_url(url)
+
+
+def _key(batch_id: str) -> str:
+    return f"kappamask:batch:{batch_id}"
+
+
+def child_id(batch_id: str, index: int) -> str:
+    """The job id of product ``index`` of batch ``batch_id`` (the same each time)."""
+    return str(uuid.uuid5(_NAMESPACE, f"{batch_id}/{index}"))
+
+
+def load(batch_id: str) -> Plan | None:
+    raw = _redis().get(_key(batch_id))
+    return None if raw is None else Plan(**json.loads(raw))
+
+
+def _save(plan: Plan) -> None:
+    _redis().set(_key(plan.batch_id), json.dumps(asdict(plan)), ex=PLAN_TTL_S)
+
+
+def fan_out(
+    manager: Any,
+    batch_id: str,
+    products: Sequence[ProductRef],
+    child_inputs: dict[str, Any],
+    output: str | None,
+    collection_id: str,
+    description: str,
+    task: list[Any],
+) -> Plan:
+    """Record and queue one child job per product (those not recorded yet: a batch taken
+    again after its worker died queues only what it had not); the plan."""
+    plan = load(batch_id)
+    if plan is None:
+        plan = Plan(batch_id, [child_id(batch_id, i) for i in range(len(products))],
+                    [describe_reference(p) for p in products], output, collection_id,
+                    description, task)  # fmt: skip
+        _save(plan)  # before any child exists: a second run finds the same children
+    total = len(plan.children)
+    queued = 0
+    for index, (child, product) in enumerate(zip(plan.children, products, strict=True)):
+        try:
+            manager.get_job(child)
+            continue  # queued by a previous run of this batch
+        except Exception:  # JobNotFoundError
+            pass
+        now = _now()
+        manager.add_job({
+            "type": "process", "identifier": child, "process_id": CHILD_PROCESS,
+            "created": now, "started": now, "updated": now, "finished": None,
+            "status": JobStatus.accepted.value, "location": None,
+            "mimetype": "application/octet-stream", "progress": 0,
+            "message": f"product {index + 1}/{total} of batch {batch_id}: queued",
+        })  # fmt: skip
+        queue.enqueue(CHILD_PROCESS, child, {**child_inputs, "product": product}, None, None,
+                      "raw", parent=batch_id)  # fmt: skip
+        queued += 1
+    if queued:
+        message = f"{total} products queued as child jobs"
+        manager.update_job(batch_id, {"status": JobStatus.running.value, "updated": _now(),
+                                      "progress": 1, "message": message})  # fmt: skip
+        LOGGER.info("batch %s: %d of its %d child jobs queued", batch_id, queued, total)
+    if str(manager.get_job(batch_id).get("status")) == JobStatus.dismissed.value:
+        dismiss_children(manager, batch_id)  # dismissed while its children were queued
+    # children that finished while others were still being queued did not advance it
+    advance(manager, batch_id, queued=True)
+    return plan
+
+
+def outcomes(manager: Any, plan: Plan) -> list[ProductOutcome | None]:
+    """Each child's outcome, None for those not finished."""
+    found: list[ProductOutcome | None] = []
+    for child, name in zip(plan.children, plan.names, strict=True):
+        try:
+            job = dict(manager.get_job(child))
+        except Exception:  # JobNotFoundError: deleted with its records
+            found.append(ProductOutcome(name, "failed", message="the child job was deleted",
+                                        job=child))  # fmt: skip
+            continue
+        status = str(job.get("status"))
+        if status == JobStatus.successful.value:
+            _mimetype, result = manager.get_job_result(child)
+            outcome = outcome_of(name, result if isinstance(result, dict) else json.loads(result))
+        elif status in (JobStatus.failed.value, JobStatus.dismissed.value):
+            message = str(job.get("message") or status)
+            code, _, text = message.partition(": ")
+            message = text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
+            outcome = ProductOutcome(name, "failed", message=message)
+        else:
+            found.append(None)
+            continue
+        outcome.job = child
+        found.append(outcome)
+    return found
+
+
+def _writer(plan: Plan, settings: Any) -> CollectionWriter:
+    policy: AccessPolicy = settings.policy
+    output: str | Path = plan.output or settings.output_dir
+    return CollectionWriter(output, policy, settings.output_dir, settings.outputs_url,
+                            plan.collection_id, plan.description, plan.linked)  # fmt: skip
+
+
+def collect(manager: Any, plan: Plan, settings: Any) -> tuple[BatchResult, bool]:
+    """Link every finished product's item into the collection (those not linked yet: one
+    write of the collection); the batch's result so far and whether every child has
+    finished."""
+    found = outcomes(manager, plan)
+    result = BatchResult(collection="", collection_id=plan.collection_id)
+    result.products = [outcome for outcome in found if outcome is not None]
+    writer = _writer(plan, settings)
+    result.collection = writer.publish(*(str(outcome.product_id) for outcome in result.products
+                                         if outcome.status == "successful"))  # fmt: skip
+    plan.linked = writer.linked
+    return result, all(outcome is not None for outcome in found)
+
+
+def advance(manager: Any, batch_id: str, queued: bool = False) -> None:
+    """A child of ``batch_id`` has finished (or, with ``queued``, the last child has been
+    queued): link its item, report the batch's progress and finish the batch when no
+    child is left (see the module docstring)."""
+    lock = _redis().lock(f"{_key(batch_id)}:lock", timeout=LOCK_TIMEOUT_S,
+                         blocking_timeout=LOCK_WAIT_S)  # fmt: skip
+    with lock:
+        plan = load(batch_id)
+        if plan is None or plan.finished:
+            return
+        if queued and not plan.queued:
+            plan.queued = True
+            _save(plan)
+        if not plan.queued:
+            return  # the worker queueing the children advances it once they all are
+        try:
+            status = str(manager.get_job(batch_id).get("status"))
+        except Exception:  # JobNotFoundError
+            return
+        if status in queue.FINISHED:
+            return
+        processor = manager.get_processor(str(plan.task[0]))
+        result, done = collect(manager, plan, processor.settings)
+        _save(plan)
+        finished = len(result.products)
+        total = len(plan.children)
+        if not done:
+            manager.update_job(batch_id, {
+                "status": JobStatus.running.value, "updated": _now(),
+                "progress": 1 + 98 * finished // total,
+                "message": f"{finished}/{total} products finished, "
+                           f"{finished - result.succeeded} failed",
+            })  # fmt: skip
+            return
+        LOGGER.info("batch %s: every product finished, finishing the batch", batch_id)
+        plan.finishing = True
+        _save(plan)
+        queue.run_job(*plan.task)  # the batch's execute returns its result now
+        plan.finished = True
+        _save(plan)
+
+
+def finish(manager: Any, batch_id: str, settings: Any) -> BatchResult:
+    """The result of a batch whose children have all finished (its execute, on the
+    worker that advanced it last)."""
+    plan = load(batch_id)
+    if plan is None:
+        raise InternalError(f"batch {batch_id} has no plan on the queue")
+    result, done = collect(manager, plan, settings)
+    if not done:
+        raise InternalError(f"batch {batch_id} finished with products left")
+    return result
+
+
+def dismiss_children(manager: Any, batch_id: str) -> int:
+    """Dismiss the children of a dismissed batch that have not finished; how many."""
+    plan = load(batch_id)
+    if plan is None:
+        return 0
+    dismissed = 0
+    for child in plan.children:
+        try:
+            status = str(manager.get_job(child).get("status"))
+        except Exception:  # JobNotFoundError: not queued yet, or removed
+            continue
+        if status not in queue.FINISHED and manager.delete_job(child):
+            dismissed += 1
+    LOGGER.info("batch %s dismissed: %d child job(s) dismissed", batch_id, dismissed)
+    return dismissed
