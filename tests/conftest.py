@@ -34,7 +34,7 @@ S3_SECRET = "kappamask-test-SECRET-do-not-print-0123456789"
 
 #: Fixtures that start a server: every test using one (directly or through another
 #: fixture) is end to end, marked ``slow``; ``pytest -m "not slow"`` is the fast layer.
-SERVER_FIXTURES = {"triton", "s3_server"}
+SERVER_FIXTURES = {"triton", "s3_server", "stac_api"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -50,6 +50,28 @@ def triton() -> Iterator[LocalTriton]:
         pytest.fail(f"no model with weights in {DEFAULT_REPOSITORY}")
     with LocalTriton(DEFAULT_REPOSITORY) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def stac_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real STAC API (stac-fastapi-pgstac on PostgreSQL + PostGIS) holding the two real
+    L2A products (T29UNU: 10 % cloud cover, T22HBD: 60 %) in ``sentinel-2-l2a`` and one
+    Landsat item over T29UNU in ``landsat-c2-l2``."""
+    from .stac_api import (
+        OTHER_COLLECTION,
+        S2_COLLECTION,
+        collection_of,
+        landsat_item,
+        s2_item,
+        stac_fastapi_pgstac,
+    )
+
+    with stac_fastapi_pgstac(tmp_path_factory.mktemp("stac-api")) as api:
+        items = [s2_item(T29UNU, cloud_cover=10.0), s2_item(T22HBD, cloud_cover=60.0)]
+        api.add(collection_of(S2_COLLECTION, items), items)
+        other = [landsat_item(items[0])]
+        api.add(collection_of(OTHER_COLLECTION, other), other)
+        yield api
 
 
 @dataclass(frozen=True)

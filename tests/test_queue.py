@@ -24,6 +24,7 @@ from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T22HBD, T29UNU
 from .processes import start_serve, stop, submit_async, wait_for
+from .stac_api import S2_COLLECTION, StacApi
 
 
 def _redis_answers(port: int) -> bool:
@@ -110,6 +111,9 @@ def queue(
         "KAPPAMASK_PUBLIC_URL": f"http://localhost:{port}",
         # a killed worker's job goes back to the queue after this; the jobs here take less
         "KAPPAMASK_QUEUE_VISIBILITY_S": "12",
+        # the STAC API of the tests runs on 127.0.0.1
+        "KAPPAMASK_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "true",
     }
     shared = ["--triton-url", triton.http_url, "--output-dir", str(base / "out"),
               "--data-root", str(DATA)]  # fmt: skip
@@ -276,3 +280,33 @@ def _children_of(batch_id: str) -> list[str]:
     from kappamask.fanout import child_id
 
     return [child_id(batch_id, index) for index in range(3)]
+
+
+@pytest.mark.slow
+def test_a_searched_batch_on_the_queue_publishes_to_the_stac_api(
+    queue: Queue, stac_api: StacApi
+) -> None:
+    search = {"url": stac_api.url, "collections": [S2_COLLECTION],
+              "query": {"eo:cloud_cover": {"lt": 50}}}  # fmt: skip
+    inputs = {"search": search, "stac_api": stac_api.url, "resolution": 60,
+              "output": "searched", "collection_id": "masks-queue"}  # fmt: skip
+    batch_url = submit_async(queue.url, inputs, "kappamask-batch")
+    assert _poll(batch_url, {"successful", "failed", "dismissed"})["status"] == "successful"
+    result = requests.get(f"{batch_url}/results", params={"f": "json"}, timeout=10).json()
+    assert [p["product_id"] for p in result["products"]] == [T29UNU.stem], result
+    assert result["stac_api"]["published"] == 1 and not result["stac_api"]["errors"], result
+    (item,) = stac_api.items("masks-queue")
+    public = queue.env["KAPPAMASK_PUBLIC_URL"]
+    assert item["assets"]["mask"]["href"].startswith(f"{public}/outputs/searched/"), item
+    # refused when submitted, before any job exists: nothing found, an API that is down
+    jobs = requests.get(f"{queue.url}/jobs", params={"f": "json", "limit": 1000}, timeout=10)
+    before = len(jobs.json()["jobs"])
+    body = {"inputs": {**inputs, "search": {**search, "datetime": "2030-01-01/.."}}}
+    execute = f"{queue.url}/processes/kappamask-batch/execution"
+    nothing = requests.post(execute, json=body, headers={"Prefer": "respond-async"}, timeout=60)
+    assert nothing.status_code == 400 and "matched no items" in nothing.text, nothing.text
+    down = {"inputs": {**inputs, "stac_api": f"http://127.0.0.1:{free_port()}"}}
+    refused = requests.post(execute, json=down, headers={"Prefer": "respond-async"}, timeout=60)
+    assert refused.status_code == 502 and "cannot be reached" in refused.text, refused.text
+    jobs = requests.get(f"{queue.url}/jobs", params={"f": "json", "limit": 1000}, timeout=10)
+    assert len(jobs.json()["jobs"]) == before

@@ -25,7 +25,9 @@ from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import ProgressFn, output_names, run
 from kappamask.sources import ProductRef, describe_reference
+from kappamask.sources.search import search_items
 from kappamask.storage import open_sink
+from kappamask.writers import stac_api
 from kappamask.writers.stac_collection import COLLECTION_FILE, create_collection, link_item
 
 LOGGER = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class BatchResult:
     collection: str
     collection_id: str
     products: list[ProductOutcome] = field(default_factory=list)
+    #: CollectionWriter.api_report: the STAC API's copy, when the batch publishes to one
+    stac_api: dict[str, Any] | None = None
 
     @property
     def succeeded(self) -> int:
@@ -75,6 +79,7 @@ class BatchResult:
             "succeeded": self.succeeded,
             "failed": len(self.products) - self.succeeded,
             "products": [p.to_json() for p in self.products],
+            **({"stac_api": self.stac_api} if self.stac_api is not None else {}),
         }
 
 
@@ -90,6 +95,17 @@ def check_batch(products: Sequence[ProductRef], collection_id: str) -> None:
         raise InvalidInputError(
             "collection id must be letters, digits, '-', '_' or '.', not " + repr(collection_id)
         )
+
+
+def resolve_search(
+    products: list[ProductRef] | None, search: Any, policy: AccessPolicy
+) -> list[ProductRef]:
+    """A batch's products: those listed, or the items ``search`` finds (run now, once)."""
+    if search is None:
+        return list(products or [])
+    if products:
+        raise InvalidInputError("give 'products' or 'search', not both")
+    return list(search_items(search, policy, MAX_PRODUCTS))
 
 
 def describe(total: int, options: RunOptions) -> str:
@@ -118,6 +134,7 @@ def run_batch(
     cancelled: Callable[[], bool] | None = None,
     output_base: Path | None = None,
     public_url: str | None = None,
+    stac_api_url: str | None = None,
 ) -> BatchResult:
     """Mask every product of ``products`` into ``output``, one after another, and publish
     their collection (one process; on the job queue each product is a child job instead,
@@ -132,7 +149,8 @@ def run_batch(
     is_cancelled = cancelled or (lambda: False)
     total = len(products)
     collection = CollectionWriter(output, policy or AccessPolicy.unrestricted(), output_base,
-                                  public_url, collection_id, describe(total, options))  # fmt: skip
+                                  public_url, collection_id, describe(total, options),
+                                  stac_api=stac_api_url)  # fmt: skip
     result = BatchResult(collection=collection.publish(), collection_id=collection_id)
     for index, ref in enumerate(products):
         name = describe_reference(ref)
@@ -156,6 +174,7 @@ def run_batch(
         outcome = outcome_of(name, run_result.to_json())
         result.products.append(outcome)
         result.collection = collection.publish(run_result.product_id)
+    result.stac_api = collection.api_report()
     report(100, f"{result.succeeded}/{total} products masked")
     return result
 
@@ -173,6 +192,10 @@ class CollectionWriter:
     description: str
     #: item file name -> the item as linked (with its collection links)
     linked: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: a STAC API (root URL, Transactions checked) that gets the collection and items too
+    stac_api: str | None = None
+    #: item file name -> "" once the STAC API has it, else why it has not
+    published: dict[str, str] = field(default_factory=dict)
 
     def publish(self, *product_ids: str) -> str:
         """Link the items of ``product_ids`` (published by their runs; those linked already
@@ -194,4 +217,38 @@ class CollectionWriter:
                                            [f"./{name}" for name in self.linked])  # fmt: skip
             sink.path(COLLECTION_FILE).write_text(json.dumps(collection, indent=2))
             names.append(COLLECTION_FILE)
-            return sink.commit(names)[-1]
+            hrefs = sink.commit(names)
+        if self.stac_api is not None:
+            self._to_api(collection, dict(zip(names, hrefs, strict=True)))
+        return hrefs[-1]
+
+    def _to_api(self, collection: dict[str, Any], hrefs: dict[str, str]) -> None:
+        """The collection and the items just linked, to the STAC API; what it refuses is
+        remembered per item (``api_report``), never raised."""
+        assert self.stac_api is not None
+        try:
+            stac_api.publish_collection(self.stac_api, collection, hrefs[COLLECTION_FILE],
+                                        self.policy)  # fmt: skip
+            failed = ""
+        except KappaMaskError as err:
+            LOGGER.warning("collection %s not published: %s", self.collection_id, err)
+            failed = f"the collection could not be published: {err}"
+        for name, href in hrefs.items():
+            if name == COLLECTION_FILE:
+                continue
+            self.published[name] = failed
+            if not failed:
+                try:
+                    stac_api.publish_item(self.stac_api, self.linked[name], href, self.policy)
+                except KappaMaskError as err:
+                    LOGGER.warning("item %s not published: %s", name, err)
+                    self.published[name] = str(err)
+
+    def api_report(self) -> dict[str, Any] | None:
+        """What the STAC API holds of the batch (None without one)."""
+        if self.stac_api is None:
+            return None
+        errors = {name: why for name, why in self.published.items() if why}
+        return {"url": self.stac_api, "collection": f"{self.stac_api}/collections/"
+                f"{self.collection_id}", "published": len(self.published) - len(errors),
+                "errors": errors}  # fmt: skip

@@ -197,28 +197,48 @@ def run_command(product: str, output: str, **flags: Any) -> None:
     show_default=True,
     help="Id of the STAC Collection over the results.",
 )
+@click.option(
+    "--search",
+    "search_json",
+    default=None,
+    help="Instead of PRODUCTS: a STAC API search as JSON (or @FILE): url, collections, bbox "
+    "or intersects, datetime, query, filter, max_items.",
+)
+@click.option(
+    "--stac-api",
+    default=None,
+    help="Root URL of a STAC API with Transactions: the collection and items go there too.",
+)
 @product_options
 def batch_command(
     products: tuple[str, ...],
     products_file: Any,
     output: str,
     collection_id: str,
+    search_json: str | None,
+    stac_api: str | None,
     **flags: Any,
 ) -> None:
-    """Mask every PRODUCT (anything `run` takes) into one output with a STAC Collection
-    (collection.json) over the results. A product that fails is reported and the batch
-    goes on; the exit code is 1 when any failed."""
-    from kappamask.batch import check_batch, run_batch
+    """Mask every PRODUCT (anything `run` takes), or every item a STAC API search finds,
+    into one output with a STAC Collection (collection.json) over the results. A product
+    that fails is reported and the batch goes on; the exit code is 1 when any failed."""
+    from kappamask.access import AccessPolicy
+    from kappamask.batch import check_batch, resolve_search, run_batch
+    from kappamask.writers.stac_api import check_api
 
-    listed = list(products)
+    listed: list[Any] = list(products)
     if products_file is not None:
         lines = (line.split("#", 1)[0].strip() for line in products_file)
         listed += [line for line in lines if line]
+    policy = AccessPolicy.unrestricted()
+    if search_json is not None:
+        listed = resolve_search(listed, _read_json_option(search_json, "--search"), policy)
     check_batch(listed, collection_id)
+    stac_api = check_api(stac_api, policy) if stac_api else None
     options = _run_options(flags)
     with _triton_and_progress(flags, "kappamask batch") as (client, progress):
         result = run_batch(listed, output, client, options, collection_id=collection_id,
-                           progress=progress)  # fmt: skip
+                           progress=progress, stac_api_url=stac_api)  # fmt: skip
     for outcome in result.products:
         if outcome.status == "successful":
             again = " (already there)" if outcome.reused else ""
@@ -227,8 +247,22 @@ def batch_command(
         else:
             click.echo(f"FAILED  {outcome.product}: {outcome.message}")
     click.echo(f"collection: {result.collection} ({result.succeeded}/{len(listed)} products)")
+    if result.stac_api is not None:
+        click.echo(f"STAC API: {result.stac_api['collection']} "
+                   f"({result.stac_api['published']} items published)")  # fmt: skip
+        for name, why in result.stac_api["errors"].items():
+            click.echo(f"NOT PUBLISHED  {name}: {why}")
     if result.succeeded < len(listed):
         sys.exit(1)
+
+
+def _read_json_option(value: str, option: str) -> Any:
+    """A JSON option's value: the JSON itself or @FILE."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        return json.loads(text)
+    except (OSError, ValueError) as err:
+        raise click.BadParameter(f"not JSON (nor @FILE of JSON): {err}", param_hint=option) from err
 
 
 def _read_geojson(path: Path) -> dict[str, Any]:

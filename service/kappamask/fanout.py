@@ -64,8 +64,12 @@ class Plan:
     #: the last child has finished: the batch's task runs to finish it
     finishing: bool = False
     finished: bool = False
+    #: a STAC API that gets the items too (CollectionWriter.stac_api)
+    stac_api: str | None = None
     #: item file name -> the item as linked, in the order linked
     linked: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: item file name -> "" once the STAC API has it, else why not
+    published: dict[str, str] = field(default_factory=dict)
 
 
 @cache
@@ -105,6 +109,7 @@ def fan_out(
     collection_id: str,
     description: str,
     task: list[Any],
+    stac_api_url: str | None = None,
 ) -> Plan:
     """Record and queue one child job per product (those not recorded yet: a batch taken
     again after its worker died queues only what it had not); the plan."""
@@ -112,7 +117,7 @@ def fan_out(
     if plan is None:
         plan = Plan(batch_id, [child_id(batch_id, i) for i in range(len(products))],
                     [describe_reference(p) for p in products], output, collection_id,
-                    description, task)  # fmt: skip
+                    description, task, stac_api=stac_api_url)  # fmt: skip
         _save(plan)  # before any child exists: a second run finds the same children
     total = len(plan.children)
     queued = 0
@@ -176,7 +181,8 @@ def _writer(plan: Plan, settings: Any) -> CollectionWriter:
     policy: AccessPolicy = settings.policy
     output: str | Path = plan.output or settings.output_dir
     return CollectionWriter(output, policy, settings.output_dir, settings.outputs_url,
-                            plan.collection_id, plan.description, plan.linked)  # fmt: skip
+                            plan.collection_id, plan.description, plan.linked, plan.stac_api,
+                            plan.published)  # fmt: skip
 
 
 def collect(manager: Any, plan: Plan, settings: Any) -> tuple[BatchResult, bool]:
@@ -189,7 +195,8 @@ def collect(manager: Any, plan: Plan, settings: Any) -> tuple[BatchResult, bool]
     writer = _writer(plan, settings)
     result.collection = writer.publish(*(str(outcome.product_id) for outcome in result.products
                                          if outcome.status == "successful"))  # fmt: skip
-    plan.linked = writer.linked
+    plan.linked, plan.published = writer.linked, writer.published
+    result.stac_api = writer.api_report()
     return result, all(outcome is not None for outcome in found)
 
 

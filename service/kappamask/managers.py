@@ -198,18 +198,25 @@ class ErrorStatusMixin:
         return bool(super().update_job(job_id, update_dict))  # type: ignore[misc]
 
     def execute_process(self, *args: Any, **kwargs: Any) -> Any:
+        """Check what can be checked before a job exists: the callback URLs and, for a
+        process with ``prepare`` (a batch: its search), its inputs; refused -> 4xx/5xx,
+        no job."""
         subscriber = kwargs.get("subscriber")
         if subscriber is None:  # positional: (process_id, data, mode, outputs, subscriber, ...)
             subscriber = next((a for a in args if isinstance(a, Subscriber)), None)
         process_id = kwargs.get("process_id", args[0] if args else None)
-        if subscriber is not None and process_id is not None:
+        data = kwargs.get("data_dict", args[1] if len(args) > 1 else None)
+        if process_id is not None:
             processor = self.get_processor(process_id)  # type: ignore[attr-defined]
             policy = getattr(getattr(processor, "settings", None), "policy", None)
-            if policy is not None:
-                try:
+            prepare = getattr(processor, "prepare", None)
+            try:
+                if subscriber is not None and policy is not None:
                     check_subscriber(subscriber, policy)
-                except KappaMaskError as refused:
-                    raise to_process_error(refused) from refused
+                if prepare is not None and isinstance(data, dict):
+                    prepare(data)
+            except KappaMaskError as refused:
+                raise to_process_error(refused) from refused
         result = super().execute_process(*args, **kwargs)  # type: ignore[misc]
         job_id, _mime, _outputs, status, _headers = result
         with _LOCK:

@@ -22,6 +22,7 @@ from kappamask.batch import (
     MAX_PRODUCTS,
     check_batch,
     describe,
+    resolve_search,
     run_batch,
 )
 from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
@@ -31,6 +32,8 @@ from kappamask.managers import record_failure, to_process_error
 from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
 from kappamask.pipeline import PROGRESS_START, run
 from kappamask.sources import ProductRef, describe_reference
+from kappamask.sources.search import DEFAULT_MAX_ITEMS, SEARCH_KEYS
+from kappamask.writers.stac_api import check_api
 
 LOGGER = logging.getLogger(__name__)
 
@@ -208,11 +211,13 @@ def _batch_metadata() -> dict[str, Any]:
     meta.update({
         "id": "kappamask-batch",
         "title": {"en": "KappaMask batch: cloud masks of many Sentinel-2 products"},
-        "description": {"en": "Masks every product of a list as the kappamask process does, "
-                        "into one output, and publishes a STAC Collection (collection.json) "
-                        "over the results. A product that fails is listed with its error; "
-                        "the others go on. Dismissing the job stops it after the running "
-                        "product; the collection keeps the products finished by then."},
+        "description": {"en": "Masks every product of a list, or every Sentinel-2 item a STAC "
+                        "API search finds, as the kappamask process does, into one output, "
+                        "and publishes a STAC Collection (collection.json) over the results, "
+                        "optionally to a STAC API as well. On a job queue each product is its "
+                        "own kappamask job on any worker. A product that fails is listed with "
+                        "its error; the others go on. Dismissing the batch stops its products; "
+                        "the collection keeps those finished by then."},
         "jobControlOptions": ["async-execute", "sync-execute"],
     })  # fmt: skip
     meta["inputs"] = {
@@ -226,7 +231,30 @@ def _batch_metadata() -> dict[str, Any]:
                 "minItems": 1,
                 "maxItems": MAX_PRODUCTS,
             },
-            "minOccurs": 1,
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "search": {
+            "title": "STAC API search",
+            "description": "Instead of 'products': the Sentinel-2 items a STAC API search "
+            "finds, run when the batch is submitted (pystac-client): url (the API), "
+            'collections, bbox or intersects, datetime, query (e.g. {"eo:cloud_cover": '
+            f'{{"lt": 20}}}}), filter (CQL2-JSON), max_items (default {DEFAULT_MAX_ITEMS}, '
+            f"at most {MAX_PRODUCTS}; a search that finds more is refused).",
+            "schema": {
+                "type": "object",
+                "required": ["url"],
+                "properties": {key: {} for key in SEARCH_KEYS},
+            },
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
+        "stac_api": {
+            "title": "Publish to a STAC API",
+            "description": "The root URL of a STAC API with the Transactions extension: the "
+            "collection and each product's item are created (or replaced) there too.",
+            "schema": {"type": "string", "format": "uri"},
+            "minOccurs": 0,
             "maxOccurs": 1,
         },
         "collection_id": {
@@ -243,7 +271,8 @@ def _batch_metadata() -> dict[str, Any]:
         "result": {
             "title": "Result",
             "description": "The collection's href and, per product in the order given, its "
-            "outcome: the STAC item's href and cloud cover, or the error message.",
+            "outcome: the STAC item's href and cloud cover, or the error message (and its "
+            "own job on a queue); with stac_api, what the API holds.",
             "schema": {"type": "object", "contentMediaType": "application/json"},
         }
     }
@@ -363,12 +392,27 @@ class KappaMaskProcessor(BaseProcessor):
         return f"<KappaMaskProcessor> {self.name}"
 
 
-def parse_batch_inputs(data: Any) -> tuple[list[ProductRef], str | None, RunOptions, str]:
-    """Validate a batch's inputs: (products, output, options, collection id)."""
+@dataclass(frozen=True)
+class BatchInputs:
+    """A batch's validated inputs."""
+
+    products: list[ProductRef]
+    output: str | None
+    options: RunOptions
+    collection_id: str
+    stac_api: str | None
+
+
+def parse_batch_inputs(data: Any) -> BatchInputs:
+    """Validate a batch's inputs (a ``search`` is resolved into ``products`` before, by
+    ``prepare_batch``)."""
     _check_names(data, BATCH_METADATA)
+    if "search" in data:
+        raise InvalidInputError("input 'search' was not resolved into products")
     listed = data.get("products")
     if not isinstance(listed, list):
-        raise InvalidInputError("input 'products' is required: a list of products")
+        raise InvalidInputError("input 'products' or 'search' is required: a list of products "
+                                "or a STAC API search")  # fmt: skip
     products: list[ProductRef] = []
     for index, product in enumerate(listed):
         if isinstance(product, dict):
@@ -382,7 +426,21 @@ def parse_batch_inputs(data: Any) -> tuple[list[ProductRef], str | None, RunOpti
     collection_id = collection_id or DEFAULT_COLLECTION_ID
     check_batch(products, collection_id)
     output = text_input(data, "output", "a folder or s3://bucket/prefix")
-    return products, output, RunOptions.from_inputs(data), collection_id
+    stac_api = text_input(data, "stac_api", "the URL of a STAC API")
+    return BatchInputs(products, output, RunOptions.from_inputs(data), collection_id, stac_api)
+
+
+def prepare_batch(data: dict[str, Any], policy: AccessPolicy) -> BatchInputs:
+    """What a batch needs checked before it is accepted (the API, the CLI): its search run
+    into ``products`` (in place: the job holds the items found), its STAC API asked for
+    Transactions, every input validated."""
+    _check_names(data, BATCH_METADATA)
+    if "search" in data:
+        data["products"] = resolve_search(data.get("products"), data.pop("search"), policy)
+    if data.get("stac_api") is not None:
+        url = text_input(data, "stac_api", "the URL of a STAC API") or ""
+        data["stac_api"] = check_api(url, policy)
+    return parse_batch_inputs(data)
 
 
 def child_inputs(data: dict[str, Any]) -> dict[str, Any]:
@@ -397,6 +455,10 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
 
     METADATA = BATCH_METADATA
 
+    def prepare(self, data: dict[str, Any]) -> None:
+        """At submission (the API process): ``prepare_batch``."""
+        prepare_batch(data, self.settings.policy)
+
     def fan_out(self, manager: Any, job_id: str, data: dict[str, Any], task: list[Any]) -> bool:
         """Queue the batch's products as child jobs (a worker's side); whether the batch's
         ``execute`` should run now: when its last child has finished, or to fail on
@@ -405,23 +467,26 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
         if plan is not None and plan.finishing:
             return True
         try:
-            products, output, options, collection_id = parse_batch_inputs(data)
+            batch = parse_batch_inputs(data)
         except KappaMaskError:
             return True  # execute raises it again and the job fails by its cause
-        fanout.fan_out(manager, job_id, products, child_inputs(data), output, collection_id,
-                       describe(len(products), options), task)  # fmt: skip
+        fanout.fan_out(manager, job_id, batch.products, child_inputs(data), batch.output,
+                       batch.collection_id, describe(len(batch.products), batch.options), task,
+                       batch.stac_api)  # fmt: skip
         return False
 
     def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
-        products, output, options, collection_id = parse_batch_inputs(data)
+        batch = parse_batch_inputs(data)
         if queue.in_worker() and self.job_id is not None:
             # every child has finished (fan_out): the collection and their outcomes
             return fanout.finish(_manager(), self.job_id, self.settings).to_json()
-        with self._client(job, 1, f"{len(products)} products") as client:
-            result = run_batch(products, output or self.settings.output_dir, client, options,
-                               self.settings.policy, collection_id, progress=job.update,
-                               cancelled=job.cancelled, output_base=self.settings.output_dir,
-                               public_url=self.settings.outputs_url)  # fmt: skip
+        with self._client(job, 1, f"{len(batch.products)} products") as client:
+            result = run_batch(batch.products, batch.output or self.settings.output_dir, client,
+                               batch.options, self.settings.policy, batch.collection_id,
+                               progress=job.update, cancelled=job.cancelled,
+                               output_base=self.settings.output_dir,
+                               public_url=self.settings.outputs_url,
+                               stac_api_url=batch.stac_api)  # fmt: skip
         return result.to_json()
 
     def __repr__(self) -> str:

@@ -153,15 +153,21 @@ def _gdal_path(href: str, policy: AccessPolicy) -> str:
     return str(policy.local_input(href))
 
 
+def is_sentinel2(props: Mapping[str, Any]) -> bool:
+    """Whether an item's properties describe a Sentinel-2 product (platform, constellation
+    or the s2 extension: catalogs spell it differently)."""
+    return (
+        str(props.get("platform", "")).lower().startswith("sentinel-2")
+        or str(props.get("constellation", "")).lower().replace(" ", "-") == "sentinel-2"
+        or any(k.startswith("s2:") for k in props)
+    )
+
+
 def product_from_item(item: pystac.Item, policy: AccessPolicy, href: str = "") -> Product:
     """The Product a Sentinel-2 STAC item describes (its band assets, level, offsets)."""
     props = item.properties
     platform = str(props.get("platform", ""))
-    if not (
-        platform.lower().startswith("sentinel-2")
-        or "sentinel" in str(props.get("constellation", "")).lower()
-        or any(k.startswith("s2:") for k in props)
-    ):
+    if not is_sentinel2(props):
         raise ProductError(f"STAC item {item.id} does not describe a Sentinel-2 product")
     product_id = str(
         props.get("s2:product_uri") or props.get("sentinel:product_id") or item.id

@@ -1,0 +1,200 @@
+"""A real STAC API for the tests: stac-fastapi-pgstac (Transactions on) over pgstac in a
+PostgreSQL + PostGIS cluster of the Debian packages, as catalogs on DIAS run it, holding
+STAC items of the real Sentinel-2 products under tests/data."""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import rasterio
+import requests
+from rasterio.warp import transform_bounds
+
+from kappamask.inference.server import free_port
+
+from .conftest import STAC
+
+#: What the Debian packages put where; .ci/run installs them (the fixture too, as root).
+APT_PACKAGES = ["postgresql", "postgis"]
+S2_COLLECTION = "sentinel-2-l2a"
+OTHER_COLLECTION = "landsat-c2-l2"
+_TEMPLATE = STAC / "planetary-computer_S2B_MSIL2A_20190629T212529_R043_T06VVN.json"
+_NAME = re.compile(r"(S2[ABC])_MSIL2A_(\d{8}T\d{6})_N(\d{2})(\d{2})_R\d{3}_T(\d{2}[A-Z]{3})_")
+
+
+def _postgres_bin() -> Path:
+    """The PostgreSQL binaries (initdb, pg_ctl), installed from Debian when missing and
+    allowed (root, as in CI)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
+    if (not found or not postgis) and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for command in (["apt-get", "update", "-qq"],
+                        ["apt-get", "install", "-y", "-qq", *APT_PACKAGES]):  # fmt: skip
+            subprocess.run(command, env=env, check=False, capture_output=True, timeout=900)
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+        postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
+    if not found or not postgis:
+        pytest.fail(f"the STAC API tests need PostgreSQL and PostGIS: apt-get install "
+                    f"{' '.join(APT_PACKAGES)}")  # fmt: skip
+    return Path(found[-1]).parent
+
+
+def s2_item(
+    safe: Path, collection: str = S2_COLLECTION, cloud_cover: float = 10.0
+) -> dict[str, Any]:
+    """A Planetary-Computer-style STAC item of a SAFE product under tests/data: its 60 m
+    band files as assets, footprint and CRS from the files, ids and dates from the name."""
+    match = _NAME.search(safe.name)
+    assert match, safe.name
+    platform, when, major, minor, tile = match.groups()
+    r60 = next(safe.glob("GRANULE/*/IMG_DATA/R60m"))
+    item = copy.deepcopy(json.loads(_TEMPLATE.read_text()))
+    with rasterio.open(next(r60.glob("*_B04_60m.jp2"))) as src:
+        epsg = src.crs.to_epsg()
+        west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
+    item.update(id=safe.name.removesuffix(".SAFE").removeprefix("esa_"), collection=collection,
+                bbox=[west, south, east, north],
+                geometry={"type": "Polygon", "coordinates": [ring]}, links=[])  # fmt: skip
+    product_uri = safe.name.removeprefix("esa_")
+    item["properties"].update({
+        "datetime": f"{when[:4]}-{when[4:6]}-{when[6:8]}T{when[9:11]}:{when[11:13]}:{when[13:15]}Z",
+        "platform": f"Sentinel-{platform[1:]}", "s2:product_uri": product_uri,
+        "s2:processing_baseline": f"{major}.{minor}", "s2:mgrs_tile": tile,
+        "proj:epsg": epsg, "eo:cloud_cover": cloud_cover,
+    })  # fmt: skip
+    for key in list(item["assets"]):
+        files = list(r60.glob(f"*_{key}_60m.jp2"))
+        if files:
+            item["assets"][key]["href"] = str(files[0])
+            item["assets"][key]["gsd"] = 60
+        else:
+            del item["assets"][key]  # only the bands of this product's 60 m folder
+    return item
+
+
+def landsat_item(like: dict[str, Any]) -> dict[str, Any]:
+    """An item that is not Sentinel-2 over the same place (for a search that must refuse it)."""
+    item = copy.deepcopy(like)
+    item.update(id="LC08_L2SP_204023_20221005_02_T1", collection=OTHER_COLLECTION)
+    item["properties"] = {"datetime": like["properties"]["datetime"], "platform": "landsat-8",
+                          "eo:cloud_cover": 5.0}  # fmt: skip
+    item["assets"] = {}
+    return item
+
+
+def collection_of(collection_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    bbox = [min(i["bbox"][0] for i in items), min(i["bbox"][1] for i in items),
+            max(i["bbox"][2] for i in items), max(i["bbox"][3] for i in items)]  # fmt: skip
+    return {
+        "type": "Collection", "stac_version": "1.0.0", "id": collection_id,
+        "description": f"{collection_id} (test)", "license": "proprietary", "links": [],
+        "extent": {"spatial": {"bbox": [bbox]},
+                   "temporal": {"interval": [["2015-06-23T00:00:00Z", None]]}},
+    }  # fmt: skip
+
+
+@dataclass
+class StacApi:
+    url: str
+
+    def add(self, collection: dict[str, Any], items: list[dict[str, Any]]) -> None:
+        """Create a collection and its items through the Transactions extension."""
+        response = requests.post(f"{self.url}/collections", json=collection, timeout=30)
+        assert response.status_code in (200, 201), response.text
+        for item in items:
+            response = requests.post(f"{self.url}/collections/{collection['id']}/items",
+                                     json=item, timeout=30)  # fmt: skip
+            assert response.status_code in (200, 201), response.text
+
+    def items(self, collection_id: str) -> list[dict[str, Any]]:
+        response = requests.get(f"{self.url}/collections/{collection_id}/items",
+                                params={"limit": 100}, timeout=30)  # fmt: skip
+        assert response.status_code == 200, response.text
+        return list(response.json()["features"])
+
+
+def _as_postgres(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL server command as the postgres user when root (it refuses root)."""
+    if os.geteuid() == 0:
+        command = ["runuser", "-u", "postgres", "--", *command]
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
+    return done
+
+
+@contextmanager
+def postgis_cluster() -> Iterator[str]:
+    """A throw-away PostgreSQL cluster with PostGIS available; its DSN."""
+    bindir = _postgres_bin()
+    # pytest's own temporary folders are closed to other users, the postgres one included
+    base = Path(tempfile.mkdtemp(prefix="kappamask-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+    data = base / "data"
+    port = free_port()
+    _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8"], timeout=120)  # fmt: skip
+    _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l",
+                  str(base / "postgres.log"), "-o",
+                  f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
+                  "start"], timeout=120)  # fmt: skip
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+                     timeout=120)  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def stac_fastapi_pgstac(base: Path) -> Iterator[StacApi]:
+    """pgstac migrated into a fresh cluster and stac-fastapi-pgstac serving it."""
+    with postgis_cluster() as dsn:
+        pypgstac = Path(sys.executable).parent / "pypgstac"
+        subprocess.run([str(pypgstac), "migrate", "--dsn", dsn], check=True,
+                       capture_output=True, timeout=300)  # fmt: skip
+        port = free_port()
+        host_port = dsn.split("@", 1)[1].split("/", 1)[0]
+        env = {**os.environ, "PGUSER": "postgres", "PGPASSWORD": "unused",
+               "PGHOST": host_port.split(":")[0], "PGPORT": host_port.split(":")[1],
+               "PGDATABASE": "postgres", "ENABLE_TRANSACTIONS_EXTENSIONS": "true"}  # fmt: skip
+        log = (base / "stac-api.log").open("w")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "stac_fastapi.pgstac.app:create_app", "--factory",
+             "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, (base / "stac-api.log").read_text()
+                assert time.monotonic() < deadline, (base / "stac-api.log").read_text()
+                try:
+                    if requests.get(f"{url}/conformance", timeout=2).ok:
+                        break
+                except requests.ConnectionError:
+                    pass
+                time.sleep(0.3)
+            yield StacApi(url)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
