@@ -5,14 +5,11 @@ STAC items of the real Sentinel-2 products under tests/data."""
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import rasterio
 import requests
 from rasterio.warp import transform_bounds
@@ -28,31 +24,12 @@ from rasterio.warp import transform_bounds
 from kappamask.inference.server import free_port
 
 from .conftest import STAC
+from .postgres import postgis_cluster
 
-#: What the Debian packages put where; .ci/run installs them (the fixture too, as root).
-APT_PACKAGES = ["postgresql", "postgis"]
 S2_COLLECTION = "sentinel-2-l2a"
 OTHER_COLLECTION = "landsat-c2-l2"
 _TEMPLATE = STAC / "planetary-computer_S2B_MSIL2A_20190629T212529_R043_T06VVN.json"
 _NAME = re.compile(r"(S2[ABC])_MSIL2A_(\d{8}T\d{6})_N(\d{2})(\d{2})_R\d{3}_T(\d{2}[A-Z]{3})_")
-
-
-def _postgres_bin() -> Path:
-    """The PostgreSQL binaries (initdb, pg_ctl), installed from Debian when missing and
-    allowed (root, as in CI)."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
-    if (not found or not postgis) and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-qq"],
-                        ["apt-get", "install", "-y", "-qq", *APT_PACKAGES]):  # fmt: skip
-            subprocess.run(command, env=env, check=False, capture_output=True, timeout=900)
-        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-        postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
-    if not found or not postgis:
-        pytest.fail(f"the STAC API tests need PostgreSQL and PostGIS: apt-get install "
-                    f"{' '.join(APT_PACKAGES)}")  # fmt: skip
-    return Path(found[-1]).parent
 
 
 def s2_item(
@@ -128,39 +105,6 @@ class StacApi:
                                 params={"limit": 100}, timeout=30)  # fmt: skip
         assert response.status_code == 200, response.text
         return list(response.json()["features"])
-
-
-def _as_postgres(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run a PostgreSQL server command as the postgres user when root (it refuses root)."""
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", "postgres", "--", *command]
-    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
-    assert done.returncode == 0, f"{command}: {done.stdout}{done.stderr}"
-    return done
-
-
-@contextmanager
-def postgis_cluster() -> Iterator[str]:
-    """A throw-away PostgreSQL cluster with PostGIS available; its DSN."""
-    bindir = _postgres_bin()
-    # pytest's own temporary folders are closed to other users, the postgres one included
-    base = Path(tempfile.mkdtemp(prefix="kappamask-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres")
-    data = base / "data"
-    port = free_port()
-    _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8"], timeout=120)  # fmt: skip
-    _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l",
-                  str(base / "postgres.log"), "-o",
-                  f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
-                  "start"], timeout=120)  # fmt: skip
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                     timeout=120)  # fmt: skip
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextmanager

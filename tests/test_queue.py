@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kappamask.errors import InferenceUnavailableError
 from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T22HBD, T29UNU
+from .postgres import postgis_cluster
 from .processes import start_serve, stop, submit_async, wait_for
 from .stac_api import S2_COLLECTION, StacApi
 
@@ -78,6 +80,8 @@ class Queue:
     worker_args: list[str]
     base: Path
     workers: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+    #: every API process (each answers for every job)
+    apis: list[str] = field(default_factory=list)
 
     def start_worker(self) -> tuple[subprocess.Popen[bytes], Path]:
         log = self.base / f"worker-{len(self.workers)}.log"
@@ -96,42 +100,60 @@ class Queue:
         return proc, log
 
 
-@pytest.fixture(scope="module")
-def queue(
-    triton: LocalTriton, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def running_queue(
+    triton: LocalTriton,
+    redis_url: str,
+    base: Path,
+    manager: dict[str, str] | None = None,
+    apis: int = 1,
+    workers: int = 2,
 ) -> Iterator[Queue]:
-    """An API that enqueues and two workers, sharing the job database and output folder
-    (TinyDB behind a file lock on one machine; PostgreSQL across machines)."""
-    base = tmp_path_factory.mktemp("queue")
-    port = free_port()
+    """``apis`` API processes that enqueue and ``workers`` workers, sharing the job manager
+    (``manager``: its environment; TinyDB behind a file lock by default) and the output
+    folder. The first API's port names the results."""
+    ports = [free_port() for _ in range(apis)]
     env = {
         "KAPPAMASK_BROKER_URL": redis_url,
         "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"),
         "KAPPAMASK_JOBS_DB": str(base / "jobs.db"),
-        "KAPPAMASK_PUBLIC_URL": f"http://localhost:{port}",
+        "KAPPAMASK_PUBLIC_URL": f"http://localhost:{ports[0]}",
         # a killed worker's job goes back to the queue after this; the jobs here take less
         "KAPPAMASK_QUEUE_VISIBILITY_S": "12",
         # the STAC API of the tests runs on 127.0.0.1
         "KAPPAMASK_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "true",
+        **(manager or {}),
     }
     shared = ["--triton-url", triton.http_url, "--output-dir", str(base / "out"),
               "--data-root", str(DATA)]  # fmt: skip
-    log_path = base / "serve.log"
-    api = start_serve(["--port", str(port), *shared], log_path, env)
-    url = f"http://127.0.0.1:{port}"
-    running = Queue(url, base / "out", env, shared, base)
+    started = []
+    running = Queue(f"http://127.0.0.1:{ports[0]}", base / "out", env, shared, base)
     try:
-        wait_for(url, api, log_path)
-        running.start_worker()
-        running.start_worker()
+        for n, port in enumerate(ports):
+            log_path = base / f"serve-{n}.log"
+            started.append(start_serve(["--port", str(port), *shared], log_path, env))
+            wait_for(f"http://127.0.0.1:{port}", started[-1], log_path)
+            running.apis.append(f"http://127.0.0.1:{port}")
+        for _ in range(workers):
+            running.start_worker()
         yield running
     finally:
         for proc, _log in running.workers:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=60)
-        stop(api)
+        for api in started:
+            stop(api)
+
+
+@pytest.fixture(scope="module")
+def queue(
+    triton: LocalTriton, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Queue]:
+    """An API that enqueues and two workers on TinyDB (one machine)."""
+    with running_queue(triton, redis_url, tmp_path_factory.mktemp("queue")) as running:
+        yield running
 
 
 def _poll(job_url: str, until: set[str], timeout: float = 300) -> dict[str, Any]:
@@ -310,3 +332,41 @@ def test_a_searched_batch_on_the_queue_publishes_to_the_stac_api(
     assert refused.status_code == 502 and "cannot be reached" in refused.text, refused.text
     jobs = requests.get(f"{queue.url}/jobs", params={"f": "json", "limit": 1000}, timeout=10)
     assert len(jobs.json()["jobs"]) == before
+
+
+@pytest.mark.slow
+def test_api_pods_and_workers_share_jobs_in_postgresql(
+    triton: LocalTriton, redis_url: str, tmp_path: Path
+) -> None:
+    """The deployment's layout: two API processes and two workers on pygeoapi's PostgreSQL
+    job manager (the table of deploy/postgres/init-jobs.sql): a batch submitted to one API
+    is answered by the other, its products run as their own jobs on the workers."""
+    import psycopg2
+
+    with postgis_cluster() as dsn:
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cursor:
+            cursor.execute((DATA.parents[1] / "deploy" / "postgres" / "init-jobs.sql").read_text())
+        manager = {"KAPPAMASK_JOB_MANAGER": "kappamask.managers.PostgreSQLManager",
+                   "KAPPAMASK_JOBS_DB": dsn}  # fmt: skip
+        with running_queue(triton, redis_url, tmp_path, manager, apis=2) as queue:
+            first, second = queue.apis
+            batch_url = submit_async(first, {"products": [str(T29UNU), str(T22HBD)],
+                                             "resolution": 60, "output": "pg"},
+                                     "kappamask-batch")  # fmt: skip
+            other = f"{second}/jobs/{batch_url.rstrip('/').rsplit('/', 1)[-1]}"
+            batch = _poll(other, {"successful", "failed", "dismissed"})
+            assert batch["status"] == "successful", batch
+            result = requests.get(f"{other}/results", params={"f": "json"}, timeout=10).json()
+            assert result["succeeded"] == 2, result
+            for outcome in result["products"]:
+                job = requests.get(f"{second}/jobs/{outcome['job']}", timeout=10).json()
+                assert job["status"] == "successful" and job["processID"] == "kappamask"
+                assert _logged_by(queue, outcome["job"])
+            # a dismissal through one API is seen by the other
+            single = submit_async(second, {"product": str(T29UNU), "resolution": 20,
+                                           "output": "pg-dismissed"})  # fmt: skip
+            single_id = single.rstrip("/").rsplit("/", 1)[-1]
+            deleted = requests.delete(f"{first}/jobs/{single_id}", timeout=30)
+            assert deleted.status_code == 200, deleted.text
+            done = _poll(f"{second}/jobs/{single_id}", {"dismissed", "successful", "failed"})
+            assert done["status"] == "dismissed", done

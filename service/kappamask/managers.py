@@ -166,6 +166,8 @@ class ErrorStatusMixin:
             return True  # dismissing twice is no error
         removed = bool(super().delete_job(job_id))  # type: ignore[misc]
         if removed:  # the result files are gone; the record says why
+            # (the PostgreSQL manager's records carry SQLAlchemy's state: not a column)
+            job = {key: value for key, value in job.items() if not key.startswith("_")}
             now = get_current_datetime()
             job.update({"status": JobStatus.dismissed.value, "message": "dismissed by request",
                         "location": None, "updated": now,
