@@ -11,8 +11,8 @@ worker` processes share one Triton; one ``kappamask-batch`` job is submitted ove
 and timed from submission to its end. Every product is its own child job, so the
 workers share the batch. The table gives the throughput against one worker (same
 machine, same Triton, the same total CPU: the workers share its cores) and each
-worker's peak memory (VmHWM) after the batch, with its resident memory a quarter of the
-way in (flat memory: the two agree).
+worker's peak memory (VmHWM) after the batch and a quarter of the way in (flat memory:
+the two agree).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def run(workers: int, products: list[Path], triton_url: str, resolution: int,
             if job["status"] in ("successful", "failed", "dismissed"):
                 break
             if not quarter and job.get("progress", 0) >= 25:
-                quarter = [_kb(p.pid, "VmRSS") for p in procs[1:]]
+                quarter = [_kb(p.pid, "VmHWM") for p in procs[1:]]
             time.sleep(0.25)
         seconds = time.perf_counter() - started
         if job["status"] != "successful":
@@ -168,7 +168,7 @@ def run(workers: int, products: list[Path], triton_url: str, resolution: int,
         "workers": workers, "products": len(products), "succeeded": result["succeeded"],
         "seconds": round(seconds, 1), "per_worker_products": ran,
         "worker_peak_mb": [round(k / 1024) for k in hwm],
-        "worker_rss_at_25pct_mb": [round(k / 1024) for k in quarter],
+        "worker_peak_at_25pct_mb": [round(k / 1024) for k in quarter],
     }  # fmt: skip
 
 
@@ -204,7 +204,7 @@ def main() -> None:
         print(f"| {row['workers']} | {row['seconds']} | "
               f"{60 * row['succeeded'] / row['seconds']:.1f} | "
               f"{reference / row['seconds']:.2f}x | {row['per_worker_products']} | "
-              f"{row['worker_peak_mb']} | {row['worker_rss_at_25pct_mb']} |")  # fmt: skip
+              f"{row['worker_peak_mb']} | {row['worker_peak_at_25pct_mb']} |")  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps({"resolution": args.resolution, "runs": rows}, indent=2))
 

@@ -1,12 +1,16 @@
-"""Helpers of the tests that start `kappamask serve` and kill real processes."""
+"""Helpers of the tests that start `kappamask serve` and kill real processes, and a real
+HTTP receiver of callbacks."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +107,49 @@ def submit_async(url: str, inputs: dict[str, Any], process: str = "kappamask") -
                              headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
     assert response.status_code == 201, response.text
     return str(response.headers["Location"])
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every POST (path, JSON body) and
+    answers with the statuses queued for its path (then 200)."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, Any]] = []
+        self.statuses: dict[str, list[int]] = {}
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.posts.append((self.path, json.loads(body or b"null")))
+                queued = receiver.statuses.get(self.path) or [200]
+                status = queued.pop(0) if len(queued) > 1 else queued[0]
+                self.send_response(status)
+                if status in (301, 302, 307):
+                    self.send_header("Location", "/redirected")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Receiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_for(self, path: str, timeout: float = 120) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for seen, body in self.posts:
+                if seen == path:
+                    return body
+            time.sleep(0.1)
+        pytest.fail(f"no callback to {path}; got {self.posts}")

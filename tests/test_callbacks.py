@@ -4,11 +4,8 @@ HTTP)."""
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pystac
@@ -23,53 +20,7 @@ from kappamask.errors import AccessDeniedError, InvalidInputError
 from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T29UNU
-from .processes import start_serve, stop, wait_for
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that records every POST (path, JSON body) and
-    answers with the statuses queued for its path (then 200)."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, Any]] = []
-        self.statuses: dict[str, list[int]] = {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.posts.append((self.path, json.loads(body or b"null")))
-                queued = receiver.statuses.get(self.path) or [200]
-                status = queued.pop(0) if len(queued) > 1 else queued[0]
-                self.send_response(status)
-                if status in (301, 302, 307):
-                    self.send_header("Location", "/redirected")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def wait_for(self, path: str, timeout: float = 120) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for seen, body in self.posts:
-                if seen == path:
-                    return body
-            time.sleep(0.1)
-        pytest.fail(f"no callback to {path}; got {self.posts}")
+from .processes import Receiver, start_serve, stop, wait_for
 
 
 @pytest.fixture

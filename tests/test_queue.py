@@ -25,7 +25,7 @@ from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T22HBD, T29UNU
 from .postgres import postgis_cluster
-from .processes import start_serve, stop, submit_async, wait_for
+from .processes import Receiver, start_serve, stop, submit_async, wait_for
 from .stac_api import S2_COLLECTION, StacApi
 
 
@@ -254,11 +254,21 @@ def _logged_by(queue: Queue, job_id: str) -> list[int]:
 @pytest.mark.slow
 def test_a_batch_on_the_queue_runs_each_product_as_its_own_job(queue: Queue) -> None:
     missing = str(DATA / "s2" / "S2B_MSIL1C_20991231T000000_N0500_R001_T01AAA_X.SAFE")
-    batch_url = submit_async(queue.url, {"products": [str(T29UNU), missing, str(T22HBD)],
-                                         "resolution": 60, "output": "season",
-                                         "collection_id": "season"}, "kappamask-batch")  # fmt: skip
-    batch = _poll(batch_url, {"successful", "failed", "dismissed"})
-    assert batch["status"] == "successful", batch
+    inputs = {"products": [str(T29UNU), missing, str(T22HBD)], "resolution": 60,
+              "output": "season", "collection_id": "season"}  # fmt: skip
+    with Receiver() as receiver:
+        subscriber = {"successUri": f"{receiver.url}/success",
+                      "inProgressUri": f"{receiver.url}/running"}  # fmt: skip
+        response = requests.post(f"{queue.url}/processes/kappamask-batch/execution",
+                                 json={"inputs": inputs, "subscriber": subscriber},
+                                 headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+        assert response.status_code == 201, response.text
+        batch_url = response.headers["Location"]
+        batch = _poll(batch_url, {"successful", "failed", "dismissed"})
+        assert batch["status"] == "successful", batch
+        assert receiver.wait_for("/success")["succeeded"] == 2
+        # one start callback, as the products were queued, not again when the batch ended
+        assert [p for p, _ in receiver.posts] == ["/running", "/success"], receiver.posts
     result = requests.get(f"{batch_url}/results", params={"f": "json"}, timeout=10).json()
     outcomes = result["products"]
     assert [p["status"] for p in outcomes] == ["successful", "failed", "successful"], result
@@ -348,7 +358,9 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
             cursor.execute((DATA.parents[1] / "deploy" / "postgres" / "init-jobs.sql").read_text())
         manager = {"KAPPAMASK_JOB_MANAGER": "kappamask.managers.PostgreSQLManager",
                    "KAPPAMASK_JOBS_DB": dsn}  # fmt: skip
-        with running_queue(triton, redis_url, tmp_path, manager, apis=2) as queue:
+        # a Redis database of its own: the workers of the module's queue share the server
+        own_db = redis_url.rsplit("/", 1)[0] + "/1"
+        with running_queue(triton, own_db, tmp_path, manager, apis=2) as queue:
             first, second = queue.apis
             batch_url = submit_async(first, {"products": [str(T29UNU), str(T22HBD)],
                                              "resolution": 60, "output": "pg"},

@@ -30,6 +30,7 @@ from pygeoapi.util import JobStatus
 from kappamask import queue
 from kappamask.access import AccessPolicy
 from kappamask.batch import BatchResult, CollectionWriter, ProductOutcome, outcome_of
+from kappamask.callbacks import JobSubscriber, deliver
 from kappamask.errors import InternalError
 from kappamask.jobs import _now
 from kappamask.sources import ProductRef, describe_reference
@@ -70,6 +71,8 @@ class Plan:
     linked: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: item file name -> "" once the STAC API has it, else why not
     published: dict[str, str] = field(default_factory=dict)
+    #: child job id -> its outcome (ProductOutcome.to_json), once it has finished
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @cache
@@ -115,10 +118,20 @@ def fan_out(
     again after its worker died queues only what it had not); the plan."""
     plan = load(batch_id)
     if plan is None:
+        # the batch's own task, to finish it with, without the inProgress callback: that
+        # one is sent now, as the batch starts
+        urls = task[4]
+        finish_task = [*task[:4], [urls[0], None, urls[2]] if urls else None, *task[5:]]
         plan = Plan(batch_id, [child_id(batch_id, i) for i in range(len(products))],
                     [describe_reference(p) for p in products], output, collection_id,
-                    description, task, stac_api=stac_api_url)  # fmt: skip
+                    description, finish_task, stac_api=stac_api_url)  # fmt: skip
         _save(plan)  # before any child exists: a second run finds the same children
+        if urls and urls[1]:
+            policy = manager.get_processor(str(task[0])).settings.policy
+            subscriber = JobSubscriber(*urls, batch_id, str(task[0]), policy)
+            deliver(subscriber.in_progress_uri,
+                    subscriber.status_info(JobStatus.running.value, "job started", 0),
+                    subscriber.policy)  # fmt: skip
     total = len(plan.children)
     queued = 0
     for index, (child, product) in enumerate(zip(plan.children, products, strict=True)):
@@ -150,31 +163,25 @@ def fan_out(
     return plan
 
 
-def outcomes(manager: Any, plan: Plan) -> list[ProductOutcome | None]:
-    """Each child's outcome, None for those not finished."""
-    found: list[ProductOutcome | None] = []
-    for child, name in zip(plan.children, plan.names, strict=True):
-        try:
-            job = dict(manager.get_job(child))
-        except Exception:  # JobNotFoundError: deleted with its records
-            found.append(ProductOutcome(name, "failed", message="the child job was deleted",
-                                        job=child))  # fmt: skip
-            continue
-        status = str(job.get("status"))
-        if status == JobStatus.successful.value:
-            _mimetype, result = manager.get_job_result(child)
-            outcome = outcome_of(name, result if isinstance(result, dict) else json.loads(result))
-        elif status in (JobStatus.failed.value, JobStatus.dismissed.value):
-            message = str(job.get("message") or status)
-            code, _, text = message.partition(": ")
-            message = text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
-            outcome = ProductOutcome(name, "failed", message=message)
-        else:
-            found.append(None)
-            continue
-        outcome.job = child
-        found.append(outcome)
-    return found
+def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
+    """A child's outcome, None while it has not finished."""
+    try:
+        job = dict(manager.get_job(child))
+    except Exception:  # JobNotFoundError: deleted with its records
+        return ProductOutcome(name, "failed", message="the child job was deleted", job=child)
+    status = str(job.get("status"))
+    if status == JobStatus.successful.value:
+        _mimetype, result = manager.get_job_result(child)
+        outcome = outcome_of(name, result if isinstance(result, dict) else json.loads(result))
+    elif status in (JobStatus.failed.value, JobStatus.dismissed.value):
+        message = str(job.get("message") or status)
+        code, _, text = message.partition(": ")
+        message = text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
+        outcome = ProductOutcome(name, "failed", message=message)
+    else:
+        return None
+    outcome.job = child
+    return outcome
 
 
 def _writer(plan: Plan, settings: Any) -> CollectionWriter:
@@ -185,25 +192,33 @@ def _writer(plan: Plan, settings: Any) -> CollectionWriter:
                             plan.published)  # fmt: skip
 
 
-def collect(manager: Any, plan: Plan, settings: Any) -> tuple[BatchResult, bool]:
-    """Link every finished product's item into the collection (those not linked yet: one
-    write of the collection); the batch's result so far and whether every child has
-    finished."""
-    found = outcomes(manager, plan)
-    result = BatchResult(collection="", collection_id=plan.collection_id)
-    result.products = [outcome for outcome in found if outcome is not None]
+def collect(
+    manager: Any, plan: Plan, settings: Any, children: Sequence[str] | None = None
+) -> BatchResult:
+    """Look at ``children`` (default: every child not known to have finished), link the
+    items of those that have succeeded into the collection (one write of it) and remember
+    their outcomes in the plan; the batch's result so far, in the order of its products.
+    One look per finished child: a batch of 500 products is not 500 x 500 reads of the
+    job manager."""
+    names = dict(zip(plan.children, plan.names, strict=True))
+    looked = [c for c in (plan.children if children is None else children) if c not in plan.done]
+    new = [found for child in looked if (found := _outcome(manager, child, names[child]))]
+    for outcome in new:
+        plan.done[str(outcome.job)] = outcome.to_json()
     writer = _writer(plan, settings)
-    result.collection = writer.publish(*(str(outcome.product_id) for outcome in result.products
+    result = BatchResult(collection="", collection_id=plan.collection_id)
+    result.collection = writer.publish(*(str(outcome.product_id) for outcome in new
                                          if outcome.status == "successful"))  # fmt: skip
+    result.products = [ProductOutcome(**plan.done[c]) for c in plan.children if c in plan.done]
     plan.linked, plan.published = writer.linked, writer.published
     result.stac_api = writer.api_report()
-    return result, all(outcome is not None for outcome in found)
+    return result
 
 
-def advance(manager: Any, batch_id: str, queued: bool = False) -> None:
-    """A child of ``batch_id`` has finished (or, with ``queued``, the last child has been
-    queued): link its item, report the batch's progress and finish the batch when no
-    child is left (see the module docstring)."""
+def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool = False) -> None:
+    """``child`` of ``batch_id`` has finished (or, with ``queued``, the last child has been
+    queued: every child is looked at): link its item, report the batch's progress and
+    finish the batch when no child is left (see the module docstring)."""
     lock = _redis().lock(f"{_key(batch_id)}:lock", timeout=LOCK_TIMEOUT_S,
                          blocking_timeout=LOCK_WAIT_S)  # fmt: skip
     with lock:
@@ -222,11 +237,12 @@ def advance(manager: Any, batch_id: str, queued: bool = False) -> None:
         if status in queue.FINISHED:
             return
         processor = manager.get_processor(str(plan.task[0]))
-        result, done = collect(manager, plan, processor.settings)
+        looked = None if queued or child is None else [child]
+        result = collect(manager, plan, processor.settings, looked)
         _save(plan)
         finished = len(result.products)
         total = len(plan.children)
-        if not done:
+        if finished < total:
             manager.update_job(batch_id, {
                 "status": JobStatus.running.value, "updated": _now(),
                 "progress": 1 + 98 * finished // total,
@@ -242,15 +258,18 @@ def advance(manager: Any, batch_id: str, queued: bool = False) -> None:
         _save(plan)
 
 
-def finish(manager: Any, batch_id: str, settings: Any) -> BatchResult:
+def finish(batch_id: str, settings: Any) -> BatchResult:
     """The result of a batch whose children have all finished (its execute, on the
     worker that advanced it last)."""
     plan = load(batch_id)
     if plan is None:
         raise InternalError(f"batch {batch_id} has no plan on the queue")
-    result, done = collect(manager, plan, settings)
-    if not done:
+    if len(plan.done) < len(plan.children):
         raise InternalError(f"batch {batch_id} finished with products left")
+    writer = _writer(plan, settings)
+    result = BatchResult(collection=writer.publish(), collection_id=plan.collection_id,
+                         products=[ProductOutcome(**plan.done[c]) for c in plan.children],
+                         stac_api=writer.api_report())  # fmt: skip
     return result
 
 

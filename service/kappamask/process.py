@@ -27,7 +27,7 @@ from kappamask.batch import (
 )
 from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
-from kappamask.jobs import JobReporter, _manager, inference_slot
+from kappamask.jobs import JobReporter, inference_slot
 from kappamask.managers import record_failure, to_process_error
 from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
 from kappamask.pipeline import PROGRESS_START, run
@@ -479,7 +479,7 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
         batch = parse_batch_inputs(data)
         if queue.in_worker() and self.job_id is not None:
             # every child has finished (fan_out): the collection and their outcomes
-            return fanout.finish(_manager(), self.job_id, self.settings).to_json()
+            return fanout.finish(self.job_id, self.settings).to_json()
         with self._client(job, 1, f"{len(batch.products)} products") as client:
             result = run_batch(batch.products, batch.output or self.settings.output_dir, client,
                                batch.options, self.settings.policy, batch.collection_id,

@@ -161,7 +161,7 @@ def run_job(
         return {"status": JobStatus.dismissed.value}
     if status in FINISHED:
         LOGGER.info("job %s is already %s: dropped", job_id, status)
-        _advance(manager, parent)  # the worker that finished it may have died before this
+        _advance(manager, parent, job_id)  # its worker may have died before it advanced
         return {"status": status}
     processor = manager.get_processor(process_id)
     fan_out = getattr(processor, "fan_out", None)
@@ -183,19 +183,19 @@ def run_job(
     err = recorded_failure(job_id)
     if err is not None:
         outcome["error"] = type(err).__name__
-    _advance(manager, parent)
+    _advance(manager, parent, job_id)
     return outcome
 
 
-def _advance(manager: Any, parent: str | None) -> None:
-    """Tell batch ``parent`` that one of its products has finished; never fails the
+def _advance(manager: Any, parent: str | None, job_id: str) -> None:
+    """Tell batch ``parent`` that its product ``job_id`` has finished; never fails the
     product's job (the batch is advanced again by its next product)."""
     if parent is None:
         return
     from kappamask import fanout
 
     try:
-        fanout.advance(manager, parent)
+        fanout.advance(manager, parent, job_id)
     except Exception:
         LOGGER.exception("batch %s could not be advanced", parent)
 
