@@ -102,6 +102,7 @@ def test_one_bad_product_never_fails_the_batch_and_a_rerun_computes_nothing(
     status = [p.status for p in result.products]
     assert status == ["successful", "failed", "successful", "successful"]
     assert "T01AAA" in (result.products[1].message or "")
+    assert all(isinstance(p.cloud_cover, float) for p in result.products if p.product_id)
     assert result.products[3].reused  # the same product twice: computed once
     assert seen == sorted(seen) and seen[-1] == 100
     items = _open_collection(tmp_path, stac_validator)

@@ -273,6 +273,7 @@ def test_a_batch_on_the_queue_runs_each_product_as_its_own_job(queue: Queue) -> 
     outcomes = result["products"]
     assert [p["status"] for p in outcomes] == ["successful", "failed", "successful"], result
     assert "T01AAA" in outcomes[1]["message"] and result["succeeded"] == 2
+    assert all(isinstance(p["cloud_cover"], float) for p in outcomes if "product_id" in p)
     children = [p["job"] for p in outcomes]
     assert len(set(children)) == 3
     for child, outcome in zip(children, outcomes, strict=True):

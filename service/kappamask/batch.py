@@ -116,11 +116,10 @@ def describe(total: int, options: RunOptions) -> str:
 
 def outcome_of(name: str, result: dict[str, Any]) -> ProductOutcome:
     """A successful product's outcome from its run's result (``RunResult.to_json``)."""
-    statistics = result.get("statistics")
-    cloud_cover = statistics.get("cloud_cover") if isinstance(statistics, dict) else None
+    cover = result.get("cloud_cover")
     return ProductOutcome(name, "successful", product_id=str(result["product_id"]),
                           item=str(result["item"]), reused=bool(result.get("reused")),
-                          cloud_cover=cloud_cover)  # fmt: skip
+                          cloud_cover=None if cover is None else float(cover))  # fmt: skip
 
 
 def run_batch(
