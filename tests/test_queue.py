@@ -383,3 +383,32 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
             assert deleted.status_code == 200, deleted.text
             done = _poll(f"{second}/jobs/{single_id}", {"dismissed", "successful", "failed"})
             assert done["status"] == "dismissed", done
+
+
+@pytest.mark.slow
+def test_a_worker_killed_inside_a_batch_leaves_one_result_per_product(queue: Queue) -> None:
+    from kappamask.fanout import child_id
+
+    batch_url = submit_async(queue.url, {"products": [str(T29UNU), str(T22HBD)],
+                                         "resolution": 20, "output": "killed-season"},
+                             "kappamask-batch")  # fmt: skip
+    batch_id = batch_url.rstrip("/").rsplit("/", 1)[-1]
+    first = f"{queue.url}/jobs/{child_id(batch_id, 0)}"
+    deadline = time.monotonic() + 120
+    while (job := requests.get(first, timeout=10).json()).get("progress", 0) < 20:
+        assert job.get("status") in (None, "accepted", "running"), job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    proc, _log = _worker_of(queue, child_id(batch_id, 0))
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-product
+    proc.wait(timeout=30)
+    batch = _poll(batch_url, {"successful", "failed", "dismissed"}, timeout=300)
+    assert batch["status"] == "successful", batch
+    result = requests.get(f"{batch_url}/results", params={"f": "json"}, timeout=10).json()
+    assert [p["status"] for p in result["products"]] == ["successful", "successful"], result
+    folder = queue.output_dir / "killed-season"
+    names = sorted(p.name for p in folder.iterdir())
+    assert len(names) == 2 * 6 + 1 and "collection.json" in names, names  # one result each
+    collection = pystac.Collection.from_file(str(folder / "collection.json"))
+    assert len(list(collection.get_items())) == 2
+    queue.start_worker()  # two workers again for what follows
