@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +33,15 @@ _NAME = re.compile(r"(S2[ABC])_MSIL2A_(\d{8}T\d{6})_N(\d{2})(\d{2})_R\d{3}_T(\d{
 
 
 def s2_item(
-    safe: Path, collection: str = S2_COLLECTION, cloud_cover: float = 10.0
+    safe: Path,
+    collection: str = S2_COLLECTION,
+    cloud_cover: float = 10.0,
+    href_of: Callable[[Path], str] = str,
 ) -> dict[str, Any]:
     """A Planetary-Computer-style STAC item of a SAFE product under tests/data: its 60 m
-    band files as assets, footprint and CRS from the files, ids and dates from the name."""
+    band files as assets (at ``href_of(file)``), footprint and CRS from the files, ids and
+    dates from the name. Like Planetary Computer's items it has no raster:bands: readers
+    must apply ESA's baseline rule for the offsets."""
     match = _NAME.search(safe.name)
     assert match, safe.name
     platform, when, major, minor, tile = match.groups()
@@ -59,7 +64,7 @@ def s2_item(
     for key in list(item["assets"]):
         files = list(r60.glob(f"*_{key}_60m.jp2"))
         if files:
-            item["assets"][key]["href"] = str(files[0])
+            item["assets"][key]["href"] = href_of(files[0])
             item["assets"][key]["gsd"] = 60
         else:
             del item["assets"][key]  # only the bands of this product's 60 m folder

@@ -3,7 +3,6 @@ rewritten to point at the fixture's band files on disk and on a real S3 server."
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from kappamask.sources import open_product
 from kappamask.sources.stac import fetch_item
 
 from .conftest import DATA, STAC, T29UNU, S3Server
+from .stac_api import s2_item
 
 EARTH_SEARCH_V1_L1C = STAC / "earth-search-v1_S2B_27VWK_20240206_0_L1C.json"
 EARTH_SEARCH_V0_L2A = STAC / "earth-search-v0_S2A_28QCH_20200714_0_L2A.json"
@@ -113,27 +113,6 @@ def test_raster_offsets_reach_the_features(tmp_path: Path) -> None:
     np.testing.assert_allclose(features[i], expected[: grid.height, : grid.width], atol=1e-6)
 
 
-def t29unu_item(href_of: Any) -> dict[str, Any]:
-    """The real Planetary Computer L2A item, rewritten to describe the T29UNU fixture:
-    its band assets point at ``href_of(file name)``; it has no raster:bands, so the
-    baseline rule (04.00: -1000) must give the same offsets as the SAFE metadata."""
-    item = copy.deepcopy(_load(PLANETARY_COMPUTER_L2A))
-    props = item["properties"]
-    props["s2:product_uri"] = T29UNU.name
-    props["s2:processing_baseline"] = "04.00"
-    props["s2:mgrs_tile"] = "29UNU"
-    props["proj:epsg"] = 32629
-    props["datetime"] = "2022-10-05T11:54:11Z"
-    for key in list(item["assets"]):
-        files = list(T29UNU_R60.glob(f"*_{key}_60m.jp2"))
-        if files:
-            item["assets"][key]["href"] = href_of(files[0].name)
-            item["assets"][key]["gsd"] = 60
-        elif (item["assets"][key].get("roles") or []) == ["data"]:
-            del item["assets"][key]  # B08 has no 60 m file in this product
-    return item
-
-
 @pytest.fixture(scope="module")
 def safe_mask(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     with TritonClient(triton.http_url) as client:
@@ -152,7 +131,7 @@ def _mask_of(result_mask: str, s3: S3Server | None = None) -> np.ndarray:
 def test_local_stac_item_gives_the_same_mask_as_the_safe(
     triton: LocalTriton, tmp_path: Path, safe_mask: np.ndarray
 ) -> None:
-    item = t29unu_item(lambda name: str(T29UNU_R60 / name))
+    item = s2_item(T29UNU)  # no raster:bands: the baseline rule must match the SAFE's offsets
     item_file = tmp_path / "item.json"
     item_file.write_text(json.dumps(item))
     with TritonClient(triton.http_url) as client:
@@ -173,7 +152,7 @@ def test_stac_item_on_s3_with_s3_assets(
     triton: LocalTriton, s3_server: S3Server, tmp_path: Path, safe_mask: np.ndarray
 ) -> None:
     prefix = f"s2/{T29UNU.name}/{T29UNU_R60.relative_to(T29UNU).as_posix()}"
-    item = t29unu_item(lambda name: f"s3://products/{prefix}/{name}")
+    item = s2_item(T29UNU, href_of=lambda path: f"s3://products/{prefix}/{path.name}")
     s3_server.client().put_object(
         Bucket="products", Key="items/t29unu.json", Body=json.dumps(item).encode()
     )
@@ -208,7 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def http_item() -> Iterator[str]:
-    _Handler.item = json.dumps(t29unu_item(lambda name: str(T29UNU_R60 / name))).encode()
+    _Handler.item = json.dumps(s2_item(T29UNU)).encode()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

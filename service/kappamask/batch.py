@@ -28,7 +28,12 @@ from kappamask.sources import ProductRef, describe_reference
 from kappamask.sources.search import search_items
 from kappamask.storage import open_sink
 from kappamask.writers import stac_api
-from kappamask.writers.stac_collection import COLLECTION_FILE, create_collection, link_item
+from kappamask.writers.stac_collection import (
+    COLLECTION_FILE,
+    DEFAULT_COLLECTION_ID,
+    create_collection,
+    link_item,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -37,7 +42,6 @@ LOGGER = logging.getLogger(__name__)
 MAX_PRODUCTS = 500
 #: Collection ids: what STAC APIs accept as a path segment.
 COLLECTION_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-DEFAULT_COLLECTION_ID = "kappamask"
 
 
 @dataclass

@@ -29,6 +29,7 @@ from kappamask.cli_options import (
 )
 from kappamask.errors import KappaMaskError
 from kappamask.options import RESAMPLING_METHODS, RunOptions
+from kappamask.writers.stac_collection import DEFAULT_COLLECTION_ID
 
 if TYPE_CHECKING:  # the pipeline's imports (rasterio, tritonclient) wait for a command
     from kappamask.pipeline import ProgressFn
@@ -193,7 +194,7 @@ def run_command(product: str, output: str, **flags: Any) -> None:
 )
 @click.option(
     "--collection-id",
-    default="kappamask",
+    default=DEFAULT_COLLECTION_ID,
     show_default=True,
     help="Id of the STAC Collection over the results.",
 )

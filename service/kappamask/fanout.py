@@ -33,6 +33,7 @@ from kappamask.batch import BatchResult, CollectionWriter, ProductOutcome, outco
 from kappamask.callbacks import JobSubscriber, deliver
 from kappamask.errors import InternalError
 from kappamask.jobs import _now
+from kappamask.managers import message_text
 from kappamask.sources import ProductRef, describe_reference
 
 LOGGER = logging.getLogger(__name__)
@@ -174,10 +175,8 @@ def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
         _mimetype, result = manager.get_job_result(child)
         outcome = outcome_of(name, result if isinstance(result, dict) else json.loads(result))
     elif status in (JobStatus.failed.value, JobStatus.dismissed.value):
-        message = str(job.get("message") or status)
-        code, _, text = message.partition(": ")
-        message = text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
-        outcome = ProductOutcome(name, "failed", message=message)
+        outcome = ProductOutcome(name, "failed", message=message_text(str(job.get("message")
+                                                                           or status)))  # fmt: skip
     else:
         return None
     outcome.job = child
@@ -225,9 +224,7 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         plan = load(batch_id)
         if plan is None or plan.finished:
             return
-        if queued and not plan.queued:
-            plan.queued = True
-            _save(plan)
+        plan.queued = plan.queued or queued  # saved with what follows
         if not plan.queued:
             return  # the worker queueing the children advances it once they all are
         try:

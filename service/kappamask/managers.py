@@ -74,6 +74,12 @@ def failure_message(err: KappaMaskError) -> str:
     return f"{err.ogc_code}: {err}"
 
 
+def message_text(message: str) -> str:
+    """A failed job's message without the OGC code ``failure_message`` put before it."""
+    code, _, text = message.partition(": ")
+    return text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
+
+
 class ErrorStatusMixin:
     """Failures by cause, dismissals remembered (see the module docstring)."""
 

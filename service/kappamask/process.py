@@ -18,7 +18,6 @@ from kappamask import __version__, fanout, queue
 from kappamask.access import AccessPolicy
 from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
 from kappamask.batch import (
-    DEFAULT_COLLECTION_ID,
     MAX_PRODUCTS,
     check_batch,
     describe,
@@ -34,6 +33,7 @@ from kappamask.pipeline import PROGRESS_START, run
 from kappamask.sources import ProductRef, describe_reference
 from kappamask.sources.search import DEFAULT_MAX_ITEMS, SEARCH_KEYS
 from kappamask.writers.stac_api import check_api
+from kappamask.writers.stac_collection import DEFAULT_COLLECTION_ID
 
 LOGGER = logging.getLogger(__name__)
 

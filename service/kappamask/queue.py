@@ -203,9 +203,9 @@ def _advance(manager: Any, parent: str | None, job_id: str) -> None:
 def error_from(outcome: Any, job: dict[str, Any]) -> KappaMaskError:
     """The error of a queued job that did not succeed, as its worker raised it (class and
     message), for the API's answer to a synchronous request."""
-    message = str(job.get("message") or "the job did not finish")
-    code, _, text = message.partition(": ")
-    text = text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
+    from kappamask.managers import message_text
+
+    text = message_text(str(job.get("message") or "the job did not finish"))
     name = outcome.get("error") if isinstance(outcome, dict) else None
     cls = getattr(errors, str(name), None)
     if isinstance(cls, type) and issubclass(cls, KappaMaskError):

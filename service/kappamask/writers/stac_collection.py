@@ -18,6 +18,8 @@ import pystac
 from kappamask import __version__
 
 COLLECTION_FILE = "collection.json"
+#: The collection's id when a batch names none.
+DEFAULT_COLLECTION_ID = "kappamask"
 COLLECTION_LINK_RELS = ("collection", "parent", "root")
 #: Sentinel-2 data and products derived from them come under the Copernicus licence.
 LICENSE_LINK = {
