@@ -312,6 +312,19 @@ def _vm_hwm_gb(pid: int) -> float:
     return total / 2**20
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
 def _triton_stats(url: str) -> dict[str, float]:
     """Seconds Triton spent on the L1C model so far: queueing (summed over requests) and
     the model itself (summed over executed batches, so batching is not counted twice)."""
@@ -353,7 +366,12 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
                 "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}  # fmt: skip
     result = json.loads(report.read_text())
     report.unlink()
-    result.update(tool=tool, wall_s=round(wall, 1), peak_rss_gb=round(usage.ru_maxrss / 2**20, 2))
+    result.update(
+        tool=tool,
+        wall_s=round(wall, 1),
+        peak_rss_gb=round(usage.ru_maxrss / 2**20, 2),
+        cpu_s=round(usage.ru_utime + usage.ru_stime, 1),
+    )
     if before is not None:
         after = _triton_stats(args.triton_url)
         result["triton"] = {k: round(after[k] - before[k], 1) for k in after}
@@ -400,6 +418,10 @@ def _stages(result: dict[str, Any]) -> str:
     lines += [f"| triton {k} | {v:.1f} |" for k, v in result.get("triton", {}).items()]
     if "triton_peak_rss_gb" in result:
         lines.append(f"| Triton + stubs peak RSS (GB) | {result['triton_peak_rss_gb']:.2f} |")
+    # on 2 cores the wall time is bounded below by (client + Triton CPU seconds) / cores
+    if "triton_cpu_s" in result:
+        lines.append(f"| client CPU s | {result['cpu_s']:.1f} |")
+        lines.append(f"| Triton + stubs CPU s | {result['triton_cpu_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -442,9 +464,12 @@ def main() -> None:
         try:
             for tool in tools:
                 print(f"running {tool} ...", file=sys.stderr)
+                local = triton.process.pid if triton and triton.process else None
+                cpu_before = _cpu_seconds(local) if local else 0.0
                 result = measure(tool, safe, args)
-                if tool == "kappamask" and triton is not None and triton.process is not None:
-                    result["triton_peak_rss_gb"] = round(_vm_hwm_gb(triton.process.pid), 2)
+                if tool == "kappamask" and local:
+                    result["triton_peak_rss_gb"] = round(_vm_hwm_gb(local), 2)
+                    result["triton_cpu_s"] = round(_cpu_seconds(local) - cpu_before, 1)
                 results.append(result)
                 print(json.dumps(result), file=sys.stderr)
         finally:

@@ -211,14 +211,68 @@ def test_finer_bands_are_averaged_onto_a_coarser_grid() -> None:
     assert np.array_equal(part, features[:, 37:77, 10:60])
 
 
-def test_a_walk_down_the_strips_decodes_every_row_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Strips overlap and cut through JPEG 2000 tiles, yet no band row is decoded twice."""
-    decoded: dict[str, list[int]] = {}
+def test_block_rows_decode_each_tile_once_as_windows_reach_it(tmp_path: Path) -> None:
+    """A tiled file (blocks in both directions, partial ones at the edges): overlapping
+    strips read in chunks side by side get the file's values, each block decoded once and
+    only when a window first touches it; a window above the kept rows reads them again."""
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 4, (300, 230), dtype=np.uint16) * 1000  # DN 0 = no data
+    path = tmp_path / "tiled.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=230,
+        height=300,
+        count=1,
+        dtype="uint16",
+        tiled=True,
+        blockxsize=64,
+        blockysize=64,
+        crs="EPSG:32629",
+        transform=Affine(10, 0, 500000, 0, -10, 6000000),
+    ) as dst:
+        dst.write(data, 1)  # fmt: skip
+    with rasterio.open(path) as src:
+        rows = BlockRows(src)
+        calls: list[tuple[int, int, int, int]] = []
+        original = rows._decode
+
+        def counting(top: int, bottom: int, left: int, right: int) -> None:
+            calls.append((top, bottom, left, right))
+            original(top, bottom, left, right)
+
+        rows._decode = counting  # type: ignore[method-assign]
+        counts = np.zeros(data.shape, dtype=int)
+        for top in range(0, 300, 50):  # strips of 60 rows, 10 of overlap
+            for left in range(0, 230, 70):  # chunks of 80 columns, 10 of overlap
+                window = Window(left, top, min(80, 230 - left), min(60, 300 - top))
+                before = len(calls)
+                got = rows.read(window)
+                for t, b, lft, r in calls[before:]:
+                    counts[t:b, lft:r] += 1
+                    assert t % 64 == 0 or t == top  # whole blocks, or the kept part of one
+                    assert lft % 64 == 0 and (r % 64 == 0 or r == 230)
+                    assert lft < left + window.width and r > left  # only blocks it touches
+                expected = data[window.toslices()].astype(np.float32)
+                expected[expected == 0] = np.nan
+                np.testing.assert_array_equal(got, expected)
+        assert (counts == 1).all()
+        assert len(calls) < 5 * 4 * 2  # side by side undecoded blocks go in one read
+        again = rows.read(Window(0, 0, 230, 20))
+        assert np.array_equal(np.nan_to_num(again), data[:20].astype(np.float32))
+
+
+def test_a_walk_down_the_strips_decodes_every_pixel_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strips overlap and cut through JPEG 2000 tiles, chunks decode the blocks they reach,
+    yet no band pixel is decoded twice and every one is decoded."""
+    decoded: dict[str, np.ndarray] = {}
     original = BlockRows._decode
 
-    def counting(self: BlockRows, top: int, bottom: int) -> np.ndarray:
-        decoded.setdefault(self.src.name, []).extend(range(top, bottom))
-        return original(self, top, bottom)
+    def counting(self: BlockRows, top: int, bottom: int, left: int, right: int) -> None:
+        counts = decoded.setdefault(self.src.name, np.zeros(self.src.shape, dtype=int))
+        counts[top:bottom, left:right] += 1
+        original(self, top, bottom, left, right)
 
     monkeypatch.setattr(BlockRows, "_decode", counting)
     product = open_safe(T29UNU)
@@ -230,5 +284,5 @@ def test_a_walk_down_the_strips_decodes_every_row_once(monkeypatch: pytest.Monke
                 reader.read(Window(col, row, width, min(512, grid.height - row)))
         assert reader.decode_seconds > 0
     assert len(decoded) == 12  # 13 features, B08 read from the B8A file
-    for name, rows in decoded.items():
-        assert sorted(rows) == list(range(544)), name
+    for name, counts in decoded.items():
+        assert (counts == 1).all(), name

@@ -79,8 +79,14 @@ _CPU_SERVING = _serving(CPU_MAX_BATCH, (2, 4), 5000, "KIND_CPU")
 #: The Python backend runs one batch per instance at a time and idles the cores while a
 #: batch's answers and the next batch's crops cross between Triton and its stub process:
 #: two instances, each on half the cores (cpu_model.py), take turns (measured on a full
-#: product on 2 cores: 112 s end to end against 117 s with one instance).
-_PYTHON_CPU_SERVING = _serving(CPU_MAX_BATCH, (2, 4), 5000, "KIND_CPU", PYTHON_CPU_INSTANCES)
+#: product on 2 cores: 112 s end to end against 117 s with one instance). Each instance
+#: runs its crops one after another on its one stream, so a larger batch gains nothing and
+#: can leave the other instance idle: the client's four requests in flight went to one
+#: instance as one batch of 4 whenever the reader was not sending more (at the end of a
+#: product: 4 s at 1.4 of 2 cores). Batches of at most 2 keep both instances busy.
+PYTHON_CPU_MAX_BATCH = 2
+_PYTHON_CPU_SERVING = _serving(PYTHON_CPU_MAX_BATCH, (1, 2), 5000, "KIND_CPU",
+                               PYTHON_CPU_INSTANCES)  # fmt: skip
 _GPU_SERVING = _serving(GPU_MAX_BATCH, (4, 8), 2000, "KIND_GPU")
 
 
