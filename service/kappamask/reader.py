@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -33,6 +34,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE
+from kappamask.compiled import inline_kernel, kernel
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.gdal import GDAL_ENV, product_errors
 from kappamask.grid import Grid
@@ -70,62 +72,109 @@ def resolve_features(product: Product, features: Sequence[str]) -> dict[str, str
     return layers
 
 
-#: Elements per pass of ``normalise``: a chunk and its scratch stay in the core's cache
-#: across the ten or so passes over it (scale, clip, round to float16).
-CHUNK = 1 << 16
 #: The largest finite float16; larger reflectances (none in a valid product) saturate.
 HALF_MAX = 65504.0
 #: float32 bits of the smallest normal float16 (2 ** -14), and what turns a float32 with
-#: its mantissa rounded at bit 13 into float16 bits: the exponent rebiased from 127 to 15,
-#: plus the round-half-up constant (modulo 2 ** 32, as uint32 arithmetic wraps).
+#: its mantissa rounded at bit 13 into float16 bits: the exponent rebiased from 127 to 15.
 _HALF_NORMAL_BITS = 0x38800000
-_HALF_REBIAS = np.uint32((0x0FFF - ((127 - 15) << 23)) & 0xFFFFFFFF)
+_HALF_REBIAS = (127 - 15) << 23
+
+
+@inline_kernel
+def _scaled(x: Any, zero_is_nodata: bool, gain: float, offset: float, scale: float) -> Any:
+    """DESIGN §3 for one pixel (float32 arithmetic); NaN where there is no data."""
+    v = np.float32(x)
+    if v != v or (zero_is_nodata and v == 0):
+        return np.float32(np.nan)
+    v = (v * np.float32(gain) + np.float32(offset)) * np.float32(scale)
+    return max(v, np.float32(0.0))
+
+
+@kernel
+def _normalise_half(
+    data: np.ndarray,
+    zero_is_nodata: bool,
+    gain: float,
+    offset: float,
+    scale: float,
+    bits: np.ndarray,
+    valid: np.ndarray,
+    mark: bool,
+) -> None:  # pragma: no cover - compiled
+    """``_scaled`` into float16 bits, rounded to nearest even as numpy's cast rounds."""
+    rows, cols = data.shape
+    for r in range(rows):
+        for c in range(cols):
+            v = _scaled(data[r, c], zero_is_nodata, gain, offset, scale)
+            if v != v:
+                bits[r, c] = 0
+                if mark:
+                    valid[r, c] = False
+                continue
+            v = min(v, np.float32(HALF_MAX))
+            b = np.uint32(np.float32(v).view(np.uint32))
+            if b < _HALF_NORMAL_BITS:  # below 2 ** -14 float16 counts in steps of 2 ** -24
+                bits[r, c] = np.uint16(np.rint(v * np.float32(2.0**24)))
+            else:  # round at mantissa bit 13: add 0xFFF plus the bit that is kept last
+                b = b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))
+                bits[r, c] = np.uint16((b - np.uint32(_HALF_REBIAS)) >> np.uint32(13))
+
+
+@kernel
+def _normalise_float(
+    data: np.ndarray,
+    zero_is_nodata: bool,
+    gain: float,
+    offset: float,
+    scale: float,
+    out: np.ndarray,
+    valid: np.ndarray,
+    mark: bool,
+) -> None:  # pragma: no cover - compiled
+    rows, cols = data.shape
+    for r in range(rows):
+        for c in range(cols):
+            v = _scaled(data[r, c], zero_is_nodata, gain, offset, scale)
+            if v != v:
+                out[r, c] = 0.0
+                if mark:
+                    valid[r, c] = False
+            else:
+                out[r, c] = v
 
 
 def normalise(
-    dn: np.ndarray, offset: float, max_v: float, out: np.ndarray | None = None
+    data: np.ndarray,
+    offset: float,
+    max_v: float,
+    out: np.ndarray,
+    gain: float = 1.0,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
-    """DESIGN §3: (DN + offset) / 65535 / max_v, negative results set to 0.
+    """DESIGN §3: (DN * gain + offset) / 65535 / max_v, negative results set to 0, into
+    ``out`` (float32 or float16, the shape of ``data``); returns ``out``.
 
-    In place in ``dn`` (float32, contiguous), or into ``out`` of the same shape, float32
-    or float16. numpy 1.x casts float32 to float16 one element at a time (4-8 ns each: a
-    third of a full product's reading); this rounds by integer arithmetic on the float32
-    bits instead, to the same float16 as the cast (round half to even).
+    ``data`` holds DN as read (integers, 0 = no data) or resampled (float, NaN = no
+    data); no-data pixels get 0 and, when ``valid`` is given, are cleared in it. One
+    compiled pass per pixel: as numpy passes (convert, mark no data, offset, scale, clip,
+    round to float16 by integer arithmetic, as numpy 1.x casts float32 to float16 one
+    element at a time) this was a third of a full product's reading.
     """
-    flat = dn.reshape(-1)
-    scale = np.float32(1.0 / (DN_SCALE * max_v))
-    half = out is not None and out.dtype == np.float16
-    target = None if out is None else out.reshape(-1)
-    scratch = np.empty(min(CHUNK, flat.size), dtype=np.uint32) if half else None
-    for start in range(0, flat.size, CHUNK):
-        chunk = flat[start : start + CHUNK]
-        chunk += np.float32(offset)
-        chunk *= scale
-        np.maximum(chunk, 0.0, out=chunk)
-        if target is None:
-            continue
-        if not half:
-            target[start : start + CHUNK] = chunk
-            continue
-        assert scratch is not None
-        np.minimum(chunk, HALF_MAX, out=chunk)
-        _store_half(chunk, target[start : start + CHUNK].view(np.uint16), scratch[: chunk.size])
-    return dn if out is None else out
+    if out.shape != data.shape or out.dtype not in (np.float16, np.float32):
+        raise ValueError("out must be float16 or float32 of the data's shape")
 
+    def two_d(a: np.ndarray) -> np.ndarray:
+        return a.reshape(1, -1) if a.ndim == 1 else a
 
-def _store_half(values: np.ndarray, bits_out: np.ndarray, scratch: np.ndarray) -> None:
-    """float16 bits of non-negative finite float32 ``values`` <= HALF_MAX."""
-    bits = values.view(np.uint32)
-    # Round to nearest even at mantissa bit 13: add 0xFFF plus the bit that is kept last.
-    np.right_shift(bits, 13, out=scratch)
-    np.bitwise_and(scratch, 1, out=scratch)
-    scratch += bits
-    scratch += _HALF_REBIAS
-    np.right_shift(scratch, 13, out=scratch)
-    bits_out[...] = scratch
-    subnormal = bits < _HALF_NORMAL_BITS
-    if subnormal.any():  # below 2 ** -14, float16 counts in steps of 2 ** -24
-        bits_out[subnormal] = np.rint(values[subnormal] * np.float32(2.0**24)).astype(np.uint16)
+    zero_is_nodata = data.dtype.kind in "ui"
+    mark = valid is not None
+    flags = two_d(valid) if valid is not None else np.ones((1, 1), dtype=bool)
+    args = (two_d(data), zero_is_nodata, float(gain), float(offset), 1.0 / (DN_SCALE * max_v))
+    if out.dtype == np.float16:
+        _normalise_half(*args, two_d(out.view(np.uint16)), flags, mark)
+    else:
+        _normalise_float(*args, two_d(out), flags, mark)
+    return out
 
 
 def alignment(src: rasterio.io.DatasetReader, grid: Grid) -> int:
@@ -164,7 +213,8 @@ class AlignedLayer:
         return self.rows.decode_seconds
 
     def read(self, window: Window) -> np.ndarray:
-        """The window of the output grid as float32, NaN where there is no data."""
+        """The window of the output grid: the DN as stored (0 = no data) where the band is
+        on the output grid, else float32 with NaN where there is no data."""
         factor, src = self.factor, self.src
         if factor == 1:
             return self.rows.read(window)
@@ -175,7 +225,7 @@ class AlignedLayer:
             row0, col0 = out_rows[0] * k, out_cols[0] * k
             row1 = min(out_rows[1] * k, src.height)
             col1 = min(out_cols[1] * k, src.width)
-            fine = self.rows.read(Window(col0, row0, col1 - col0, row1 - row0))
+            fine = _with_nan(self.rows.read(Window(col0, row0, col1 - col0, row1 - row0)))
             return downsample(fine, k, out_rows, out_cols, origin=(row0, col0))
         # Source pixels under the window plus the kernel's reach on either side.
         margin = RADIUS[self.resampling] + 1
@@ -183,8 +233,15 @@ class AlignedLayer:
         col0 = max(out_cols[0] // factor - margin, 0)
         row1 = min(-(-out_rows[1] // factor) + margin, src.height)
         col1 = min(-(-out_cols[1] // factor) + margin, src.width)
-        native = self.rows.read(Window(col0, row0, col1 - col0, row1 - row0))
+        native = _with_nan(self.rows.read(Window(col0, row0, col1 - col0, row1 - row0)))
         return upsample(native, factor, self.resampling, out_rows, out_cols, origin=(row0, col0))
+
+
+def _with_nan(dn: np.ndarray) -> np.ndarray:
+    """DN as float32, NaN where 0 (no data)."""
+    out = dn.astype(np.float32)
+    out[dn == 0] = np.nan
+    return out
 
 
 class WarpedLayer:
@@ -273,10 +330,10 @@ class BandReader:
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Read ``window`` of the grid: normalised features and the validity mask."""
         h, w = int(window.height), int(window.width)
-        out = np.zeros((len(self.features), h, w), dtype=self.dtype)
+        out = np.empty((len(self.features), h, w), dtype=self.dtype)
         valid = np.ones((h, w), dtype=bool)
         cache: dict[str, np.ndarray] = {}
-        # A layer stays decoded only while a later feature (a substitute) still needs it.
+        # A layer stays read only while a later feature (a substitute) still needs it.
         uses = Counter(self.layers.values())
         for i, (feature, max_v) in enumerate(zip(self.features, self.max_v, strict=True)):
             layer = self.layers[feature]
@@ -285,19 +342,13 @@ class BandReader:
                                     "(corrupt or truncated file?)"):  # fmt: skip
                     cache[layer] = self.sources[layer].read(window)
             uses[layer] -= 1
-            dn = cache.pop(layer) if uses[layer] == 0 else cache[layer].copy()
-            dn = np.ascontiguousarray(dn, dtype=np.float32)
-            nodata = np.isnan(dn)
-            if nodata.any():
-                dn[nodata] = 0.0
-                if feature not in AUX_BANDS:
-                    valid &= ~nodata
-            gain = self.product.gains.get(layer, 1.0)
-            if gain != 1.0:
-                dn *= gain
-            # Offsets apply to reflectances only, looked up by band name (never by position).
-            offset = 0.0 if feature in AUX_BANDS else self.product.offsets.get(layer, 0.0)
-            normalise(dn, offset, max_v, out=out[i])
+            data = cache.pop(layer) if uses[layer] == 0 else cache[layer]
+            # Offsets apply to reflectances only, looked up by band name (never by position);
+            # so does the validity: an auxiliary layer's gaps do not make a pixel unusable.
+            aux = feature in AUX_BANDS
+            offset = 0.0 if aux else self.product.offsets.get(layer, 0.0)
+            normalise(data, offset, max_v, out=out[i], gain=self.product.gains.get(layer, 1.0),
+                      valid=None if aux else valid)  # fmt: skip
         if not valid.all():
             out[:, ~valid] = 0.0
         return out, valid
@@ -307,7 +358,8 @@ class BlockRows:
     """Decoded rows of one band file, decoded block by block as windows first reach them
     and kept while needed.
 
-    ``read(window)`` returns the window as float32 with NaN for DN 0. The kept rows span
+    ``read(window)`` returns the window's DN as stored (a view: use it before the next
+    read). The kept rows span
     the file's full width, and each of its blocks (a JPEG 2000 tile) is decoded the first
     time a window touches it, together with the other undecoded blocks that window
     touches (GDAL decodes them on all cores). Windows side by side on the same rows share
@@ -346,10 +398,7 @@ class BlockRows:
                     left, right = int(run[0]) * bw, min(int(run[-1] + 1) * bw, self.src.width)
                     self._decode(top, bottom, left, right)
                     decoded[run] = True
-        part = self._data[row0 - self._top : row1 - self._top, col0:col1]
-        out = part.astype(np.float32)
-        out[part == 0] = np.nan
-        return out
+        return self._data[row0 - self._top : row1 - self._top, col0:col1]
 
     def _keep(self, row0: int, row1: int) -> None:
         """Hold rows ``row0`` to the end of the block row of ``row1 - 1``; drop those above."""
