@@ -46,7 +46,7 @@ from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
 from kappamask.storage import Sink, open_sink
 from kappamask.tiling import CropGrid, extract, has_data, place
-from kappamask.writers.cog import OverviewResampling, StripWriter, to_cog
+from kappamask.writers.cog import OverviewResampling, StripWriter, scratch_files, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
 
@@ -126,11 +126,12 @@ class RunResult:
 ASSETS = ("mask", "confidence", "probability", "valid", "preview")
 
 
-#: How each raster's overviews are made: categorical rasters keep a class per overview
-#: pixel (the confidence follows its class map), the probability is averaged.
+#: How each raster's overviews are made (kappamask.writers.cog, as the strips come): the
+#: class map keeps a class per overview pixel, the probability and the confidence (a
+#: score, whose most frequent value in a cell is as good as any one pixel's) are averaged.
 OVERVIEWS: dict[str, OverviewResampling] = {
     "mask": "mode",
-    "confidence": "mode",
+    "confidence": "average",
     "probability": "average",
     "valid": "nearest",
 }
@@ -382,8 +383,13 @@ def infer(
     grid, scratch = planned.grid, _scratch(sink)
     with (
         StripWriter(scratch["model_classes"], grid) as classes_out,
-        StripWriter(scratch["confidence"], grid) as conf_out,
-        StripWriter(scratch["probability"], grid, nodata=PROBABILITY_NODATA) as prob_out,
+        StripWriter(scratch["confidence"], grid, overviews=OVERVIEWS["confidence"]) as conf_out,
+        StripWriter(
+            scratch["probability"],
+            grid,
+            nodata=PROBABILITY_NODATA,
+            overviews=OVERVIEWS["probability"],
+        ) as prob_out,
     ):
         mosaic = _Mosaic(grid, planned.crops, classes_out, conf_out, prob_out, timings)
         inferred, substitutions = _infer_all(planned.product, planned.model, grid, options,
@@ -392,8 +398,10 @@ def infer(
     t0 = time.monotonic()
     progress(PROGRESS_INFERENCE_END, "buffers and the usable-pixel mask")
     with (
-        StripWriter(scratch["mask"], grid, colormap=True) as mask_out,
-        StripWriter(scratch["valid"], grid, nodata=VALID_NODATA) as valid_out,
+        StripWriter(scratch["mask"], grid, colormap=True, overviews=OVERVIEWS["mask"]) as mask_out,
+        StripWriter(
+            scratch["valid"], grid, nodata=VALID_NODATA, overviews=OVERVIEWS["valid"]
+        ) as valid_out,
     ):
         counts = finish_layers(scratch["model_classes"], grid,
                                options.cloud_buffer / grid.resolution,
@@ -430,7 +438,8 @@ def publish(
         for future in written:
             future.result()
     for path in scratch.values():
-        path.unlink()
+        for file in scratch_files(path):
+            file.unlink()
     write_preview(sink.path(names["mask"]), sink.path(names["preview"]), planned.product)
     timings["cog"] = time.monotonic() - t0
     if cancelled():
