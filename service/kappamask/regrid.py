@@ -17,7 +17,8 @@ import math
 from functools import cache
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+
+from kappamask.compiled import kernel as compiled
 
 #: Support of each kernel in source pixels on either side of the sample point.
 RADIUS = {"lanczos": 3, "bilinear": 1}
@@ -56,75 +57,50 @@ def phase_taps(factor: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
     return first, weights
 
 
-#: Output pixels per matrix product: a block's source rows stay in the core's cache and
-#: the products run in BLAS, 3x faster than one array pass per tap.
-BLOCK = 64
-
-
 @cache
-def _block_matrix(factor: int, kernel: str) -> tuple[int, np.ndarray]:
-    """The upsampling of one block of ``BLOCK // factor`` source pixels as a matrix.
-
-    Returns ``(lead, matrix)``: output pixels ``factor * q0 + m`` for ``m`` in
-    ``range(block)`` are ``source[q0 + lead : q0 + lead + K] @ matrix`` ([K, block]); the
-    same matrix serves every block, as every block starts at phase 0. Each phase's taps
-    are scaled to sum to 1, so away from no data and the edges the result needs no
-    renormalisation (``upsample`` divides by the filtered weights anyway).
-    """
+def _phase_weights(factor: int, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    """``phase_taps`` with each phase's taps scaled to sum to 1 (float32), so that away from
+    no data and the edges the filtered weights are 1 and need no division."""
     first, weights = phase_taps(factor, kernel)
-    weights = weights / weights.sum(axis=1, keepdims=True)
-    block = factor * max(1, BLOCK // factor)
-    taps = weights.shape[1]
-    lead = int(first.min())
-    span = (block // factor - 1) + int(first.max()) - lead + taps
-    matrix = np.zeros((span, block), dtype=np.float32)
-    for m in range(block):
-        q, p = divmod(m, factor)
-        row = q + int(first[p]) - lead
-        matrix[row : row + taps, m] = weights[p]
-    return lead, matrix
+    return first, (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-# The products are small: one core does each in a few ms, and OpenBLAS's other threads
-# would spin between them on the cores the JPEG 2000 decoder and the model need (measured
-# on 2 cores: 15 more core-seconds of a 10980 px product with two BLAS threads than one).
-threadpool_limits(1, user_api="blas")
+@compiled
+def _weighted_rows(
+    source: np.ndarray,
+    factor: int,
+    first: np.ndarray,
+    weights: np.ndarray,
+    start: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled; tests/test_regrid checks it pixel by pixel
+    """``out[i] = sum_t weights[p, t] * source[q + first[p] + t]`` for output row
+    ``start + i = factor * q + p`` of a grid ``factor`` times finer along the rows; source
+    rows beyond ``source`` count as zero. Whole rows at a time: vectorised."""
+    n = source.shape[0]
+    for i in range(out.shape[0]):
+        q, p = divmod(start + i, factor)
+        row = out[i]
+        row[:] = 0.0
+        for t in range(weights.shape[1]):
+            s = q + first[p] + t
+            if 0 <= s < n:
+                wt = weights[p, t]
+                src = source[s]
+                for k in range(row.size):
+                    row[k] += wt * src[k]
 
 
-def _upsample_axis(
-    data: np.ndarray, factor: int, kernel: str, start: int, size: int, axis: int
-) -> np.ndarray:
-    """Filter ``data`` along ``axis`` (0 or 1) onto ``size`` output pixels from output
-    index ``start``.
-
-    ``data`` covers source indices ``0..n-1`` of that axis; taps outside it count as zero.
-    Output pixels go block by block (``_block_matrix``), each one matrix product.
-    """
-    lead, matrix = _block_matrix(factor, kernel)
-    span, block = matrix.shape
-    if data.ndim == 1:
-        return _upsample_axis(data[:, None], factor, kernel, start, size, 0)[:, 0]
-    first_block = start - start % factor
-    last_block = first_block + (start + size - first_block - 1) // block * block
-    # Zero padding so that every block's source slice lies inside the array.
-    before = max(0, -(first_block // factor + lead))
-    after = max(0, last_block // factor + lead + span - data.shape[axis])
-    pad = [(0, 0)] * data.ndim
-    pad[axis] = (before, after)
-    padded = np.pad(data, pad) if before or after else data
-    shape = list(data.shape)
-    shape[axis] = size
-    out = np.empty(shape, dtype=np.float32)
-    for b0 in range(first_block, start + size, block):
-        s0 = b0 // factor + lead + before
-        o0, o1 = max(b0, start), min(b0 + block, start + size)
-        if axis == 0:
-            out[o0 - start : o1 - start] = (matrix.T @ padded[s0 : s0 + span])[o0 - b0 : o1 - b0]
-        else:
-            out[:, o0 - start : o1 - start] = (padded[:, s0 : s0 + span] @ matrix)[
-                :, o0 - b0 : o1 - b0
-            ]
-    return out
+def _tap_sums(n: int, factor: int, kernel: str, start: int, size: int) -> np.ndarray:
+    """Per output pixel ``start..start+size`` along one axis, the summed weight of its taps
+    that fall on the ``n`` source pixels (1 away from the edges)."""
+    first, weights = _phase_weights(factor, kernel)
+    j = start + np.arange(size)
+    q, p = np.divmod(j, factor)
+    source = (q + first[p])[:, None] + np.arange(weights.shape[1])
+    inside = (source >= 0) & (source < n)
+    sums: np.ndarray = (weights[p] * inside).sum(axis=1, dtype=np.float32)
+    return sums
 
 
 def upsample(
@@ -144,25 +120,31 @@ def upsample(
     carries weight or where the source pixel under the output pixel has no data, so
     no-data areas never shrink (GDAL's warper blanks a few more edge pixels than this).
     """
+    first, weights = _phase_weights(factor, kernel)
     valid = ~np.isnan(source)
     all_valid = bool(valid.all())
-    values = source if all_valid else np.where(valid, source, np.float32(0.0))
-    values = values.astype(np.float32, copy=False)
-    out_rows = (rows[0] - origin[0] * factor, rows[1] - rows[0])
-    out_cols = (cols[0] - origin[1] * factor, cols[1] - cols[0])
+    values = np.ascontiguousarray(source if all_valid else np.where(valid, source, 0.0),
+                                  dtype=np.float32)  # fmt: skip
+    row0, col0 = rows[0] - origin[0] * factor, cols[0] - origin[1] * factor
+    shape = (rows[1] - rows[0], cols[1] - cols[0])
 
     def filtered(data: np.ndarray) -> np.ndarray:
-        data = _upsample_axis(data, factor, kernel, *out_rows, axis=0)
-        return _upsample_axis(data, factor, kernel, *out_cols, axis=1)
+        # Along the rows on the source's rows only (a factor fewer than the output's),
+        # each output column a weighted sum of source columns, on the transposed source;
+        # then down the columns. Both passes add whole rows, which vectorises: three
+        # times faster than the same filter as block matrix products in BLAS.
+        across = np.empty((shape[1], data.shape[0]), dtype=np.float32)
+        _weighted_rows(np.ascontiguousarray(data.T), factor, first, weights, col0, across)
+        out = np.empty(shape, dtype=np.float32)
+        _weighted_rows(np.ascontiguousarray(across.T), factor, first, weights, row0, out)
+        return out
 
     result = filtered(values)
     if all_valid:
-        # A full-valid weight array is the outer product of two ones vectors, and so is
-        # its filtered version: 1-D weights, and as the taps sum to 1 only the rows and
-        # columns within a kernel's reach of the source's edges differ from 1.
-        for axis, (start, size) in enumerate((out_rows, out_cols)):
-            along = _upsample_axis(np.ones(valid.shape[axis], np.float32), factor, kernel,
-                                   start, size, 0)  # fmt: skip
+        # The filtered weights of a full-valid source are the outer product of two 1-D
+        # ones, which differ from 1 only within a kernel's reach of the source's edges.
+        for axis, (start, size) in enumerate(((row0, shape[0]), (col0, shape[1]))):
+            along = _tap_sums(valid.shape[axis], factor, kernel, start, size)
             under = (start + np.arange(size)) // factor
             inside = (under >= 0) & (under < valid.shape[axis])
             blank = (along < MIN_WEIGHT) | ~inside
@@ -176,7 +158,7 @@ def upsample(
     total[low] = 1.0
     result /= total
     result[low] = np.nan
-    centre = _centre_valid(valid, factor, out_rows[0], out_cols[0], result.shape)
+    centre = _centre_valid(valid, factor, row0, col0, result.shape)
     result[~centre] = np.nan
     return result
 
