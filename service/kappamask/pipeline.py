@@ -61,11 +61,12 @@ PROGRESS_START, PROGRESS_INFERENCE_END, PROGRESS_END = 5, 88, 95
 CHUNK_CROPS = 6
 #: COGs written at once at the end of a run (four rasters; two cores on a small VM).
 COG_THREADS = 2
-#: Crops submitted and not yet answered before the reader waits: enough to keep the
-#: model busy while the reader decodes the next row of JPEG 2000 blocks of every band
-#: (about 4 s of decoding on 2 cores, every 1024 rows). Measured on a full product on 2
-#: cores: 117 s end to end with 40, 120 s with 16; the client peaks at 0.80 GB, not 0.69.
-MAX_IN_FLIGHT = 40
+#: Crops submitted and not yet answered before the reader waits: the 8 on the wire and as
+#: many again queued, while the reader decodes (a few JPEG 2000 blocks of every band per
+#: chunk) and resamples the next chunk. Measured on a full product on 2 cores: 98.6 s end
+#: to end with 24, 100.1 s with 16, 96.6 s with 40 (each crop holds part of its chunk:
+#: 24 keep the client under 1 GB).
+MAX_IN_FLIGHT = 24
 
 
 @dataclass

@@ -4,14 +4,23 @@ Several requests are kept in flight (one crop each) so that Triton's dynamic bat
 fill its batches; each worker thread has its own connection (the tritonclient HTTP
 client is not shared across threads). Crops go as FP16 (half the bytes of FP32) and
 come back as three UINT8 planes (class, confidence, cloud probability).
+
+Where Triton shares this host's memory (the local Triton that ``kappamask run`` and
+``kappamask serve`` start), each thread writes its crops into a system shared-memory
+region registered with Triton instead of the request body: no copies into the body, no
+6.8 MB per crop through the socket on either side (measured on a full product on 2 cores:
+5.5 core-seconds of the client's and Triton's work). A Triton elsewhere cannot open the
+region; the first refusal switches the client to the request body.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import os
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -93,6 +102,7 @@ class TritonClient:
         in_flight: int = DEFAULT_IN_FLIGHT,
         timeout_s: float = 600.0,
         retries: int = 3,
+        shared_memory: bool = True,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise InvalidInputError(f"protocol must be one of {PROTOCOLS}")
@@ -104,23 +114,35 @@ class TritonClient:
         self._local = threading.local()
         self._input_dtypes: dict[str, str] = {}  # FP16 unless a config says FP32 (OpenVINO)
         self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="triton")
+        #: Whether crops go through shared memory: until Triton refuses a region.
+        self.shared_memory = shared_memory
+        self._regions: list[tuple[str, Any]] = []  # (name, handle) of every thread's region
+        self._connections: list[Any] = []  # every thread's, closed with the client
+        self._regions_lock = threading.Lock()
 
     # -- connection -------------------------------------------------------------------
+    def _connect(self) -> tuple[Any, Any]:
+        """A new connection, and the tritonclient module of the protocol."""
+        if self.protocol == "http":
+            import tritonclient.http as module
+
+            client = module.InferenceServerClient(
+                self.url, connection_timeout=30.0, network_timeout=self.timeout_s
+            )
+        else:
+            import tritonclient.grpc as module
+
+            client = module.InferenceServerClient(self.url)
+        return client, module
+
     def _client(self) -> Any:
+        """This thread's connection."""
         client = getattr(self._local, "client", None)
         if client is None:
-            if self.protocol == "http":
-                import tritonclient.http as module
-
-                client = module.InferenceServerClient(
-                    self.url, connection_timeout=30.0, network_timeout=self.timeout_s
-                )
-            else:
-                import tritonclient.grpc as module
-
-                client = module.InferenceServerClient(self.url)
+            client, self._local.module = self._connect()
             self._local.client = client
-            self._local.module = module
+            with self._regions_lock:
+                self._connections.append(client)
         return client
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -237,23 +259,60 @@ class TritonClient:
         return spec
 
     # -- inference --------------------------------------------------------------------
+    def _region(self, client: Any, nbytes: int) -> Any | None:
+        """This thread's shared-memory region of at least ``nbytes``, registered with
+        Triton through ``client`` (again after a reconnection); None where Triton cannot
+        read this host's shared memory."""
+        import tritonclient.utils.shared_memory as shm
+        from tritonclient.utils import InferenceServerException
+
+        if not self.shared_memory:
+            return None
+        region = getattr(self._local, "region", None)
+        if region is not None and region[2] >= nbytes and region[3] is client:
+            return region
+        name = f"kappamask-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
+        with self._regions_lock:
+            self._regions.append((name, handle))
+        try:
+            client.register_system_shared_memory(name, f"/{name}", nbytes)
+        except (InferenceServerException, *_CONNECTION_ERRORS) as err:
+            self.shared_memory = False
+            LOGGER.info("Triton at %s cannot read this host's shared memory (%s): crops go "
+                        "in the request body", self.url, err)  # fmt: skip
+            return None
+        self._local.region = (name, handle, nbytes, client)
+        return self._local.region
+
     def _infer_one(self, model: str, crop: np.ndarray) -> CropOutputs:
+        import tritonclient.utils.shared_memory as shm
+
         client = self._client()
         module = self._local.module
         dtype = self._input_dtypes.get(model, "FP16")
-        # the crop as it is when it has the model's dtype: each request in flight holds
-        # its bytes in the request body already
-        batch = np.ascontiguousarray(
-            crop[None].astype(np.float16 if dtype == "FP16" else np.float32, copy=False)
-        )
+        # the crop as it is (a view into the reader's chunk) when it has the model's dtype:
+        # it is copied once, into the shared region or the request body
+        batch = crop[None].astype(np.float16 if dtype == "FP16" else np.float32, copy=False)
         inp = module.InferInput(INPUT, list(batch.shape), dtype)
-        if self.protocol == "http":
+        region = self._region(client, batch.nbytes)
+        if region is not None:
+            shm.set_shared_memory_region(region[1], [batch])
+            inp.set_shared_memory(region[0], batch.nbytes)
+        elif self.protocol == "http":
             inp.set_data_from_numpy(batch, binary_data=True)
-            outputs = [module.InferRequestedOutput(n, binary_data=True) for n in OUTPUTS]
         else:
             inp.set_data_from_numpy(batch)
-            outputs = [module.InferRequestedOutput(n) for n in OUTPUTS]
-        result = self._call("inference", client.infer, model, [inp], outputs=outputs)
+        binary = {"binary_data": True} if self.protocol == "http" else {}
+        outputs = [module.InferRequestedOutput(n, **binary) for n in OUTPUTS]
+        try:
+            result = self._call("inference", client.infer, model, [inp], outputs=outputs)
+        except InferenceUnavailableError as err:
+            if region is None or "shared memory" not in str(err):
+                raise
+            # Triton restarted and forgot the region: register it again, once
+            self._local.region = None
+            return self._infer_one(model, crop)
         planes = [result.as_numpy(n) for n in (OUTPUT_CLASSES, OUTPUT_CONFIDENCE,
                                                OUTPUT_PROBABILITY)]  # fmt: skip
         if any(p is None or p.size == 0 for p in planes):
@@ -265,7 +324,24 @@ class TritonClient:
         return self._pool.submit(self._infer_one, model, crop)
 
     def close(self) -> None:
+        import tritonclient.utils.shared_memory as shm
+
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._regions_lock:
+            regions, self._regions = self._regions, []
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+        if regions:
+            client, _module = self._connect()
+            for name, _handle in regions:
+                try:
+                    client.unregister_system_shared_memory(name)
+                except Exception as err:  # Triton gone or restarted: it holds no such region
+                    LOGGER.debug("shared memory region %s not unregistered: %s", name, err)
+            client.close()
+        for _name, handle in regions:
+            shm.destroy_shared_memory_region(handle)
 
     def __enter__(self) -> TritonClient:
         return self

@@ -43,6 +43,10 @@ _RULES: dict[str, int] = {"nearest": 0, "mode": 1, "average": 2}
 BLOCK = 512
 COG_OPTIONS: dict[str, str | int] = {
     "COMPRESS": "DEFLATE",
+    # level 3 instead of 6: the four COGs of a 10980 px cloudy field in 2.45 s instead of
+    # 3.18 s on 2 cores (level 1: 2.17 s), 1.2 % more bytes in all (202 MB; the class
+    # map 6.8 MB instead of 4.8 MB)
+    "LEVEL": 3,
     "BLOCKSIZE": BLOCK,
     "NUM_THREADS": "ALL_CPUS",
     "BIGTIFF": "IF_SAFER",
