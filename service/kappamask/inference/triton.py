@@ -92,6 +92,15 @@ def server_ready(url: str, protocol: str = "http", timeout_s: float = 2.0) -> bo
         return False
 
 
+def _shm_has_room(nbytes: int) -> bool:
+    """Whether /dev/shm has room for a region of ``nbytes`` and as much again to spare."""
+    try:
+        stat = os.statvfs("/dev/shm")
+    except OSError:
+        return False
+    return stat.f_bavail * stat.f_frsize >= 2 * nbytes
+
+
 class TritonClient:
     """Talks to one Triton server over HTTP (default) or gRPC."""
 
@@ -271,8 +280,14 @@ class TritonClient:
         region = getattr(self._local, "region", None)
         if region is not None and region[2] >= nbytes and region[3] is client:
             return region
+        if not _shm_has_room(nbytes):
+            return None  # a small /dev/shm (a container's 64 MB): writing past it is SIGBUS
         name = f"kappamask-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
+        try:
+            handle = shm.create_shared_memory_region(name, f"/{name}", nbytes)
+        except shm.SharedMemoryException as err:
+            LOGGER.info("no shared memory for crops (%s): they go in the request body", err)
+            return None
         with self._regions_lock:
             self._regions.append((name, handle))
         try:
