@@ -431,17 +431,19 @@ def publish(
         "KAPPAMASK_CLOUD_BUFFER_M": f"{options.cloud_buffer:g}",
         "KAPPAMASK_SHADOW_BUFFER_M": f"{options.shadow_buffer:g}",
     }
+
+    def write(key: str) -> None:
+        to_cog(scratch[key], sink.path(names[key]), tags=tags, overviews=OVERVIEWS[key])
+        if key == "mask":  # the preview reads the mask's COG: drawn while the others are made
+            write_preview(sink.path(names["mask"]), sink.path(names["preview"]), planned.product)
+
     # the model is done: the cores are free, and GDAL builds COGs without the GIL
     with ThreadPoolExecutor(COG_THREADS) as pool:
-        written = [pool.submit(to_cog, scratch[key], sink.path(names[key]), tags=tags,
-                               overviews=overviews)
-                   for key, overviews in OVERVIEWS.items()]  # fmt: skip
-        for future in written:
+        for future in [pool.submit(write, key) for key in OVERVIEWS]:  # the mask first
             future.result()
     for path in scratch.values():
         for file in scratch_files(path):
             file.unlink()
-    write_preview(sink.path(names["mask"]), sink.path(names["preview"]), planned.product)
     timings["cog"] = time.monotonic() - t0
     if cancelled():
         raise CancelledError("job cancelled")
