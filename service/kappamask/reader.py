@@ -90,55 +90,42 @@ def _scaled(x: Any, zero_is_nodata: bool, gain: float, offset: float, scale: flo
     return max(v, np.float32(0.0))
 
 
+@inline_kernel
+def _half_bits(v: Any) -> Any:
+    """float16 bits of a finite float32 ``v`` >= 0, rounded to nearest even as numpy's cast
+    rounds."""
+    v = min(v, np.float32(HALF_MAX))
+    b = np.uint32(np.float32(v).view(np.uint32))
+    if b < _HALF_NORMAL_BITS:  # below 2 ** -14 float16 counts in steps of 2 ** -24
+        return np.uint16(np.rint(v * np.float32(2.0**24)))
+    # round at mantissa bit 13: add 0xFFF plus the bit that is kept last
+    b = b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))
+    return np.uint16((b - np.uint32(_HALF_REBIAS)) >> np.uint32(13))
+
+
 @kernel
-def _normalise_half(
+def _normalise_into(
     data: np.ndarray,
     zero_is_nodata: bool,
     gain: float,
     offset: float,
     scale: float,
-    bits: np.ndarray,
-    valid: np.ndarray,
-    mark: bool,
-) -> None:  # pragma: no cover - compiled
-    """``_scaled`` into float16 bits, rounded to nearest even as numpy's cast rounds."""
-    rows, cols = data.shape
-    for r in range(rows):
-        for c in range(cols):
-            v = _scaled(data[r, c], zero_is_nodata, gain, offset, scale)
-            if v != v:
-                bits[r, c] = 0
-                if mark:
-                    valid[r, c] = False
-                continue
-            v = min(v, np.float32(HALF_MAX))
-            b = np.uint32(np.float32(v).view(np.uint32))
-            if b < _HALF_NORMAL_BITS:  # below 2 ** -14 float16 counts in steps of 2 ** -24
-                bits[r, c] = np.uint16(np.rint(v * np.float32(2.0**24)))
-            else:  # round at mantissa bit 13: add 0xFFF plus the bit that is kept last
-                b = b + np.uint32(0xFFF) + ((b >> np.uint32(13)) & np.uint32(1))
-                bits[r, c] = np.uint16((b - np.uint32(_HALF_REBIAS)) >> np.uint32(13))
-
-
-@kernel
-def _normalise_float(
-    data: np.ndarray,
-    zero_is_nodata: bool,
-    gain: float,
-    offset: float,
-    scale: float,
+    half: bool,
     out: np.ndarray,
     valid: np.ndarray,
     mark: bool,
 ) -> None:  # pragma: no cover - compiled
+    """``_scaled`` into ``out``: float16 bits (``half``, ``out`` uint16) or float32."""
     rows, cols = data.shape
     for r in range(rows):
         for c in range(cols):
             v = _scaled(data[r, c], zero_is_nodata, gain, offset, scale)
             if v != v:
-                out[r, c] = 0.0
+                out[r, c] = 0
                 if mark:
                     valid[r, c] = False
+            elif half:
+                out[r, c] = _half_bits(v)
             else:
                 out[r, c] = v
 
@@ -170,10 +157,8 @@ def normalise(
     mark = valid is not None
     flags = two_d(valid) if valid is not None else np.ones((1, 1), dtype=bool)
     args = (two_d(data), zero_is_nodata, float(gain), float(offset), 1.0 / (DN_SCALE * max_v))
-    if out.dtype == np.float16:
-        _normalise_half(*args, two_d(out.view(np.uint16)), flags, mark)
-    else:
-        _normalise_float(*args, two_d(out), flags, mark)
+    half = out.dtype == np.float16
+    _normalise_into(*args, half, two_d(out.view(np.uint16) if half else out), flags, mark)
     return out
 
 
