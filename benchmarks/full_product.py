@@ -13,9 +13,9 @@ maximum RSS (and, for this project, Triton's and its backend stubs' VmHWM separa
 
 Tools: ``kappamask`` (this project: read, resample, Triton, mosaic, COG, STAC),
 ``onnxruntime`` (the served ONNX files run directly on the same crops: the floor of the
-model stage; reading is not timed), ``openvino`` (the FP32 file as the CPU model runs it:
-OpenVINO, throughput mode, bfloat16 where the CPU has it; the floor of the CPU
-deployment's model stage), ``s2cloudless`` (PyPI, 10 bands at 10 m, its
+model stage; reading is not timed), ``openvino`` (the model as the CPU model runs it:
+OpenVINO, throughput mode, the file and precision ``auto`` picks on this CPU; the floor of
+the CPU deployment's model stage), ``s2cloudless`` (PyPI, 10 bands at 10 m, its
 default detector) and ``ukis-csmask`` (PyPI, 6-band L1C model at 10 m), plus ``decode``
 (every band file decoded once at its own resolution: what decoding alone costs).
 """
@@ -211,21 +211,34 @@ def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def work_openvino(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The served FP32 ONNX file through OpenVINO as the CPU model runs it (throughput mode,
-    one request per crop, precision by the CPU): the model-only floor of the CPU
-    deployment. Crops are read in groups of 8; only their inference is timed."""
+    """The served model through OpenVINO as the CPU model runs it (throughput mode, one
+    request per crop, the file and precision ``auto`` picks on this CPU): the model-only
+    floor of the CPU deployment. Crops are read in groups of 8; only their inference is timed."""
     import openvino as ov
 
-    from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
+    from kappamask.inference.model_spec import auto_precision, parse_agreements
+    from kappamask.inference.repository import (
+        DEFAULT_REPOSITORY,
+        INT8_FILE,
+        config_parameters,
+        spec_from_onnx,
+    )
+    from kappamask.tools.precision import SERVED
     from kappamask.tools.quantize import real_crops
 
-    path = DEFAULT_REPOSITORY / "kappamask_l1c" / "1" / "model.onnx"
-    spec = spec_from_onnx(path)
+    model_dir = DEFAULT_REPOSITORY / "kappamask_l1c"
+    spec = spec_from_onnx(model_dir / "1" / "model.onnx")
     core = ov.Core()
-    precision = "bf16" if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else "f32"
-    model = core.read_model(path)
+    # what precision auto serves on this CPU, from the model's measured agreements
+    precision = auto_precision(
+        "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"),
+        (model_dir / "1" / INT8_FILE).exists(),
+        *parse_agreements(config_parameters(model_dir / "config.pbtxt")),
+    )
+    name, hint = SERVED[precision]
+    model = core.read_model(model_dir / "1" / name)
     model.reshape([1, len(spec.features), 512, 512])
-    hints = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision}
+    hints = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": hint}
     compiled = core.compile_model(model, "CPU", hints)
     queue = ov.AsyncInferQueue(
         compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))

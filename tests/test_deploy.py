@@ -24,6 +24,7 @@ import yaml
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from kappamask.inference.model_spec import MIN_INT8_AGREEMENT
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
 from kappamask.queue import QUEUE
@@ -312,9 +313,14 @@ def test_triton_configs_parse_and_agree(model: str) -> None:
     ov = _config(DEFAULT_REPOSITORY / model / "configs" / "openvino.pbtxt")
     assert cpu.name == gpu.name == ov.name == model
     assert cpu.backend == "python" and gpu.platform == "tensorrt_plan" and ov.backend == "openvino"
-    # Triton's OpenVINO backend runs model.onnx as it is (FP32 input; the client reads the
-    # data type from the config), in throughput mode
-    assert ov.default_model_filename == "model.onnx"
+    # Triton's OpenVINO backend runs the ONNX file as it is (FP32 input; the client reads
+    # the data type from the config), in throughput mode: the INT8 variant where its
+    # measured agreement clears the bar, else model.onnx
+    int8 = ov.parameters["int8_agreement"].string_value
+    accepted = bool(int8) and float(int8) >= MIN_INT8_AGREEMENT
+    assert ov.default_model_filename == ("model.int8.onnx" if accepted else "model.onnx")
+    assert ov.parameters["precision"].string_value == ("int8" if accepted else "auto")
+    assert (DEFAULT_REPOSITORY / model / "1" / ov.default_model_filename).is_file()
     assert [(i.name, i.data_type) for i in ov.input] == [("input", model_config_pb2.TYPE_FP32)]
     assert ov.parameters["PERFORMANCE_HINT"].string_value == "THROUGHPUT"
     assert cpu.parameters["runtime"].string_value == ov.parameters["runtime"].string_value

@@ -24,8 +24,8 @@ import requests
 from pystac.validation import JsonSchemaSTACValidator
 
 from kappamask.inference.cpu import resolve
-from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP
-from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
+from kappamask.inference.model_spec import ORIGIN_BOOTSTRAP, parse_agreements
+from kappamask.inference.repository import DEFAULT_REPOSITORY, config_parameters, spec_from_onnx
 from kappamask.inference.server import LocalTriton, free_port
 from kappamask.pipeline import ASSETS
 
@@ -136,7 +136,8 @@ def test_start_up_log_names_the_weights(service: Service) -> None:
         assert f"{level} masks come from bootstrap weights, not KappaZeta's" in log
         # and how they run: the session's Triton decided it for this CPU
         has_int8 = (onnx_file.parent / "model.int8.onnx").exists()
-        runtime, precision = resolve("openvino", "auto", has_int8)
+        agreements = parse_agreements(config_parameters(onnx_file.parents[1] / "config.pbtxt"))
+        runtime, precision = resolve("openvino", "auto", has_int8, *agreements)
         assert f"ONNX sha256 {digest}, runs on {runtime}, {precision}" in log
 
 

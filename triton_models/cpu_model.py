@@ -10,12 +10,17 @@ Runtime (config parameter ``runtime``, environment ``KAPPAMASK_CPU_RUNTIME`` ove
 
 - ``openvino`` (default): OpenVINO in throughput mode, every crop of a batch its own
   infer request so that all of OpenVINO's streams work at once. Precision
-  (``KAPPAMASK_CPU_PRECISION`` or the config's ``precision``): ``auto`` takes bfloat16 on
-  ``model.onnx`` where the CPU computes it natively (AMX or AVX512-BF16, OpenVINO's BF16
-  capability); elsewhere the INT8 variant (``int8_file``, accepted by `kappamask quantize`)
-  on VNNI where there is one, with the layers the quantiser kept in FP32 in FP32; else
-  FP32. ``bf16``, ``f32`` and ``int8`` force one. Without the openvino package, or if it
-  cannot compile the model, the model falls back to ONNX Runtime and says so in the log.
+  (``KAPPAMASK_CPU_PRECISION`` or the config's ``precision``): ``auto`` takes the fastest
+  precision whose classes keep to FP32's, by the agreements `kappamask check-precision`
+  measured on real crops and wrote into the config (``bf16_agreement``,
+  ``int8_agreement``): the INT8 variant (``int8_file``) where its agreement is at least
+  99.5 %; else bfloat16 on ``model.onnx`` where the CPU computes it natively (AMX or
+  AVX512-BF16, OpenVINO's BF16 capability) and its agreement, if measured, is at least
+  99.9 %; else, on CPUs without bfloat16, an INT8 variant nobody measured beyond the
+  quantiser's acceptance; else FP32 (kappamask.inference.model_spec.auto_precision, which
+  this mirrors). ``bf16``, ``f32`` and ``int8`` force one. Without the openvino package,
+  or if it cannot compile the model, the model falls back to ONNX Runtime and says so in
+  the log.
 - ``onnxruntime``: ONNX Runtime on the INT8 variant if there is one, else ``model.onnx``.
 
 What was chosen is logged once per model instance, e.g. ``kappamask_l1c: OpenVINO
@@ -32,10 +37,33 @@ RUNTIMES = ("openvino", "onnxruntime")
 PRECISIONS = ("auto", "bf16", "f32", "int8")
 
 
-def choose(requested, cpu_has_bf16, int8_file):
+#: kappamask.inference.model_spec.MIN_BF16_AGREEMENT and MIN_INT8_AGREEMENT.
+MIN_BF16_AGREEMENT, MIN_INT8_AGREEMENT = 0.999, 0.995
+
+
+def auto_precision(cpu_has_bf16, has_int8, bf16_agreement=None, int8_agreement=None):
+    """kappamask.inference.model_spec.auto_precision (this file runs in Triton's Python
+    stub, which need not have kappamask installed)."""
+    if has_int8 and int8_agreement is not None and int8_agreement >= MIN_INT8_AGREEMENT:
+        return "int8"
+    if cpu_has_bf16 and (bf16_agreement is None or bf16_agreement >= MIN_BF16_AGREEMENT):
+        return "bf16"
+    if has_int8 and int8_agreement is None and not cpu_has_bf16:
+        return "int8"
+    return "f32"
+
+
+def agreement(params, key):
+    """A measured agreement from the config's parameters; None where absent."""
+    value = params.get(key, "")
+    return float(value) if value else None
+
+
+def choose(requested, cpu_has_bf16, int8_file, bf16_agreement=None, int8_agreement=None):
     """(precision, file, OpenVINO inference precision hint) of a CPU model."""
     if requested == "auto":
-        requested = "bf16" if cpu_has_bf16 else ("int8" if int8_file else "f32")
+        requested = auto_precision(cpu_has_bf16, bool(int8_file), bf16_agreement,
+                                   int8_agreement)  # fmt: skip
     if requested == "int8":
         if not int8_file:
             raise ValueError("precision int8 asked, but the model has no INT8 variant")
@@ -46,14 +74,17 @@ def choose(requested, cpu_has_bf16, int8_file):
 class _OpenVINO:
     """The model compiled by OpenVINO, one static-shape infer request per crop."""
 
-    def __init__(self, folder, channels, precision, int8_file, threads, outputs, half_input):
+    def __init__(self, folder, channels, precision, params, threads, outputs, half_input):
         import openvino as ov
         from openvino.preprocess import PrePostProcessor
 
         self.outputs = outputs
         core = ov.Core()
         bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        self.precision, name, hint = choose(precision, bf16, int8_file)
+        self.precision, name, hint = choose(
+            precision, bf16, params.get("int8_file", ""),
+            agreement(params, "bf16_agreement"), agreement(params, "int8_agreement"),
+        )  # fmt: skip
         model = core.read_model(os.path.join(folder, name))
         # one crop per request: a static shape compiles to the fastest kernels
         model.reshape([1, channels, 512, 512])
@@ -135,7 +166,7 @@ class TritonPythonModel:
         self.runtime = None
         if runtime == "openvino":
             try:
-                self.runtime = _OpenVINO(folder, channels, precision, int8_file, threads,
+                self.runtime = _OpenVINO(folder, channels, precision, params, threads,
                                          outputs, half_input)  # fmt: skip
             except ImportError:
                 logger.log_warn(f"{config['name']}: the openvino package is not installed, "
@@ -144,7 +175,10 @@ class TritonPythonModel:
                 logger.log_warn(f"{config['name']}: OpenVINO cannot run the model ({err}), "
                                 "falling back to ONNX Runtime")  # fmt: skip
         if self.runtime is None:
-            path = os.path.join(folder, int8_file or "model.onnx")
+            # the INT8 variant unless its measured agreement falls short or FP32 is forced
+            use_int8 = bool(int8_file) and precision in ("auto", "int8") and auto_precision(
+                False, True, None, agreement(params, "int8_agreement")) == "int8"  # fmt: skip
+            path = os.path.join(folder, int8_file if use_int8 else "model.onnx")
             self.runtime = _OnnxRuntime(path, threads, outputs)
         logger.log_info(f"{config['name']}: {self.runtime.describe}")
 

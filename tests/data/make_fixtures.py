@@ -136,8 +136,16 @@ def copy_stac_items() -> None:
 
 
 #: Real SEN12MS-CR patches (13 L1C bands, 256 px at 10 m) copied as they are: a cumulus
-#: field over farmland, for the teachers and the distillation readers.
-SEN12MSCR_PATCHES = ("cr_pairs/ROIs1970_fall_s2_cloudy_136_p139.tif",)
+#: field over farmland, for the teachers and the distillation readers; and every 36th of
+#: the 144 patches of ../shared/data (sorted by path, from the 19th: two cloudy scenes, a
+#: time-series scene and a cloud-free one) for the bfloat16 and INT8 agreement checks.
+SEN12MSCR_PATCHES = (
+    "cr_pairs/ROIs1970_fall_s2_cloudy_136_p139.tif",
+    "cr_pairs/ROIs1868_summer_s2_cloudy_135_p240.tif",
+    "cr_pairs/ROIs1970_fall_s2_cloudy_136_p282.tif",
+    "ts_sample_imgs/s2_ROIs2017_146_ImgNo_14_2018-06-25_patch_0.tif",
+    "ts_sample_new_cloudfree/s2_ROIs2017_146_ImgNo_21_2018-09-18_patch_239.tif",
+)
 
 
 def copy_sen12mscr_patches() -> None:

@@ -1,11 +1,13 @@
 """What the CPU of this host computes fastest: the runtime and precision of CPU models.
 
-The CPU model (triton_models/cpu_model.py) runs OpenVINO in bfloat16 where the CPU
-computes it natively (Intel AMX or AVX512-BF16: OpenVINO's BF16 capability), else the
-model's accepted INT8 variant, else FP32; ONNX Runtime where the openvino package is
-missing. `kappamask serve` and `kappamask run` judge the host the same way for the Triton
-they start, log it, and keep it in ``HOST_RUNTIME_ENV`` / ``HOST_PRECISION_ENV`` so that
-every result of this process records how its mask was computed (``resolve``).
+The CPU model (triton_models/cpu_model.py) runs OpenVINO in the fastest precision whose
+classes keep to FP32's (``model_spec.auto_precision``): the INT8 variant where its measured
+agreement allows, else bfloat16 where the CPU computes it natively (Intel AMX or
+AVX512-BF16: OpenVINO's BF16 capability) and the model's agreement allows, else FP32;
+ONNX Runtime where the openvino package is missing. `kappamask serve` and `kappamask run`
+judge the host the same way for the Triton they start, log it, and keep it in
+``HOST_RUNTIME_ENV`` / ``HOST_PRECISION_ENV`` so that every result of this process records
+how its mask was computed (``resolve``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import logging
 import os
 from pathlib import Path
 
+from kappamask.inference.model_spec import PRECISION_AUTO, auto_precision
+
 LOGGER = logging.getLogger(__name__)
 
 #: Set by the process that starts a local Triton: the runtime of its CPU models and the
-#: precision they run model.onnx in on this CPU (bf16 or f32).
+#: floating-point precision this CPU computes natively (bf16 or f32).
 HOST_RUNTIME_ENV = "KAPPAMASK_HOST_RUNTIME"
 HOST_PRECISION_ENV = "KAPPAMASK_HOST_PRECISION"
 #: Force a runtime (openvino, onnxruntime) or a precision (bf16, f32, int8) of the CPU
@@ -40,8 +44,9 @@ def _cpu_flags() -> set[str]:
 
 
 def host_runtime() -> tuple[str, str]:
-    """(runtime, precision) the CPU model will run with on this host, as it decides:
-    OpenVINO in bf16 or f32, or ONNX Runtime when the openvino package is missing."""
+    """(runtime, precision) of CPU models on this host before each model's agreements
+    are weighed: OpenVINO in bf16 (native bfloat16) or f32, or ONNX Runtime when the
+    openvino package is missing."""
     forced = os.environ.get(CPU_RUNTIME_ENV)
     if forced == "onnxruntime":
         return "onnxruntime", "f32"
@@ -64,24 +69,31 @@ def announce_host_runtime() -> str:
     results; the description."""
     runtime, precision = host_runtime()
     flags = sorted(_cpu_flags() & set(BF16_FLAGS)) or ["no native bfloat16"]
-    LOGGER.info("CPU models run with %s; model.onnx in %s (%s)", runtime, precision,
+    LOGGER.info("CPU models run with %s; floating point in %s (%s), INT8 variants where "
+                "their measured agreement allows", runtime, precision,
                 ", ".join(flags))  # fmt: skip
     os.environ[HOST_RUNTIME_ENV] = runtime
     os.environ[HOST_PRECISION_ENV] = precision
     return f"{runtime}, {precision}"
 
 
-def resolve(runtime: str, precision: str, has_int8: bool) -> tuple[str, str]:
+def resolve(
+    runtime: str,
+    precision: str,
+    has_int8: bool,
+    bf16_agreement: float | None = None,
+    int8_agreement: float | None = None,
+) -> tuple[str, str]:
     """(runtime, precision) a CPU model declared with ``precision`` auto runs with on the
-    local Triton this process started (as cpu_model.py decides); unchanged where this
-    process started none, or for a precision the config fixes."""
+    local Triton this process started (as cpu_model.py decides, from the host's bfloat16
+    and the model's measured agreements); unchanged where this process started none, or
+    for a precision the config fixes."""
     host_precision = os.environ.get(HOST_PRECISION_ENV)
-    if precision != "auto" or host_precision is None:
+    if precision != PRECISION_AUTO or host_precision is None:
         return runtime, precision
     runtime = os.environ.get(HOST_RUNTIME_ENV, runtime)
-    forced = os.environ.get(CPU_PRECISION_ENV, "auto")
-    if forced != "auto":
+    forced = os.environ.get(CPU_PRECISION_ENV, PRECISION_AUTO)
+    if forced != PRECISION_AUTO:
         return runtime, forced
-    if runtime == "openvino" and host_precision == "bf16":
-        return runtime, "bf16"
-    return runtime, "int8" if has_int8 else "f32"
+    cpu_has_bf16 = runtime == "openvino" and host_precision == "bf16"
+    return runtime, auto_precision(cpu_has_bf16, has_int8, bf16_agreement, int8_agreement)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 #: Where a model's weights come from, as every result states it.
@@ -10,8 +11,15 @@ ORIGIN_OFFICIAL = "official"  # KappaZeta's published weights (kappamask fetch-w
 ORIGIN_BOOTSTRAP = "bootstrap"  # this project's own (kappamask distill / train)
 ORIGIN_IMPORTED = "keras-import"  # a Keras file a user converted (kappamask import-keras)
 ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
-#: A CPU config's precision: decided where the model runs, by what its CPU computes.
+#: A CPU config's precision: decided where the model runs, by what its CPU computes and
+#: how closely the model's classes keep to FP32 in each reduced precision (``auto_precision``).
 PRECISION_AUTO = "auto"
+#: Share of real pixels with data whose class must equal the FP32 model's for ``auto`` to
+#: run a model in bfloat16, and in INT8 (the quantiser's acceptance rule).
+MIN_BF16_AGREEMENT = 0.999
+MIN_INT8_AGREEMENT = 0.995
+#: Config parameters of the measured agreements (ModelSpec.bf16_agreement, int8_agreement).
+AGREEMENT_PARAMETERS = ("bf16_agreement", "int8_agreement")
 
 #: The tensors of every served model, on every backend: normalised features in; per pixel
 #: the mask code, the winning sigmoid x 255, and the cloud probability in percent (255
@@ -42,6 +50,10 @@ class ModelSpec:
     runtime: str = ""
     precision: str = ""
     input_dtype: str = "FP16"
+    #: Measured share of real pixels whose class equals FP32's in bfloat16 and in the INT8
+    #: variant (`kappamask check-precision`); None where not measured.
+    bf16_agreement: float | None = None
+    int8_agreement: float | None = None
 
     def runtime_description(self) -> str:
         """e.g. "openvino, bf16" (empty where the config does not say)."""
@@ -51,3 +63,42 @@ class ModelSpec:
         """What a result says of the weights that made it."""
         return {"name": self.name, "version": self.version_label, "origin": self.origin,
                 "onnx_sha256": self.sha256}  # fmt: skip
+
+
+def auto_precision(
+    cpu_has_bf16: bool,
+    has_int8: bool,
+    bf16_agreement: float | None = None,
+    int8_agreement: float | None = None,
+) -> str:
+    """What precision ``auto`` runs a CPU model in: the fastest one whose classes keep to
+    FP32's. INT8 (the quantised variant) where its agreement was measured and clears
+    ``MIN_INT8_AGREEMENT``: on VNNI and AMX it is the fastest (1.3x bfloat16 on AMX);
+    else bfloat16 where the CPU computes it natively, unless its measured agreement is
+    under ``MIN_BF16_AGREEMENT`` (weights whose classes hinge on near ties between their
+    outputs); else an INT8 variant the quantiser accepted but nobody measured further, on
+    CPUs without bfloat16; else FP32.
+
+    triton_models/cpu_model.py decides the same way in Triton's process (a test keeps the
+    two in step).
+    """
+    if has_int8 and int8_agreement is not None and int8_agreement >= MIN_INT8_AGREEMENT:
+        return "int8"
+    if cpu_has_bf16 and (bf16_agreement is None or bf16_agreement >= MIN_BF16_AGREEMENT):
+        return "bf16"
+    if has_int8 and int8_agreement is None and not cpu_has_bf16:
+        return "int8"
+    return "f32"
+
+
+def parse_agreements(params: Mapping[str, str]) -> tuple[float | None, float | None]:
+    """A config's measured bf16 and INT8 agreements (None where absent); ValueError where
+    one is not a share between 0 and 1."""
+    values = []
+    for key in AGREEMENT_PARAMETERS:
+        text = params.get(key, "")
+        value = float(text) if text else None
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} {text} is not a share between 0 and 1")
+        values.append(value)
+    return values[0], values[1]

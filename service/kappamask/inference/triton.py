@@ -37,6 +37,7 @@ from kappamask.inference.model_spec import (
     OUTPUT_PROBABILITY,
     OUTPUTS,
     ModelSpec,
+    parse_agreements,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -64,6 +65,14 @@ class CropOutputs(NamedTuple):
     classes: np.ndarray
     confidence: np.ndarray
     probability: np.ndarray
+
+
+def _agreements(name: str, params: dict[str, str]) -> tuple[float | None, float | None]:
+    """A config's measured bf16 and INT8 agreements (None where not measured)."""
+    try:
+        return parse_agreements(params)
+    except ValueError as err:
+        raise NoModelError(f"{name}: {err}") from err
 
 
 def normalise_url(url: str) -> str:
@@ -233,8 +242,9 @@ class TritonClient:
             raise NoModelError(
                 f"{name} does not declare its features and max_v parameters"
             ) from err
+        agreements = _agreements(name, params)
         runtime, precision = resolve(params.get("runtime", ""), params.get("precision", ""),
-                                     bool(params.get("int8_file")))  # fmt: skip
+                                     bool(params.get("int8_file")), *agreements)  # fmt: skip
         first_input = config["input"][0]
         dtype = str(first_input.get("data_type", first_input.get("dataType", "TYPE_FP16")))
         dtype = dtype.removeprefix("TYPE_")
@@ -251,6 +261,7 @@ class TritonClient:
             runtime,
             precision,
             dtype,
+            *agreements,
         )
         self._input_dtypes[name] = dtype
         declared = {str(o.get("name")) for o in config.get("output", [])}

@@ -1,7 +1,7 @@
-"""The tools' commands (`kappamask fetch-weights`, `quantize`, `import-keras`, `evaluate`,
-`train`, `distill`): their own click group, which kappamask.cli adds to `kappamask` so
-users call them as before. Each imports its module (PyTorch, ONNX Runtime, h5py: the
-``train`` and ``tools`` extras) only when it runs."""
+"""The tools' commands (`kappamask fetch-weights`, `quantize`, `check-precision`,
+`import-keras`, `evaluate`, `train`, `distill`): their own click group, which kappamask.cli
+adds to `kappamask` so users call them as before. Each imports its module (PyTorch, ONNX
+Runtime, h5py: the ``train`` and ``tools`` extras) only when it runs."""
 
 from __future__ import annotations
 
@@ -118,6 +118,76 @@ def quantize_command(
             "installed into "
             f"{install_model(onnx_file, repository or DEFAULT_REPOSITORY, int8_path=out_path)}"
         )
+
+
+@tools.command("check-precision")
+@click.argument("level", type=click.Choice(LEVELS))
+@click.option(
+    "--data",
+    "paths",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Real scenes of the model's level: a SAFE product, a folder of band files, a "
+    "13-band GeoTIFF patch or a folder of them; repeatable.",
+)
+@resolution_option("60")
+@click.option(
+    "--pseudo-l2a",
+    is_flag=True,
+    help="For the L2A model, take L1C scenes too, brought near bottom-of-atmosphere by "
+    "dark-object subtraction as distillation trains on them.",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--record/--no-record",
+    default=True,
+    show_default=True,
+    help="Write the agreements into the model's configs (what precision auto reads).",
+)
+@install_repository_option("Triton model repository of the model")
+def check_precision_command(
+    level: str,
+    paths: tuple[Path, ...],
+    resolution: str,
+    pseudo_l2a: bool,
+    json_path: Path | None,
+    record: bool,
+    repository: Path | None,
+) -> None:
+    """Measure how closely the served LEVEL model's classes keep to FP32 in bfloat16 and
+    in its INT8 variant on real scenes, and record it: CPU hosts then run the fastest
+    precision that keeps at least 99.9 % (bfloat16) or 99.5 % (INT8) of the pixels.
+    Restart the service afterwards."""
+    from kappamask.bands import MODEL_NAMES
+    from kappamask.inference.model_spec import auto_precision
+    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    from kappamask.tools import precision
+
+    model_dir = (repository or DEFAULT_REPOSITORY) / MODEL_NAMES[level]
+    report = precision.measure(
+        model_dir, paths, int(resolution),
+        progress=lambda n: click.echo(f"{n} crops", err=True) if n % 25 == 0 else None,
+        pseudo_l2a=pseudo_l2a,
+    )  # fmt: skip
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2))
+
+    def pct(value: float | None) -> str:
+        return "not measured" if value is None else f"{value:.3%}"
+
+    click.echo(f"{report.model}: {report.crops} crops, {report.pixels} px with data; agreement "
+               f"with FP32: bf16 {pct(report.bf16_agreement)}, INT8 "
+               f"{pct(report.int8_agreement)}")  # fmt: skip
+    speeds = ", ".join(f"{p} {s:.3f}" for p, s in report.seconds_per_crop.items())
+    click.echo(f"seconds per crop, one request at a time: {speeds}")
+    if record:
+        spec = precision.record(model_dir, report)
+        has_int8 = "int8" in report.seconds_per_crop
+        chosen = {cpu: auto_precision(cpu == "bf16", has_int8, spec.bf16_agreement,
+                                      spec.int8_agreement) for cpu in ("bf16", "f32")}  # fmt: skip
+        click.echo(f"recorded in {model_dir}: precision auto runs {chosen['bf16']} on CPUs "
+                   f"with bfloat16, {chosen['f32']} elsewhere")  # fmt: skip
 
 
 @tools.command("import-keras")

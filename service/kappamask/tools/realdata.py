@@ -79,9 +79,16 @@ class Imagery:
         return self.valid.shape  # type: ignore[return-value]
 
 
-def features(img: Imagery, level: str) -> np.ndarray:
-    """The model input [C, H, W] of ``level`` (float32), 0 where there is no data."""
-    names, max_v = DEFAULT_FEATURES[level], DEFAULT_MAX_V[level]
+def features(
+    img: Imagery,
+    level: str,
+    names: Sequence[str] | None = None,
+    max_v: Sequence[float] | None = None,
+) -> np.ndarray:
+    """The model input [C, H, W] of ``level`` (float32), 0 where there is no data: the
+    level's default features, or a model's own ``names`` and ``max_v``."""
+    if names is None or max_v is None:
+        names, max_v = DEFAULT_FEATURES[level], DEFAULT_MAX_V[level]
     planes = []
     for name, mv in zip(names, max_v, strict=True):
         dn = img.aux_dn[name] if name in AUX_BANDS else img.reflectance[name] * QUANTIFICATION
