@@ -77,11 +77,14 @@ def install_repository_option(help_text: str) -> Callable[[F], F]:
     )
 
 
-def paths_option(flag: str, name: str, help_text: str, file_only: bool = True) -> Callable[[F], F]:
+def paths_option(
+    flag: str, name: str, help_text: str, file_only: bool = True, required: bool = False
+) -> Callable[[F], F]:
     return click.option(
         flag,
         name,
         multiple=True,
+        required=required,
         type=click.Path(exists=True, dir_okay=not file_only, path_type=Path),
         help=help_text,
     )

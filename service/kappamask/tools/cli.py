@@ -57,13 +57,12 @@ def fetch_weights_command(level: str, base_url: str | None, repository: Path | N
 
 @tools.command("quantize")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
+@paths_option(
     "--product",
     "products",
-    multiple=True,
+    "Real product (SAFE) of the model's level to calibrate and check on; repeatable.",
+    file_only=False,
     required=True,
-    type=click.Path(exists=True, path_type=Path),
-    help="Real product (SAFE) of the model's level to calibrate and check on; repeatable.",
 )
 @resolution_option("10")
 @out_file_option("Where to write MODEL.int8.onnx (only if accepted).")
@@ -122,14 +121,13 @@ def quantize_command(
 
 @tools.command("check-precision")
 @click.argument("level", type=click.Choice(LEVELS))
-@click.option(
+@paths_option(
     "--data",
     "paths",
-    multiple=True,
+    "Real scenes of the model's level: a SAFE product, a folder of band files, a 13-band "
+    "GeoTIFF patch or a folder of them; repeatable.",
+    file_only=False,
     required=True,
-    type=click.Path(exists=True, path_type=Path),
-    help="Real scenes of the model's level: a SAFE product, a folder of band files, a "
-    "13-band GeoTIFF patch or a folder of them; repeatable.",
 )
 @resolution_option("60")
 @click.option(
