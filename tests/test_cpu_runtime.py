@@ -134,8 +134,10 @@ def test_auto_runs_the_fastest_precision_that_keeps_to_fp32(
     int8: float | None, expected: str,
 ) -> None:  # fmt: skip
     assert auto_precision(cpu_has_bf16, has_int8, bf16, int8) == expected
-    # the Python backend (which cannot import kappamask) decides the same
+    # the Python backend (which cannot import kappamask) decides the same, on the same bars
     assert cpu_model.auto_precision(cpu_has_bf16, has_int8, bf16, int8) == expected
+    assert (cpu_model.MIN_BF16_AGREEMENT, cpu_model.MIN_INT8_AGREEMENT) == (
+        MIN_BF16_AGREEMENT, MIN_INT8_AGREEMENT)  # fmt: skip
 
 
 def test_the_backend_reads_the_agreements_from_its_config(cpu_model: types.ModuleType) -> None:
@@ -145,6 +147,19 @@ def test_the_backend_reads_the_agreements_from_its_config(cpu_model: types.Modul
     assert model.runtime.precision == "int8"
     model.initialize(_args(**measured, int8_agreement="0.900000"))
     assert model.runtime.precision == ("bf16" if HAS_BF16 else "f32")
+
+
+@pytest.mark.parametrize(
+    ("int8", "file"),
+    [("0.998000", "model.int8.onnx"), ("0.900000", "model.onnx"), ("", "model.int8.onnx")],
+)
+def test_the_onnx_runtime_fallback_follows_the_int8_rule(
+    cpu_model: types.ModuleType, monkeypatch: pytest.MonkeyPatch, int8: str, file: str
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    model = cpu_model.TritonPythonModel()
+    model.initialize(_args(int8_file="model.int8.onnx", int8_agreement=int8))
+    assert _Logger.lines[-1][1].endswith(f", {file}")
 
 
 def test_a_malformed_agreement_is_refused() -> None:

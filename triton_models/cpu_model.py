@@ -21,7 +21,8 @@ Runtime (config parameter ``runtime``, environment ``KAPPAMASK_CPU_RUNTIME`` ove
   this mirrors). ``bf16``, ``f32`` and ``int8`` force one. Without the openvino package,
   or if it cannot compile the model, the model falls back to ONNX Runtime and says so in
   the log.
-- ``onnxruntime``: ONNX Runtime on the INT8 variant if there is one, else ``model.onnx``.
+- ``onnxruntime``: ONNX Runtime on the INT8 variant where the same rule allows it (its
+  measured agreement at least 99.5 %, or not measured), else ``model.onnx``.
 
 What was chosen is logged once per model instance, e.g. ``kappamask_l1c: OpenVINO
 2026.4.1, bf16, 2 streams``.
