@@ -13,7 +13,7 @@ from kappamask.errors import InvalidInputError
 from kappamask.options import RESAMPLING_METHODS, RunOptions
 from kappamask.process import PROCESS_METADATA, parse_inputs
 
-from .conftest import T29UNU
+from .conftest import DATA, T29UNU
 
 SQUARE = {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}
 
@@ -106,3 +106,15 @@ def test_a_tool_without_its_extra_says_which_to_install(
                                      "--out", str(tmp_path / "m.onnx")])  # fmt: skip
     assert done.exit_code == 1, done.output
     assert "needs h5py: pip install 'kappamask[tools]'" in done.output
+
+
+def test_check_precision_without_openvino_says_which_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails as if absent
+    patch = DATA / "sen12mscr"
+    done = CliRunner().invoke(main, ["check-precision", "L1C", "--data", str(patch)])
+    assert done.exit_code == 1, done.output
+    assert "needs openvino: pip install 'kappamask[triton]'" in done.output

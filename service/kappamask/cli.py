@@ -38,7 +38,8 @@ LOGGER = logging.getLogger(__name__)
 
 #: The extra that brings each optional package a command may need.
 _EXTRAS = {"h5py": "tools", "onnxruntime": "tools", "torch": "train", "matplotlib": "train",
-           "s2cloudless": "compare", "ukis_csmask": "compare", "cv2": "compare"}  # fmt: skip
+           "s2cloudless": "compare", "ukis_csmask": "compare", "cv2": "compare",
+           "openvino": "triton"}  # fmt: skip
 
 
 class _Main(click.Group):
