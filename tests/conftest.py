@@ -19,6 +19,7 @@ import pytest
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
+from kappamask import egress
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
 from kappamask.s3 import S3Settings
@@ -41,6 +42,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _one_access_policy_per_test() -> Iterator[None]:
+    """The GDAL policy proxy of this process (kappamask.egress) enforces every policy
+    installed in it; a test's policies end with the test."""
+    yield
+    egress.reset()
 
 
 @pytest.fixture(scope="session")
@@ -315,3 +324,28 @@ def check_result(
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[25] == 6  # RGBA
     assert max(int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) <= 1024
     return data
+
+
+@contextmanager
+def small_file_system(mount: Path) -> Iterator[Path]:
+    """A real 1 MiB file system at ``mount`` (a tmpfs: root may mount one; a machine where
+    it may not skips the test), unmounted and removed afterwards."""
+    mount.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
+
+
+def earth_search_item(**changes: Any) -> dict[str, Any]:
+    """A real Earth Search v0 L2A item (assets on AWS), its properties updated and its
+    top-level fields replaced by ``changes``."""
+    item = json.loads((STAC / "earth-search-v0_S2A_28QCH_20200714_0_L2A.json").read_text())
+    item["properties"].update(changes.pop("properties", {}))
+    item.update(changes)
+    return dict(item)

@@ -65,8 +65,9 @@ def test_a_batch_is_checked_before_it_starts() -> None:
         check_batch([], "c")
     with pytest.raises(InvalidInputError, match=f"at most {MAX_PRODUCTS}"):
         check_batch(["p"] * (MAX_PRODUCTS + 1), "c")
-    with pytest.raises(InvalidInputError, match="collection id"):
-        check_batch(["p"], "my collection/1")
+    for bad in ("my collection/1", "..", "../items", ".hidden", ""):
+        with pytest.raises(InvalidInputError, match="collection id"):
+            check_batch(["p"], bad)
     check_batch(["p"], "sentinel-2_masks.v1")
 
 

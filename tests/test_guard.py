@@ -19,15 +19,22 @@ from kappamask.process import parse_inputs
 from kappamask.storage import STAGING_PREFIX, LocalSink, remove_stale_staging
 
 
-def _call(guard: RequestGuard, method: str, path: str, body: bytes = b"",
-          length: str | None = None) -> tuple[int, dict[str, Any]]:  # fmt: skip
+def _call(
+    guard: RequestGuard,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    length: str | None = None,
+    chunked: bool = False,
+) -> tuple[int, dict[str, Any]]:
     seen: dict[str, Any] = {}
 
     def start_response(status: str, headers: list[tuple[str, str]]) -> None:
         seen["status"], seen["headers"] = int(status.split()[0]), dict(headers)
 
     environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(body),
-               "CONTENT_LENGTH": str(len(body)) if length is None else length}  # fmt: skip
+               "CONTENT_LENGTH": str(len(body)) if length is None else length,
+               "wsgi.input_terminated": chunked}  # fmt: skip
     out = b"".join(guard(environ, start_response))
     return seen["status"], json.loads(out)
 
@@ -42,7 +49,8 @@ def _inner(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 @pytest.fixture
 def guard() -> RequestGuard:
     state = {"ready": True}
-    g = RequestGuard(_inner, lambda: state["ready"], max_body_bytes=1000)
+    g = RequestGuard(_inner, lambda: state["ready"], max_body_bytes=1000,
+                     job_status=lambda _job: None)  # fmt: skip
     g.state = state  # type: ignore[attr-defined]
     return g
 
@@ -76,16 +84,23 @@ def test_bodies_pygeoapi_would_choke_on_get_json_4xx(
 
 
 def test_deep_nesting_within_the_size_limit_is_refused_without_recursing() -> None:
-    guard = RequestGuard(_inner, lambda: True, max_body_bytes=1_000_000)
+    guard = RequestGuard(_inner, lambda: True, max_body_bytes=1_000_000, job_status=lambda _j: None)
     status, answer = _call(guard, "POST", "/x", b"[" * 200_000 + b"]" * 200_000)
     assert status == 400 and "nested deeper" in answer["description"]
     assert json_depth({"a": [{"b": [1]}]}) == 4 and json_depth(3) == 0
 
 
 def test_a_lying_or_absent_length_is_cut_at_the_limit(guard: RequestGuard) -> None:
-    status, _ = _call(guard, "POST", "/x", b'{"a": "' + b"x" * 2000 + b'"}', length="")
-    assert status == 413
+    big = b'{"a": "' + b"x" * 2000 + b'"}'
+    assert _call(guard, "POST", "/x", big, length="", chunked=True)[0] == 413
     assert _call(guard, "POST", "/x", b"{}", length="ten")[0] == 400
+    assert _call(guard, "POST", "/x", b"{}", length="-5")[0] == 400
+    # no length and no chunks: no body (never read to the limit: that would wait on the
+    # client), and an empty POST is the client's mistake
+    status, answer = _call(guard, "POST", "/x", big, length="")
+    assert status == 400 and "request body is empty" in answer["description"]
+    status, answer = _call(guard, "POST", "/x", b"{}", length="10")
+    assert status == 400 and "ended after 2 of the 10 bytes" in answer["description"]
 
 
 def test_good_bodies_and_other_methods_pass_through(guard: RequestGuard) -> None:

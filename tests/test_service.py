@@ -32,6 +32,7 @@ from kappamask.pipeline import ASSETS
 from .conftest import (
     DATA,
     S3_SECRET,
+    STAC,
     T22HBD,
     T29UNU,
     S3Server,
@@ -178,6 +179,13 @@ def _broken_copy(service: Service, name: str) -> Path:
     return dst
 
 
+def _stac_item() -> dict[str, Any]:
+    """A real Earth Search item without the product URI, so that its id names the files."""
+    item = json.loads((STAC / "earth-search-v0_S2A_28QCH_20200714_0_L2A.json").read_text())
+    item["properties"].pop("sentinel:product_id")
+    return dict(item)
+
+
 def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, object, int, str]]:
     """The README's error table: (row, request body, HTTP status, text of the message)."""
     missing_band = _broken_copy(service, "missing_band")
@@ -241,7 +249,7 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
             "control character in output",
             inputs(product=p, output="a\x00b"),
             400,
-            "input 'output' holds control characters",
+            "input 'output' holds a NUL character",
         ),
         (
             "malformed model name",
@@ -259,6 +267,18 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
         ),
         ("overwrite not boolean", inputs(product=p, overwrite="yes"), 400, "'overwrite'"),
         ("not a STAC item", inputs(product={"type": "Feature"}), 400, "not a STAC item"),
+        (
+            "product id that is a path",
+            inputs(product={**_stac_item(), "id": "/tmp/kappamask-probe/NAME"}),
+            400,
+            "is not a Sentinel-2 product name",
+        ),
+        (
+            "output in a hidden folder",
+            inputs(product=p, output=".jobs"),
+            403,
+            "output folder .jobs names a hidden folder",
+        ),
         ("file:// URL", inputs(product="file:///etc/passwd"), 400, "file://"),
         ("path outside the data roots", inputs(product="/etc"), 403, "outside the data roots"),
         (
@@ -337,6 +357,11 @@ _BODY_CASES = [
     ("body nested too deep", "[" * 100_000 + "]" * 100_000, 400, "nested deeper than 32"),
     ("body over the size limit", '{"inputs": "' + "x" * 2_000_000 + '"}', 413,
      "over this server's limit of 1048576 bytes"),
+    ("empty body", "", 400, "request body is empty"),
+    ("lone surrogate in a string", '{"inputs": {"product": "\\ud800"}}', 400,
+     "input 'product' holds a lone UTF-16 surrogate"),
+    ("subscriber not an object", '{"inputs": {}, "subscriber": 5}', 400,
+     "'subscriber' must be a JSON object"),
 ]  # fmt: skip
 
 

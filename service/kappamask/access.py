@@ -7,7 +7,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,40 @@ LOGGER = logging.getLogger(__name__)
 ROOTS_ENV = "KAPPAMASK_DATA_ROOTS"
 #: Longest file or folder name Linux file systems take (bytes).
 NAME_MAX = 255
+#: Longest product id that names files: the longest result file adds 29 characters
+#: (``_KAPPAMASK_CONFIDENCE.tif``, ``_KAPPAMASK_PROBABILITY.tif``) and must stay a name
+#: the file system takes; ESA's product names are 60 characters.
+MAX_PRODUCT_ID = 200
+#: A product id that may name files: ESA's product names (``S2A_MSIL2A_..._T29UNU_...``),
+#: Earth Search's and Planetary Computer's item ids, all of them ASCII letters, digits,
+#: ``_``, ``-`` and ``.``; never a path (no ``/``, no leading ``.`` or ``-``).
+_PRODUCT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def product_name(product_id: str) -> str:
+    """``product_id`` when it may name the files of a result, else InvalidInputError.
+
+    The one check of every name that reaches a path (a SAFE's PRODUCT_URI, a STAC item's
+    ``id``, ``s2:product_uri`` or ``sentinel:product_id``): an absolute or relative path,
+    ``..``, a NUL, a non-ASCII or over-long name is refused, never rewritten, so that two
+    products cannot end up with the same files.
+    """
+    return safe_name(product_id, "input 'product': the product id", "a Sentinel-2 product name")
+
+
+def safe_name(name: str, what: str, kind: str = "a name", longest: int = MAX_PRODUCT_ID) -> str:
+    """``name`` when it is a plain ASCII name that can be a file name or a URL path segment
+    (``product_name``; a batch's collection id), else InvalidInputError."""
+    shown = repr(name[:80]) + ("..." if len(name) > 80 else "")
+    if len(name) > longest:
+        raise InvalidInputError(f"{what} is {len(name)} characters long; at most {longest} "
+                                "can name files")  # fmt: skip
+    if not _PRODUCT_ID.fullmatch(name) or ".." in name:
+        raise InvalidInputError(
+            f"{what} {shown} is not {kind} (ASCII letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit, no '..'), so it cannot name files"
+        )
+    return name
 
 
 def roots_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
@@ -30,13 +66,19 @@ def roots_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
     return [Path(p) for p in env.get(ROOTS_ENV, "").split(":") if p.strip()]
 
 
-def check_local_path(href: str, roots: Sequence[Path] | None, what: str = "product path") -> Path:
-    """Resolve ``href`` (symlinks included) and refuse it unless it lies in one of ``roots``.
+def check_local_path(
+    href: str, roots: Sequence[Path] | None, what: str = "product path", shown: str | None = None
+) -> Path:
+    """Resolve ``href`` (symlinks included) and refuse it unless it lies in one of ``roots``;
+    a FIFO, device or socket is refused whatever the roots.
 
     ``roots=None`` means no restriction (the command line, run by the data's owner).
+    ``shown``: how messages name the path (what the client gave, never a server folder).
     """
     if not href or any(ord(c) < 32 for c in href):
         raise InvalidInputError(f"{what} is empty or holds control characters")
+    if not href.isascii() and not _encodable(href):
+        raise InvalidInputError(f"{what} is not valid text (a lone UTF-16 surrogate?)")
     if href.startswith("file:"):
         raise InvalidInputError("file:// URLs are not accepted: give a plain path")
     path = Path(href).expanduser()
@@ -44,8 +86,11 @@ def check_local_path(href: str, roots: Sequence[Path] | None, what: str = "produ
         raise InvalidInputError(f"{what} has a name longer than {NAME_MAX} bytes")
     try:
         resolved = path.resolve()
-    except OSError as err:  # a symlink loop, a name the file system refuses
+    except OSError as err:  # a name the file system refuses; a symlink loop (3.13)
         raise InvalidInputError(f"{what} cannot be resolved: {err.strerror}") from err
+    except RuntimeError as err:  # a symlink loop (Python 3.11, 3.12)
+        raise InvalidInputError(f"{what} cannot be resolved: a symbolic link loop") from err
+    _refuse_special(resolved, what)
     if roots is None:
         return resolved
     for root in roots:
@@ -53,7 +98,27 @@ def check_local_path(href: str, roots: Sequence[Path] | None, what: str = "produ
         if resolved == root_resolved or root_resolved in resolved.parents:
             return resolved
     kind = "output roots" if what == "output folder" else "data roots"
-    raise AccessDeniedError(f"{href} is outside the {kind} this server allows")
+    raise AccessDeniedError(f"{shown or href} is outside the {kind} this server allows")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """Refuse a FIFO, device or socket before anything opens it: reading one blocks
+    forever (a FIFO nobody writes) or never ends (``/dev/zero``)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent: the caller says "does not exist" in its own words
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise InvalidInputError(f"{what} is not a regular file or folder (a FIFO, device or "
+                                "socket), which this service never reads")  # fmt: skip
 
 
 HOSTS_ENV = "KAPPAMASK_ALLOWED_HOSTS"
@@ -161,28 +226,50 @@ class AccessPolicy:
         path = Path(href).expanduser()
         if base is not None and not path.is_absolute():
             path = base / path
-        return check_local_path(str(path), self.output_roots, "output folder")
+        folder = check_local_path(str(path), self.output_roots, "output folder", shown=href)
+        for root in self.output_roots or ():
+            resolved_root = Path(root).resolve()
+            if folder.is_relative_to(resolved_root):
+                hidden = [p for p in folder.relative_to(resolved_root).parts if p.startswith(".")]
+                if hidden:
+                    # the job database (.jobs) and running jobs' staging folders live there,
+                    # and /outputs never serves them
+                    raise AccessDeniedError(f"output folder {href} names a hidden folder "
+                                            f"({hidden[0]}), which holds the service's own "
+                                            "state")  # fmt: skip
+        return folder
 
     def url(self, url: str) -> str:
         """Refuse anything but http(s) URLs to allowed hosts on public addresses."""
+        self.addresses(url)
+        return url
+
+    def addresses(self, url: str) -> list[str]:
+        """The addresses ``url``'s host may be reached at (``url``'s checks); the host
+        name itself when private networks are allowed (nothing is resolved then)."""
         parts = urlsplit(url)
         if parts.scheme not in {"http", "https"}:
             raise InvalidInputError(f"only http(s) and s3 URLs are accepted, not {parts.scheme}://")
-        host = parts.hostname
+        try:
+            host = parts.hostname
+            port = parts.port
+        except ValueError as err:  # a port that is no number, or out of range
+            raise InvalidInputError(f"malformed URL: {err}") from err
         if not host:
-            raise InvalidInputError(f"URL without a host: {url}")
+            raise InvalidInputError(f"URL without a host: {url[:200]}")
         if parts.username or parts.password:
             raise InvalidInputError("URLs with credentials in them are not accepted")
         if self.allowed_hosts is not None and not host_matches(host, self.allowed_hosts):
             raise AccessDeniedError(f"host {host} is not among the hosts this server may contact")
-        if not self.allow_private_networks:
-            try:
-                infos = socket.getaddrinfo(host, parts.port or None, proto=socket.IPPROTO_TCP)
-            except socket.gaierror as err:
-                raise ProductNotFoundError(f"host {host} does not resolve") from err
-            if not all(_is_public(str(info[4][0])) for info in infos):
-                raise AccessDeniedError(
-                    f"host {host} is a loopback or private address, which this server may not "
-                    "contact"
-                )
-        return url
+        if self.allow_private_networks:
+            return [host]
+        try:
+            infos = socket.getaddrinfo(host, port or None, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as err:
+            raise ProductNotFoundError(f"host {host} does not resolve") from err
+        found = [str(info[4][0]) for info in infos]
+        if not found or not all(_is_public(address) for address in found):
+            raise AccessDeniedError(
+                f"host {host} is a loopback or private address, which this server may not contact"
+            )
+        return found

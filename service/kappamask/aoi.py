@@ -3,6 +3,7 @@ crops outside it are never computed); pixels of the grid outside a polygon are m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,10 @@ def parse_area(bbox: Sequence[float] | None, aoi: Mapping[str, Any] | None) -> B
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
         ):
             raise InvalidInputError("input 'bbox' must be [west, south, east, north] in degrees")
-        west, south, east, north = (float(v) for v in bbox)
+        try:
+            west, south, east, north = (float(v) for v in bbox)
+        except OverflowError:  # an integer past any float: not degrees either
+            west = south = east = north = math.nan
         if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
             raise InvalidInputError(
                 "input 'bbox' must be [west, south, east, north] in degrees, west < east, "
@@ -49,6 +53,10 @@ def parse_area(bbox: Sequence[float] | None, aoi: Mapping[str, Any] | None) -> B
         area = _polygon(aoi)
     if area.is_empty or not area.is_valid:
         raise InvalidInputError("input 'aoi' is empty or not a valid polygon (self-intersecting?)")
+    west, south, east, north = area.bounds
+    if not (-180 <= west <= east <= 180 and -90 <= south <= north <= 90):
+        raise InvalidInputError("input 'aoi' must lie within longitudes -180..180 and "
+                                "latitudes -90..90 (EPSG:4326 degrees)")  # fmt: skip
     return area
 
 
@@ -61,5 +69,6 @@ def _polygon(aoi: Any) -> BaseGeometry:
         raise InvalidInputError("input 'aoi' must be a GeoJSON Polygon or MultiPolygon")
     try:
         return shape(geometry)
-    except (GEOSException, ValueError, TypeError, KeyError, IndexError) as err:
+    except (GEOSException, ValueError, TypeError, KeyError, IndexError, OverflowError,
+            AttributeError) as err:  # fmt: skip
         raise InvalidInputError(f"input 'aoi' is not a valid GeoJSON geometry: {err}") from err

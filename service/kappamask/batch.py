@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kappamask.access import AccessPolicy
+from kappamask.access import AccessPolicy, safe_name
 from kappamask.errors import CancelledError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
@@ -40,8 +40,6 @@ LOGGER = logging.getLogger(__name__)
 #: Products one batch may hold: a season of one tile is about 150 (a product every 2-3
 #: days from two satellites, both orbits); larger areas are several batches.
 MAX_PRODUCTS = 500
-#: Collection ids: what STAC APIs accept as a path segment.
-COLLECTION_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
 
 @dataclass
@@ -95,10 +93,8 @@ def check_batch(products: Sequence[ProductRef], collection_id: str) -> None:
         raise InvalidInputError(
             f"a batch holds at most {MAX_PRODUCTS} products, not {len(products)}: split it"
         )
-    if not collection_id or not set(collection_id) <= COLLECTION_ID_CHARS:
-        raise InvalidInputError(
-            "collection id must be letters, digits, '-', '_' or '.', not " + repr(collection_id)
-        )
+    # a path segment of the STAC API it may be published to: never '..'
+    safe_name(collection_id, "collection id", "a collection id")
 
 
 def resolve_search(

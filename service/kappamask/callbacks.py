@@ -92,7 +92,11 @@ def deliver(url: str | None, payload: Any, policy: AccessPolicy | None) -> bool:
         try:
             if policy is not None:
                 policy.url(url)
-            response = requests.post(url, json=payload, timeout=TIMEOUT_S, allow_redirects=False)
+            # the receiver's answer is never read, only its status: a huge or endless
+            # body cannot hold the job (stream, then close)
+            response = requests.post(url, json=payload, timeout=TIMEOUT_S, allow_redirects=False,
+                                     stream=True)  # fmt: skip
+            response.close()
         except KappaMaskError as err:
             LOGGER.warning("callback to %s not sent: %s", url, err)
             return False

@@ -3,7 +3,8 @@
 This is the one place where a failure is mapped to what a client sees: the pygeoapi
 processor reads ``http_status`` / ``ogc_code``, the CLI exits with ``exit_code`` (README
 "Errors": 2 the input, 3 refused, 4 not found, 5 unusable product, 6 no model, 7 Triton
-unavailable, 8 storage, 9 cancelled, 10 internal error).
+unavailable, 8 storage, 9 cancelled, 10 internal error). A message never names a server
+path the client did not give.
 """
 
 from __future__ import annotations
@@ -89,3 +90,18 @@ class StorageError(KappaMaskError):
     http_status = HTTPStatus.BAD_GATEWAY
     ogc_code = "NoApplicableCode"
     exit_code = 8
+
+
+class OutputStorageError(KappaMaskError):
+    """The service's own output storage cannot be written (read-only, refused): the
+    server's fault, never the client's."""
+
+    http_status = HTTPStatus.SERVICE_UNAVAILABLE
+    ogc_code = "NoApplicableCode"
+    exit_code = 8
+
+
+class StorageFullError(OutputStorageError):
+    """The output storage has no room left for the result."""
+
+    http_status = HTTPStatus.INSUFFICIENT_STORAGE

@@ -4,12 +4,15 @@ and the evaluation read files the same way."""
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rasterio.errors import RasterioIOError
 
-from kappamask.errors import ProductError
+from kappamask import egress
+from kappamask.errors import AccessDeniedError, ProductError, ProductNotFoundError, StorageError
 
 #: GDAL settings of every read: threads for JPEG 2000 decoding, a block cache for the
 #: warped reads (aligned bands keep their own decoded rows, see BlockRows), and no
@@ -26,11 +29,40 @@ GDAL_ENV = {
 COG_ENV = {"GDAL_CACHEMAX": 64}
 
 
+#: What GDAL says when a remote file's server or the network failed (curl's words, or an
+#: HTTP status of the server's own trouble): the storage's fault, not the product's.
+_UNREACHABLE = re.compile(
+    r"HTTP response code: (0|5\d\d)\b|Could not resolve|Couldn't connect|Connection refused|"
+    r"timed out|Timeout was reached|Empty reply|Recv failure|SSL|CURL error|Failed to connect|"
+    r"Could not connect",
+    re.IGNORECASE,
+)
+_HTTP_STATUS = re.compile(r"HTTP response code: (\d{3})")
+
+
 @contextmanager
 def product_errors(what: str) -> Iterator[None]:
-    """A RasterioIOError inside becomes ProductError("cannot {what}: ..."): a band file that
-    is missing, truncated or not a raster is the product's fault (422), not the server's."""
+    """A RasterioIOError inside becomes the project's error: a band file that is missing,
+    truncated or not a raster is the product's fault (422); a remote file's host that the
+    policy refused (a redirect elsewhere: kappamask.egress) 403, one that answers 403/404
+    403/404; an unreachable or failing storage 502."""
+    started = time.monotonic()
     try:
         yield
     except RasterioIOError as err:
+        text = str(err)
+        refused = egress.refusals_since(started)
+        if refused:
+            raise AccessDeniedError(
+                f"cannot {what}: its URL led to host {refused[-1].host}, which this server "
+                f"may not contact ({refused[-1].reason})"
+            ) from err
+        status = _HTTP_STATUS.search(text)
+        if status and status.group(1) in {"401", "403"}:
+            raise AccessDeniedError(f"cannot {what}: access denied by the storage") from err
+        if status and status.group(1) == "404":
+            raise ProductNotFoundError(f"cannot {what}: the storage has no such file") from err
+        if _UNREACHABLE.search(text):
+            raise StorageError(f"cannot {what}: the storage failed or cannot be reached "
+                               f"({text[:200]})") from err  # fmt: skip
         raise ProductError(f"cannot {what}: {err}") from err

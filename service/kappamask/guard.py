@@ -7,20 +7,35 @@
   only, with range requests (GDAL's /vsicurl/ and QGIS read the COGs in place), so that the
   URLs a result names can be opened by the client that asked for it. Hidden files and
   folders (staging folders of running jobs, the job database) are never served.
-- Request bodies: larger than the limit, 413; a POST body that is not one JSON object
-  (an array, a number, nested deeper than ``MAX_JSON_DEPTH``, not JSON at all), 400.
-  pygeoapi would answer those with an HTML 500 page, or parse 50 MB before refusing.
+- Request bodies: the whole body within ``KAPPAMASK_READ_TIMEOUT_S`` (default 30 s) of
+  the first byte, or 408, so that a client that sends less than its length, trickles or
+  says nothing cannot hold a thread; no body without a length (nor chunked), empty; an
+  empty POST, 400; larger than the limit, 413; a POST body that is not one JSON object
+  (an array, a number, nested deeper than ``MAX_JSON_DEPTH``, not JSON at all, a string
+  holding NUL or a lone UTF-16 surrogate), 400 naming where; an execute request whose
+  ``inputs``, ``response`` or ``subscriber`` is of the wrong shape, 400. pygeoapi would
+  answer those with an HTML 500 page, or parse 50 MB before refusing.
+- ``/processes/{id}/execution`` takes POST only (405 with ``Allow: POST``).
+- ``GET /jobs/{id}/results`` of a dismissed job: 410 (its outputs are deleted), also when
+  the dismissal races the read.
+- Error pages: any 4xx/5xx that pygeoapi or Flask answer as HTML is answered as JSON
+  unless the client asked for HTML (``f=html`` or a browser's ``Accept``); a 500 never
+  shows a traceback or a server path.
 
 Every answer here is an OGC exception document (JSON), as pygeoapi's own are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import mimetypes
-from collections.abc import Callable, Iterable
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -36,6 +51,15 @@ DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 MAX_BODY_ENV = "KAPPAMASK_MAX_REQUEST_BYTES"
 #: Deepest nesting of arrays and objects a request may hold (a MultiPolygon is 4).
 MAX_JSON_DEPTH = 32
+#: Seconds a request body may take to arrive, whole (a 1 MiB body over a slow mobile link
+#: takes a few); past it, 408 and the connection is closed.
+DEFAULT_READ_TIMEOUT_S = 30.0
+READ_TIMEOUT_ENV = "KAPPAMASK_READ_TIMEOUT_S"
+#: The callback URLs of an execute request's ``subscriber`` (OGC API - Processes).
+SUBSCRIBER_KEYS = ("successUri", "inProgressUri", "failedUri")
+_RESULTS = re.compile(r"/jobs/([^/]+)/results")
+#: Content types of answers that are already machine-readable.
+_JSON_TYPES = ("application/json", "application/problem+json", "application/geo+json")
 
 #: Where the local output folder is served.
 OUTPUTS_ROUTE = "/outputs"
@@ -47,44 +71,96 @@ WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 def _answer(
-    start_response: Callable[..., Any], status: HTTPStatus, body: dict[str, Any]
+    start_response: Callable[..., Any],
+    status: HTTPStatus,
+    body: dict[str, Any],
+    headers: Iterable[tuple[str, str]] = (),
 ) -> list[bytes]:
     data = json.dumps(body).encode()
     start_response(
         f"{status.value} {status.phrase}",
-        [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+        [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers],
     )
     return [data]
 
 
 def _error(
-    start_response: Callable[..., Any], status: HTTPStatus, code: str, description: str
+    start_response: Callable[..., Any],
+    status: HTTPStatus,
+    code: str,
+    description: str,
+    headers: Iterable[tuple[str, str]] = (),
 ) -> list[bytes]:
     return _answer(start_response, status, {"type": code, "code": code,
-                                            "description": description})  # fmt: skip
+                                            "description": description}, headers)  # fmt: skip
+
+
+#: Close the connection after an answer given before the body was read to its end: what
+#: is left of it is not a next request.
+_CLOSE = (("Connection", "close"),)
+
+
+def _walk(value: Any) -> Iterator[tuple[tuple[str | int, ...], Any]]:
+    """Every value of a parsed JSON document with its path (keys and indices), without
+    recursion (a body may be nested deeper than Python's stack)."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        yield path, item
+        if isinstance(item, dict):
+            stack.extend(((*path, k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend(((*path, i), v) for i, v in enumerate(item))
 
 
 def json_depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value (scalars 0)."""
-    depth, level = 0, [(value, 1)]
-    while level:
-        item, d = level.pop()
-        if isinstance(item, dict | list):
-            depth = max(depth, d)
-            level.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return depth
+    return max((len(path) + 1 for path, item in _walk(value) if isinstance(item, dict | list)),
+               default=0)  # fmt: skip
+
+
+def _where(path: tuple[str | int, ...]) -> str:
+    """Where in a request: ``input 'product' (assets.B04.href)``, ``subscriber.successUri``."""
+
+    def dotted(parts: tuple[str | int, ...]) -> str:
+        text = "".join(f"[{p}]" if isinstance(p, int) else f".{str(p)[:40]}" for p in parts)
+        return text.lstrip(".")
+
+    if len(path) >= 2 and path[0] == "inputs":
+        rest = dotted(path[2:])
+        return f"input '{str(path[1])[:40]}'" + (f" ({rest})" if rest else "")
+    return dotted(path) or "the body"
+
+
+def _not_text(text: str) -> str | None:
+    if "\0" in text:
+        return "a NUL character"
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        return "a lone UTF-16 surrogate"
+    return None
 
 
 class RequestGuard:
-    """WSGI middleware in front of pygeoapi (see the module docstring)."""
+    """WSGI middleware in front of pygeoapi (see the module docstring).
+
+    ``job_status``: a job's status by id (None: no such job), for the results of dismissed
+    jobs; default: pygeoapi's job manager of this server."""
 
     def __init__(self, app: WSGIApp, triton_ready: Callable[[], bool],
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 outputs: Path | None = None) -> None:  # fmt: skip
+                 outputs: Path | None = None,
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 job_status: Callable[[str], str | None] | None = None) -> None:  # fmt: skip
         self.app = app
         self.triton_ready = triton_ready
         self.max_body_bytes = max_body_bytes
         self.outputs = outputs
+        self.read_timeout_s = read_timeout_s
+        if job_status is None:
+            from kappamask.jobs import job_status as manager_status
+
+            job_status = manager_status
+        self.job_status: Callable[[str], str | None] = job_status
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         path = environ.get("PATH_INFO", "").rstrip("/")
@@ -98,35 +174,158 @@ class RequestGuard:
                            {"status": "unavailable", "reason": "Triton is not ready"})  # fmt: skip
         if self.outputs is not None and (path + "/").startswith(OUTPUTS_ROUTE + "/"):
             return self._output_file(environ, start_response, path[len(OUTPUTS_ROUTE) :])
+        execution = path.startswith("/processes/") and path.endswith("/execution")
+        if execution and method != "POST":
+            return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED, "InvalidParameterValue",
+                          f"{method} is not allowed on an execution endpoint: POST an execute "
+                          "request", (("Allow", "POST"),))  # fmt: skip
+        results = _RESULTS.fullmatch(path)
+        if results and method in ("GET", "HEAD"):
+            return self._job_results(environ, start_response, results.group(1))
         if method not in ("POST", "PUT", "PATCH"):
-            return self.app(environ, start_response)
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            return _error(start_response, HTTPStatus.BAD_REQUEST, "InvalidParameterValue",
-                          "malformed Content-Length header")  # fmt: skip
-        if length > self.max_body_bytes:
-            return _error(
-                start_response, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "InvalidParameterValue",
-                f"request body of {length} bytes is over this server's limit of "
-                f"{self.max_body_bytes} bytes",
-            )  # fmt: skip
-        # read one byte more than allowed: a chunked body without a length is cut here
-        body = environ["wsgi.input"].read(min(length, self.max_body_bytes) if length
-                                          else self.max_body_bytes + 1)  # fmt: skip
-        if len(body) > self.max_body_bytes:
-            return _error(start_response, HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                          "InvalidParameterValue",
-                          f"request body is over this server's limit of "
-                          f"{self.max_body_bytes} bytes")  # fmt: skip
+            return self._json_errors(environ, start_response)
+        body, refusal = self._read_body(environ)
+        if refusal is not None:
+            status, description = refusal
+            return _error(start_response, status, "InvalidParameterValue", description, _CLOSE)
+        if not body and method == "POST":
+            return _error(start_response, HTTPStatus.BAD_REQUEST, "MissingParameterValue",
+                          "request body is empty: POST a JSON object (an execute request has "
+                          "'inputs')")  # fmt: skip
         if body:
-            problem = _json_problem(body)
+            problem = _json_problem(body, execution)
             if problem:
                 return _error(start_response, HTTPStatus.BAD_REQUEST, "InvalidParameterValue",
                               problem)  # fmt: skip
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
-        return self.app(environ, start_response)
+        return self._json_errors(environ, start_response)
+
+    def _read_body(self, environ: dict[str, Any]) -> tuple[bytes, tuple[HTTPStatus, str] | None]:
+        """The request body, or why it is refused: (status, description)."""
+        declared = environ.get("CONTENT_LENGTH")
+        chunked = bool(environ.get("wsgi.input_terminated")) or (
+            environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+        )
+        if declared in (None, ""):
+            if not chunked:  # no length and no chunks: HTTP/1.1 says there is no body
+                return b"", None
+            # read one byte more than allowed: a chunked body is cut here
+            length, limit = None, self.max_body_bytes + 1
+        else:
+            try:
+                length = int(declared)
+            except ValueError:
+                return b"", (HTTPStatus.BAD_REQUEST, "malformed Content-Length header")
+            if length < 0:
+                return b"", (HTTPStatus.BAD_REQUEST, "malformed Content-Length header")
+            if length > self.max_body_bytes:
+                return b"", (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                             f"request body of {length} bytes is over this server's limit of "
+                             f"{self.max_body_bytes} bytes")  # fmt: skip
+            limit = length
+        body, timed_out = self._read_within_deadline(environ, limit)
+        if len(body) > self.max_body_bytes:
+            return b"", (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                         f"request body is over this server's limit of {self.max_body_bytes} "
+                         "bytes")  # fmt: skip
+        if timed_out:
+            return b"", (
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"request body did not arrive within {self.read_timeout_s:g} s "
+                f"({len(body)} of {length if length is not None else '?'} bytes)",
+            )
+        if length is not None and len(body) < length:
+            return b"", (
+                HTTPStatus.BAD_REQUEST,
+                f"request body ended after {len(body)} of the "
+                f"{length} bytes its Content-Length says",
+            )
+        return body, None
+
+    def _read_within_deadline(self, environ: dict[str, Any], limit: int) -> tuple[bytes, bool]:
+        """Up to ``limit`` bytes of the body and whether the deadline cut it. At the deadline
+        the connection's reading side is shut, which ends a read blocked on a client that
+        trickles or stalls (a socket timeout alone restarts with every byte)."""
+        stream = environ["wsgi.input"]
+        sock = environ.get("werkzeug.socket") or environ.get("gunicorn.socket")
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):  # the client has gone already
+                    sock.shutdown(socket.SHUT_RD)
+
+        timer = threading.Timer(self.read_timeout_s, expire)
+        timer.daemon = True
+        timer.start()
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            while got < limit and not expired.is_set():
+                chunk = stream.read(min(65536, limit - got))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+        except (OSError, ValueError):  # a socket timeout, a connection reset or shut
+            return b"".join(chunks), True
+        finally:
+            timer.cancel()
+        return b"".join(chunks), expired.is_set() and got < limit
+
+    def _job_results(
+        self, environ: dict[str, Any], start_response: Callable[..., Any], job_id: str
+    ) -> Any:
+        """A job's results; those of a dismissed job are gone (410), also when the
+        dismissal happens while pygeoapi reads them (it would answer 500)."""
+
+        def gone(_status: int) -> tuple[HTTPStatus, str, str] | None:
+            state = self.job_status(job_id)
+            if state == "dismissed":
+                return (HTTPStatus.GONE, "NoSuchJob",
+                        f"job {job_id} was dismissed: its results are deleted")  # fmt: skip
+            if state is None:
+                return HTTPStatus.NOT_FOUND, "NoSuchJob", f"no job {job_id}"
+            return None
+
+        refusal = gone(0)
+        if refusal is not None and refusal[0] == HTTPStatus.GONE:
+            return _error(start_response, *refusal)
+        return self._json_errors(environ, start_response, gone)
+
+    def _json_errors(
+        self,
+        environ: dict[str, Any],
+        start_response: Callable[..., Any],
+        on_server_error: Callable[[int], tuple[HTTPStatus, str, str] | None] | None = None,
+    ) -> Any:
+        """The app's answer, with an HTML (or text) error page replaced by an OGC exception
+        document unless the client asked for HTML; ``on_server_error`` may replace a 5xx."""
+        query = environ.get("QUERY_STRING", "")
+        accept = environ.get("HTTP_ACCEPT", "")
+        wants_html = "f=html" in query or ("text/html" in accept and "f=json" not in query)
+        replaced: dict[str, Any] = {}
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            code = int(status.split()[0])
+            media = next((v for k, v in headers if k.lower() == "content-type"), "")
+            html_error = code >= 400 and not media.startswith(_JSON_TYPES) and not wants_html
+            better = on_server_error(code) if on_server_error and code >= 500 else None
+            if html_error or better is not None:
+                replaced["answer"] = better or _page_error(code)
+                return lambda _data: None
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
+
+        body = self.app(environ, capture)
+        if not replaced:
+            return body
+        if hasattr(body, "close"):
+            body.close()
+        return _error(start_response, *replaced["answer"])
 
     def _output_file(
         self, environ: dict[str, Any], start_response: Callable[..., Any], relative: str
@@ -148,8 +347,25 @@ class RequestGuard:
         return response(environ, start_response)
 
 
-def _json_problem(body: bytes) -> str | None:
-    """Why ``body`` is not an acceptable request document, or None."""
+def _page_error(code: int) -> tuple[HTTPStatus, str, str]:
+    """What an error page of pygeoapi or Flask says, as an OGC exception."""
+    try:
+        status = HTTPStatus(code)
+    except ValueError:
+        status = HTTPStatus.INTERNAL_SERVER_ERROR
+    if status >= 500:
+        return (status, "NoApplicableCode",
+                "internal error of the service; it is logged on the server")  # fmt: skip
+    if status == HTTPStatus.NOT_FOUND:
+        return status, "NotFound", "no such resource"
+    if status == HTTPStatus.METHOD_NOT_ALLOWED:
+        return status, "InvalidParameterValue", "method not allowed on this resource"
+    return status, "InvalidParameterValue", status.phrase
+
+
+def _json_problem(body: bytes, execution: bool = False) -> str | None:
+    """Why ``body`` is not an acceptable request document, or None; ``execution``: it is
+    an execute request, whose parts pygeoapi reads without checking their types."""
     try:
         value = json.loads(body)
     except RecursionError:
@@ -160,4 +376,37 @@ def _json_problem(body: bytes) -> str | None:
         return f"request body must be a JSON object, not {type(value).__name__}"
     if json_depth(value) > MAX_JSON_DEPTH:
         return f"request body is nested deeper than {MAX_JSON_DEPTH} levels"
+    for path, item in _walk(value):
+        for text in (item, path[-1] if path else None):
+            found = _not_text(text) if isinstance(text, str) else None
+            if found:
+                return f"{_where(path)} holds {found}, which is not text"
+    return _execute_problem(value) if execution else None
+
+
+def _execute_problem(request: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of an execute request (OGC API - Processes), or None."""
+    if "inputs" in request and not isinstance(request["inputs"], dict):
+        return "'inputs' must be a JSON object of the process's inputs"
+    if "outputs" in request and not isinstance(request["outputs"], dict | type(None)):
+        return "'outputs' must be a JSON object"
+    if request.get("response", "raw") not in ("raw", "document"):
+        return "'response' must be 'raw' or 'document'"
+    subscriber = request.get("subscriber")
+    if subscriber is None:
+        return None
+    if not isinstance(subscriber, dict):
+        return (
+            "'subscriber' must be a JSON object with successUri (and optionally "
+            "inProgressUri, failedUri)"
+        )
+    for key in SUBSCRIBER_KEYS:
+        url = subscriber.get(key)
+        if url is not None and (not isinstance(url, str) or not url.strip()):
+            return f"subscriber.{key} must be a URL"
+    if not subscriber.get("successUri"):
+        return (
+            "subscriber.successUri is required (OGC API - Processes); inProgressUri and "
+            "failedUri are optional"
+        )
     return None

@@ -47,6 +47,18 @@ def _manager() -> Any:
         return _MANAGER or None
 
 
+def job_status(job_id: str, manager: Any = None) -> str | None:
+    """The status of job ``job_id``; None when there is no such job (or no job manager)."""
+    manager = manager if manager is not None else _manager()
+    if manager is None:
+        return None
+    try:
+        job = manager.get_job(job_id)
+    except Exception:  # JobNotFoundError, a database that does not answer: no such job here
+        return None
+    return str((job or {}).get("status") or "") or None
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -80,11 +92,8 @@ class JobReporter:
         """Whether the job was deleted or dismissed through the API."""
         if self.manager is None or self.job_id is None:
             return False
-        try:
-            job = self.manager.get_job(self.job_id)
-        except Exception:  # JobNotFoundError: DELETE /jobs/{id} removed it
-            return True
-        return str((job or {}).get("status")) == "dismissed"
+        # gone (DELETE /jobs/{id} removed it) or dismissed
+        return job_status(self.job_id, self.manager) in (None, "dismissed")
 
 
 #: What a job left accepted or running by a process that died is marked with.

@@ -21,10 +21,12 @@ Configure them by dotted name: ``kappamask.managers.TinyDBManager`` or
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from pygeoapi.process.base import ProcessorExecuteError
@@ -34,6 +36,7 @@ from pygeoapi.util import JobStatus, Subscriber, get_current_datetime
 from kappamask import queue
 from kappamask.callbacks import JobSubscriber, check_subscriber, deliver
 from kappamask.errors import KappaMaskError
+from kappamask.storage import delete_published
 
 LOGGER = logging.getLogger(__name__)
 
@@ -167,21 +170,50 @@ class ErrorStatusMixin:
         """Sent by ``_execute_handler_sync`` once the failure's cause is known."""
 
     def delete_job(self, job_id: str) -> bool:
+        """Dismiss a job: it stays listed as ``dismissed`` (updated in place, so that a poll
+        during the dismissal never sees it missing), a running one stops at its next
+        look, and a finished one's published files and pygeoapi's result record are
+        deleted."""
         job = dict(self.get_job(job_id))  # type: ignore[attr-defined]
         if job.get("status") == JobStatus.dismissed.value:
             return True  # dismissing twice is no error
-        removed = bool(super().delete_job(job_id))  # type: ignore[misc]
-        if removed:  # the result files are gone; the record says why
-            # (the PostgreSQL manager's records carry SQLAlchemy's state: not a column)
-            job = {key: value for key, value in job.items() if not key.startswith("_")}
-            now = get_current_datetime()
-            job.update({"status": JobStatus.dismissed.value, "message": "dismissed by request",
-                        "location": None, "updated": now,
-                        "finished": job.get("finished") or now})  # fmt: skip
-            self.add_job(job)  # type: ignore[attr-defined]
-            if queue.broker_url() is not None:
-                self._dismiss_children(job_id)
-        return removed
+        result = self._result_of(job) if job.get("status") == JobStatus.successful.value else None
+        now = get_current_datetime()
+        dismissed = {
+            "status": JobStatus.dismissed.value,
+            "message": "dismissed by request",
+            "location": None,
+            "updated": now,
+            "finished": job.get("finished") or now,
+        }
+        super().update_job(job_id, dismissed)  # type: ignore[misc]
+        if result is not None:
+            settings = getattr(self._processor_of(job), "settings", None)
+            if settings is not None:
+                deleted = delete_published(result, settings.output_dir, settings.outputs_url,
+                                           settings.policy)  # fmt: skip
+                LOGGER.info("job %s dismissed: %d published file(s) deleted", job_id,
+                            len(deleted))  # fmt: skip
+        location = job.get("location")
+        if location:
+            Path(str(location)).unlink(missing_ok=True)
+        if queue.broker_url() is not None:
+            self._dismiss_children(job_id)
+        return True
+
+    def _processor_of(self, job: dict[str, Any]) -> Any:
+        try:
+            return self.get_processor(str(job.get("process_id")))  # type: ignore[attr-defined]
+        except Exception:  # a process no longer configured: nothing of ours to delete
+            return None
+
+    @staticmethod
+    def _result_of(job: dict[str, Any]) -> Any:
+        """A finished job's result, as pygeoapi recorded it (None when unreadable)."""
+        try:
+            return json.loads(Path(str(job.get("location"))).read_text())
+        except (OSError, ValueError, TypeError):
+            return None
 
     def _dismiss_children(self, job_id: str) -> None:
         """A dismissed batch on the queue: its products' jobs are dismissed too (queued

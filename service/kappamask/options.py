@@ -44,6 +44,8 @@ def text_input(data: Mapping[str, Any], name: str, what: str) -> str | None:
                                 f"{MAX_TEXT} are accepted")  # fmt: skip
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidInputError(f"input '{name}' holds control characters")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidInputError(f"input '{name}' holds a lone UTF-16 surrogate: not text")
     return value
 
 

@@ -30,7 +30,7 @@ from kappamask.jobs import JobReporter, inference_slot
 from kappamask.managers import record_failure, to_process_error
 from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
 from kappamask.pipeline import PROGRESS_START, run
-from kappamask.sources import ProductRef, describe_reference
+from kappamask.sources import ProductRef, describe_reference, open_product
 from kappamask.sources.search import DEFAULT_MAX_ITEMS, SEARCH_KEYS
 from kappamask.writers.stac_api import check_api
 from kappamask.writers.stac_collection import DEFAULT_COLLECTION_ID
@@ -371,7 +371,10 @@ class KappaMaskProcessor(BaseProcessor):
         return "application/json", result
 
     def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
-        product, output, options = parse_inputs(data)
+        reference, output, options = parse_inputs(data)
+        # opened before an inference slot is taken: a product that cannot be read (a
+        # server that stalls, a refused file) never holds one
+        product = open_product(reference, self.settings.policy)
         with self._client(job, PROGRESS_START, describe_reference(product)) as client:
             result = run(product, output or self.settings.output_dir, client, options,
                          progress=job.update, cancelled=job.cancelled,

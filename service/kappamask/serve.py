@@ -23,7 +23,14 @@ from kappamask import queue
 from kappamask.access import roots_from_env
 from kappamask.bands import LEVELS
 from kappamask.errors import KappaMaskError
-from kappamask.guard import DEFAULT_MAX_BODY_BYTES, MAX_BODY_ENV, OUTPUTS_ROUTE, RequestGuard
+from kappamask.guard import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    MAX_BODY_ENV,
+    OUTPUTS_ROUTE,
+    READ_TIMEOUT_ENV,
+    RequestGuard,
+)
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import triton_endpoint
@@ -176,8 +183,13 @@ def guarded_app(triton_ready: Callable[[], bool]) -> Any:
 
     limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
     if not isinstance(APP.wsgi_app, RequestGuard):
-        APP.wsgi_app = RequestGuard(APP.wsgi_app, triton_ready, limit, outputs)
+        APP.wsgi_app = RequestGuard(APP.wsgi_app, triton_ready, limit, outputs, read_timeout())
     return APP
+
+
+def read_timeout() -> float:
+    """Seconds a request (its headers, then its whole body) may take to arrive."""
+    return float(os.environ.get(READ_TIMEOUT_ENV) or DEFAULT_READ_TIMEOUT_S)
 
 
 def serve(
@@ -209,10 +221,16 @@ def serve(
         stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
         recover(output_dir.resolve())
         app = guarded_app(triton.ready)
-        from werkzeug.serving import run_simple
+        from werkzeug.serving import WSGIRequestHandler, run_simple
+
+        class TimedHandler(WSGIRequestHandler):
+            # a connection that sends no (or half a) request line and headers is closed
+            # after this, instead of holding its thread (the guard bounds the body)
+            timeout = read_timeout()
 
         LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", host, port, triton.url)
         try:
-            run_simple(host, port, app, threaded=True, use_reloader=False)
+            run_simple(host, port, app, threaded=True, use_reloader=False,
+                       request_handler=TimedHandler)  # fmt: skip
         except KeyboardInterrupt:
             LOGGER.info("stopping")

@@ -8,6 +8,7 @@ to a temporary prefix and server-side copies to the final keys.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -17,12 +18,18 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from boto3.s3.transfer import TransferConfig
 
 from kappamask.access import AccessPolicy
-from kappamask.errors import InvalidInputError
+from kappamask.errors import (
+    AccessDeniedError,
+    InvalidInputError,
+    KappaMaskError,
+    OutputStorageError,
+    StorageFullError,
+)
 from kappamask.s3 import S3Settings, s3_errors, split_s3_url
 
 LOGGER = logging.getLogger(__name__)
@@ -30,6 +37,16 @@ LOGGER = logging.getLogger(__name__)
 STAGING_PREFIX = ".kappamask-staging-"
 #: Multipart above 16 MiB, in 16 MiB parts (a 10 m mask COG is 10-60 MB).
 TRANSFER = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20)
+
+
+def file_name(name: str) -> str:
+    """``name`` when it is one plain file name, else AccessDeniedError: what a sink writes
+    stays inside its folder or prefix, whatever reached it (the product id is checked
+    before, by kappamask.access.product_name; this is the last line)."""
+    if (not name or name in {".", ".."} or name.startswith(".") or "/" in name
+            or "\\" in name or "\0" in name):  # fmt: skip
+        raise AccessDeniedError(f"{name[:80]!r} would be written outside the output folder")
+    return name
 
 
 def staging_name() -> str:
@@ -71,6 +88,36 @@ def remove_stale_staging(root: Path) -> list[Path]:
     return removed
 
 
+#: Free space under which a write that failed without saying why (GDAL's "Write failed")
+#: is taken for a full disk.
+NEARLY_FULL_BYTES = 64 * 2**20
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_REFUSED = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def output_error(err: BaseException, folder: Path) -> KappaMaskError | None:
+    """The project's error for a failure to write into ``folder`` (None when ``err`` is not
+    about it): a full disk 507, a read-only or refused one 503, a name that is a file 400.
+    The message names no server path. GDAL's writers fail without an errno ("Write
+    failed", libpng's "No IDATs written"): on a nearly full disk, that is the disk."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code in _FULL:
+        return StorageFullError("the output storage is full: no result was written")
+    if code in _REFUSED:
+        return OutputStorageError(f"the output storage cannot be written "
+                                  f"({os.strerror(code)}): no result was written")  # fmt: skip
+    if code in {errno.EEXIST, errno.ENOTDIR}:
+        return InvalidInputError("output names a file, not a folder")
+    if code is None:
+        try:
+            usage = os.statvfs(folder)
+        except OSError:
+            return None
+        if usage.f_bavail * usage.f_frsize < NEARLY_FULL_BYTES:
+            return StorageFullError("the output storage is full: no result was written")
+    return None
+
+
 class LocalSink:
     """Stage files in a hidden folder inside ``out_dir`` (same file system, so the final
     move is an atomic rename) and move them in on ``commit``. A run that fails or is
@@ -95,9 +142,10 @@ class LocalSink:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.staging.mkdir()
         except OSError as err:
-            raise InvalidInputError(
-                f"cannot write results to {self.out_dir}: {err.strerror}"
-            ) from err
+            mapped = output_error(err, self.out_dir) or OutputStorageError(
+                f"the output storage cannot be written ({err.strerror})"
+            )
+            raise mapped from err
         return self
 
     @property
@@ -106,7 +154,7 @@ class LocalSink:
 
     def path(self, name: str) -> Path:
         """Where to write ``name`` while the result is incomplete."""
-        return self.staging / name
+        return self.staging / file_name(name)
 
     def href(self, name: str) -> str:
         """The href of ``name`` in a STAC item that sits next to it."""
@@ -117,12 +165,12 @@ class LocalSink:
 
     def exists(self, name: str) -> bool:
         """Whether ``name`` is published."""
-        return (self.out_dir / name).is_file()
+        return (self.out_dir / file_name(name)).is_file()
 
     def read_existing(self, name: str) -> bytes | None:
         """The bytes of a published ``name``, or None."""
         try:
-            return (self.out_dir / name).read_bytes()
+            return (self.out_dir / file_name(name)).read_bytes()
         except OSError:
             return None
 
@@ -130,17 +178,27 @@ class LocalSink:
         """Move ``names`` to their final place, in order (put the STAC item last)."""
         final = []
         for name in names:
-            os.replace(self.staging / name, self.out_dir / name)
+            os.replace(self.staging / file_name(name), self.out_dir / name)
             final.append(self.final_href(name))
         return final
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
+        # a write into the output that failed (a full disk, a file system gone read-only)
+        # is the server's storage at fault, whichever writer met it; judged before the
+        # staging folder goes (its removal frees the space that ran out)
+        mapped = None
+        if isinstance(exc, Exception) and not isinstance(exc, KappaMaskError):
+            name = exc.filename if isinstance(exc, OSError) else None
+            ours = not name or Path(str(name)).is_relative_to(self.out_dir)
+            mapped = output_error(exc, self.out_dir) if ours else None
         shutil.rmtree(self.staging, ignore_errors=True)
         for folder in reversed(self._created):
             try:
                 folder.rmdir()  # only while empty: a committed result stays
             except OSError:
                 break
+        if mapped is not None and not isinstance(mapped, InvalidInputError):
+            raise mapped from exc
 
 
 class S3Sink:
@@ -160,6 +218,8 @@ class S3Sink:
         self._staged: list[str] = []
 
     def _key(self, name: str) -> str:
+        if not name.startswith(STAGING_PREFIX):
+            file_name(name)
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def __enter__(self) -> S3Sink:
@@ -177,7 +237,7 @@ class S3Sink:
         return f"s3://{self.bucket}/{self.prefix}"
 
     def path(self, name: str) -> Path:
-        return self._local / name
+        return self._local / file_name(name)
 
     def href(self, name: str) -> str:
         """Absolute: s3://, or https when the settings give a public URL template."""
@@ -262,3 +322,66 @@ def open_sink(
         relative = folder.resolve().relative_to(base.resolve()).as_posix()
         url = public_url.rstrip("/") + ("/" + quote(relative) if relative != "." else "")
     return LocalSink(folder, url)
+
+
+def _result_files(result: Any) -> list[str]:
+    """The hrefs of the files a finished job published itself: a product's result
+    (``RunResult.to_json``) or each product of a batch (``BatchResult.to_json``); none of
+    a result that reused another job's files (``reused``), which stay that job's."""
+    if not isinstance(result, dict):
+        return []
+    if isinstance(result.get("products"), list):  # a batch: its products' files
+        hrefs = []
+        for outcome in result["products"]:
+            item = outcome.get("item") if isinstance(outcome, dict) else None
+            if not isinstance(item, str) or outcome.get("reused") or "/" not in item:
+                continue
+            folder, _, name = item.rpartition("/")
+            product_id = name.removesuffix("_KAPPAMASK.json")
+            hrefs += [f"{folder}/{n}" for n in _output_names(product_id).values()]
+        return hrefs
+    if result.get("reused"):
+        return []
+    return [v for k, v in result.items() if k in _RESULT_KEYS and isinstance(v, str)]
+
+
+def _output_names(product_id: str) -> dict[str, str]:
+    from kappamask.pipeline import output_names  # the pipeline names the files it writes
+
+    return output_names(product_id)
+
+
+#: The keys of a product's result that name its published files (kappamask.pipeline).
+_RESULT_KEYS = ("mask", "confidence", "probability", "valid", "preview", "item")
+
+
+def delete_published(
+    result: Any, output_dir: Path, outputs_url: str | None, policy: AccessPolicy
+) -> list[str]:
+    """Delete the files a dismissed job published (``_result_files``): local ones only
+    inside the output roots, S3 objects with the service's S3 settings. The hrefs deleted;
+    what cannot be deleted is logged, never raised (the dismissal stands)."""
+    deleted = []
+    roots = [Path(r).resolve() for r in (policy.output_roots or (output_dir,))]
+    served = outputs_url.rstrip("/") + "/" if outputs_url else None
+    client = None
+    for href in _result_files(result):
+        try:
+            if href.startswith("s3://"):
+                bucket, key = split_s3_url(href)
+                client = client or policy.s3.client()
+                with s3_errors(href):
+                    client.delete_object(Bucket=bucket, Key=key)
+            else:
+                local = Path(unquote(href[len(served) :])) if served and href.startswith(
+                    served) else Path(href)  # fmt: skip
+                path = (output_dir / local).resolve()
+                if not any(path.is_relative_to(root) for root in roots):
+                    LOGGER.warning("not deleting %s: outside the output roots", href)
+                    continue
+                path.unlink(missing_ok=True)
+        except Exception as err:  # the dismissal stands; the operator sees what is left
+            LOGGER.warning("could not delete %s of a dismissed job: %s", href, err)
+            continue
+        deleted.append(href)
+    return deleted

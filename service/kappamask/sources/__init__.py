@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from kappamask import egress
 from kappamask.access import AccessPolicy
 from kappamask.errors import InvalidInputError
 from kappamask.sources.product import Product
@@ -20,19 +21,25 @@ from kappamask.sources.stac import fetch_item, item_from_dict, product_from_item
 
 __all__ = ["Product", "describe_reference", "open_product", "open_safe"]
 
-ProductRef = str | os.PathLike[str] | Mapping[str, Any]
+#: What names a product; an opened Product passes as it is.
+ProductRef = str | os.PathLike[str] | Mapping[str, Any] | Product
 
 
 def describe_reference(ref: ProductRef) -> str:
     """A short text naming a product reference, for logs and messages."""
+    if isinstance(ref, Product):
+        return ref.product_id
     if isinstance(ref, Mapping):
-        return f"STAC item {ref.get('id', '?')}"
+        return f"STAC item {str(ref.get('id', '?'))[:80]}"
     return os.fspath(ref)
 
 
 def open_product(ref: ProductRef, policy: AccessPolicy | None = None) -> Product:
     """Resolve a product reference to a Product, within what ``policy`` allows."""
     policy = policy or AccessPolicy.unrestricted()
+    egress.install(policy)  # before any band is read: GDAL's every hop passes the policy
+    if isinstance(ref, Product):
+        return ref
     if isinstance(ref, Mapping):
         return product_from_item(item_from_dict(ref), policy)
     if isinstance(ref, os.PathLike):
@@ -54,9 +61,4 @@ def open_product(ref: ProductRef, policy: AccessPolicy | None = None) -> Product
         )
     if is_json:
         return product_from_item(fetch_item(ref, policy), policy, ref)
-    product = open_safe(policy.local_input(ref))
-    for files in product.band_files.values():
-        for path in files.values():
-            if not path.startswith("/vsi"):
-                policy.local_input(path)  # a band file linked to outside the roots
-    return product
+    return open_safe(policy.local_input(ref), policy)

@@ -8,6 +8,7 @@ from typing import Any
 
 import rasterio
 
+from kappamask.access import product_name
 from kappamask.s3 import S3Settings
 
 
@@ -44,6 +45,11 @@ class Product:
     #: Per band, the factor from stored DN to DN on the quantification scale (STAC scale
     #: times quantification); 1 when absent.
     gains: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # the id names the result's files: whatever a SAFE or a STAC item says, it never
+        # becomes a path (kappamask.access.product_name)
+        product_name(self.product_id)
 
     def rasterio_env(self, **options: Any) -> rasterio.Env:
         """A ``rasterio.Env`` with ``options`` and what this product's files need."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from kappamask.access import AccessPolicy
 from kappamask.bands import AUX_BANDS, NATIVE_RESOLUTION, SPECTRAL_BANDS
 from kappamask.errors import ProductError, ProductNotFoundError
 from kappamask.s3 import S3Settings
@@ -45,12 +46,18 @@ class SafeFiles:
         return f"{self._gdal_prefix}/{name}"
 
 
-def _list_folder(root: Path) -> SafeFiles:
+def _list_folder(root: Path, policy: AccessPolicy) -> SafeFiles:
     names: list[str] = []
     for dirpath, _dirs, files in os.walk(root):
         rel = Path(dirpath).relative_to(root)
         names.extend(str(PurePosixPath(*rel.parts, f)) for f in files)
-    return SafeFiles(names, lambda name: (root / name).read_bytes(), str(root))
+
+    def read(name: str) -> bytes:
+        # the metadata as much as the bands: a file linked to outside the data roots, or
+        # a FIFO in place of MTD_MSIL2A.xml, is refused before it is opened
+        return policy.local_input(str(root / name)).read_bytes()
+
+    return SafeFiles(names, read, str(root))
 
 
 def list_zip(source: str | Path | IO[bytes], where: str, gdal_path: str) -> SafeFiles:
@@ -97,20 +104,29 @@ def find_band_files(names: Iterable[str]) -> dict[str, dict[int, str]]:
     return found
 
 
-def open_safe(href: str | os.PathLike[str]) -> Product:
-    """Resolve a local SAFE folder, a zip of one, or its MTD_MSIL*.xml into a Product."""
+def open_safe(href: str | os.PathLike[str], policy: AccessPolicy | None = None) -> Product:
+    """Resolve a local SAFE folder, a zip of one, or its MTD_MSIL*.xml into a Product;
+    every file read and every band file lies where ``policy`` allows (default: anywhere,
+    but never a FIFO, device or socket)."""
+    policy = policy or AccessPolicy.unrestricted()
     path = Path(href)
     if not path.exists():
         raise ProductNotFoundError(f"product {path} does not exist")
+    path = policy.local_input(str(path))
     if path.is_file() and path.suffix.lower() == ".xml":
         path = path.parent
     if path.is_dir():
-        files = _list_folder(path)
+        files = _list_folder(path, policy)
     elif zipfile.is_zipfile(path) or path.suffix.lower() == ".zip":
         files = list_zip(path, path.name, str(path))
     else:
         raise ProductError(f"{path.name} is neither a SAFE folder nor a zip of one")
-    return product_from_files(files, path.name, folder=path.is_dir(), href=str(href))
+    product = product_from_files(files, path.name, folder=path.is_dir(), href=str(href))
+    for by_res in product.band_files.values():
+        for band_file in by_res.values():
+            if not band_file.startswith("/vsi"):
+                policy.local_input(band_file)  # a band file linked to outside the roots
+    return product
 
 
 def product_from_files(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -18,8 +20,10 @@ from urllib.parse import urljoin, urlsplit
 
 import pystac
 import requests
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
 
-from kappamask.access import AccessPolicy
+from kappamask.access import AccessPolicy, product_name
 from kappamask.bands import (
     AUX_BANDS,
     BASELINE_04_OFFSET_DN,
@@ -43,10 +47,21 @@ LAYERS = (*SPECTRAL_BANDS, *AUX_BANDS, "SCL")
 _LAYER_NAMES = {name.upper(): name for name in LAYERS}
 _MAX_REDIRECTS = 5
 _TIMEOUT = 30
+#: Largest STAC item document read (Earth Search's and Planetary Computer's are 10-40 kB).
+MAX_ITEM_BYTES = 4 * 2**20
+#: Seconds a STAC item document may take to arrive, whole.
+READ_DEADLINE_S = 60.0
 _BASELINE_IN_ID = re.compile(r"_N(\d{2})(\d{2})_")
 _TILE_IN_ID = re.compile(r"_T(\d{2}[A-Z]{3})_")
 #: GDAL options for band files read over HTTP.
-HTTP_GDAL_ENV = {"GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "1"}
+HTTP_GDAL_ENV = {
+    "GDAL_HTTP_MAX_RETRY": "3",
+    "GDAL_HTTP_RETRY_DELAY": "1",
+    # a read that stalls fails (502) instead of holding an inference slot for ever: one
+    # ranged GET of a band is a few MB
+    "GDAL_HTTP_CONNECTTIMEOUT": "20",
+    "GDAL_HTTP_TIMEOUT": "120",
+}
 
 
 def _layer_of(key: str, asset: pystac.Asset) -> tuple[str, int] | None:
@@ -67,11 +82,13 @@ def _layer_of(key: str, asset: pystac.Asset) -> tuple[str, int] | None:
 def _resolution(layer: str, asset: pystac.Asset) -> int:
     raster = (asset.extra_fields.get("raster:bands") or [{}])[0]
     for value in (raster.get("spatial_resolution"), asset.extra_fields.get("gsd")):
-        if isinstance(value, int | float) and value > 0:
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e4:
             return round(value)
     transform = asset.extra_fields.get("proj:transform")
     if isinstance(transform, list) and transform:
-        return round(abs(float(transform[0])))
+        size = abs(_number(transform[0], "proj:transform"))
+        if 0 < size < 1e4:
+            return round(size)
     return NATIVE_RESOLUTION[layer]
 
 
@@ -124,12 +141,17 @@ def _mgrs_tile(props: Mapping[str, Any], product_id: str) -> str:
 def _crs(item: pystac.Item) -> str:
     props = item.properties
     if props.get("proj:code"):
-        return str(props["proj:code"])
+        code = str(props["proj:code"])
+        try:
+            CRS.from_user_input(code)
+        except CRSError as err:  # pystac writes a legacy proj:epsg "abc" as "EPSG:abc"
+            raise ValueError(f"proj:code {code[:40]!r} is not a CRS") from err
+        return code
     if props.get("proj:epsg"):
-        return f"EPSG:{int(props['proj:epsg'])}"
+        return f"EPSG:{int(_number(props['proj:epsg'], 'proj:epsg'))}"
     for asset in item.assets.values():
         if asset.extra_fields.get("proj:epsg"):
-            return f"EPSG:{int(asset.extra_fields['proj:epsg'])}"
+            return f"EPSG:{int(_number(asset.extra_fields['proj:epsg'], 'proj:epsg'))}"
     return ""
 
 
@@ -164,7 +186,27 @@ def is_sentinel2(props: Mapping[str, Any]) -> bool:
 
 
 def product_from_item(item: pystac.Item, policy: AccessPolicy, href: str = "") -> Product:
-    """The Product a Sentinel-2 STAC item describes (its band assets, level, offsets)."""
+    """The Product a Sentinel-2 STAC item describes (its band assets, level, offsets).
+
+    An item is JSON from anywhere: a field of the wrong type or shape (``proj:epsg:
+    "abc"``, a geometry that is no polygon) is the product's fault (422), never a 500."""
+    try:
+        return _product_from_item(item, policy, href)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as err:
+        raise ProductError(f"STAC item {str(item.id)[:80]!r} has malformed metadata: "
+                           f"{type(err).__name__}: {str(err)[:200]}") from err  # fmt: skip
+
+
+def _number(value: Any, name: str) -> float:
+    """A numeric field of an item, or ValueError naming it (strings are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, not {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite")
+    return float(value)
+
+
+def _product_from_item(item: pystac.Item, policy: AccessPolicy, href: str) -> Product:
     props = item.properties
     platform = str(props.get("platform", ""))
     if not is_sentinel2(props):
@@ -172,6 +214,7 @@ def product_from_item(item: pystac.Item, policy: AccessPolicy, href: str = "") -
     product_id = str(
         props.get("s2:product_uri") or props.get("sentinel:product_id") or item.id
     ).removesuffix(".SAFE")
+    product_name(product_id)  # before any asset is looked at: the id names the files
     level = _level(item, product_id)
     baseline = _baseline(props, product_id)
 
@@ -193,8 +236,10 @@ def product_from_item(item: pystac.Item, policy: AccessPolicy, href: str = "") -
         raster = (asset.extra_fields.get("raster:bands") or [{}])[0]
         if layer in SPECTRAL_BANDS and ("scale" in raster or "offset" in raster):
             stated = True
-            scale = float(raster.get("scale", 1.0 / quantification))
-            offsets[layer] = float(raster.get("offset", 0.0)) / scale
+            scale = _number(raster.get("scale", 1.0 / quantification), "raster:bands scale")
+            if scale == 0:
+                raise ValueError("raster:bands scale must not be 0")
+            offsets[layer] = _number(raster.get("offset", 0.0), "raster:bands offset") / scale
             gains[layer] = scale * quantification
     if not stated and baseline >= "04.00":
         offsets = {b: BASELINE_04_OFFSET_DN for b in SPECTRAL_BANDS if b in band_files}
@@ -207,13 +252,18 @@ def product_from_item(item: pystac.Item, policy: AccessPolicy, href: str = "") -
     gdal_env = dict(HTTP_GDAL_ENV)
     s3 = policy.s3 if uses_s3 else None
     zenith = props.get("s2:mean_solar_zenith")
-    if zenith is None and props.get("view:sun_elevation") is not None:
-        zenith = 90.0 - float(props["view:sun_elevation"])
+    if zenith is not None:
+        zenith = _number(zenith, "s2:mean_solar_zenith")
+    elif props.get("view:sun_elevation") is not None:
+        zenith = 90.0 - _number(props["view:sun_elevation"], "view:sun_elevation")
     azimuth = props.get("s2:mean_solar_azimuth", props.get("view:sun_azimuth"))
+    if azimuth is not None:
+        azimuth = _number(azimuth, "view:sun_azimuth")
     geometry = item.geometry or {}
     footprint = None
     if geometry.get("type") == "Polygon":
-        footprint = tuple((float(x), float(y)) for x, y, *_ in geometry["coordinates"][0])
+        footprint = tuple((_number(x, "geometry"), _number(y, "geometry"))
+                          for x, y, *_ in geometry["coordinates"][0])  # fmt: skip
     sensing = item.datetime or datetime.fromisoformat(
         str(props.get("start_datetime", "1970-01-01T00:00:00Z")).replace("Z", "+00:00")
     )
@@ -249,7 +299,7 @@ def item_from_dict(data: Mapping[str, Any], href: str | None = None) -> pystac.I
         )
     try:
         item = pystac.Item.from_dict(dict(data), href=href, preserve_dict=True)
-    except (KeyError, TypeError, ValueError, pystac.STACError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, pystac.STACError) as err:
         raise InvalidInputError(f"the product object is not a valid STAC item: {err}") from err
     if href:
         item.set_self_href(href)
@@ -275,33 +325,59 @@ def fetch_item(href: str, policy: AccessPolicy) -> pystac.Item:
                     url,
                     timeout=_TIMEOUT,
                     allow_redirects=False,
+                    stream=True,  # read below, capped: never a whole 64 MiB "item"
                     headers={"Accept": "application/geo+json, application/json"},
                 )
             except requests.RequestException as err:
                 raise StorageError(f"cannot fetch the STAC item {href}: {err}") from err
             if response.is_redirect:
+                response.close()
                 url = urljoin(url, response.headers["Location"])
                 continue
             break
         else:
             raise StorageError(f"{href}: too many redirects")
-        if response.status_code == 404:
-            raise ProductNotFoundError(f"STAC item {href} does not exist (404)")
-        if response.status_code in {401, 403}:
-            raise AccessDeniedError(f"STAC item {href}: access denied ({response.status_code})")
-        if response.status_code != 200:
-            raise StorageError(f"STAC item {href}: the server answered {response.status_code}")
-        return item_from_dict(_parse_json(response.content, href), url)
+        with response:
+            if response.status_code == 404:
+                raise ProductNotFoundError(f"STAC item {href} does not exist (404)")
+            if response.status_code in {401, 403}:
+                raise AccessDeniedError(f"STAC item {href}: access denied ({response.status_code})")
+            if response.status_code != 200:
+                raise StorageError(f"STAC item {href}: the server answered {response.status_code}")
+            raw = read_capped(response, href, MAX_ITEM_BYTES)
+        return item_from_dict(_parse_json(raw, href), url)
     if scheme == "s3":
         bucket, key = split_s3_url(href)
         with s3_errors(href):
-            body = (
-                policy.s3.client()
-                .get_object(Bucket=bucket, Key=key, **policy.s3.request_extra())["Body"]
-                .read()
-            )
+            stream = policy.s3.client().get_object(
+                Bucket=bucket, Key=key, **policy.s3.request_extra()
+            )["Body"]
+            body = stream.read(MAX_ITEM_BYTES + 1)
+            stream.close()
+        if len(body) > MAX_ITEM_BYTES:
+            raise ProductError(f"{href} is larger than {MAX_ITEM_BYTES} bytes: not a STAC item")
         return item_from_dict(_parse_json(body, href), href)
     path = policy.local_input(href)
     if not path.is_file():
         raise ProductNotFoundError(f"STAC item {href} does not exist")
+    if path.stat().st_size > MAX_ITEM_BYTES:
+        raise ProductError(f"{href} is larger than {MAX_ITEM_BYTES} bytes: not a STAC item")
     return item_from_dict(_parse_json(path.read_bytes(), href), str(path))
+
+
+def read_capped(response: requests.Response, what: str, limit: int) -> bytes:
+    """The body of a streamed ``response``, refused past ``limit`` bytes or past
+    ``READ_DEADLINE_S`` in all (a server that trickles): never held whole in memory."""
+    deadline = time.monotonic() + READ_DEADLINE_S
+    chunks, size = [], 0
+    try:
+        for chunk in response.iter_content(65536):
+            size += len(chunk)
+            if size > limit:
+                raise ProductError(f"{what} is larger than {limit} bytes: not a STAC item")
+            if time.monotonic() > deadline:
+                raise StorageError(f"{what} did not arrive within {READ_DEADLINE_S:g} s")
+            chunks.append(chunk)
+    except requests.RequestException as err:
+        raise StorageError(f"cannot read {what}: {err}") from err
+    return b"".join(chunks)
