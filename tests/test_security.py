@@ -438,3 +438,30 @@ def test_requests_answer_within_bounds_of_the_guard_for_odd_methods(guarded: str
                                   timeout=10)  # fmt: skip
         assert answer.status_code == 405 and answer.headers["Allow"] == "POST"
         assert answer.json()["code"] == "InvalidParameterValue"
+
+
+def test_a_band_file_that_is_a_vrt_is_never_followed(tmp_path: Path) -> None:
+    """GDAL opens by content: a "B02.jp2" that is a VRT would read a file outside the data
+    roots (or a URL) that the policy never saw. Band files open as JPEG 2000 or GeoTIFF
+    only."""
+    root = tmp_path / "root"
+    safe = root / T29UNU.name
+    shutil.copytree(T29UNU, safe)
+    band = next(safe.glob("GRANULE/*/IMG_DATA/R60m/*_B02_60m.jp2"))
+    secret = tmp_path / "secret.jp2"
+    shutil.copyfile(band, secret)
+    with rasterio.open(secret) as src:
+        width, height, transform, crs = src.width, src.height, src.transform, src.crs
+    band.write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{crs.to_wkt()}</SRS>'
+        f"<GeoTransform>{', '.join(str(v) for v in transform.to_gdal())}</GeoTransform>"
+        '<VRTRasterBand dataType="UInt16" band="1"><SimpleSource>'
+        f"<SourceFilename>{secret}</SourceFilename><SourceBand>1</SourceBand></SimpleSource>"
+        "</VRTRasterBand></VRTDataset>"
+    )
+    with rasterio.open(band) as vrt:  # what GDAL alone would do: follow it
+        assert vrt.driver == "VRT"
+    policy = AccessPolicy(data_roots=(root,), output_roots=(tmp_path / "o",))
+    product = open_product(str(safe), policy)
+    with pytest.raises(ProductError, match="cannot open B02"):
+        output_grid(product, 60)

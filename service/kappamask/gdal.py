@@ -9,7 +9,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from rasterio.env import Env
 from rasterio.errors import RasterioIOError
+from rasterio.io import DatasetReader
 
 from kappamask import egress
 from kappamask.errors import AccessDeniedError, ProductError, ProductNotFoundError, StorageError
@@ -27,6 +29,21 @@ GDAL_ENV = {
 #: let two COGs built side by side of a 10980 px product hold 0.75 GB of blocks they never
 #: read again (measured: peak 0.99 GB with the default, 0.29 GB with 64 MB, no slower).
 COG_ENV = {"GDAL_CACHEMAX": 64}
+
+
+#: The only formats a band file may be (ESA's JPEG 2000, the COGs of STAC catalogues):
+#: GDAL picks a driver by content, not by name, and a "B04.jp2" that is a VRT (or any
+#: format that names other files) would make GDAL read files or URLs the access policy
+#: never saw.
+BAND_DRIVERS = ("JP2OpenJPEG", "GTiff")
+
+
+def open_band(path: str) -> DatasetReader:
+    """A product's band file, opened only as JPEG 2000 or GeoTIFF (``BAND_DRIVERS``;
+    ``rasterio.open`` takes one driver, its reader a list, and needs GDAL's drivers
+    registered, which an environment does)."""
+    with Env():
+        return DatasetReader(path, driver=list(BAND_DRIVERS))
 
 
 #: What GDAL says when a remote file's server or the network failed (curl's words, or an

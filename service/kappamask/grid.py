@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.features import geometry_mask
 from rasterio.warp import transform_geom
@@ -21,7 +20,7 @@ from shapely.geometry.base import BaseGeometry
 
 from kappamask.bands import RESOLUTIONS
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV, product_errors
+from kappamask.gdal import GDAL_ENV, open_band, product_errors
 from kappamask.sources.product import Product
 
 
@@ -60,7 +59,7 @@ def output_grid(product: Product, resolution: int) -> Grid:
     with (
         product_errors(f"open {band} of {product.product_id}"),
         product.rasterio_env(**GDAL_ENV),
-        rasterio.open(path) as src,
+        open_band(path) as src,
     ):
         left, bottom, right, top = src.bounds
         crs = src.crs.to_string() if src.crs else product.crs

@@ -36,7 +36,7 @@ from rasterio.windows import Window
 from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE
 from kappamask.compiled import inline_kernel, kernel
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV, product_errors
+from kappamask.gdal import GDAL_ENV, open_band, product_errors
 from kappamask.grid import Grid
 from kappamask.regrid import RADIUS, downsample, upsample
 from kappamask.sources.product import Product
@@ -248,7 +248,7 @@ LayerSource = AlignedLayer | WarpedLayer
 
 def open_layer(stack: ExitStack, path: str, grid: Grid, resampling: str) -> LayerSource:
     """The cheapest way to read the band file at ``path`` on ``grid`` (open in ``stack``)."""
-    src = stack.enter_context(rasterio.open(path))
+    src = stack.enter_context(open_band(path))
     factor = alignment(src, grid)
     if factor:
         return AlignedLayer(src, factor, resampling)

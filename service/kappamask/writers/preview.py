@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from kappamask.bands import CLASS_COLORS, MaskClass
-from kappamask.gdal import GDAL_ENV
+from kappamask.gdal import GDAL_ENV, open_band
 from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def true_colour(
             for i, band in enumerate(bands):
                 # the coarsest file: a decimated read of a JPEG 2000 decodes a reduced level
                 path, _res = product.band_path(band, 60)
-                with rasterio.open(path) as src:
+                with open_band(path) as src:
                     dn = src.read(1, window=src.window(*bounds), out_shape=shape,
                                   resampling=Resampling.average).astype(np.float32)  # fmt: skip
                 nodata |= dn == 0
