@@ -465,3 +465,24 @@ def test_a_band_file_that_is_a_vrt_is_never_followed(tmp_path: Path) -> None:
     product = open_product(str(safe), policy)
     with pytest.raises(ProductError, match="cannot open B02"):
         output_grid(product, 60)
+
+
+def test_metadata_that_never_ends_or_will_not_inflate_is_refused(tmp_path: Path) -> None:
+    """A sparse 40 MB MTD_MSIL2A.xml is refused without being read whole; a zip whose
+    members are encrypted is the product's fault (422), not a 500."""
+    safe = tmp_path / T29UNU.name
+    shutil.copytree(T29UNU, safe)
+    with (safe / "MTD_MSIL2A.xml").open("r+b") as mtd:
+        mtd.truncate(40 * 2**20)
+    with pytest.raises(ProductError, match="larger than"):
+        open_product(str(safe))
+    archive = Path(shutil.make_archive(str(tmp_path / "p"), "zip", T29UNU.parent, T29UNU.name))
+    data = bytearray(archive.read_bytes())
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = data.find(signature)
+        while start >= 0:
+            data[start + flags_at] |= 1  # "encrypted"
+            start = data.find(signature, start + 4)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ProductError, match="cannot read|not a readable zip"):
+        open_product(str(archive))

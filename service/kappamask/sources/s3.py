@@ -10,7 +10,13 @@ from typing import Any
 from kappamask.errors import ProductNotFoundError
 from kappamask.s3 import S3ObjectReader, S3Settings, s3_errors, split_s3_url
 from kappamask.sources.product import Product
-from kappamask.sources.safe import SafeFiles, list_zip, product_from_files
+from kappamask.sources.safe import (
+    MAX_METADATA_BYTES,
+    SafeFiles,
+    capped,
+    list_zip,
+    product_from_files,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ def open_s3_safe(url: str, settings: S3Settings) -> Product:
             def read(member: str) -> bytes:
                 with s3_errors(f"s3://{bucket}/{prefix}{member}"):
                     body = client.get_object(Bucket=bucket, Key=prefix + member, **extra)["Body"]
-                    return bytes(body.read())
+                    return capped(bytes(body.read(MAX_METADATA_BYTES + 1)), member)
 
             files = SafeFiles(names, read, f"/vsis3/{bucket}/{prefix.rstrip('/')}")
             folder = True

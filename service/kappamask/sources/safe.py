@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -32,6 +33,21 @@ _PRODUCT_MTD = re.compile(
     r"(^|/)(MTD_MSIL1C|MTD_MSIL2A|[^/]*MTD_SAFL1C[^/]*|[^/]*MTD_SAFL2A[^/]*)\.xml$"
 )
 _TILE_MTD = re.compile(r"^GRANULE/[^/]+/(MTD_TL|[^/]*MTD_L1C_TL[^/]*|[^/]*MTD_L2A_TL[^/]*)\.xml$")
+
+
+#: Largest metadata file read (MTD_TL.xml with its angle grids is about 1 MB): a sparse
+#: 10 GB "MTD_MSIL2A.xml" or a zip member that inflates without end is refused, not
+#: held in memory.
+MAX_METADATA_BYTES = 32 * 2**20
+
+
+def capped(data: bytes, name: str) -> bytes:
+    """``data`` read with one byte more than ``MAX_METADATA_BYTES`` allows, refused when
+    that byte came."""
+    if len(data) > MAX_METADATA_BYTES:
+        raise ProductError(f"{PurePosixPath(name).name} is larger than {MAX_METADATA_BYTES} "
+                           "bytes: not Sentinel-2 metadata")  # fmt: skip
+    return data
 
 
 class SafeFiles:
@@ -55,9 +71,16 @@ def _list_folder(root: Path, policy: AccessPolicy) -> SafeFiles:
     def read(name: str) -> bytes:
         # the metadata as much as the bands: a file linked to outside the data roots, or
         # a FIFO in place of MTD_MSIL2A.xml, is refused before it is opened
-        return policy.local_input(str(root / name)).read_bytes()
+        with policy.local_input(str(root / name)).open("rb") as file:
+            return capped(file.read(MAX_METADATA_BYTES + 1), name)
 
     return SafeFiles(names, read, str(root))
+
+
+#: What a corrupt or hostile zip raises: an encrypted member (RuntimeError), a compression
+#: Python lacks (NotImplementedError), a stream that does not inflate (zlib.error).
+_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError,
+               ValueError, zlib.error)  # fmt: skip
 
 
 def list_zip(source: str | Path | IO[bytes], where: str, gdal_path: str) -> SafeFiles:
@@ -65,13 +88,14 @@ def list_zip(source: str | Path | IO[bytes], where: str, gdal_path: str) -> Safe
     try:
         archive = zipfile.ZipFile(source)
         names = [n for n in archive.namelist() if not n.endswith("/")]
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
+    except _ZIP_ERRORS as err:
         raise ProductError(f"{where} is not a readable zip (truncated or corrupt: {err})") from err
 
     def read(name: str) -> bytes:
         try:
-            return archive.read(name)
-        except (zipfile.BadZipFile, EOFError, OSError) as err:
+            with archive.open(name) as member:  # never inflated past the cap
+                return capped(member.read(MAX_METADATA_BYTES + 1), name)
+        except _ZIP_ERRORS as err:
             raise ProductError(f"cannot read {name} from the zip: {err}") from err
 
     return SafeFiles(names, read, f"/vsizip/{gdal_path}")
