@@ -119,7 +119,7 @@ def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_pa
         triton.http_url,
     )
     assert done.returncode == InvalidInputError.exit_code
-    assert "cannot write results to" in done.stderr
+    assert "output names a file, not a folder" in done.stderr
     done = _run("run", str(T29UNU), "--out", str(out), "--triton-url", "127.0.0.1:1")
     assert done.returncode == InferenceUnavailableError.exit_code
     assert "Triton" in done.stderr and "Traceback" not in done.stderr
