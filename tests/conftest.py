@@ -349,3 +349,16 @@ def earth_search_item(**changes: Any) -> dict[str, Any]:
     item["properties"].update(changes.pop("properties", {}))
     item.update(changes)
     return dict(item)
+
+
+def write_keras_h5(path: Path, layers: dict[str, dict[str, Any]]) -> None:
+    """A Keras 2 ``save_weights`` HDF5 file: ``layer_names`` and each layer's arrays."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [n.encode() for n in layers]
+        for name, arrays in layers.items():
+            group = f.create_group(name)
+            group.attrs["weight_names"] = [f"{name}/{k}:0".encode() for k in arrays]
+            for key, value in arrays.items():
+                group.create_dataset(f"{name}/{key}:0", data=value)

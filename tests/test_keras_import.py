@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,7 +17,15 @@ import pytest
 from click.testing import CliRunner
 from rasterio.windows import Window
 
-from kappamask.bands import L1C_FEATURES, L1C_MAX_V, L2A_FEATURES, L2A_MAX_V, MaskClass
+from kappamask.bands import (
+    ARCHITECTURE_FEATURES,
+    ARCHITECTURE_MAX_V,
+    L1C_FEATURES,
+    L1C_MAX_V,
+    L2A_FEATURES,
+    L2A_MAX_V,
+    MaskClass,
+)
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
 from kappamask.grid import output_grid
@@ -27,7 +34,7 @@ from kappamask.reader import BandReader
 from kappamask.sources import open_safe
 from kappamask.tools.keras_import import import_keras
 
-from .conftest import T29UNU, make_l1c_safe
+from .conftest import T29UNU, make_l1c_safe, write_keras_h5
 
 ROOT = Path(__file__).parents[1]
 KERAS_SCRIPT = Path(__file__).parent / "tools" / "keras_unet.py"
@@ -49,22 +56,24 @@ def keras_python() -> Path:
     return python
 
 
-def _real_crop(features: tuple[str, ...], max_v: tuple[float, ...], product: Path) -> np.ndarray:
-    """A SIZE x SIZE window of real normalised features (zero-padded where the product
+def _real_crop(
+    features: tuple[str, ...], max_v: tuple[float, ...], product: Path, size: int = SIZE
+) -> np.ndarray:
+    """A size x size window of real normalised features (zero-padded where the product
     ends, which also exercises the no-data rule)."""
     safe = open_safe(product)
     grid = output_grid(safe, 60 if product == T29UNU else 10)
-    h, w = min(SIZE, grid.height), min(SIZE, grid.width)
+    h, w = min(size, grid.height), min(size, grid.width)
     with BandReader(safe, features, max_v, grid) as reader:
         values, _valid = reader.read(Window(grid.width - w, grid.height - h, w, h))
-    out = np.zeros((len(features), SIZE, SIZE), np.float32)
+    out = np.zeros((len(features), size, size), np.float32)
     out[:, :h, :w] = values
     return out
 
 
-def _inputs(channels: int, real: np.ndarray | None, seed: int) -> np.ndarray:
+def _inputs(channels: int, real: np.ndarray | None, seed: int, size: int = SIZE) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    x = rng.uniform(0.0, 1.0, (2, channels, SIZE, SIZE)).astype(np.float32)
+    x = rng.uniform(0.0, 1.0, (2, channels, size, size)).astype(np.float32)
     x[1, :, :32, :32] = 0.0  # a no-data corner
     if real is not None:
         x = np.concatenate([x, real[None]])
@@ -87,6 +96,7 @@ def _expected(probs: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 
 
 def _run_onnx(model: onnx.ModelProto, x: np.ndarray) -> tuple[np.ndarray, ...]:
+    # (the class scores are the tensor head.conv2.out in every served graph)
     # expose the sigmoid outputs too, to measure the importer's deviation from Keras
     model.graph.output.append(
         onnx.helper.make_tensor_value_info("head.conv2.out", onnx.TensorProto.FLOAT, None)
@@ -147,27 +157,17 @@ def test_import_matches_keras(
     assert spec.max_v == pytest.approx(max_v)
 
 
-def _write_h5(path: Path, layers: dict[str, dict[str, np.ndarray]]) -> None:
-    with h5py.File(path, "w") as f:
-        f.attrs["layer_names"] = [n.encode() for n in layers]
-        for name, arrays in layers.items():
-            group = f.create_group(name)
-            group.attrs["weight_names"] = [f"{name}/{k}:0".encode() for k in arrays]
-            for key, value in arrays.items():
-                group.create_dataset(f"{name}/{key}:0", data=value)
-
-
 def test_files_that_are_not_the_unet_are_refused(tmp_path: Path) -> None:
     not_h5 = tmp_path / "x.hdf5"
     not_h5.write_text("not hdf5")
     with pytest.raises(InvalidInputError, match="not an HDF5 file"):
         import_keras(not_h5, "L2A", tmp_path / "m.onnx")
     bn = tmp_path / "bn.hdf5"
-    _write_h5(bn, {"batch_normalization": {"gamma": np.ones(4), "beta": np.zeros(4)}})
+    write_keras_h5(bn, {"batch_normalization": {"gamma": np.ones(4), "beta": np.zeros(4)}})
     with pytest.raises(InvalidInputError, match="not the KappaMask U-Net"):
         import_keras(bn, "L2A", tmp_path / "m.onnx")
     short = tmp_path / "short.hdf5"
-    _write_h5(short, {"conv2d": {"kernel": np.zeros((3, 3, 13, 8), np.float32),
+    write_keras_h5(short, {"conv2d": {"kernel": np.zeros((3, 3, 13, 8), np.float32),
                                  "bias": np.zeros(6, np.float32)}})  # fmt: skip
     with pytest.raises(InvalidInputError, match="has 8 outputs"):
         import_keras(short, "L2A", tmp_path / "m.onnx")
@@ -198,3 +198,51 @@ def test_cli_import_and_install(keras_python: Path, tmp_path: Path) -> None:
     config = (repo / "kappamask_l2a" / "config.pbtxt").read_text()
     assert "keras-l2a_unet-" in config and ",".join(L2A_FEATURES) in config
     assert (repo / "kappamask_l2a" / "1" / "model.onnx").is_file()
+
+
+DEEPLAB_SCRIPT = Path(__file__).parent / "tools" / "keras_deeplab.py"
+#: The smallest side km_predict's DeepLabv3+ takes (its dilation-18 padding must fit the
+#: 1/16 map); the service feeds 512.
+DEEPLAB_SIZE = 320
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", ["L1C", "L2A"])
+def test_deeplab_import_matches_keras(keras_python: Path, tmp_path: Path, level: str) -> None:
+    """km_predict's DeepLabv3+ built by Keras itself, random weights and BatchNorm
+    statistics far from the identity: the imported graph gives Keras' classes wherever
+    Keras' top two classes are more than 1e-3 apart, and its confidence within 1."""
+    features = ARCHITECTURE_FEATURES["deeplabv3plus"][level]
+    max_v = ARCHITECTURE_MAX_V["deeplabv3plus"][level]
+    real = None
+    if level == "L2A":  # 14 features, B07 included, from the real product
+        real = _real_crop(features, max_v, T29UNU, DEEPLAB_SIZE)
+    x = _inputs(len(features), real, seed=len(features), size=DEEPLAB_SIZE)
+    np.savez(tmp_path / "inputs.npz", x=x)
+    weights = tmp_path / f"{level.lower()}_deeplabv3plus.hdf5"
+    subprocess.run(
+        [str(keras_python), str(DEEPLAB_SCRIPT), str(weights), str(tmp_path / "inputs.npz"),
+         str(tmp_path / "probs.npz"), "--channels", str(len(features)),
+         "--size", str(DEEPLAB_SIZE)],
+        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    probs = np.load(tmp_path / "probs.npz")["probs"]
+    out = tmp_path / "model.onnx"
+    model = import_keras(weights, level, out)
+    classes, confidence, onnx_probs = _run_onnx(model, x)
+    expected, expected_conf, _ties = _expected(probs, x)
+    ordered = np.sort(probs[:, 1:5], axis=1)
+    decided = (ordered[:, -1] - ordered[:, -2]) > 1e-3
+    deviation = float(np.abs(onnx_probs - probs).max())
+    print(f"DeepLabv3+ {level}: max |ONNX - Keras| = {deviation:.2e}, "
+          f"{int((classes != expected).sum())} of {classes.size} classes differ, "
+          f"{int((~decided).sum())} pixels within 1e-3 of a tie")  # fmt: skip
+    assert len(np.unique(expected[expected != MaskClass.MISSING])) >= 2
+    assert np.ptp(expected_conf[expected != MaskClass.MISSING]) > 10
+    assert (classes == expected)[decided].all()
+    assert np.abs(confidence.astype(np.int32) - expected_conf).max() <= 1
+    assert (classes[1, :32, :32] == MaskClass.MISSING).all()
+    spec = spec_from_onnx(out)
+    assert (spec.level, spec.features) == (level, features)
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["kappamask.architecture"] == "deeplabv3plus"

@@ -5,6 +5,7 @@ Nothing else in the package spells a band name or a class code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import IntEnum
 
 LEVELS = ("L1C", "L2A")
@@ -56,6 +57,35 @@ L2A_MAX_V = (
 )  # fmt: skip
 DEFAULT_FEATURES = {"L1C": L1C_FEATURES, "L2A": L2A_FEATURES}
 DEFAULT_MAX_V = {"L1C": L1C_MAX_V, "L2A": L2A_MAX_V}
+
+# The inputs of km_predict's DeepLabv3+ models (its data_generator.py and km_predict.py):
+# L1C the same 13 bands; L2A 14 features, B07 included; each with its own max_v.
+DEEPLAB_L1C_MAX_V = (
+    0.2065003365278244, 0.3510643243789673, 0.3327534794807434, 0.3624475598335266,
+    0.29547569155693054, 0.29562827944755554, 0.29103532433509827, 0.3791866898536682,
+    0.2850232720375061, 0.18451209366321564, 0.0799115002155304, 0.24786755442619324,
+    0.24827954173088074,
+)  # fmt: skip
+DEEPLAB_L2A_FEATURES = (
+    "AOT", "B01", "B02", "B03", "B04", "B05", "B06", "B07",
+    "B08", "B8A", "B09", "B11", "B12", "WVP",
+)  # fmt: skip
+DEEPLAB_L2A_MAX_V = (
+    0.010711833834648132, 0.32552072405815125, 0.3022507131099701, 0.28221559524536133,
+    0.2690470814704895, 0.27560845017433167, 0.2571450471878052, 0.2557412087917328,
+    0.2529335618019104, 0.2544899582862854, 0.2657511234283447, 0.2381628155708313,
+    0.2401922643184662, 0.14035248756408691,
+)  # fmt: skip
+#: Features and max_v of a model by architecture and level (what an imported file gets
+#: unless told otherwise).
+ARCHITECTURE_FEATURES: Mapping[str, Mapping[str, tuple[str, ...]]] = {
+    "unet": DEFAULT_FEATURES,
+    "deeplabv3plus": {"L1C": L1C_FEATURES, "L2A": DEEPLAB_L2A_FEATURES},
+}
+ARCHITECTURE_MAX_V: Mapping[str, Mapping[str, tuple[float, ...]]] = {
+    "unet": DEFAULT_MAX_V,
+    "deeplabv3plus": {"L1C": DEEPLAB_L1C_MAX_V, "L2A": DEEPLAB_L2A_MAX_V},
+}
 
 #: Triton model name per processing level.
 MODEL_NAMES = {"L1C": "kappamask_l1c", "L2A": "kappamask_l2a"}

@@ -11,6 +11,7 @@ inputs (``x``: N x C x H x W, as the service feeds them) to OUTPUTS.npz.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -39,16 +40,36 @@ def unet(channels: int, filters: int, outputs: int = 6) -> tf.keras.Model:
     return tf.keras.Model(inputs, layers.Conv2D(outputs, 1, activation="sigmoid")(x))
 
 
-def main() -> None:
+def arguments(size_option: str) -> argparse.Namespace:
+    """WEIGHTS INPUTS OUTPUTS --channels N --<size_option> N [--seed N], the seed set."""
     parser = argparse.ArgumentParser()
     parser.add_argument("weights")
     parser.add_argument("inputs")
     parser.add_argument("outputs")
     parser.add_argument("--channels", type=int, required=True)
-    parser.add_argument("--filters", type=int, required=True)
+    parser.add_argument(f"--{size_option}", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     tf.keras.utils.set_random_seed(args.seed)
+    return args
+
+
+def write(
+    model: tf.keras.Model,
+    args: argparse.Namespace,
+    prepare: Callable[[tf.keras.Model, np.ndarray], None] | None = None,
+) -> None:
+    """Save the weights (after ``prepare`` saw the inputs) and the outputs for the inputs."""
+    x = np.load(args.inputs)["x"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    if prepare is not None:
+        prepare(model, x)
+    model.save_weights(args.weights)
+    probs = model.predict(x, batch_size=1, verbose=0).transpose(0, 3, 1, 2)
+    np.savez(args.outputs, probs=probs)
+
+
+def main() -> None:
+    args = arguments("filters")
     model = unet(args.channels, args.filters)
     rng = np.random.default_rng(args.seed)
     for layer in model.layers:
@@ -61,10 +82,7 @@ def main() -> None:
             layer.set_weights(
                 [kernel.astype(np.float32), rng.normal(0.0, 0.05, bias.shape).astype(np.float32)]
             )
-    model.save_weights(args.weights)
-    x = np.load(args.inputs)["x"].transpose(0, 2, 3, 1)  # NCHW -> NHWC
-    probs = model.predict(x, batch_size=1, verbose=0).transpose(0, 3, 1, 2)
-    np.savez(args.outputs, probs=probs)
+    write(model, args)
 
 
 if __name__ == "__main__":

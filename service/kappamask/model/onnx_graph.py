@@ -27,7 +27,8 @@ from kappamask.model.architecture import LEVELS, conv_specs
 
 OPSET = 17
 INPUT_NAME = INPUT
-#: The tensor of the six sigmoid outputs the head reads.
+#: The tensor of the six class scores the head reads (sigmoids of the U-Net, the softmax
+#: of DeepLabv3+).
 PROBS = "head.conv2.out"
 
 Weights = Mapping[str, tuple[np.ndarray, np.ndarray]]
@@ -95,13 +96,25 @@ def build_model(
         x = conv(f"dec{level}.conv2", conv(f"dec{level}.conv1", cat))
     probs = conv("head.conv2", conv("head.conv1", x))
     assert probs == PROBS
-    _add_head(nodes, inits, probs)
-    _probability_nodes(nodes, inits, probs)
+    return finish_model(nodes, inits, in_channels, "kappamask_unet", metadata)
 
+
+def finish_model(
+    nodes: list[onnx.NodeProto],
+    inits: list[onnx.TensorProto],
+    in_channels: int,
+    graph_name: str,
+    metadata: Mapping[str, str] | None = None,
+) -> onnx.ModelProto:
+    """The served model from a network whose six class scores are the tensor ``PROBS``
+    (the U-Net's sigmoids, DeepLabv3+'s softmax): the head, the probability, the inputs
+    and outputs every served model has, and the metadata."""
+    _add_head(nodes, inits, PROBS)
+    _probability_nodes(nodes, inits, PROBS)
     plane = ["batch", "height", "width"]
     graph = helper.make_graph(
         nodes,
-        "kappamask_unet",
+        graph_name,
         [
             helper.make_tensor_value_info(
                 INPUT_NAME, TensorProto.FLOAT, [plane[0], in_channels, *plane[1:]]

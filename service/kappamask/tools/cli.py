@@ -193,7 +193,10 @@ def check_precision_command(
 @click.option("--level", type=click.Choice(LEVELS), required=True, help="L1C or L2A model.")
 @out_file_option("Where to write MODEL.onnx.")
 @click.option(
-    "--filters", type=int, default=None, help="Expected base filters (read from the file)."
+    "--filters",
+    type=int,
+    default=None,
+    help="A U-Net's expected base filters (read from the file).",
 )
 @click.option(
     "--features",
@@ -216,7 +219,8 @@ def import_keras_command(
     install: bool,
     repository: Path | None,
 ) -> None:
-    """Convert published KappaMask weights (Keras 2 HDF5, e.g. l2a_unet.hdf5) to ONNX."""
+    """Convert KappaMask weights (Keras 2 HDF5: l2a_unet.hdf5, or km_predict's
+    l2a_deeplabv3plus.hdf5, recognised from its layers) to ONNX."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY, install_model
     from kappamask.tools.keras_import import import_keras
 

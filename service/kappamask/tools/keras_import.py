@@ -1,16 +1,21 @@
-"""Import the published KappaMask weights (Keras 2 ``save_weights`` HDF5) into the served
-ONNX format, reading the file with h5py only: no TensorFlow.
+"""Import Keras 2 ``save_weights`` HDF5 files (the published KappaMask weights, km_predict's
+U-Net and DeepLabv3+ files) into the served ONNX format, reading the file with h5py only:
+no TensorFlow.
 
-Every Conv2D kernel and bias is taken in the network's order (the file's ``layer_names``),
-checked against the U-Net of DESIGN §3 whose input channels, base filters and outputs are
-read from the kernels' shapes, transposed from Keras HWIO to ONNX OIHW, and handed to the
-same graph builder as our own trained models.
+The architecture is recognised from the layers: SeparableConv2D and BatchNormalization
+layers make km_predict's DeepLabv3+ (kappamask.model.deeplab), Conv2D layers with kernel
+and bias only the U-Net of DESIGN §3. U-Net kernels are taken in the file's layer order;
+DeepLabv3+ layers in Keras' creation order (the numbers of their automatic names, which a
+file's layer order need not follow), BatchNorm folded into the convolution before it.
+Every layer is checked against the layout, transposed from Keras HWIO to ONNX OIHW and
+handed to the graph builder of its architecture.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +24,22 @@ import h5py
 import numpy as np
 import onnx
 
-from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V, LEVELS, NUM_NETWORK_OUTPUTS
+from kappamask.bands import (
+    ARCHITECTURE_FEATURES,
+    ARCHITECTURE_MAX_V,
+    LEVELS,
+    NUM_NETWORK_OUTPUTS,
+)
 from kappamask.errors import InvalidInputError
 from kappamask.inference.model_spec import ORIGIN_IMPORTED
+from kappamask.model import deeplab
 from kappamask.model.architecture import conv_specs
+from kappamask.model.deeplab import Folded
 from kappamask.model.onnx_graph import Weights, build_model, model_metadata
 
 LOGGER = logging.getLogger(__name__)
+
+DEEPLAB = deeplab.ARCHITECTURE
 
 
 @dataclass(frozen=True)
@@ -41,8 +55,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_keras_convs(path: Path) -> list[KerasConv]:
-    """The Conv2D layers of a Keras 2 HDF5 weights file, in the file's layer order."""
+def read_keras_layers(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """The layers with weights of a Keras 2 HDF5 weights file, in the file's order: each
+    name with its arrays by short name (``kernel``, ``gamma``, ``depthwise_kernel``...)."""
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
@@ -52,32 +67,112 @@ def read_keras_convs(path: Path) -> list[KerasConv]:
         root = handle.get("model_weights", handle)
         if "layer_names" not in root.attrs:
             raise InvalidInputError(f"{path} is not a Keras weights file (no layer_names)")
-        convs: list[KerasConv] = []
+        found = []
         for layer_name in (_text(n) for n in root.attrs["layer_names"]):
             group = root[layer_name]
             weight_names = [_text(w) for w in group.attrs.get("weight_names", [])]
             if not weight_names:
-                continue  # pooling, upsampling, dropout, concatenate, input
-            arrays = {
+                continue  # pooling, upsampling, dropout, concatenate, padding, input
+            found.append((layer_name, {
                 w.rsplit("/", 1)[-1].split(":")[0]: np.asarray(group[w]) for w in weight_names
-            }
-            kernel, bias = arrays.get("kernel"), arrays.get("bias")
-            if (
-                kernel is None
-                or kernel.ndim != 4
-                or bias is None
-                or set(arrays)
-                != {
-                    "kernel",
-                    "bias",
-                }
-            ):
-                raise InvalidInputError(
-                    f"layer {layer_name} of {path.name} holds {sorted(arrays)}: not the "
-                    "KappaMask U-Net (Conv2D layers with kernel and bias only)"
-                )
-            convs.append(KerasConv(layer_name, kernel, bias))
+            }))  # fmt: skip
+    return found
+
+
+def architecture_of(layers: Sequence[tuple[str, dict[str, np.ndarray]]]) -> str:
+    """``deeplabv3plus`` where the file has separable convolutions, else ``unet``."""
+    return DEEPLAB if any("depthwise_kernel" in arrays for _n, arrays in layers) else "unet"
+
+
+def read_keras_convs(path: Path) -> list[KerasConv]:
+    """The Conv2D layers of a Keras 2 HDF5 weights file of the U-Net, in the file's order."""
+    convs: list[KerasConv] = []
+    for layer_name, arrays in read_keras_layers(path):
+        kernel, bias = arrays.get("kernel"), arrays.get("bias")
+        if kernel is None or kernel.ndim != 4 or bias is None or set(arrays) != {"kernel", "bias"}:
+            raise InvalidInputError(
+                f"layer {layer_name} of {path.name} holds {sorted(arrays)}: not the "
+                "KappaMask U-Net (Conv2D layers with kernel and bias only)"
+            )
+        convs.append(KerasConv(layer_name, kernel, bias))
     return convs
+
+
+_BN_KEYS = {"gamma", "beta", "moving_mean", "moving_variance"}
+_AUTO_NAME = re.compile(r"_(\d+)$")
+
+
+def _creation_order(layers: Sequence[tuple[str, dict[str, np.ndarray]]]) -> list[int]:
+    """Indices of ``layers`` in the order Keras created them: ``conv2d``, ``conv2d_1``...;
+    names without a number keep the file's order."""
+
+    def number(item: tuple[int, tuple[str, dict[str, np.ndarray]]]) -> int:
+        found = _AUTO_NAME.search(item[1][0])
+        return int(found.group(1)) if found else 0
+
+    return [i for i, _layer in sorted(enumerate(layers), key=number)]
+
+
+def deeplab_layers(
+    layers: Sequence[tuple[str, dict[str, np.ndarray]]], where: str
+) -> tuple[list[Folded], int]:
+    """km_predict's DeepLabv3+ from a file's layers: each convolution with the BatchNorm
+    after it folded in, in ``deeplab.layout`` order; and the number of input features."""
+    kinds: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {"conv": [], "sep": [], "bn": []}
+    for name, arrays in layers:
+        keys = set(arrays)
+        kind = ("sep" if {"depthwise_kernel", "pointwise_kernel"} <= keys <= {
+            "depthwise_kernel", "pointwise_kernel", "bias"} else "bn" if keys == _BN_KEYS
+            else "conv" if "kernel" in keys and keys <= {"kernel", "bias"} else None)  # fmt: skip
+        if kind is None:
+            raise InvalidInputError(f"layer {name} of {where} holds {sorted(keys)}: not a layer "
+                                    "of km_predict's DeepLabv3+")  # fmt: skip
+        kinds[kind].append((name, arrays))
+    ordered = {k: iter([v[i] for i in _creation_order(v)]) for k, v in kinds.items()}
+    last = kinds["conv"][-1][1]["kernel"] if kinds["conv"] else None
+    classes = int(last.shape[3]) if last is not None else 0
+    if classes != NUM_NETWORK_OUTPUTS:
+        raise InvalidInputError(
+            f"{where}: the last convolution has {classes} outputs; km_predict's models have "
+            f"{NUM_NETWORK_OUTPUTS} (UNDEFINED, CLEAR, CLOUD_SHADOW, SEMI_TRANSPARENT_CLOUD, "
+            "CLOUD, MISSING)"
+        )
+    spec = deeplab.layout(classes)
+    expected = {k: sum(layer.kind == k for layer in spec) for k in ("conv", "sep")}
+    expected["bn"] = len(spec) - 1
+    counts = {k: len(v) for k, v in kinds.items()}
+    if counts != expected:
+        raise InvalidInputError(
+            f"{where} holds {counts} convolutions, separable convolutions and BatchNorms; "
+            f"km_predict's DeepLabv3+ has {expected}"
+        )
+    folded = []
+    channels = in_channels = 0
+    for index, layer in enumerate(spec):
+        name, arrays = next(ordered[layer.kind])
+        bn = None if index == len(spec) - 1 else next(ordered["bn"])[1]
+        if layer.kind == "sep":
+            depthwise, kernel = arrays["depthwise_kernel"], arrays["pointwise_kernel"]
+            shape_ok = depthwise.shape[:2] == (layer.kernel, layer.kernel) and kernel.shape[
+                :2] == (1, 1) and depthwise.shape[2] == kernel.shape[2]  # fmt: skip
+        else:
+            depthwise, kernel = None, arrays["kernel"]
+            shape_ok = kernel.shape[:2] == (layer.kernel, layer.kernel)
+        shape_ok = shape_ok and kernel.shape[3] == layer.filters and (
+            "bias" in arrays) == layer.bias and (bn is None or bn["gamma"].shape == (
+            layer.filters,))  # fmt: skip
+        if not shape_ok:
+            raise InvalidInputError(
+                f"layer {name} of {where} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())}"
+                f") is not layer {index} of km_predict's DeepLabv3+ ({layer.kind}, "
+                f"{layer.kernel} x {layer.kernel}, {layer.filters} filters)"
+            )
+        if index == 0:
+            in_channels = int(kernel.shape[2])
+        channels = int(kernel.shape[3])
+        folded.append(deeplab.fold(kernel, arrays.get("bias"), bn, depthwise))
+    assert channels == classes
+    return folded, in_channels
 
 
 def keras_to_weights(
@@ -132,28 +227,44 @@ def import_keras(
     version: str | None = None,
     origin: str = ORIGIN_IMPORTED,
 ) -> onnx.ModelProto:
-    """Convert ``weights_file`` to the served ONNX model and write it to ``out_path``."""
+    """Convert ``weights_file`` (a U-Net or km_predict's DeepLabv3+, recognised from its
+    layers) to the served ONNX model and write it to ``out_path``. Features and max_v
+    default to those of the architecture and level (kappamask.bands)."""
     if level not in LEVELS:
         raise InvalidInputError(f"level must be one of {LEVELS}")
-    features = tuple(features or DEFAULT_FEATURES[level])
-    max_v = tuple(max_v or DEFAULT_MAX_V[level])
+    layers = read_keras_layers(weights_file)
+    architecture = architecture_of(layers)
+    features = tuple(features or ARCHITECTURE_FEATURES[architecture][level])
+    max_v = tuple(max_v or ARCHITECTURE_MAX_V[architecture][level])
     if len(features) != len(max_v):
         raise InvalidInputError(f"{len(features)} features but {len(max_v)} max_v values")
-    weights, in_channels, filters = keras_to_weights(read_keras_convs(weights_file), base_filters)
-    if in_channels != len(features):
-        raise InvalidInputError(
-            f"the file's U-Net takes {in_channels} features; {level} has {len(features)} "
-            f"({','.join(features)}): give the model's feature list with --features"
-        )
     digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:12]
     label = version or f"keras-{weights_file.stem}-{digest}"
-    model = build_model(
-        weights, in_channels, filters, model_metadata(level, features, max_v, label, origin)
-    )
+    metadata = {**model_metadata(level, features, max_v, label, origin),
+                "kappamask.architecture": architecture}  # fmt: skip
+    if architecture == DEEPLAB:
+        if base_filters is not None:
+            raise InvalidInputError("--filters is a U-Net's; this file is a DeepLabv3+")
+        folded, in_channels = deeplab_layers(layers, weights_file.name)
+        _check_features(in_channels, features, level, "DeepLabv3+")
+        model = deeplab.build_deeplab(folded, in_channels, metadata)
+        detail = "DeepLabv3+ (km_predict)"
+    else:
+        weights, in_channels, filters = keras_to_weights(read_keras_convs(weights_file),
+                                                         base_filters)  # fmt: skip
+        _check_features(in_channels, features, level, "U-Net")
+        model = build_model(weights, in_channels, filters, metadata)
+        detail = f"U-Net, {filters} base filters"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_path))
-    LOGGER.info(
-        "imported %s: %s U-Net, %d features, %d base filters -> %s (%s)",
-        weights_file.name, level, in_channels, filters, out_path, label,
-    )  # fmt: skip
+    LOGGER.info("imported %s: %s %s, %d features -> %s (%s)", weights_file.name, level, detail,
+                in_channels, out_path, label)  # fmt: skip
     return model
+
+
+def _check_features(in_channels: int, features: Sequence[str], level: str, what: str) -> None:
+    if in_channels != len(features):
+        raise InvalidInputError(
+            f"the file's {what} takes {in_channels} features; {level} has {len(features)} "
+            f"({','.join(features)}): give the model's feature list with --features"
+        )
