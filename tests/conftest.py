@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pystac
 import pytest
 import requests
@@ -362,3 +363,58 @@ def write_keras_h5(path: Path, layers: dict[str, dict[str, Any]]) -> None:
             group.attrs["weight_names"] = [f"{name}/{k}:0".encode() for k in arrays]
             for key, value in arrays.items():
                 group.create_dataset(f"{name}/{key}:0", data=value)
+
+
+def deeplab_in_widths(channels: int) -> list[int]:
+    """Input channels of each layer of km_predict's DeepLabv3+ (kappamask.model.deeplab's
+    layout): the shortcut chain reads the previous shortcut, ASPP the 1024 exit-flow
+    features, the 48-filter decoder convolution the 256 low-level features, the decoder
+    the 256 + 48 concatenation."""
+    entry = [channels, 32, 64, 128, 64, 128, 256, 128, 256, 728, 256]
+    return [*entry, *[728] * 26, *[1024] * 5, 5 * 256, 256, 256 + 48, 256, 256]
+
+
+def write_keras_deeplab(path: Path, channels: int, seed: int = 0) -> Path:
+    """A Keras 2 ``save_weights`` file of km_predict's DeepLabv3+ written with h5py: its
+    layers with Keras' automatic names (``conv2d_5`` and BatchNorms 37-39 missing, as the
+    unused exit-flow layers leave them), random weights and BatchNorm statistics."""
+    from kappamask.bands import NUM_NETWORK_OUTPUTS
+    from kappamask.model.deeplab import layout
+
+    rng = np.random.default_rng(seed)
+    counters = {"conv2d": 0, "separable_conv2d": 0, "batch_normalization": 0}
+    layers: dict[str, dict[str, Any]] = {}
+
+    def name(kind: str) -> str:
+        number = counters[kind]
+        counters[kind] += 1
+        return f"{kind}_{number}" if number else kind
+
+    spec = layout(NUM_NETWORK_OUTPUTS)
+    for index, (layer, width) in enumerate(zip(spec, deeplab_in_widths(channels), strict=True)):
+        k, filters = layer.kernel, layer.filters
+        if layer.kind == "sep":
+            layers[name("separable_conv2d")] = {
+                "depthwise_kernel": rng.normal(0, 0.3, (k, k, width, 1)).astype(np.float32),
+                "pointwise_kernel": rng.normal(0, np.sqrt(2 / width),
+                                               (1, 1, width, filters)).astype(np.float32),
+            }  # fmt: skip
+        else:
+            arrays = {"kernel": rng.normal(0, np.sqrt(2 / (k * k * width)),
+                                           (k, k, width, filters)).astype(np.float32)}  # fmt: skip
+            if layer.bias:
+                arrays["bias"] = rng.normal(0, 0.1, filters).astype(np.float32)
+            layers[name("conv2d")] = arrays
+        if index < len(spec) - 1:
+            layers[name("batch_normalization")] = {
+                "gamma": rng.uniform(0.5, 1.5, filters).astype(np.float32),
+                "beta": rng.normal(0, 0.1, filters).astype(np.float32),
+                "moving_mean": rng.normal(0, 0.1, filters).astype(np.float32),
+                "moving_variance": rng.uniform(0.5, 2.0, filters).astype(np.float32),
+            }
+        if index == 36:  # the exit flow's unused layers take their names
+            name("conv2d"), name("separable_conv2d"), name("separable_conv2d")
+            for _ in range(3):
+                name("batch_normalization")
+    write_keras_h5(path, layers)
+    return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -18,7 +19,7 @@ from kappamask.errors import InvalidInputError
 from kappamask.model import deeplab
 from kappamask.tools.keras_import import import_keras
 
-from .conftest import write_keras_h5
+from .conftest import deeplab_in_widths, write_keras_deeplab, write_keras_h5
 
 #: The ONNX operators TensorRT's ONNX parser supports (onnx-tensorrt docs/operators.md,
 #: TensorRT 8.4 and later), those a served graph may use, with the parser's restrictions
@@ -31,20 +32,12 @@ TENSORRT_OPERATORS = {
 }  # fmt: skip
 
 
-def _in_widths(channels: int) -> list[int]:
-    """Input channels of each layer of the layout: the shortcut chain reads the previous
-    shortcut, ASPP the 1024 exit-flow features, the 48-filter decoder convolution the
-    256-filter low-level features, the decoder the 256 + 48 concatenation."""
-    entry = [channels, 32, 64, 128, 64, 128, 256, 128, 256, 728, 256]
-    return [*entry, *[728] * 26, *[1024] * 5, 5 * 256, 256, 256 + 48, 256, 256]
-
-
 def _random_layers(channels: int, seed: int = 0) -> list[deeplab.Folded]:
     """Weights of the layout's shapes, as ``fold`` returns them."""
     rng = np.random.default_rng(seed)
     spec = deeplab.layout(NUM_NETWORK_OUTPUTS)
     layers = []
-    for layer, width in zip(spec, _in_widths(channels), strict=True):
+    for layer, width in zip(spec, deeplab_in_widths(channels), strict=True):
         k = layer.kernel
         if layer.kind == "sep":
             depthwise = rng.normal(0, 0.3, (k, k, width, 1))
@@ -123,3 +116,15 @@ def test_a_file_that_is_not_km_predict_s_deeplab_is_refused(tmp_path: Path) -> N
     with pytest.raises(InvalidInputError, match="not a layer of km_predict's DeepLabv3"):
         import_keras(odd, "L1C", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_km_predict_file_imports_whatever_the_layer_order(tmp_path: Path) -> None:
+    """Layers are taken in Keras' creation order (their names' numbers), not the file's:
+    a file whose layers are listed in another order gives the same graph."""
+    weights = write_keras_deeplab(tmp_path / "l1c_deeplabv3plus.hdf5", 13)
+    first = import_keras(weights, "L1C", tmp_path / "a.onnx")
+    with h5py.File(weights, "r+") as f:
+        f.attrs["layer_names"] = list(reversed(list(f.attrs["layer_names"])))
+    second = import_keras(weights, "L1C", tmp_path / "b.onnx")
+    for a, b in zip(first.graph.initializer, second.graph.initializer, strict=True):
+        assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))

@@ -101,7 +101,14 @@ def test_compose_fetches_the_official_weights_before_triton(compose: dict[str, A
     assert set(weights["profiles"]) == {"gpu", "cpu"} and weights["restart"] == "no"
     assert "./triton_models:/models" in weights["volumes"]
     script = " ".join(weights["command"])
-    assert "kappamask fetch-weights --level all --repository /models" in script
+    assert (
+        'kappamask fetch-weights --level all --architecture "$${KAPPAMASK_WEIGHTS_ARCHITECTURE}" '
+        "--repository /models"
+    ) in script
+    # km_predict's default network unless the operator chooses the paper's
+    assert weights["environment"]["KAPPAMASK_WEIGHTS_ARCHITECTURE"] == (
+        "${KAPPAMASK_WEIGHTS_ARCHITECTURE:-deeplabv3plus}"
+    )
     assert (
         weights["environment"]["KAPPAMASK_OFFICIAL_WEIGHTS"] == "${KAPPAMASK_OFFICIAL_WEIGHTS:-1}"
     )
@@ -117,6 +124,8 @@ def test_models_image_fetches_the_official_weights_unless_told_not_to() -> None:
     run = text.split("\nRUN ", 1)[1].split("\nFROM ", 1)[0]
     assert 'if [ "$KAPPAMASK_OFFICIAL_WEIGHTS" = "1" ]' in run
     assert "kappamask fetch-weights --level all" in run and "--repository /src/triton_models" in run
+    assert re.search(r"^ARG KAPPAMASK_WEIGHTS_ARCHITECTURE=deeplabv3plus$", text, flags=re.M)
+    assert '--architecture "$KAPPAMASK_WEIGHTS_ARCHITECTURE"' in run
     final = text.split("\nFROM ")[-1]
     assert "COPY --from=weights /src/triton_models /triton_models" in final
 

@@ -5,6 +5,7 @@ provenance every model carries from then on."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import threading
 from collections.abc import Iterator
@@ -17,13 +18,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kappamask.bands import DEFAULT_FEATURES, MODEL_NAMES
+from kappamask.bands import ARCHITECTURE_FEATURES, DEFAULT_FEATURES, MODEL_NAMES
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError, StorageError
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
 from kappamask.model.architecture import conv_specs
-from kappamask.tools.official import OFFICIAL_FILES, OFFICIAL_RELEASE, download
+from kappamask.tools.official import OFFICIAL_RELEASE, download, official_file
+
+from .conftest import T29UNU, write_keras_deeplab
+
+#: The U-Net files, as --architecture unet asks for them.
+OFFICIAL_FILES = {level: official_file(level, "unet") for level in MODEL_NAMES}
 
 FILTERS = 4  # the published files have 64; a small U-Net keeps the test fast
 
@@ -115,8 +121,8 @@ def _snapshot(repo: Path) -> dict[str, str]:
     }
 
 
-def _fetch(*args: str) -> Any:
-    return CliRunner().invoke(main, ["fetch-weights", *args])
+def _fetch(*args: str, architecture: str = "unet") -> Any:
+    return CliRunner().invoke(main, ["fetch-weights", "--architecture", architecture, *args])
 
 
 def test_fetch_installs_both_levels_and_names_them(
@@ -148,12 +154,17 @@ def test_fetch_installs_both_levels_and_names_them(
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
-        ("missing", "not found (HTTP 404)"),
+        (
+            "missing",
+            "not found (HTTP 404); km_predict names its DeepLabv3+ weights "
+            "l1c_deeplabv3plus.hdf5: try --architecture deeplabv3plus",
+        ),
         ("truncated", "is not an HDF5 file"),
         ("damaged", "truncated file"),
         ("html", "is not an HDF5 file"),
         ("channels", "not the 13 features of the L1C model"),
         ("outputs", "has 3 outputs"),
+        ("architecture", "holds a DeepLabv3+, not a U-Net"),
     ],
 )
 def test_bad_downloads_install_nothing(
@@ -173,6 +184,8 @@ def test_bad_downloads_install_nothing(
         write_keras_unet(target, 10)
     elif setup == "outputs":
         write_keras_unet(target, 13, outputs=3)
+    elif setup == "architecture":
+        write_keras_deeplab(target, 13)
     before = _snapshot(repository)
     done = _fetch("--level", "L1C", "--base-url", url, "--repository", str(repository))
     failure = StorageError if setup == "missing" else InvalidInputError  # not there / not it
@@ -216,3 +229,46 @@ def test_a_server_that_keeps_failing(tmp_path: Path) -> None:
         download("http://127.0.0.1:9/none.hdf5", tmp_path / "x", attempts=3, sleep=waits.append)
     assert waits == [2.0, 4.0]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_the_default_is_km_predict_s_deeplab_served_end_to_end(
+    http_folder: tuple[str, Path], repository: Path, tmp_path: Path
+) -> None:
+    """`fetch-weights` with no flags asks for the files km_predict downloads
+    (``<level>_deeplabv3plus.hdf5``), installs both levels with provenance
+    official/deeplabv3plus, and the served L2A model masks a real product with its 14
+    features (B07 included) read from the product."""
+    from kappamask.inference.server import LocalTriton
+    from kappamask.inference.triton import TritonClient
+    from kappamask.options import RunOptions
+    from kappamask.pipeline import run
+
+    url, folder = http_folder
+    digests = {}
+    for level in MODEL_NAMES:
+        path = write_keras_deeplab(folder / f"{level.lower()}_deeplabv3plus.hdf5",
+                                   len(ARCHITECTURE_FEATURES["deeplabv3plus"][level]))  # fmt: skip
+        digests[level] = hashlib.sha256(path.read_bytes()).hexdigest()
+    done = CliRunner().invoke(main, ["fetch-weights", "--base-url", url, "--repository",
+                                     str(repository)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    for level, digest in digests.items():
+        assert f"{level.lower()}_deeplabv3plus.hdf5" in done.output and digest in done.output
+        config = (repository / MODEL_NAMES[level] / "config.pbtxt").read_text()
+        for key, value in (("origin", ORIGIN_OFFICIAL), ("architecture", "deeplabv3plus"),
+                           ("weights_sha256", digest)):  # fmt: skip
+            assert f'key: "{key}" value: {{ string_value: "{value}" }}' in config
+    config = (repository / MODEL_NAMES["L2A"] / "config.pbtxt").read_text()
+    assert ",".join(ARCHITECTURE_FEATURES["deeplabv3plus"]["L2A"]) in config
+    with LocalTriton(repository) as triton, TritonClient(triton.http_url) as client:
+        result = run(T29UNU, tmp_path / "out", client, RunOptions(resolution=60))
+    provenance = result.model_provenance
+    assert (provenance["origin"], provenance["architecture"]) == (ORIGIN_OFFICIAL,
+                                                                  "deeplabv3plus")  # fmt: skip
+    assert provenance["weights_sha256"] == digests["L2A"]
+    item = json.loads((tmp_path / "out" / Path(result.item).name).read_text())
+    assert "KappaMask DeepLabv3+ (km_predict's)" in item["properties"]["processing:lineage"]
+    # B07 read from the product; only B08, which an L2A product has at 10 m only, stood in
+    assert item["properties"]["kappamask:substituted_bands"] == {"B08": "B8A"}
+    assert result.crops_inferred > 0

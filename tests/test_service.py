@@ -166,6 +166,7 @@ def test_sync_execution_returns_the_hrefs(
         "name": "kappamask_l2a",
         "version": result["model_version"],
         "origin": ORIGIN_BOOTSTRAP,
+        "architecture": "unet",
         "onnx_sha256": hashlib.sha256(onnx_file.read_bytes()).hexdigest(),
     }
     item = json.loads(service.local(result["item"]).read_text())

@@ -60,7 +60,8 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     assert props["processing:software"]["kappamask_l2a"] == "bootstrap-test"
     assert props["processing:software"]["triton-runtime"] == "openvino, bf16"  # how it ran
     assert props["kappamask:model"] == {"name": "kappamask_l2a", "version": "bootstrap-test",
-                                        "origin": "unknown", "onnx_sha256": ""}  # fmt: skip
+                                        "origin": "unknown", "architecture": "unet",
+                                        "onnx_sha256": ""}  # fmt: skip
     assert "weights of unrecorded origin" in props["processing:lineage"]
     assert props["kappamask:substituted_bands"] == {"B08": "B8A"}
     classes = data["assets"]["mask"]["classification:classes"]

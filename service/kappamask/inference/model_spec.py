@@ -11,6 +11,10 @@ ORIGIN_OFFICIAL = "official"  # KappaZeta's published weights (kappamask fetch-w
 ORIGIN_BOOTSTRAP = "bootstrap"  # this project's own (kappamask distill / train)
 ORIGIN_IMPORTED = "keras-import"  # a Keras file a user converted (kappamask import-keras)
 ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
+#: The architectures a served model may have (recorded as ``kappamask.architecture``).
+ARCHITECTURE_UNET = "unet"
+ARCHITECTURE_DEEPLAB = "deeplabv3plus"
+ARCHITECTURES = (ARCHITECTURE_UNET, ARCHITECTURE_DEEPLAB)
 #: A CPU config's precision: decided where the model runs, by what its CPU computes and
 #: how closely the model's classes keep to FP32 in each reduced precision (``auto_precision``).
 PRECISION_AUTO = "auto"
@@ -54,6 +58,10 @@ class ModelSpec:
     #: variant (`kappamask check-precision`); None where not measured.
     bf16_agreement: float | None = None
     int8_agreement: float | None = None
+    #: The network: ``unet`` (the paper's) or ``deeplabv3plus`` (km_predict's default).
+    architecture: str = ARCHITECTURE_UNET
+    #: SHA-256 of the file the weights were imported from (a Keras HDF5), where recorded.
+    weights_sha256: str = ""
 
     def runtime_description(self) -> str:
         """e.g. "openvino, bf16" (empty where the config does not say)."""
@@ -61,8 +69,11 @@ class ModelSpec:
 
     def provenance(self) -> dict[str, str]:
         """What a result says of the weights that made it."""
-        return {"name": self.name, "version": self.version_label, "origin": self.origin,
-                "onnx_sha256": self.sha256}  # fmt: skip
+        found = {"name": self.name, "version": self.version_label, "origin": self.origin,
+                 "architecture": self.architecture, "onnx_sha256": self.sha256}  # fmt: skip
+        if self.weights_sha256:
+            found["weights_sha256"] = self.weights_sha256
+        return found
 
 
 def auto_precision(

@@ -23,6 +23,7 @@ from kappamask.bands import MODEL_NAMES, TILE_SIZE
 from kappamask.errors import InvalidInputError
 from kappamask.inference.model_spec import (
     AGREEMENT_PARAMETERS,
+    ARCHITECTURE_UNET,
     INPUT,
     MIN_INT8_AGREEMENT,
     ORIGIN_UNKNOWN,
@@ -50,7 +51,9 @@ def _parameters(spec: ModelSpec, agreements: bool = True, **extra: str) -> str:
         "max_v": ",".join(repr(v) for v in spec.max_v),
         "version_label": spec.version_label,
         "origin": spec.origin,
+        "architecture": spec.architecture,
         "onnx_sha256": spec.sha256,
+        **({"weights_sha256": spec.weights_sha256} if spec.weights_sha256 else {}),
         **extra,
     }
     # CPU precisions, measured with `kappamask check-precision`; absent until then
@@ -188,6 +191,8 @@ def spec_from_onnx(path: Path, level: str | None = None) -> ModelSpec:
         max_v,
         meta.get("kappamask.version", "unversioned"),
         meta.get("kappamask.origin", ORIGIN_UNKNOWN),
+        architecture=meta.get("kappamask.architecture", ARCHITECTURE_UNET),
+        weights_sha256=meta.get("kappamask.weights_sha256", ""),
     )
 
 

@@ -30,6 +30,7 @@ from kappamask.bands import MODEL_NAMES
 from kappamask.errors import InferenceUnavailableError, InvalidInputError, NoModelError
 from kappamask.inference.cpu import resolve
 from kappamask.inference.model_spec import (
+    ARCHITECTURE_UNET,
     INPUT,
     ORIGIN_UNKNOWN,
     OUTPUT_CLASSES,
@@ -262,6 +263,8 @@ class TritonClient:
             precision,
             dtype,
             *agreements,
+            architecture=params.get("architecture") or ARCHITECTURE_UNET,
+            weights_sha256=params.get("weights_sha256", ""),
         )
         self._input_dtypes[name] = dtype
         declared = {str(o.get("name")) for o in config.get("output", [])}

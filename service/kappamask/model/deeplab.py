@@ -40,11 +40,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from kappamask.inference.model_spec import ARCHITECTURE_DEEPLAB
 from kappamask.model.onnx_graph import INPUT_NAME, PROBS, finish_model
 
 #: Keras BatchNormalization's default epsilon (km_predict keeps it).
 BN_EPSILON = 1e-3
-ARCHITECTURE = "deeplabv3plus"
+ARCHITECTURE = ARCHITECTURE_DEEPLAB
 #: Smallest input side: the dilation-18 padding must fit the 1/16 map (TensorFlow's rule
 #: for SYMMETRIC padding: at most the side).
 MIN_SIDE = 18 * 16

@@ -34,24 +34,34 @@ def tools() -> None:
     help="Which model's weights.",
 )
 @click.option(
+    "--architecture",
+    type=click.Choice(["deeplabv3plus", "unet"]),
+    default="deeplabv3plus",
+    show_default=True,
+    help="km_predict's default DeepLabv3+, or the paper's U-Net.",
+)
+@click.option(
     "--base-url",
     default=None,
-    help="Folder URL of l1c_unet.hdf5 / l2a_unet.hdf5 (default: KappaZeta's 2022-09-13 release).",
+    help="Folder URL of <level>_<architecture>.hdf5 (default: KappaZeta's 2022-09-13 release).",
 )
 @install_repository_option("Triton model repository to install into")
-def fetch_weights_command(level: str, base_url: str | None, repository: Path | None) -> None:
-    """Download KappaZeta's published KappaMask weights, check and convert them, and serve
-    them as the default model of their level (restart the service afterwards)."""
+def fetch_weights_command(
+    level: str, architecture: str, base_url: str | None, repository: Path | None
+) -> None:
+    """Download KappaZeta's published KappaMask weights (the files km_predict downloads),
+    check and convert them, and serve them as the default model of their level (restart
+    the service afterwards)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.tools.official import OFFICIAL_BASE_URL, fetch_and_install
 
     levels = list(LEVELS) if level == "all" else [level]
     installed = fetch_and_install(
-        levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY
+        levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY, architecture
     )
     for model, model_dir in installed:
         click.echo(f"{model.level}: {model.url}")
-        click.echo(f"  sha256 {model.sha256} ({model.base_filters} base filters)")
+        click.echo(f"  sha256 {model.sha256} ({model.detail})")
         click.echo(f"  installed as {model_dir.name} {model.version} in {model_dir.parent}")
 
 

@@ -31,15 +31,17 @@ from kappamask.bands import (
     NUM_NETWORK_OUTPUTS,
 )
 from kappamask.errors import InvalidInputError
-from kappamask.inference.model_spec import ORIGIN_IMPORTED
+from kappamask.inference.model_spec import (
+    ARCHITECTURE_DEEPLAB,
+    ARCHITECTURE_UNET,
+    ORIGIN_IMPORTED,
+)
 from kappamask.model import deeplab
 from kappamask.model.architecture import conv_specs
 from kappamask.model.deeplab import Folded
 from kappamask.model.onnx_graph import Weights, build_model, model_metadata
 
 LOGGER = logging.getLogger(__name__)
-
-DEEPLAB = deeplab.ARCHITECTURE
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ def read_keras_layers(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
 
 def architecture_of(layers: Sequence[tuple[str, dict[str, np.ndarray]]]) -> str:
     """``deeplabv3plus`` where the file has separable convolutions, else ``unet``."""
-    return DEEPLAB if any("depthwise_kernel" in arrays for _n, arrays in layers) else "unet"
+    separable = any("depthwise_kernel" in arrays for _n, arrays in layers)
+    return ARCHITECTURE_DEEPLAB if separable else ARCHITECTURE_UNET
 
 
 def read_keras_convs(path: Path) -> list[KerasConv]:
@@ -128,8 +131,9 @@ def deeplab_layers(
             raise InvalidInputError(f"layer {name} of {where} holds {sorted(keys)}: not a layer "
                                     "of km_predict's DeepLabv3+")  # fmt: skip
         kinds[kind].append((name, arrays))
-    ordered = {k: iter([v[i] for i in _creation_order(v)]) for k, v in kinds.items()}
-    last = kinds["conv"][-1][1]["kernel"] if kinds["conv"] else None
+    created = {k: [v[i] for i in _creation_order(v)] for k, v in kinds.items()}
+    ordered = {k: iter(v) for k, v in created.items()}
+    last = created["conv"][-1][1]["kernel"] if created["conv"] else None
     classes = int(last.shape[3]) if last is not None else 0
     if classes != NUM_NETWORK_OUTPUTS:
         raise InvalidInputError(
@@ -238,11 +242,12 @@ def import_keras(
     max_v = tuple(max_v or ARCHITECTURE_MAX_V[architecture][level])
     if len(features) != len(max_v):
         raise InvalidInputError(f"{len(features)} features but {len(max_v)} max_v values")
-    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()[:12]
-    label = version or f"keras-{weights_file.stem}-{digest}"
+    digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
+    label = version or f"keras-{weights_file.stem}-{digest[:12]}"
     metadata = {**model_metadata(level, features, max_v, label, origin),
-                "kappamask.architecture": architecture}  # fmt: skip
-    if architecture == DEEPLAB:
+                "kappamask.architecture": architecture,
+                "kappamask.weights_sha256": digest}  # fmt: skip
+    if architecture == ARCHITECTURE_DEEPLAB:
         if base_filters is not None:
             raise InvalidInputError("--filters is a U-Net's; this file is a DeepLabv3+")
         folded, in_channels = deeplab_layers(layers, weights_file.name)

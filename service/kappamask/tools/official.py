@@ -1,14 +1,18 @@
 """KappaZeta's published KappaMask weights: download, check, convert, install
 (``kappamask fetch-weights``).
 
-KappaZeta publishes ``l1c_unet.hdf5`` and ``l2a_unet.hdf5`` (Keras 2 ``save_weights``) at
-the location km_predict downloads from. Each file is downloaded next to the repository
-(resumed with an HTTP Range request after a broken transfer, retried with back-off), then
-checked to be the KappaMask U-Net of its level (HDF5, Keras layout, every Conv2D of the
-5-level network with the level's input channels and 6 outputs) and converted to the served
-ONNX, all before anything in the repository changes. Only then are the models installed,
-so a failed download, a file of another kind or a repository that cannot be written
-leave the models that were served before as they were.
+km_predict (v2.0 to v2.4) downloads ``<level>_<architecture>.hdf5`` (Keras 2
+``save_weights``) from KappaZeta's 2022-09-13 release folder, with DeepLabv3+ as its
+default architecture for both levels: ``l1c_deeplabv3plus.hdf5`` and
+``l2a_deeplabv3plus.hdf5``. Those are fetched by default; ``--architecture unet`` asks for
+``l1c_unet.hdf5`` / ``l2a_unet.hdf5``, the paper's architecture, which km_predict v2 never
+requests (nothing shows the folder holds them). Each file is downloaded next to the
+repository (resumed with an HTTP Range request after a broken transfer, retried with
+back-off), then checked to be that architecture of its level (HDF5, Keras layout, every
+layer of the network with the level's input channels and 6 outputs) and converted to the
+served ONNX, all before anything in the repository changes. Only then are the models
+installed, so a failed download, a file of another kind or a repository that cannot be
+written leave the models that were served before as they were.
 """
 
 from __future__ import annotations
@@ -24,11 +28,22 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-from kappamask.bands import DEFAULT_FEATURES, LEVELS, MODEL_NAMES
+from kappamask.bands import ARCHITECTURE_FEATURES, LEVELS, MODEL_NAMES
 from kappamask.errors import InvalidInputError, KappaMaskError, StorageError
-from kappamask.inference.model_spec import ORIGIN_OFFICIAL
+from kappamask.inference.model_spec import (
+    ARCHITECTURE_DEEPLAB,
+    ARCHITECTURE_UNET,
+    ORIGIN_OFFICIAL,
+)
 from kappamask.inference.repository import install_model, sha256_of
-from kappamask.tools.keras_import import import_keras, keras_to_weights, read_keras_convs
+from kappamask.tools.keras_import import (
+    architecture_of,
+    deeplab_layers,
+    import_keras,
+    keras_to_weights,
+    read_keras_convs,
+    read_keras_layers,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,9 +51,21 @@ LOGGER = logging.getLogger(__name__)
 OFFICIAL_BASE_URL = (
     "http://kappamask.s3-website.eu-central-1.amazonaws.com/model_weights/2022-09-13/"
 )
-OFFICIAL_FILES = {"L1C": "l1c_unet.hdf5", "L2A": "l2a_unet.hdf5"}
 #: Version label prefix of the installed models (the release folder of the weights).
 OFFICIAL_RELEASE = "kappazeta-2022-09-13"
+#: km_predict's default architecture, and the one fetched unless told otherwise.
+DEFAULT_ARCHITECTURE = ARCHITECTURE_DEEPLAB
+_NETWORKS = {ARCHITECTURE_DEEPLAB: "DeepLabv3+", ARCHITECTURE_UNET: "U-Net"}
+
+
+def official_file(level: str, architecture: str = DEFAULT_ARCHITECTURE) -> str:
+    """km_predict's name of a weights file: ``<level>_<architecture>.hdf5``."""
+    return f"{level.lower()}_{architecture}.hdf5"
+
+
+class NotPublishedError(StorageError):
+    """The server has no such file (HTTP 404)."""
+
 
 ATTEMPTS = 4
 CHUNK = 1 << 20
@@ -54,7 +81,9 @@ class FetchedModel:
     sha256: str
     onnx: Path
     version: str
-    base_filters: int
+    architecture: str
+    #: What the check found (a U-Net's base filters, km_predict's DeepLabv3+).
+    detail: str
 
 
 def download(
@@ -81,7 +110,7 @@ def download(
         try:
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
                 if response.status_code == 404:
-                    raise StorageError(f"{url}: not found (HTTP 404)")
+                    raise NotPublishedError(f"{url}: not found (HTTP 404)")
                 if response.status_code >= 400:
                     last = f"HTTP {response.status_code}"
                     if response.status_code < 500:
@@ -111,20 +140,29 @@ def download(
     raise StorageError(f"{url}: download failed after {attempts} attempts ({last})")
 
 
-def check_weights(path: Path, level: str) -> int:
-    """That ``path`` is the KappaMask U-Net of ``level``; returns its base filters."""
+def check_weights(path: Path, level: str, architecture: str = DEFAULT_ARCHITECTURE) -> str:
+    """That ``path`` is the KappaMask ``architecture`` of ``level``; what was found."""
+    network = _NETWORKS[architecture]
     try:
-        weights, channels, filters = keras_to_weights(read_keras_convs(path))
+        layers = read_keras_layers(path)
+        found = architecture_of(layers)
+        if found != architecture:
+            raise InvalidInputError(f"{path.name} holds a {_NETWORKS[found]}, not a {network}")
+        if architecture == ARCHITECTURE_DEEPLAB:
+            _layers, channels = deeplab_layers(layers, path.name)
+            detail = "km_predict's DeepLabv3+"
+        else:
+            _weights, channels, filters = keras_to_weights(read_keras_convs(path))
+            detail = f"{filters} base filters"
     except (OSError, KeyError, ValueError) as err:  # h5py on a damaged file past its header
         raise InvalidInputError(f"{path.name} cannot be read as Keras weights: {err}") from err
-    expected = len(DEFAULT_FEATURES[level])
+    expected = len(ARCHITECTURE_FEATURES[architecture][level])
     if channels != expected:
         raise InvalidInputError(
-            f"{path.name} is a U-Net of {channels} input channels, not the {expected} "
+            f"{path.name} is a {network} of {channels} input channels, not the {expected} "
             f"features of the {level} model"
         )
-    del weights
-    return filters
+    return detail
 
 
 def _writable(repository: Path) -> None:
@@ -142,28 +180,46 @@ def _writable(repository: Path) -> None:
             raise InvalidInputError(f"{model_dir} is not writable")
 
 
-def fetch(levels: Sequence[str], base_url: str, work_dir: Path) -> list[FetchedModel]:
-    """Download, check and convert the weights of ``levels`` into ``work_dir``."""
+def fetch(
+    levels: Sequence[str],
+    base_url: str,
+    work_dir: Path,
+    architecture: str = DEFAULT_ARCHITECTURE,
+) -> list[FetchedModel]:
+    """Download, check and convert the ``architecture`` weights of ``levels`` into
+    ``work_dir``."""
     fetched = []
+    network = _NETWORKS[architecture]
     for level in levels:
-        name = OFFICIAL_FILES[level]
+        name = official_file(level, architecture)
         url = base_url.rstrip("/") + "/" + name
-        weights = download(url, work_dir / name)
+        try:
+            weights = download(url, work_dir / name)
+        except NotPublishedError as err:
+            other = next(a for a in _NETWORKS if a != architecture)
+            raise NotPublishedError(
+                f"{err}; km_predict names its {_NETWORKS[other]} weights "
+                f"{official_file(level, other)}: try --architecture {other}"
+            ) from err
         digest = sha256_of(weights)
         try:
-            filters = check_weights(weights, level)
+            detail = check_weights(weights, level, architecture)
         except InvalidInputError as err:
-            raise InvalidInputError(f"{url} is not the KappaMask {level} U-Net: {err}") from err
+            raise InvalidInputError(f"{url} is not the KappaMask {level} {network}: {err}") from err
         version = f"{OFFICIAL_RELEASE}-{digest[:12]}"
-        onnx_path = work_dir / f"{level.lower()}_unet.onnx"
+        onnx_path = work_dir / f"{level.lower()}_{architecture}.onnx"
         import_keras(weights, level, onnx_path, version=version, origin=ORIGIN_OFFICIAL)
-        fetched.append(FetchedModel(level, url, weights, digest, onnx_path, version, filters))
-        LOGGER.info("%s: sha256 %s, %d base filters", url, digest, filters)
+        fetched.append(FetchedModel(level, url, weights, digest, onnx_path, version, architecture,
+                                    detail))  # fmt: skip
+        LOGGER.info("%s: sha256 %s, %s", url, digest, detail)
     return fetched
 
 
 def fetch_and_install(
-    levels: Sequence[str], base_url: str, repository: Path
+    levels: Sequence[str],
+    base_url: str,
+    repository: Path,
+    architecture: str = DEFAULT_ARCHITECTURE,
 ) -> list[tuple[FetchedModel, Path]]:
     """``fetch`` every level, then install them all as the default models of their level.
 
@@ -172,7 +228,7 @@ def fetch_and_install(
     """
     _writable(repository)
     with tempfile.TemporaryDirectory(prefix=".kappamask-fetch-", dir=repository) as tmp:
-        fetched = fetch(levels, base_url, Path(tmp))
+        fetched = fetch(levels, base_url, Path(tmp), architecture)
         installed = []
         for model in fetched:
             try:

@@ -110,6 +110,8 @@ def _classes() -> list[dict[str, Any]]:
     ]
 
 
+#: How the lineage names each architecture (ModelSpec.architecture).
+_NETWORKS = {"unet": "U-Net", "deeplabv3plus": "DeepLabv3+ (km_predict's)"}
 #: How the lineage names each origin of weights (ModelSpec.origin).
 _WEIGHTS: defaultdict[str, str] = defaultdict(
     lambda: "weights of unrecorded origin",
@@ -168,7 +170,8 @@ def create_item(
                 **({"triton-runtime": model.runtime_description()} if model.runtime else {}),
             },
             "processing:lineage": (
-                f"KappaMask U-Net ({model.name}, {model.version_label}, {_WEIGHTS[model.origin]}) "
+                f"KappaMask {_NETWORKS.get(model.architecture, model.architecture)} "
+                f"({model.name}, {model.version_label}, {_WEIGHTS[model.origin]}) "
                 f"applied to {product.level} product {product.product_id} resampled to "
                 f"{grid.resolution:g} m; class codes follow Domnich et al. 2021 (0 = missing; "
                 "km_predict v2 wrote 5)."
