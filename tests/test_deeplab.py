@@ -128,3 +128,19 @@ def test_a_km_predict_file_imports_whatever_the_layer_order(tmp_path: Path) -> N
     second = import_keras(weights, "L1C", tmp_path / "b.onnx")
     for a, b in zip(first.graph.initializer, second.graph.initializer, strict=True):
         assert np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+
+
+def test_the_offset_rule_travels_with_the_model(tmp_path: Path) -> None:
+    """An imported model records its offset rule; the installed config declares it, so
+    the reader follows the served model without a code change."""
+    from kappamask.inference.repository import cpu_config, spec_from_onnx
+
+    weights = write_keras_deeplab(tmp_path / "l2a_deeplabv3plus.hdf5", 14)
+    out = tmp_path / "m.onnx"
+    import_keras(weights, "L2A", out, offset_rule="km_predict")
+    spec = spec_from_onnx(out)
+    assert spec.offset_rule == "km_predict" and spec.architecture == "deeplabv3plus"
+    assert 'key: "offset_rule" value: { string_value: "km_predict" }' in cpu_config(spec)
+    assert spec.provenance()["offset_rule"] == "km_predict"
+    with pytest.raises(InvalidInputError, match="offset rule must be one of"):
+        import_keras(weights, "L2A", tmp_path / "x.onnx", offset_rule="guess")

@@ -295,3 +295,36 @@ def test_a_walk_down_the_strips_decodes_every_pixel_once(monkeypatch: pytest.Mon
     assert len(decoded) == 12  # 13 features, B08 read from the B8A file
     for name, counts in decoded.items():
         assert (counts == 1).all(), name
+
+
+@pytest.mark.parametrize("level", ["L1C", "L2A"])
+def test_the_offset_rule_is_the_served_model_s(level: str, tmp_path: Path) -> None:
+    """``training`` adds the baseline-04.00 offset to the DN (the scale of the training
+    products); ``km_predict`` does what km_predict v2.4 does: the L1C offset also shifts the
+    divisor, L2A gets none. T29UNU (L2A, baseline 04.00, BOA offset -1000) is real; its
+    bands as an L1C product stand in for an L1C one with RADIO_ADD_OFFSET -1000."""
+    import dataclasses
+
+    from kappamask.inference.model_spec import OFFSET_KM_PREDICT, OFFSET_TRAINING
+
+    product = open_safe(T29UNU)
+    assert product.offsets["B04"] == -1000.0
+    if level == "L1C":
+        product = dataclasses.replace(product, level="L1C")
+    grid = output_grid(product, 60)
+    window = Window(0, 0, grid.width, grid.height)
+    features, max_v = ("B02", "B04", "B11"), (0.25, 0.25, 0.3)
+    read = {}
+    for rule in (OFFSET_TRAINING, OFFSET_KM_PREDICT):
+        with BandReader(product, features, max_v, grid, offset_rule=rule) as reader:
+            read[rule], valid = reader.read(window)
+    for i, band in enumerate(features):
+        dn = read[OFFSET_TRAINING][i] * max_v[i] * 65535 + 1000  # the DN, back from training
+        bright = valid & (dn > 1200)  # never clipped at 0 under either rule
+        assert bright.mean() > 0.5
+        if level == "L2A":
+            expected = dn / 65535 / max_v[i]
+        else:
+            expected = (dn - 1000) / (65535 * max_v[i] - 1000)
+        np.testing.assert_allclose(read[OFFSET_KM_PREDICT][i][bright], expected[bright],
+                                   rtol=1e-5, err_msg=band)  # fmt: skip

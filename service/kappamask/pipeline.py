@@ -227,8 +227,9 @@ def _infer_all(
     pending: tuple[int, np.ndarray, list[tuple[int, Future[CropOutputs]]]] | None = None
     in_flight: list[Future[CropOutputs]] = []
     with BandReader(
-        product, model.features, model.max_v, grid, options.resampling, dtype=np.float16
-    ) as reader:
+        product, model.features, model.max_v, grid, options.resampling, dtype=np.float16,
+        offset_rule=model.offset_rule,
+    ) as reader:  # fmt: skip
         substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
         for row, y in enumerate(crops.rows):
             height = min(crops.size, grid.height - y.start)

@@ -38,6 +38,7 @@ from kappamask.compiled import inline_kernel, kernel
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.gdal import GDAL_ENV, open_band, product_errors
 from kappamask.grid import Grid
+from kappamask.inference.model_spec import OFFSET_KM_PREDICT, OFFSET_TRAINING
 from kappamask.regrid import RADIUS, downsample, upsample
 from kappamask.sources.product import Product
 
@@ -276,6 +277,7 @@ class BandReader:
         grid: Grid,
         resampling: str = "lanczos",
         dtype: type[np.floating] = np.float32,
+        offset_rule: str = OFFSET_TRAINING,
     ) -> None:
         if resampling not in RESAMPLING:
             raise InvalidInputError(f"resampling must be one of {sorted(RESAMPLING)}")
@@ -287,6 +289,7 @@ class BandReader:
         self.grid = grid
         self.resampling = resampling
         self.dtype = dtype
+        self.offset_rule = offset_rule
         self.layers = resolve_features(product, features)
         self._stack = ExitStack()
         self.sources: dict[str, LayerSource] = {}
@@ -332,6 +335,11 @@ class BandReader:
             # so does the validity: an auxiliary layer's gaps do not make a pixel unusable.
             aux = feature in AUX_BANDS
             offset = 0.0 if aux else self.product.offsets.get(layer, 0.0)
+            if self.offset_rule == OFFSET_KM_PREDICT:  # the served model's contract
+                if self.product.level == "L2A":
+                    offset = 0.0
+                else:
+                    max_v = max_v + offset / DN_SCALE
             normalise(data, offset, max_v, out=out[i], gain=self.product.gains.get(layer, 1.0),
                       valid=None if aux else valid)  # fmt: skip
         if not valid.all():

@@ -15,6 +15,15 @@ ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
 ARCHITECTURE_UNET = "unet"
 ARCHITECTURE_DEEPLAB = "deeplabv3plus"
 ARCHITECTURES = (ARCHITECTURE_UNET, ARCHITECTURE_DEEPLAB)
+#: How a model's inputs meet the radiometric offset of products from baseline 04.00 on
+#: (RADIO_ADD_OFFSET, BOA_ADD_OFFSET: -1000 DN). ``training``: the offset is added to the
+#: DN, which puts every baseline on the scale the weights were trained on (the paper's
+#: training products predate 04.00). ``km_predict``: as KappaZeta's km_predict v2.4 does
+#: it, the L1C offset also shifts the divisor (max_v + offset / 65535) and L2A products get
+#: no offset at all (km_predict reads only L1C's Radiometric_Offset_List).
+OFFSET_TRAINING = "training"
+OFFSET_KM_PREDICT = "km_predict"
+OFFSET_RULES = (OFFSET_TRAINING, OFFSET_KM_PREDICT)
 #: A CPU config's precision: decided where the model runs, by what its CPU computes and
 #: how closely the model's classes keep to FP32 in each reduced precision (``auto_precision``).
 PRECISION_AUTO = "auto"
@@ -62,6 +71,8 @@ class ModelSpec:
     architecture: str = ARCHITECTURE_UNET
     #: SHA-256 of the file the weights were imported from (a Keras HDF5), where recorded.
     weights_sha256: str = ""
+    #: How the product's radiometric offset enters the inputs (``OFFSET_RULES``).
+    offset_rule: str = OFFSET_TRAINING
 
     def runtime_description(self) -> str:
         """e.g. "openvino, bf16" (empty where the config does not say)."""
@@ -73,6 +84,8 @@ class ModelSpec:
                  "architecture": self.architecture, "onnx_sha256": self.sha256}  # fmt: skip
         if self.weights_sha256:
             found["weights_sha256"] = self.weights_sha256
+        if self.offset_rule != OFFSET_TRAINING:
+            found["offset_rule"] = self.offset_rule
         return found
 
 

@@ -26,6 +26,8 @@ from kappamask.inference.model_spec import (
     ARCHITECTURE_UNET,
     INPUT,
     MIN_INT8_AGREEMENT,
+    OFFSET_RULES,
+    OFFSET_TRAINING,
     ORIGIN_UNKNOWN,
     OUTPUTS,
     PRECISION_AUTO,
@@ -54,6 +56,7 @@ def _parameters(spec: ModelSpec, agreements: bool = True, **extra: str) -> str:
         "architecture": spec.architecture,
         "onnx_sha256": spec.sha256,
         **({"weights_sha256": spec.weights_sha256} if spec.weights_sha256 else {}),
+        "offset_rule": spec.offset_rule,
         **extra,
     }
     # CPU precisions, measured with `kappamask check-precision`; absent until then
@@ -193,7 +196,14 @@ def spec_from_onnx(path: Path, level: str | None = None) -> ModelSpec:
         meta.get("kappamask.origin", ORIGIN_UNKNOWN),
         architecture=meta.get("kappamask.architecture", ARCHITECTURE_UNET),
         weights_sha256=meta.get("kappamask.weights_sha256", ""),
+        offset_rule=_offset_rule(meta.get("kappamask.offset_rule", OFFSET_TRAINING), path),
     )
+
+
+def _offset_rule(rule: str, where: object) -> str:
+    if rule not in OFFSET_RULES:
+        raise InvalidInputError(f"{where}: offset rule {rule!r} is not one of {OFFSET_RULES}")
+    return rule
 
 
 def install_model(

@@ -32,6 +32,8 @@ from kappamask.inference.cpu import resolve
 from kappamask.inference.model_spec import (
     ARCHITECTURE_UNET,
     INPUT,
+    OFFSET_RULES,
+    OFFSET_TRAINING,
     ORIGIN_UNKNOWN,
     OUTPUT_CLASSES,
     OUTPUT_CONFIDENCE,
@@ -265,7 +267,11 @@ class TritonClient:
             *agreements,
             architecture=params.get("architecture") or ARCHITECTURE_UNET,
             weights_sha256=params.get("weights_sha256", ""),
+            offset_rule=params.get("offset_rule") or OFFSET_TRAINING,
         )
+        if spec.offset_rule not in OFFSET_RULES:
+            raise NoModelError(f"{name} declares the offset rule {spec.offset_rule!r}, not one "
+                               f"of {OFFSET_RULES}")  # fmt: skip
         self._input_dtypes[name] = dtype
         declared = {str(o.get("name")) for o in config.get("output", [])}
         if not set(OUTPUTS) <= declared:

@@ -19,6 +19,16 @@ from kappamask.cli_options import (
     resolution_option,
 )
 
+offset_rule_option = click.option(
+    "--offset-rule",
+    type=click.Choice(["training", "km_predict"]),
+    default="training",
+    show_default=True,
+    help="How the baseline-04.00 radiometric offset enters the inputs: added to the DN, on the "
+    "scale of the training products (training), or as km_predict v2.4 does it (km_predict: the "
+    "L1C offset also shifts the divisor, L2A gets none).",
+)
+
 
 @click.group("tools")
 def tools() -> None:
@@ -45,9 +55,14 @@ def tools() -> None:
     default=None,
     help="Folder URL of <level>_<architecture>.hdf5 (default: KappaZeta's 2022-09-13 release).",
 )
+@offset_rule_option
 @install_repository_option("Triton model repository to install into")
 def fetch_weights_command(
-    level: str, architecture: str, base_url: str | None, repository: Path | None
+    level: str,
+    architecture: str,
+    base_url: str | None,
+    offset_rule: str,
+    repository: Path | None,
 ) -> None:
     """Download KappaZeta's published KappaMask weights (the files km_predict downloads),
     check and convert them, and serve them as the default model of their level (restart
@@ -57,7 +72,11 @@ def fetch_weights_command(
 
     levels = list(LEVELS) if level == "all" else [level]
     installed = fetch_and_install(
-        levels, base_url or OFFICIAL_BASE_URL, repository or DEFAULT_REPOSITORY, architecture
+        levels,
+        base_url or OFFICIAL_BASE_URL,
+        repository or DEFAULT_REPOSITORY,
+        architecture,
+        offset_rule,
     )
     for model, model_dir in installed:
         click.echo(f"{model.level}: {model.url}")
@@ -217,6 +236,7 @@ def check_precision_command(
 @click.option("--max-v", "max_v", default=None, help="Comma-separated max_v, with --features.")
 @click.option("--version-label", default=None, help="Version label (default: from the file).")
 @click.option("--install", is_flag=True, help="Also place it in the Triton model repository.")
+@offset_rule_option
 @install_repository_option("Triton model repository for --install")
 def import_keras_command(
     weights: Path,
@@ -227,6 +247,7 @@ def import_keras_command(
     max_v: str | None,
     version_label: str | None,
     install: bool,
+    offset_rule: str,
     repository: Path | None,
 ) -> None:
     """Convert KappaMask weights (Keras 2 HDF5: l2a_unet.hdf5, or km_predict's
@@ -246,6 +267,7 @@ def import_keras_command(
         features=features.split(",") if features else None,
         max_v=max_values,
         version=version_label,
+        offset_rule=offset_rule,
     )
     click.echo(f"wrote {out_path}")
     if install:

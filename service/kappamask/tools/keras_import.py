@@ -34,6 +34,8 @@ from kappamask.errors import InvalidInputError
 from kappamask.inference.model_spec import (
     ARCHITECTURE_DEEPLAB,
     ARCHITECTURE_UNET,
+    OFFSET_RULES,
+    OFFSET_TRAINING,
     ORIGIN_IMPORTED,
 )
 from kappamask.model import deeplab
@@ -230,12 +232,16 @@ def import_keras(
     max_v: Sequence[float] | None = None,
     version: str | None = None,
     origin: str = ORIGIN_IMPORTED,
+    offset_rule: str = OFFSET_TRAINING,
 ) -> onnx.ModelProto:
     """Convert ``weights_file`` (a U-Net or km_predict's DeepLabv3+, recognised from its
     layers) to the served ONNX model and write it to ``out_path``. Features and max_v
-    default to those of the architecture and level (kappamask.bands)."""
+    default to those of the architecture and level (kappamask.bands); ``offset_rule``
+    (model_spec.OFFSET_RULES) is recorded for the reader."""
     if level not in LEVELS:
         raise InvalidInputError(f"level must be one of {LEVELS}")
+    if offset_rule not in OFFSET_RULES:
+        raise InvalidInputError(f"offset rule must be one of {OFFSET_RULES}")
     layers = read_keras_layers(weights_file)
     architecture = architecture_of(layers)
     features = tuple(features or ARCHITECTURE_FEATURES[architecture][level])
@@ -246,7 +252,8 @@ def import_keras(
     label = version or f"keras-{weights_file.stem}-{digest[:12]}"
     metadata = {**model_metadata(level, features, max_v, label, origin),
                 "kappamask.architecture": architecture,
-                "kappamask.weights_sha256": digest}  # fmt: skip
+                "kappamask.weights_sha256": digest,
+                "kappamask.offset_rule": offset_rule}  # fmt: skip
     if architecture == ARCHITECTURE_DEEPLAB:
         if base_filters is not None:
             raise InvalidInputError("--filters is a U-Net's; this file is a DeepLabv3+")

@@ -33,6 +33,7 @@ from kappamask.errors import InvalidInputError, KappaMaskError, StorageError
 from kappamask.inference.model_spec import (
     ARCHITECTURE_DEEPLAB,
     ARCHITECTURE_UNET,
+    OFFSET_TRAINING,
     ORIGIN_OFFICIAL,
 )
 from kappamask.inference.repository import install_model, sha256_of
@@ -185,6 +186,7 @@ def fetch(
     base_url: str,
     work_dir: Path,
     architecture: str = DEFAULT_ARCHITECTURE,
+    offset_rule: str = OFFSET_TRAINING,
 ) -> list[FetchedModel]:
     """Download, check and convert the ``architecture`` weights of ``levels`` into
     ``work_dir``."""
@@ -208,7 +210,8 @@ def fetch(
             raise InvalidInputError(f"{url} is not the KappaMask {level} {network}: {err}") from err
         version = f"{OFFICIAL_RELEASE}-{digest[:12]}"
         onnx_path = work_dir / f"{level.lower()}_{architecture}.onnx"
-        import_keras(weights, level, onnx_path, version=version, origin=ORIGIN_OFFICIAL)
+        import_keras(weights, level, onnx_path, version=version, origin=ORIGIN_OFFICIAL,
+                     offset_rule=offset_rule)  # fmt: skip
         fetched.append(FetchedModel(level, url, weights, digest, onnx_path, version, architecture,
                                     detail))  # fmt: skip
         LOGGER.info("%s: sha256 %s, %s", url, digest, detail)
@@ -220,6 +223,7 @@ def fetch_and_install(
     base_url: str,
     repository: Path,
     architecture: str = DEFAULT_ARCHITECTURE,
+    offset_rule: str = OFFSET_TRAINING,
 ) -> list[tuple[FetchedModel, Path]]:
     """``fetch`` every level, then install them all as the default models of their level.
 
@@ -228,7 +232,7 @@ def fetch_and_install(
     """
     _writable(repository)
     with tempfile.TemporaryDirectory(prefix=".kappamask-fetch-", dir=repository) as tmp:
-        fetched = fetch(levels, base_url, Path(tmp), architecture)
+        fetched = fetch(levels, base_url, Path(tmp), architecture, offset_rule)
         installed = []
         for model in fetched:
             try:
