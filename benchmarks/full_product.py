@@ -3,6 +3,8 @@
     python benchmarks/full_product.py                   # 10980 x 10980, every tool
     python benchmarks/full_product.py --size 2196 --only kappamask --only onnxruntime
     python benchmarks/full_product.py --triton-url gpu-host:8000 --json results.json
+    python benchmarks/full_product.py --repository DIR   # another model repository (e.g.
+                                                         # km_predict's DeepLabv3+ installed)
 
 The product is built once (cached under .cache/benchmark/) in the real SAFE layout and
 JPEG 2000 format, by mirroring the real cloud-free 13-band L1C bands of
@@ -183,10 +185,10 @@ def work_kappamask(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
 def work_onnxruntime(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from kappamask.inference.repository import DEFAULT_REPOSITORY, INT8_FILE, spec_from_onnx
+    from kappamask.inference.repository import INT8_FILE, spec_from_onnx
     from kappamask.tools.quantize import real_crops
 
-    version_dir = DEFAULT_REPOSITORY / "kappamask_l1c" / "1"
+    version_dir = args.repository / "kappamask_l1c" / "1"
     spec = spec_from_onnx(version_dir / "model.onnx")
     sessions = {}
     for label, name in (("fp32", "model.onnx"), ("int8", INT8_FILE)):
@@ -217,16 +219,11 @@ def work_openvino(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
 
     from kappamask.inference.model_spec import auto_precision, parse_agreements
-    from kappamask.inference.repository import (
-        DEFAULT_REPOSITORY,
-        INT8_FILE,
-        config_parameters,
-        spec_from_onnx,
-    )
+    from kappamask.inference.repository import INT8_FILE, config_parameters, spec_from_onnx
     from kappamask.tools.precision import SERVED
     from kappamask.tools.quantize import real_crops
 
-    model_dir = DEFAULT_REPOSITORY / "kappamask_l1c"
+    model_dir = args.repository / "kappamask_l1c"
     spec = spec_from_onnx(model_dir / "1" / "model.onnx")
     core = ov.Core()
     # what precision auto serves on this CPU, from the model's measured agreements
@@ -362,8 +359,8 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         report = Path(fh.name)
     cmd = [sys.executable, __file__, "--worker", tool, "--product", str(safe),
-           "--report", str(report), "--work", args.work,
-           "--floor-crops", str(args.floor_crops)]  # fmt: skip
+           "--report", str(report), "--work", args.work, "--floor-crops",
+           str(args.floor_crops), "--repository", str(args.repository)]  # fmt: skip
     if args.triton_url:
         cmd += ["--triton-url", args.triton_url]
     before = _triton_stats(args.triton_url) if tool == "kappamask" else None
@@ -448,6 +445,12 @@ def main() -> None:
     parser.add_argument("--triton-url", help="A running Triton (default: a local one on CPU).")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "benchmark")
     parser.add_argument(
+        "--repository",
+        type=Path,
+        default=ROOT / "triton_models",
+        help="Triton model repository whose kappamask_l1c runs (default: the project's).",
+    )
+    parser.add_argument(
         "--floor-crops",
         type=int,
         default=0,
@@ -472,7 +475,7 @@ def main() -> None:
         if "kappamask" in tools and not args.triton_url:
             from kappamask.inference.server import LocalTriton
 
-            triton = LocalTriton(models=["kappamask_l1c"]).start()
+            triton = LocalTriton(args.repository, models=["kappamask_l1c"]).start()
             args.triton_url = triton.http_url
         try:
             for tool in tools:
@@ -488,8 +491,12 @@ def main() -> None:
         finally:
             if triton is not None:
                 triton.stop()
+    from kappamask.inference.repository import spec_from_onnx
+
+    served = spec_from_onnx(args.repository / "kappamask_l1c" / "1" / "model.onnx")
     summary = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": {"architecture": served.architecture, "version": served.version_label},
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "size_px": args.size,
         "results": results,
