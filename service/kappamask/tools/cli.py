@@ -68,16 +68,11 @@ def fetch_weights_command(
     check and convert them, and serve them as the default model of their level (restart
     the service afterwards)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
-    from kappamask.tools.official import OFFICIAL_BASE_URL, fetch_and_install
+    from kappamask.tools.official import OFFICIAL_BASE_URL, Release, fetch_and_install
 
     levels = list(LEVELS) if level == "all" else [level]
-    installed = fetch_and_install(
-        levels,
-        base_url or OFFICIAL_BASE_URL,
-        repository or DEFAULT_REPOSITORY,
-        architecture,
-        offset_rule,
-    )
+    release = Release(base_url or OFFICIAL_BASE_URL, architecture, offset_rule)
+    installed = fetch_and_install(levels, release, repository or DEFAULT_REPOSITORY)
     for model, model_dir in installed:
         click.echo(f"{model.level}: {model.url}")
         click.echo(f"  sha256 {model.sha256} ({model.detail})")

@@ -181,16 +181,21 @@ def _writable(repository: Path) -> None:
             raise InvalidInputError(f"{model_dir} is not writable")
 
 
-def fetch(
-    levels: Sequence[str],
-    base_url: str,
-    work_dir: Path,
-    architecture: str = DEFAULT_ARCHITECTURE,
-    offset_rule: str = OFFSET_TRAINING,
-) -> list[FetchedModel]:
-    """Download, check and convert the ``architecture`` weights of ``levels`` into
+@dataclass(frozen=True)
+class Release:
+    """Which published files to fetch (a folder, an architecture) and the offset rule the
+    installed models declare (model_spec.OFFSET_RULES)."""
+
+    base_url: str = OFFICIAL_BASE_URL
+    architecture: str = DEFAULT_ARCHITECTURE
+    offset_rule: str = OFFSET_TRAINING
+
+
+def fetch(levels: Sequence[str], release: Release, work_dir: Path) -> list[FetchedModel]:
+    """Download, check and convert the weights of ``levels`` of ``release`` into
     ``work_dir``."""
     fetched = []
+    base_url, architecture = release.base_url, release.architecture
     network = _NETWORKS[architecture]
     for level in levels:
         name = official_file(level, architecture)
@@ -211,7 +216,7 @@ def fetch(
         version = f"{OFFICIAL_RELEASE}-{digest[:12]}"
         onnx_path = work_dir / f"{level.lower()}_{architecture}.onnx"
         import_keras(weights, level, onnx_path, version=version, origin=ORIGIN_OFFICIAL,
-                     offset_rule=offset_rule)  # fmt: skip
+                     offset_rule=release.offset_rule)  # fmt: skip
         fetched.append(FetchedModel(level, url, weights, digest, onnx_path, version, architecture,
                                     detail))  # fmt: skip
         LOGGER.info("%s: sha256 %s, %s", url, digest, detail)
@@ -219,11 +224,7 @@ def fetch(
 
 
 def fetch_and_install(
-    levels: Sequence[str],
-    base_url: str,
-    repository: Path,
-    architecture: str = DEFAULT_ARCHITECTURE,
-    offset_rule: str = OFFSET_TRAINING,
+    levels: Sequence[str], release: Release, repository: Path
 ) -> list[tuple[FetchedModel, Path]]:
     """``fetch`` every level, then install them all as the default models of their level.
 
@@ -232,7 +233,7 @@ def fetch_and_install(
     """
     _writable(repository)
     with tempfile.TemporaryDirectory(prefix=".kappamask-fetch-", dir=repository) as tmp:
-        fetched = fetch(levels, base_url, Path(tmp), architecture, offset_rule)
+        fetched = fetch(levels, release, Path(tmp))
         installed = []
         for model in fetched:
             try:
