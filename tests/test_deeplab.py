@@ -144,3 +144,16 @@ def test_the_offset_rule_travels_with_the_model(tmp_path: Path) -> None:
     assert spec.provenance()["offset_rule"] == "km_predict"
     with pytest.raises(InvalidInputError, match="offset rule must be one of"):
         import_keras(weights, "L2A", tmp_path / "x.onnx", offset_rule="guess")
+
+
+def test_the_quantiser_finds_the_layers_it_keeps_in_fp32(tmp_path: Path) -> None:
+    """The graph's convolutions carry stable names, by which `kappamask quantize` keeps
+    the first convolution and the softmax's (then the decoder, then ASPP) in FP32."""
+    from kappamask.tools.quantize import DEEPLAB_FP32_LADDER, _named
+
+    model = import_keras(write_keras_deeplab(tmp_path / "l1c.hdf5", 13), "L1C", tmp_path / "m.onnx")
+    names = {i.name for i in model.graph.initializer}
+    assert {"entry1.weight", "middle24.depthwise", "exit2.weight", "aspp6.bias",
+            "decoder3.weight", "head.weight"} <= names  # fmt: skip
+    kept = [len(_named(model, ladder)) for ladder in DEEPLAB_FP32_LADDER]
+    assert kept == [2, 2 + 3, 2 + 3 + 6]

@@ -164,18 +164,24 @@ class _Graph:
         steps = self.const("steps", np.array([-1], np.int64))
         return self.op("Slice", [x, starts, ends, axes, steps], stem)
 
-    def conv(self, x: str, layer: Layer, weights: Folded, activation: str | None) -> str:
+    def named(self, name: str, value: np.ndarray) -> str:
+        """An initializer under a stable name (``entry1.weight``): the quantiser keeps
+        layers in FP32 by these names (kappamask.tools.quantize)."""
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def conv(self, x: str, layer: Layer, weights: Folded, activation: str | None, name: str) -> str:
         before, after = _same_pads(layer.kernel, layer.stride, layer.dilation)
         x = self.symmetric_pad(x, before, after)
         args = dict(kernel_shape=[layer.kernel] * 2, strides=[layer.stride] * 2,
                     dilations=[layer.dilation] * 2)  # fmt: skip
         if weights.depthwise is not None:
             channels = weights.depthwise.shape[0]
-            x = self.op("Conv", [x, self.const("dw", weights.depthwise)], "depthwise",
-                        group=channels, **args)  # fmt: skip
+            x = self.op("Conv", [x, self.named(f"{name}.depthwise", weights.depthwise)],
+                        "depthwise", group=channels, **args)  # fmt: skip
             args = dict(kernel_shape=[1, 1])
-        x = self.op("Conv", [x, self.const("w", weights.weight), self.const("b", weights.bias)],
-                    "conv", **args)  # fmt: skip
+        x = self.op("Conv", [x, self.named(f"{name}.weight", weights.weight),
+                             self.named(f"{name}.bias", weights.bias)], "conv", **args)  # fmt: skip
         return self.op("Relu", [x]) if activation == "relu" else x
 
     def max_pool(self, x: str) -> str:
@@ -189,6 +195,21 @@ class _Graph:
                        coordinate_transformation_mode="half_pixel")  # fmt: skip
 
 
+#: Where each part of the layout begins (layout order) and its name's stem.
+_PARTS = ((0, "entry"), (11, "middle"), (35, "exit"), (37, "aspp"), (43, "decoder"))
+
+
+def layer_names(count: int) -> list[str]:
+    """Stable names of the layout's layers: ``entry1`` .. ``entry11``, ``middle1`` ..,
+    ``exit1``, ``exit2``, ``aspp1`` .., ``decoder1`` .. ``decoder3``, and ``head`` for the
+    last (the quantiser's FP32 ladder names them)."""
+    names = []
+    for index in range(count - 1):
+        start, stem = max(p for p in _PARTS if p[0] <= index)
+        names.append(f"{stem}{index - start + 1}")
+    return [*names, "head"]
+
+
 def build_deeplab(
     layers: Sequence[Folded], in_channels: int, metadata: Mapping[str, str] | None = None
 ) -> onnx.ModelProto:
@@ -197,11 +218,13 @@ def build_deeplab(
     if len(layers) != len(spec):
         raise ValueError(f"{len(layers)} layers; km_predict's DeepLabv3+ has {len(spec)}")
     g = _Graph()
-    pending: Iterator[tuple[Layer, Folded]] = iter(zip(spec, layers, strict=True))
+    pending: Iterator[tuple[str, Layer, Folded]] = iter(
+        zip(layer_names(len(spec)), spec, layers, strict=True)
+    )
 
     def next_layer(x: str, activation: str | None = "relu") -> str:
-        layer, weights = next(pending)
-        return g.conv(x, layer, weights, activation)
+        name, layer, weights = next(pending)
+        return g.conv(x, layer, weights, activation, name)
 
     # entry flow
     x = next_layer(next_layer(INPUT_NAME))

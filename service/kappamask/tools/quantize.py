@@ -28,8 +28,8 @@ from rasterio.windows import Window
 
 from kappamask.errors import InvalidInputError
 from kappamask.grid import output_grid
+from kappamask.inference.model_spec import ARCHITECTURE_DEEPLAB, OUTPUT_CLASSES
 from kappamask.inference.model_spec import INPUT as INPUT_NAME
-from kappamask.inference.model_spec import OUTPUT_CLASSES
 from kappamask.reader import BandReader
 from kappamask.sources.safe import open_safe
 from kappamask.tiling import CropGrid, extract, has_data
@@ -46,6 +46,13 @@ FP32_LADDER = (
     ("enc1.conv1.", "head.", "dec1."),
     ("enc1.conv1.", "head.", "dec1.", "up1."),
     ("enc1.conv1.", "head.", "dec1.", "up1.", "dec2."),
+)
+#: The same for km_predict's DeepLabv3+ (kappamask.model.deeplab.layer_names): its first
+#: convolution and the softmax's, then the decoder at output stride 4, then ASPP.
+DEEPLAB_FP32_LADDER = (
+    ("entry1.", "head."),
+    ("entry1.", "head.", "decoder"),
+    ("entry1.", "head.", "decoder", "aspp"),
 )
 #: Concat stays FP32: its output feeds the FP32 decoder at full resolution.
 QUANTIZED_OPS = ["Conv", "MaxPool", "Resize"]
@@ -120,7 +127,10 @@ def _named(model: onnx.ModelProto, fp32_layers: Sequence[str]) -> list[str]:
         if node.op_type == "Conv" and node.input[1].startswith(tuple(fp32_layers)):
             keep.append(node.name)
     if not keep:
-        raise InvalidInputError("not a KappaMask U-Net graph (no convolution named as expected)")
+        raise InvalidInputError(
+            "not a KappaMask graph (no convolution named as expected): export or import it "
+            "with kappamask"
+        )
     return keep
 
 
@@ -258,8 +268,11 @@ def quantize_and_check(
     reference = _classes(fp32, check)
     t32 = _seconds_per_crop(fp32, check, timing_repeats)
     report = None
+    meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False)
+            .metadata_props}  # fmt: skip
+    deeplab = meta.get("kappamask.architecture") == ARCHITECTURE_DEEPLAB
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
-        for fp32_layers in FP32_LADDER:
+        for fp32_layers in DEEPLAB_FP32_LADDER if deeplab else FP32_LADDER:
             staged = quantize(fp32_path, Path(tmp) / out_path.name, calibration, fp32_layers)
             int8 = _session(staged)
             pixels, agreement = _agreement(reference, _classes(int8, check), check)
