@@ -77,7 +77,7 @@ def check_local_path(
     """
     if not href or any(ord(c) < 32 for c in href):
         raise InvalidInputError(f"{what} is empty or holds control characters")
-    if not href.isascii() and not _encodable(href):
+    if has_lone_surrogate(href):
         raise InvalidInputError(f"{what} is not valid text (a lone UTF-16 surrogate?)")
     if href.startswith("file:"):
         raise InvalidInputError("file:// URLs are not accepted: give a plain path")
@@ -101,12 +101,10 @@ def check_local_path(
     raise AccessDeniedError(f"{shown or href} is outside the {kind} this server allows")
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+def has_lone_surrogate(text: str) -> bool:
+    """Whether ``text`` holds a UTF-16 surrogate of its own (JSON's ``"\\ud800"``): no
+    text, and no file system, URL or log line takes it."""
+    return any(0xD800 <= ord(c) <= 0xDFFF for c in text)
 
 
 def _refuse_special(path: Path, what: str) -> None:

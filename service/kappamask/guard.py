@@ -43,6 +43,8 @@ from typing import Any
 from werkzeug.security import safe_join
 from werkzeug.utils import send_file
 
+from kappamask.access import has_lone_surrogate
+
 LOGGER = logging.getLogger(__name__)
 
 #: Default limit of a request body; an execute request is a few kB (a STAC item or an
@@ -135,7 +137,7 @@ def _where(path: tuple[str | int, ...]) -> str:
 def _not_text(text: str) -> str | None:
     if "\0" in text:
         return "a NUL character"
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+    if has_lone_surrogate(text):
         return "a lone UTF-16 surrogate"
     return None
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from shapely.geometry.base import BaseGeometry
 
+from kappamask.access import has_lone_surrogate
 from kappamask.aoi import parse_area
 from kappamask.bands import DEFAULT_RESOLUTION, LEVELS, MAX_BUFFER_M, RESOLUTIONS
 from kappamask.errors import InvalidInputError
@@ -44,7 +45,7 @@ def text_input(data: Mapping[str, Any], name: str, what: str) -> str | None:
                                 f"{MAX_TEXT} are accepted")  # fmt: skip
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidInputError(f"input '{name}' holds control characters")
-    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if has_lone_surrogate(value):
         raise InvalidInputError(f"input '{name}' holds a lone UTF-16 surrogate: not text")
     return value
 
