@@ -5,6 +5,8 @@
     python benchmarks/full_product.py --triton-url gpu-host:8000 --json results.json
     python benchmarks/full_product.py --repository DIR   # another model repository (e.g.
                                                          # km_predict's DeepLabv3+ installed)
+    python benchmarks/full_product.py --only kappamask --overlap 64 --overlap 32
+                                         # what a larger crop overlap costs, in one run
 
 The product is built once (cached under .cache/benchmark/) in the real SAFE layout and
 JPEG 2000 format, by mirroring the real cloud-free 13-band L1C bands of
@@ -173,8 +175,9 @@ def work_kappamask(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.work) / "kappamask"
     with TritonClient(args.triton_url) as client:
         client.wait_ready()
-        result = run(str(safe), out, client, RunOptions(overwrite=True))
+        result = run(str(safe), out, client, RunOptions(overwrite=True), overlap=args.overlap)
     return {
+        "overlap": args.overlap,
         "crops": result.crops_inferred,
         "crops_total": result.crops_total,
         "stages": {k: round(v, 2) for k, v in result.timings.items()},
@@ -360,7 +363,8 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
         report = Path(fh.name)
     cmd = [sys.executable, __file__, "--worker", tool, "--product", str(safe),
            "--report", str(report), "--work", args.work, "--floor-crops",
-           str(args.floor_crops), "--repository", str(args.repository)]  # fmt: skip
+           str(args.floor_crops), "--repository", str(args.repository),
+           "--overlap", str(args.overlap)]  # fmt: skip
     if args.triton_url:
         cmd += ["--triton-url", args.triton_url]
     before = _triton_stats(args.triton_url) if tool == "kappamask" else None
@@ -393,7 +397,8 @@ def _table(results: list[dict[str, Any]]) -> str:
     lines = ["| tool | wall (s) | peak RSS (GB) | crops/s | time vs kappamask |",
              "|---|---|---|---|---|"]  # fmt: skip
     for r in results:
-        rows = [(r["tool"], r["wall_s"])]
+        label = f"kappamask (overlap {r['overlap']})" if "overlap" in r else r["tool"]
+        rows = [(label, r["wall_s"])]
         if r["tool"] in ("onnxruntime", "openvino"):
             rows = [(f"{r['tool']} {k} (model only)", v) for k, v in r["model_seconds"].items()]
         if "failed" in r:
@@ -456,12 +461,23 @@ def main() -> None:
         default=0,
         help="Model-only floors: at most N crops (0: all).",
     )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        action="append",
+        help="kappamask: pixels shared by neighbouring crops (repeatable: one run each; "
+        "default: the service's).",
+    )
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--product", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from kappamask.bands import TILE_OVERLAP
+
+    overlaps = args.overlap or [TILE_OVERLAP]
     if args.worker:
+        args.overlap = overlaps[0]
         result = WORKERS[args.worker](args.product, args)
         args.report.write_text(json.dumps(result))
         return
@@ -478,8 +494,10 @@ def main() -> None:
             triton = LocalTriton(args.repository, models=["kappamask_l1c"]).start()
             args.triton_url = triton.http_url
         try:
-            for tool in tools:
+            runs = [(t, o) for t in tools for o in (overlaps if t == "kappamask" else [0])]
+            for tool, overlap in runs:
                 print(f"running {tool} ...", file=sys.stderr)
+                args.overlap = overlap or overlaps[0]
                 local = triton.process.pid if triton and triton.process else None
                 cpu_before = _cpu_seconds(local) if local else 0.0
                 result = measure(tool, safe, args)
@@ -505,6 +523,7 @@ def main() -> None:
     for r in results:
         if r["tool"] == "kappamask":
             print()
+            print(f"overlap {r.get('overlap', '?')} px, {r.get('crops_total', '?')} crops")
             print(_stages(r))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,12 @@
 model's mask side by side, and a table of what it calls each scene.
 
     python benchmarks/scene_gallery.py triton_models/kappamask_l1c/1/model.onnx \
-        runs/labels --level L1C --png gallery_l1c.png [--only HOLDOUT_PATTERN ...]
+        runs/labels --level L1C --png gallery_l1c.png [--only HOLDOUT_PATTERN ...] \
+        [--json holdout.json]
+
+``--json`` writes ``kappamask distill``'s holdout report of the model on the chosen scenes
+(all of them, not only the ``--max-scenes`` drawn): the same numbers for any served file,
+so models made before and after a change are compared on the same labels.
 
 The scenes are the ``kappamask distill`` label cache (``--labels-cache``): features exactly
 as the service feeds them, so what is drawn is what Triton would answer. The model runs
@@ -12,6 +17,7 @@ through ONNX Runtime on the served ONNX file (classes output).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import matplotlib
@@ -19,8 +25,8 @@ import numpy as np
 import onnxruntime as ort
 
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
-from kappamask.tools.distill import load_scene
-from kappamask.tools.metrics import CLASSES
+from kappamask.tools.distill import holdout_report, load_scene
+from kappamask.tools.metrics import CLASSES, without_nan
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -49,11 +55,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=[], help="scene name parts to keep")
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--max-scenes", type=int, default=40)
+    parser.add_argument("--json", type=Path, help="write the holdout report here")
     args = parser.parse_args()
     session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     files = sorted(args.labels.glob(f"{args.level}_*.npz"))
     if args.only:
         files = [f for f in files if any(p in f.name for p in args.only)]
+    if args.json:
+        chosen = [load_scene(f) for f in files]
+        report = holdout_report(chosen, lambda f: predict(session, f))
+        args.json.write_text(json.dumps(without_nan(report), indent=2))
+        print(json.dumps(without_nan(report["trust"]), indent=2))
     files = files[: args.max_scenes]
     lut = np.zeros((256, 3), np.float32)
     for code, rgba in CLASS_COLORS.items():

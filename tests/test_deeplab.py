@@ -72,8 +72,9 @@ def test_the_graph_runs_and_keeps_the_served_contract(graph: onnx.ModelProto) ->
     x = np.random.default_rng(1).uniform(0, 1, (1, 14, 320, 320)).astype(np.float32)
     x[0, :, :40, :40] = 0.0
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    classes, confidence, probability = session.run(None, {"input": x})
+    classes, confidence, probability, scores = session.run(None, {"input": x})
     assert classes.shape == confidence.shape == probability.shape == (1, 320, 320)
+    assert scores.shape == (1, 4, 320, 320)
     assert (classes[0, :40, :40] == MaskClass.MISSING).all()
     assert (probability[0, :40, :40] == 255).all()
     assert not (classes[0, 40:, 40:] == MaskClass.MISSING).any()  # MISSING only without data

@@ -342,6 +342,7 @@ def test_triton_configs_parse_and_agree(model: str) -> None:
             ("classes", model_config_pb2.TYPE_UINT8, [512, 512]),
             ("confidence", model_config_pb2.TYPE_UINT8, [512, 512]),
             ("cloud_probability", model_config_pb2.TYPE_UINT8, [512, 512]),
+            ("scores", model_config_pb2.TYPE_UINT8, [4, 512, 512]),
         ]
     assert list(cpu.input[0].dims) == list(gpu.input[0].dims) == list(ov.input[0].dims)
     for key in ("features", "max_v", "version_label", "onnx_sha256"):
@@ -353,7 +354,7 @@ def test_triton_configs_parse_and_agree(model: str) -> None:
         assert [i.name for i in graph.input] == ["input"]
         assert graph.input[0].type.tensor_type.shape.dim[1].dim_value == cpu.input[0].dims[0]
         assert [o.name for o in graph.output] == [o.name for o in cpu.output]
-        assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.UINT8] * 3
+        assert [o.type.tensor_type.elem_type for o in graph.output] == [onnx.TensorProto.UINT8] * 4
 
 
 def test_engine_build_checks_and_exact_trtexec_commands(

@@ -148,17 +148,23 @@ def test_crops_come_from_labelled_pixels_and_small_scenes_are_padded() -> None:
         assert (lab[feats[0] == 0] == C.MISSING).all()  # padding is no data
 
 
+def _cumulus_crop(level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Real cumulus over farmland (L2A: brought near bottom of atmosphere): its features,
+    labels all CLEAR for the test to mark, and its visible brightness."""
+    path = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"
+    img = realdata.read_multiband(path)
+    img = img if level == "L1C" else realdata.pseudo_l2a(img, np.random.default_rng(0))
+    labels = np.full(img.shape, C.CLEAR, np.uint8)
+    visible = np.mean([img.reflectance[b] for b in ("B02", "B03", "B04")], axis=0)
+    return realdata.features(img, level), labels, visible
+
+
 @pytest.mark.parametrize("level", ["L1C", "L2A"])
 def test_bare_ground_crops_look_like_desert_and_keep_clouds(level: str) -> None:
     """Real cumulus over farmland: the clear ground becomes bright bare ground (red above
     blue, SWIR above NIR, little vegetation: not the white, flat spectrum of cloud); the
     cloud pixels, the unlabelled ones near them, B10, AOT and WVP stay as they were."""
-    path = Path(__file__).parent / "data" / "sen12mscr" / "ROIs1970_fall_s2_cloudy_136_p139.tif"
-    img = realdata.read_multiband(path)
-    img = img if level == "L1C" else realdata.pseudo_l2a(img, np.random.default_rng(0))
-    feats = realdata.features(img, level)
-    labels = np.full(img.shape, C.CLEAR, np.uint8)
-    visible = np.mean([img.reflectance[b] for b in ("B02", "B03", "B04")], axis=0)
+    feats, labels, visible = _cumulus_crop(level)
     labels[visible > 0.5] = C.CLOUD
     labels[(visible > 0.3) & (visible <= 0.5)] = C.UNDEFINED
     labels[:4] = C.MISSING
@@ -182,7 +188,7 @@ def test_bare_ground_crops_look_like_desert_and_keep_clouds(level: str) -> None:
             if kept in names:
                 assert np.array_equal(out[names.index(kept)], feats[names.index(kept)])
     # a part of the crop, one region (never all of it every time): the rest keeps its fields
-    lo = realdata.DESERT_COVER[0]
+    lo = realdata.SURFACE_COVER[0]
     assert all(lo - 0.1 < share <= 1.0 for share in shares) and min(shares) < 0.9, shares
     # a cloud-free crop: the unlabelled pixels become ground too
     calm = np.where(labels == C.CLOUD, C.UNDEFINED, labels).astype(np.uint8)
@@ -191,13 +197,35 @@ def test_bare_ground_crops_look_like_desert_and_keep_clouds(level: str) -> None:
     assert changed[calm == C.UNDEFINED].any() and not changed[calm == C.MISSING].any()
 
 
-def test_bare_ground_is_drawn_for_the_share_of_crops_asked() -> None:
+@pytest.mark.parametrize("level", ["L1C", "L2A"])
+def test_open_water_crops_look_like_water_and_keep_clouds(level: str) -> None:
+    """Real cumulus over farmland: the clear ground becomes open water (dark past 700 nm,
+    green above NIR, darkest in the SWIR); clouds and their surroundings stay."""
+    feats, labels, visible = _cumulus_crop(level)
+    labels[visible > 0.3] = C.CLOUD
+    names, scale = DEFAULT_FEATURES[level], realdata.reflectance_scale(level)
+    ground = labels == C.CLEAR
+    for seed in range(6):
+        out = realdata.open_water_crop(feats, labels, level, np.random.default_rng(seed))
+        changed = (out != feats).any(axis=0)
+        assert not changed[~ground].any() and changed.any()
+        refl = {n: out[i][changed] * scale[i] for i, n in enumerate(names)}
+        green, nir, swir = refl["B03"], refl["B8A"], refl["B12"]
+        assert np.median((green - nir) / (green + nir)) > 0.2  # NDWI: water
+        assert np.median(nir) < (0.1 if level == "L1C" else 0.06)
+        assert np.median(swir) < np.median(nir) + 0.01
+        # waves and glint: the surface is not one flat value
+        assert np.std(refl["B02"]) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bare_ground", "open_water"])
+def test_surfaces_are_drawn_for_the_share_of_crops_asked(kind: str) -> None:
     rng = np.random.default_rng(0)
     labels = np.full((64, 64), C.CLEAR, np.uint8)
     feats = np.stack([np.full((64, 64), 0.1, np.float32)] * 13)  # grey ground
     scene = Labelled("s", "s", "L1C", feats, labels, {})
     for share, low, high in ((0.0, 0, 0), (0.2, 20, 60), (1.0, 200, 200)):
-        source = ScenesSource([scene], bare_ground=share)
+        source = ScenesSource([scene], **{kind: share})
         changed = sum(not np.array_equal(source.train_crop(32, rng)[0], feats[:, :32, :32])
                       for _ in range(200))  # fmt: skip
         assert low <= changed <= high, (share, changed)

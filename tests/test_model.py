@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="training extra not installed")
 
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V, MaskClass  # noqa: E402
+from kappamask.inference.model_spec import decide  # noqa: E402
 from kappamask.inference.repository import spec_from_onnx  # noqa: E402
 from kappamask.tools.export import export_onnx  # noqa: E402
 from kappamask.tools.labels import scl_to_mask  # noqa: E402
@@ -56,7 +57,7 @@ def test_onnx_export_matches_torch(
     x = torch.rand(2, channels, 96, 96) * 2
     with torch.no_grad():
         probs = model(x).numpy()
-    classes, confidence, probability = ort.InferenceSession(str(path)).run(
+    classes, confidence, probability, scores = ort.InferenceSession(str(path)).run(
         None, {"input": x.numpy()}
     )
     real = probs[:, 1:5]  # every pixel has data: the best of CLEAR .. CLOUD wins
@@ -73,6 +74,20 @@ def test_onnx_export_matches_torch(
     sure = (cloudy + free > 1e-6) & clear_winner
     assert sure.mean() > 0.9
     assert np.abs(probability.astype(int) - expected_p)[sure].max() <= 1
+    # the scores the service blends: the four real sigmoids x 255; deciding one crop from
+    # them (as the mosaic does where crops do not overlap) gives the graph's own answer
+    assert scores.shape == (2, 4, 96, 96) and scores.dtype == np.uint8
+    assert np.abs(scores.astype(int) - np.round(real * 255)).max() <= 1
+    for i in range(2):
+        decided = decide(scores[i])
+        # uint8 scores tie where the sigmoids differ by less than 1/255: either may win
+        distinct = np.sort(scores[i], axis=0)[-1] > np.sort(scores[i], axis=0)[-2]
+        assert (decided[0] == classes[i])[distinct & clear_winner[i]].all()
+        assert (decided[1] == confidence[i]).all()
+        # the odds of uint8 scores are as good as their sum: compare where it is 64 or more
+        odds_known = (cloudy[i] + free[i]) * 255 >= 64
+        assert odds_known.mean() > 0.1
+        assert np.abs(decided[2].astype(int) - probability[i])[odds_known].max() <= 2
     spec = spec_from_onnx(path)
     assert spec.features == tuple(features) and spec.version_label == "test"
 
@@ -86,7 +101,9 @@ def test_missing_means_no_data_and_undefined_never_wins(tmp_path: Path) -> None:
     path = export_onnx(model, "L2A", ["a", "b"], [1.0, 1.0], "t", tmp_path / "m.onnx")
     x = np.zeros((1, 2, 32, 32), np.float32)
     x[0, 0, :, 16:] = 0.5  # right half has data, left half is all zeros
-    classes, confidence, probability = ort.InferenceSession(str(path)).run(None, {"input": x})
+    classes, confidence, probability, _scores = ort.InferenceSession(str(path)).run(
+        None, {"input": x}
+    )
     assert (classes[0, :, :16] == MaskClass.MISSING).all()
     assert (probability[0, :, :16] == 255).all()  # no data
     sigmoid = 1 / (1 + np.exp(-np.array([-5.0, -5.0, -5.0, 1.0])))  # clear, shadow, semi, cloud

@@ -1,4 +1,4 @@
-"""The crop grid, crop extraction and the mosaic of crop centres."""
+"""The crop grid, crops with mirrored context at the raster's edges, and the blended mosaic."""
 
 from __future__ import annotations
 
@@ -7,34 +7,44 @@ import itertools
 import numpy as np
 import pytest
 
-from kappamask.tiling import Crop, CropGrid, extract, place, spans
+from kappamask.bands import TILE_OVERLAP, MaskClass
+from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES
+from kappamask.tiling import (
+    Blender,
+    Crop,
+    CropGrid,
+    block_of,
+    cut,
+    finished_planes,
+    has_data,
+    spans,
+    with_context,
+)
 
 
 @pytest.mark.parametrize("length", [1, 100, 511, 512, 513, 544, 1000, 1830, 5490, 10980])
-def test_kept_parts_cover_every_pixel_exactly_once(length: int) -> None:
-    covered = np.zeros(length, dtype=int)
-    for span in spans(length):
-        assert span.start <= span.keep_start < span.keep_stop <= span.start + 512
-        covered[span.keep_start : span.keep_stop] += 1
-    assert (covered == 1).all()
+@pytest.mark.parametrize("overlap", [0, 32, TILE_OVERLAP, 96])
+def test_crops_reach_an_overlap_past_both_edges(length: int, overlap: int) -> None:
+    """Every pixel, the outermost ones included, lies at least ``overlap`` pixels inside a
+    crop (or as deep as a lone crop allows), the crops step by size - overlap, and the
+    slack is split evenly between the two ends."""
+    s = spans(length, 512, overlap)
+    assert all(b.start - a.start == 512 - overlap for a, b in itertools.pairwise(s))
+    head, tail = -s[0].start, s[-1].stop - length
+    assert head >= overlap and tail >= overlap and abs(head - tail) <= 1
+    assert len(s) == 1 or len(spans(length, 512, overlap)) - 1 < (length + overlap) / (
+        512 - overlap
+    )
 
 
-def test_full_tile_has_529_crops_with_32px_overlap() -> None:
-    s = spans(10980)
-    assert len(s) == 23 and len(CropGrid(10980, 10980)) == 529
-    assert all(b.start - a.start == 480 for a, b in itertools.pairwise(s))
-    # neighbours meet halfway through their 32 px overlap
-    assert s[0].keep_stop == 496 and s[1].keep_start == 496
-    # the last crop runs past the edge (zero padding) and keeps up to the edge
-    assert s[-1].start + 512 > 10980 and s[-1].keep_stop == 10980
-
-
-def test_edges_keep_their_border_inner_sides_drop_16px() -> None:
-    first, middle, last = spans(1830)[0], spans(1830)[1], spans(1830)[-1]
-    assert first.keep_start == 0
-    assert middle.keep_start - middle.start == 16
-    assert middle.start + 512 - middle.keep_stop == 16
-    assert last.keep_stop == 1830
+def test_a_full_tile_costs_no_more_crops_than_cut_tiling_did() -> None:
+    """10980 px with the paper's 32 px overlap: the 23 x 23 crops of the cut mosaic, now
+    centred with 46 px of mirrored context at each edge instead of 92 px of zeros at one."""
+    s = spans(10980, 512, 32)
+    assert len(s) == 23 and s[0].start == -46 and s[-1].stop == 10980 + 46
+    grid = CropGrid(10980, 10980)
+    rows, cols = grid.boundaries()
+    assert rows == cols and all(0 < b < 10980 for b in rows)
 
 
 def test_invalid_overlap() -> None:
@@ -44,55 +54,128 @@ def test_invalid_overlap() -> None:
         spans(0)
 
 
-def test_extract_pads_with_zeros_at_right_and_bottom() -> None:
-    strip = np.arange(3 * 300 * 700, dtype=np.float32).reshape(3, 300, 700) + 1
-    grid = CropGrid(300, 700)
-    last = grid.cols[-1]
-    crop = extract(strip, last)
-    assert crop.shape == (3, 512, 512)
-    width = 700 - last.start
-    assert (crop[:, :300, :width] == strip[:, :, last.start :]).all()
-    assert (crop[:, 300:, :] == 0).all() and (crop[:, :, width:] == 0).all()
+def test_weights_cross_fade_and_sum_to_one_everywhere() -> None:
+    """Across the raster the crops' weights add up to 1: the blend of equal crops is the
+    crops' value, and no pixel is left to one crop's border."""
+    for length in (700, 1830):
+        grid = CropGrid(length, length)
+        total = np.zeros(length, np.float32)
+        for span in grid.cols:
+            lo, hi = span.clip(length)
+            total[lo:hi] += grid.profile[lo - span.start : hi - span.start]
+        np.testing.assert_allclose(total, 1.0, atol=1e-6)
+        # a crop's own weight is 1 away from its edges and small on them
+        assert grid.profile[grid.overlap] == 1.0 and grid.profile[0] < 0.05
 
 
-def test_mosaic_of_identity_crops_rebuilds_the_raster() -> None:
+def _run(grid: CropGrid, scores_of: object, sent: object = None) -> np.ndarray:
+    """Blend crops whose scores ``scores_of(crop)`` gives; returns [4, h, w] blended."""
+    blender = Blender(grid)
+    out = np.full((len(SCORE_CLASSES), grid.height, grid.width), np.nan, np.float32)
+    for row in range(len(grid.rows)):
+        for crop in grid.row_crops(row):
+            if sent is None or sent(crop):  # type: ignore[operator]
+                blender.add(crop, scores_of(crop))  # type: ignore[operator]
+        done = blender.finish(row)
+        h = done.scores.shape[1]
+        assert np.isnan(out[:, done.top : done.top + h]).all()  # each row comes once
+        out[:, done.top : done.top + h] = np.where(done.covered, done.scores, -1)
+    assert not np.isnan(out).any()
+    return out
+
+
+def test_identity_crops_rebuild_the_raster() -> None:
+    """Crops cut from one raster (mirrored past its edges) blend back into that raster."""
     rng = np.random.default_rng(0)
     height, width = 1100, 1000
-    image = rng.integers(1, 5, size=(height, width), dtype=np.uint8)
+    image = rng.integers(0, 256, size=(len(SCORE_CLASSES), height, width)).astype(np.uint8)
     grid = CropGrid(height, width)
-    out = np.zeros_like(image)
-    for r, y in enumerate(grid.rows):
-        strip = image[y.start : y.start + 512]
-        kept = np.zeros((y.keep_stop - y.keep_start, width), dtype=np.uint8)
-        for crop in grid.row_crops(r):
-            place(kept, extract(strip, crop.x), crop, y.keep_start)
-        out[y.keep_start : y.keep_stop] = kept
-    assert (out == image).all()
+
+    def scores_of(crop: Crop) -> np.ndarray:
+        row = grid.row_crops(crop.row)
+        block = block_of(grid, row)
+        data = image[:, block.top : block.bottom, block.left : block.right]
+        return cut(with_context(data, block, row), crop, row)
+
+    np.testing.assert_allclose(_run(grid, scores_of), image, atol=1e-3)
 
 
-def test_mosaic_takes_each_pixel_from_the_crop_where_it_is_central() -> None:
-    grid = CropGrid(600, 600)
-    out = np.zeros((600, 600), dtype=np.uint8)
-    for crop in grid:
-        tile = np.full((512, 512), 1 + crop.row * 2 + crop.col, dtype=np.uint8)
-        place(out[crop.y.keep_start : crop.y.keep_stop], tile, crop, crop.y.keep_start)
-    assert out[495, 495] == 1 and out[496, 495] == 3 and out[495, 496] == 2 and out[599, 599] == 4
-    assert isinstance(next(iter(grid)), Crop)
+def test_neighbours_that_disagree_cross_fade_over_their_overlap() -> None:
+    """Left crop: all CLEAR; right crop: all CLOUD. The class changes once, in the middle of
+    the overlap, and the scores change linearly across it (no step at a crop's edge)."""
+    grid = CropGrid(512, 700)
+    assert len(grid.cols) == 2
+
+    def scores_of(crop: Crop) -> np.ndarray:
+        scores = np.zeros((4, 512, 512), np.uint8)
+        scores[0 if crop.col == 0 else 3] = 200
+        return scores
+
+    blended = _run(grid, scores_of)
+    classes, _conf, _prob = finished_planes_of(blended)
+    line = classes[300]
+    change = np.flatnonzero(line[1:] != line[:-1])
+    right = grid.cols[1]
+    middle = (right.start + grid.cols[0].stop) // 2
+    assert len(change) == 1 and abs(change[0] + 1 - middle) <= 1
+    clear = blended[0, 300, right.start : grid.cols[0].stop]
+    assert clear[0] > 190 and clear[-1] < 10
+    assert np.abs(np.diff(np.diff(clear))).max() < 1e-3  # a straight ramp
 
 
-def test_only_crops_with_data_are_worth_sending() -> None:
-    """The no-data wedge: a crop without one valid pixel is not sent; one pixel is enough,
-    and the zero padding past the raster's edge never counts as data."""
-    from kappamask.tiling import has_data
+def finished_planes_of(blended: np.ndarray) -> tuple[np.ndarray, ...]:
+    from kappamask.tiling import Blended
 
+    valid = np.ones(blended.shape[1:], bool)
+    return finished_planes(Blended(0, blended, valid), valid)
+
+
+def test_crops_never_sent_leave_their_pixels_missing() -> None:
+    """The no-data wedge: crops without data are not sent; pixels no crop covered are
+    MISSING; pixels one neighbour covers keep that neighbour's answer at full strength."""
     grid = CropGrid(512, 1400)
-    valid = np.zeros((512, 1400), bool)
-    valid[:, :700] = True  # the left half has data
-    sent = [has_data(valid, crop.x) for crop in grid.row_crops(0)]
-    starts = [crop.x.start for crop in grid.row_crops(0)]
-    assert sent == [start < 700 for start in starts]
+
+    def scores_of(crop: Crop) -> np.ndarray:
+        levels = np.array([10, 20, 30, 200], np.uint8)[:, None, None]
+        return np.broadcast_to(levels, (4, 512, 512))
+
+    blended = _run(grid, scores_of, sent=lambda crop: crop.col == 0)
+    first = grid.cols[0]
+    assert (blended[:, :, : first.stop] >= 0).all() and (blended[:, :, first.stop :] == -1).all()
+    np.testing.assert_allclose(blended[3, :, : first.stop], 200, atol=1e-3)
+    covered = blended[0] >= 0
+    from kappamask.tiling import Blended
+
+    classes, conf, prob = finished_planes(
+        Blended(0, np.maximum(blended, 0), covered), np.ones(covered.shape, bool)
+    )
+    assert (classes[:, first.stop :] == MaskClass.MISSING).all()
+    assert (prob[:, first.stop :] == PROBABILITY_NODATA).all() and (
+        conf[:, first.stop :] == 0
+    ).all()
+    assert (classes[:, : first.stop] == MaskClass.CLOUD).all()
+
+
+def test_context_mirrors_the_raster_and_never_counts_as_data() -> None:
+    strip = np.arange(3 * 300 * 700, dtype=np.float32).reshape(3, 300, 700) + 1
+    grid = CropGrid(300, 700)
+    row = grid.row_crops(0)
+    block = block_of(grid, row)
+    assert (block.top, block.bottom, block.left, block.right) == (0, 300, 0, 700)
+    extended = with_context(strip, block, row)
+    first = row[0]
+    crop = cut(extended, first, row)
+    assert crop.shape == (3, 512, 512)
+    dy, dx = -first.y.start, -first.x.start
+    assert (crop[:, dy : dy + 300, dx:] == strip[:, :, : 512 - dx]).all()
+    # symmetric: the pixel before the edge repeats the edge pixel, then the next one in
+    assert (crop[:, dy - 1, dx:] == crop[:, dy, dx:]).all()
+    assert (crop[:, dy - 2, dx:] == crop[:, dy + 1, dx:]).all()
+    assert (crop[:, dy:, dx - 1] == crop[:, dy:, dx]).all()
+    # only real pixels decide whether a crop is sent
+    valid = np.zeros((300, 700), bool)
+    valid[:, :5] = True
+    assert [has_data(valid, block, c) for c in row] == [c.x.start < 5 for c in row]
     valid[:] = False
-    valid[511, 1399] = True  # the last pixel of the last crop
-    assert [has_data(valid, crop.x) for crop in grid.row_crops(0)] == [False] * (
-        len(starts) - 1
-    ) + [True]
+    valid[299, 699] = True
+    assert [has_data(valid, block, c) for c in row] == [c.x.stop > 699 for c in row]

@@ -3,8 +3,8 @@
 Used where Triton has no OpenVINO or ONNX Runtime backend of its own (the tritonserver of
 the nvidia-pytriton wheel). Each model version directory links its model.py here.
 Tensors are those of every other deployment: ``input`` FP16 [N, C, 512, 512] in,
-the UINT8 [N, 512, 512] outputs the model's config lists (``classes``, ``confidence``,
-``cloud_probability``) out.
+the UINT8 outputs the model's config lists out (``classes``, ``confidence``,
+``cloud_probability`` [N, 512, 512]; ``scores`` [N, 4, 512, 512]).
 
 Runtime (config parameter ``runtime``, environment ``KAPPAMASK_CPU_RUNTIME`` overrides):
 
@@ -107,7 +107,8 @@ class _OpenVINO:
                         f"{self.streams} streams"  # fmt: skip
 
     def run(self, batch):
-        out = {name: np.empty((len(batch), 512, 512), np.uint8) for name in self.outputs}
+        out = {name: np.empty((len(batch), *self.compiled.output(name).shape[1:]), np.uint8)
+               for name in self.outputs}  # fmt: skip
 
         def done(request, index):
             for name, array in out.items():

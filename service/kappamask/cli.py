@@ -21,6 +21,7 @@ from kappamask.bands import LEVELS
 from kappamask.cli_options import (
     F,
     buffer_option,
+    existing_file_option,
     install_repository_option,
     protocol_option,
     repository_option,
@@ -92,6 +93,9 @@ def product_options(command: F) -> F:
                      help="Model name[:version_label] (default: by level)."),
         buffer_option("--cloud-buffer", "clouds (opaque and semi-transparent)"),
         buffer_option("--shadow-buffer", "cloud shadows"),
+        click.option("--shadow-check/--no-shadow-check", default=RunOptions().shadow_check,
+                     show_default=True, help="Make shadow that no cloud of the product could "
+                     "cast (by the sun's angles) clear."),
         click.option("--overwrite", is_flag=True,
                      help="Compute again even when the output holds this result."),
         triton_url_option,
@@ -117,6 +121,7 @@ def _run_options(flags: dict[str, Any]) -> RunOptions:
         overwrite=flags["overwrite"],
         cloud_buffer=flags["cloud_buffer"],
         shadow_buffer=flags["shadow_buffer"],
+        shadow_check=flags["shadow_check"],
     )
 
 
@@ -365,12 +370,10 @@ def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
 @click.option(
     "--level", type=click.Choice(LEVELS), default=None, help="Override the level in the file."
 )
-@click.option(
+@existing_file_option(
     "--int8",
     "int8_file",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="The accepted INT8 variant (kappamask quantize) for the CPU config to run.",
+    "The accepted INT8 variant (kappamask quantize) for the CPU config to run.",
 )
 def install_model_command(
     onnx_file: Path, repository: Path | None, level: str | None, int8_file: Path | None

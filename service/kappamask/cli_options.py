@@ -38,6 +38,20 @@ def out_option(help_text: str) -> Callable[[F], F]:
     )
 
 
+def existing_file_option(
+    flag: str, dest: str, help_text: str, metavar: str | None = None
+) -> Callable[[F], F]:
+    """An optional flag naming a file that must exist."""
+    return click.option(
+        flag,
+        dest,
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        default=None,
+        metavar=metavar,
+        help=help_text,
+    )
+
+
 def out_file_option(help_text: str) -> Callable[[F], F]:
     return click.option(
         "--out",

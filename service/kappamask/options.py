@@ -72,6 +72,9 @@ class RunOptions:
     #: Metres by which clouds (opaque and semi-transparent) and cloud shadows are grown.
     cloud_buffer: float = 0.0
     shadow_buffer: float = 0.0
+    #: Turn cloud shadow that no cloud of the product could cast into clear
+    #: (kappamask.postprocess.ShadowCheck).
+    shadow_check: bool = True
     #: The bbox or aoi as a geometry in EPSG:4326 (None: the whole product).
     area: BaseGeometry | None = field(init=False, repr=False, compare=False, default=None)
 
@@ -93,8 +96,9 @@ class RunOptions:
                 "input 'model' must be a model name (letters, digits, '_', '.', '-'), optionally "
                 "followed by ':' and a version label"
             )
-        if not isinstance(self.overwrite, bool):
-            raise InvalidInputError("input 'overwrite' must be true or false")
+        for name in ("overwrite", "shadow_check"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"input '{name}' must be true or false")
         for name in ("cloud_buffer", "shadow_buffer"):
             value = getattr(self, name)
             if not _is_number(value) or not 0 <= value <= MAX_BUFFER_M:
@@ -119,6 +123,7 @@ class RunOptions:
             overwrite=data.get("overwrite", defaults.overwrite),
             cloud_buffer=data.get("cloud_buffer", defaults.cloud_buffer),
             shadow_buffer=data.get("shadow_buffer", defaults.shadow_buffer),
+            shadow_check=data.get("shadow_check", defaults.shadow_check),
         )
 
     def parameters(self, model: ModelSpec) -> dict[str, Any]:
@@ -132,6 +137,7 @@ class RunOptions:
             "model_version": model.version_label,
             "cloud_buffer": self.cloud_buffer,
             "shadow_buffer": self.shadow_buffer,
+            "shadow_check": self.shadow_check,
         }
 
 

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ from kappamask.access import AccessPolicy
 from kappamask.bands import (
     CLASS_NAMES,
     OUTPUT_CLASSES,
+    TILE_OVERLAP,
     VALID_NODATA,
-    MaskClass,
 )
 from kappamask.errors import CancelledError, ProductError
 from kappamask.grid import Grid, area_mask, clip_grid, output_grid
@@ -45,7 +45,15 @@ from kappamask.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
 from kappamask.storage import Sink, open_sink
-from kappamask.tiling import CropGrid, extract, has_data, place
+from kappamask.tiling import (
+    Blender,
+    CropGrid,
+    block_of,
+    cut,
+    finished_planes,
+    has_data,
+    with_context,
+)
 from kappamask.writers.cog import OverviewResampling, StripWriter, scratch_files, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
@@ -160,8 +168,9 @@ def _noop_progress(_percent: int, _message: str) -> None:
 
 
 class _Mosaic:
-    """Collects a strip's crop outputs, keeps their centres, writes finished rows of the
-    model's classes, confidence and cloud probability."""
+    """Blends a strip's crop scores with what the previous strip left (kappamask.tiling),
+    decides the finished rows and writes the model's classes, confidence and cloud
+    probability."""
 
     def __init__(
         self,
@@ -173,35 +182,28 @@ class _Mosaic:
         timings: dict[str, float],
     ):
         self.grid, self.crops = grid, crops
+        self.blender = Blender(crops)
         self.writers = (classes, confidence, probability)
         self.timings = timings
 
     def finish_row(
         self, row: int, valid: np.ndarray, futures: Sequence[tuple[int, Future[CropOutputs]]]
     ) -> None:
-        y = self.crops.rows[row]
-        height = y.keep_stop - y.keep_start
-        classes = np.zeros((height, self.grid.width), dtype=np.uint8)
-        confidence = np.zeros_like(classes)
-        probability = np.full_like(classes, PROBABILITY_NODATA)
+        """``valid``: the strip's raster rows (those of row ``row``'s crops)."""
         row_crops = self.crops.row_crops(row)
         for col, future in futures:
             t0 = time.monotonic()
             outputs = future.result()
             t1 = time.monotonic()
-            for plane, crop_plane in zip((classes, confidence, probability), outputs, strict=True):
-                place(plane, crop_plane, row_crops[col], y.keep_start)
+            self.blender.add(row_crops[col], outputs.scores)
             _add(self.timings, "inference_wait", t1 - t0)
             _add(self.timings, "mosaic", time.monotonic() - t1)
         t0 = time.monotonic()
-        kept_valid = valid[y.keep_start - y.start : y.keep_stop - y.start]
-        classes[~kept_valid] = MaskClass.MISSING
-        confidence[~kept_valid] = 0
-        probability[~kept_valid] = PROBABILITY_NODATA
-        # A valid pixel always has some confidence; 0 is the nodata value.
-        np.maximum(confidence, kept_valid.astype(np.uint8), out=confidence)
-        for writer, plane in zip(self.writers, (classes, confidence, probability), strict=True):
-            writer.write(y.keep_start, plane)
+        done = self.blender.finish(row)
+        top = row_crops[0].y.clip(self.grid.height)[0]
+        rows = valid[done.top - top : done.top - top + done.covered.shape[0]]
+        for writer, plane in zip(self.writers, finished_planes(done, rows), strict=True):
+            writer.write(done.top, plane)
         _add(self.timings, "mosaic", time.monotonic() - t0)
 
 
@@ -232,8 +234,8 @@ def _infer_all(
     ) as reader:  # fmt: skip
         substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
         for row, y in enumerate(crops.rows):
-            height = min(crops.size, grid.height - y.start)
-            valid = np.zeros((height, grid.width), dtype=bool)
+            top, bottom = y.clip(grid.height)
+            valid = np.zeros((bottom - top, grid.width), dtype=bool)
             futures = []
             row_crops = crops.row_crops(row)
             for first in range(0, len(row_crops), CHUNK_CROPS):
@@ -244,24 +246,24 @@ def _infer_all(
                 in_flight = _throttle(in_flight, MAX_IN_FLIGHT)
                 t1 = time.monotonic()
                 _add(timings, "inference_wait", t1 - t0)
-                col0 = chunk[0].x.start
-                col1 = min(grid.width, chunk[-1].x.start + crops.size)
-                window = Window(col0, y.start, col1 - col0, height)
+                block = block_of(crops, chunk)
+                window = Window(block.left, block.top, block.right - block.left,
+                                block.bottom - block.top)  # fmt: skip
                 in_area = None if local_area is None else area_mask(grid, local_area, window)
                 if in_area is not None and not in_area.any():
                     continue  # outside the AOI: not read, not sent, MISSING in the mask
                 features, chunk_valid = reader.read(window)
                 if in_area is not None:
                     chunk_valid &= in_area
-                valid[:, col0:col1] = chunk_valid
+                valid[:, block.left : block.right] = chunk_valid
+                extended = with_context(features, block, chunk)
                 _add(timings, "read", time.monotonic() - t1)  # split below
                 for crop in chunk:
-                    x = replace(crop.x, start=crop.x.start - col0)
-                    if has_data(chunk_valid, x):
-                        future = client.submit(model.name, extract(features, x))
+                    if has_data(chunk_valid, block, crop):
+                        future = client.submit(model.name, cut(extended, crop, chunk))
                         futures.append((crop.col, future))
                         in_flight.append(future)
-                del features
+                del features, extended
             inferred += len(futures)
             if pending is not None:
                 mosaic.finish_row(*pending)
@@ -354,9 +356,14 @@ def _scratch(sink: Sink) -> dict[str, Path]:
 
 
 def plan(
-    product_ref: ProductRef, client: TritonClient, options: RunOptions, policy: AccessPolicy
+    product_ref: ProductRef,
+    client: TritonClient,
+    options: RunOptions,
+    policy: AccessPolicy,
+    overlap: int = TILE_OVERLAP,
 ) -> Plan:
-    """Stage 1: open the product, choose the model and lay out the output grid."""
+    """Stage 1: open the product, choose the model and lay out the output grid and its
+    crops (``overlap``: pixels shared by neighbouring crops, kappamask.tiling)."""
     product = open_product(product_ref, policy)
     if options.level and options.level != product.level:
         raise ProductError(
@@ -367,8 +374,9 @@ def plan(
     local_area = None
     if options.area is not None:
         grid, local_area = clip_grid(grid, options.area)
-    return Plan(product, model, grid, local_area, CropGrid(grid.height, grid.width),
-                output_names(product.product_id), options.parameters(model))  # fmt: skip
+    crops = CropGrid(grid.height, grid.width, overlap=overlap)
+    return Plan(product, model, grid, local_area, crops, output_names(product.product_id),
+                options.parameters(model))  # fmt: skip
 
 
 def infer(
@@ -408,7 +416,8 @@ def infer(
         counts = finish_layers(scratch["model_classes"], grid,
                                options.cloud_buffer / grid.resolution,
                                options.shadow_buffer / grid.resolution,
-                               mask_out, valid_out, planned.local_area)  # fmt: skip
+                               mask_out, valid_out, planned.local_area,
+                               options.shadow_check, planned.product.sun)  # fmt: skip
     timings["postprocess"] = time.monotonic() - t0
     return Inferred(counts, inferred, substitutions)
 
@@ -431,6 +440,7 @@ def publish(
         "KAPPAMASK_CLASSES": ",".join(f"{int(c)}={CLASS_NAMES[c]}" for c in OUTPUT_CLASSES),
         "KAPPAMASK_CLOUD_BUFFER_M": f"{options.cloud_buffer:g}",
         "KAPPAMASK_SHADOW_BUFFER_M": f"{options.shadow_buffer:g}",
+        "KAPPAMASK_SHADOW_CHECK": str(options.shadow_check).lower(),
     }
 
     def write(key: str) -> None:
@@ -488,6 +498,7 @@ def run(
     policy: AccessPolicy | None = None,
     output_base: Path | None = None,
     public_url: str | None = None,
+    overlap: int = TILE_OVERLAP,
 ) -> RunResult:
     """Mask one product and publish its mask, confidence, cloud probability and usable-pixel
     COGs, the preview PNG and the STAC item: plan -> (an identical result? return it) ->
@@ -502,7 +513,7 @@ def run(
     cancelled = cancelled or (lambda: False)
     policy = policy or AccessPolicy.unrestricted()
     started = time.monotonic()
-    planned = plan(product_ref, client, options, policy)
+    planned = plan(product_ref, client, options, policy, overlap)
     product, model, grid = planned.product, planned.model, planned.grid
     timings: dict[str, float] = {}
     with open_sink(output, policy, output_base, public_url) as sink:

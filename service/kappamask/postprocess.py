@@ -1,4 +1,13 @@
-"""After the model: cloud and shadow buffers, the usable-pixel mask and the class counts.
+"""After the model: the shadow check, cloud and shadow buffers, the usable-pixel mask and
+the class counts.
+
+The shadow check (on by default; ``RunOptions.shadow_check``) turns CLOUD_SHADOW that no
+cloud of the product could cast into CLEAR: a cloud at 200 m to 12 km casts its shadow
+along the sun's azimuth, ``height * tan(sun zenith)`` away (kappamask.shadows), so dark
+forest, water or soil with no cloud anywhere up-sun is ground, not shadow. Where the
+up-sun ray leaves the product or crosses pixels without data, a cloud might lie there and
+the shadow stays. It is computed once for the whole product on a coarse grid (a first
+pass over the class raster), so it is the same across strips and crops.
 
 The mosaic of the model's classes is written first; this pass reads it back in strips
 with a halo as deep as the largest buffer, so a buffer crosses strip and crop edges as if
@@ -24,6 +33,7 @@ from scipy.ndimage import distance_transform_edt
 
 from kappamask.bands import VALID_CLEAR, VALID_NODATA, VALID_UNUSABLE, MaskClass
 from kappamask.grid import Grid, area_mask
+from kappamask.shadows import Sun, coarse_reach, coarsen, reach_factor, upsample
 from kappamask.writers.cog import StripWriter
 
 #: Rows of the class raster handled at once (plus the halo above and below).
@@ -78,6 +88,38 @@ class LayerCounts:
     area_pixels: int | None
 
 
+class ShadowCheck:
+    """Where the product's clouds could cast a shadow (or a cloud might lie unseen), on
+    the coarse grid of ``shadows.cloud_reach``: built in one pass over the class raster."""
+
+    def __init__(self, src: rasterio.io.DatasetReader, grid: Grid, sun: Sun | None):
+        self.k = k = reach_factor(sun, grid.resolution)
+        rows = k * math.ceil(STRIP_ROWS / k)
+        clouds, unknown = [], []
+        for top in range(0, grid.height, rows):
+            block = src.read(1, window=Window(0, top, grid.width, min(rows, grid.height - top)))
+            cloudy = (block == MaskClass.CLOUD) | (block == MaskClass.SEMI_TRANSPARENT_CLOUD)
+            clouds.append(coarsen(cloudy, k, False))
+            unknown.append(coarsen(block == MaskClass.MISSING, k, True))
+        cast, unsure = coarse_reach(np.concatenate(clouds), np.concatenate(unknown), sun,
+                                    grid.resolution, k)  # fmt: skip
+        self.possible = cast | unsure
+
+    def apply(self, block: np.ndarray, top: int) -> np.ndarray:
+        """``block`` (full-width rows from ``top``) with impossible shadow made CLEAR."""
+        shadow = block == MaskClass.CLOUD_SHADOW
+        if not shadow.any():
+            return block
+        k = self.k
+        first, last = top // k, (top + block.shape[0] - 1) // k + 1
+        possible = upsample(self.possible[first:last], k, (last - first) * k,
+                            self.possible.shape[1] * k)  # fmt: skip
+        possible = possible[top - first * k : top - first * k + block.shape[0], : block.shape[1]]
+        out = block.copy()
+        out[shadow & ~possible] = MaskClass.CLEAR
+        return out
+
+
 def finish_layers(
     model_classes: Path,
     grid: Grid,
@@ -86,17 +128,23 @@ def finish_layers(
     classes_out: StripWriter,
     valid_out: StripWriter,
     local_area: Mapping[str, Any] | None = None,
+    shadow_check: bool = False,
+    sun: Sun | None = None,
 ) -> LayerCounts:
-    """Buffer the model's class raster into ``classes_out``, write the usable-pixel mask
-    to ``valid_out`` and count the classes (and the area's pixels) of the result."""
+    """Check the shadows of the model's class raster against the sun (``shadow_check``;
+    ``sun`` None: in every direction), buffer it into ``classes_out``, write the
+    usable-pixel mask to ``valid_out`` and count the classes (and the area's pixels)."""
     halo = math.ceil(max(cloud_px, shadow_px, 0.0)) + 1 if max(cloud_px, shadow_px) > 0 else 0
     counts = np.zeros(256, dtype=np.int64)
     area_pixels = 0 if local_area is not None else None
     with rasterio.open(model_classes) as src:
+        check = ShadowCheck(src, grid, sun) if shadow_check else None
         for top in range(0, grid.height, STRIP_ROWS):
             bottom = min(grid.height, top + STRIP_ROWS)
             read_top, read_bottom = max(0, top - halo), min(grid.height, bottom + halo)
             block = src.read(1, window=Window(0, read_top, grid.width, read_bottom - read_top))
+            if check is not None:
+                block = check.apply(block, read_top)
             buffered = apply_buffers(block, cloud_px, shadow_px)
             rows = buffered[top - read_top : bottom - read_top]
             classes_out.write(top, rows)

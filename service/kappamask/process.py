@@ -174,6 +174,16 @@ PROCESS_METADATA: dict[str, Any] = {
             "minOccurs": 0,
             "maxOccurs": 1,
         },
+        "shadow_check": {
+            "title": "Shadow check",
+            "description": "true (default): cloud shadow that no cloud of the product could "
+            "cast (none up-sun at a distance a cloud height of 200 m to 12 km explains, "
+            "from the sun angles of the metadata) becomes clear: dark forest, water and soil "
+            "stay clear. false: the model's shadows as they are.",
+            "schema": {"type": "boolean", "default": _DEFAULTS.shadow_check},
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        },
         "overwrite": {
             "title": "Overwrite",
             "description": "false (default): when the output already holds a result for the "

@@ -6,6 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+from kappamask.bands import MaskClass
+
 #: Where a model's weights come from, as every result states it.
 ORIGIN_OFFICIAL = "official"  # KappaZeta's published weights (kappamask fetch-weights)
 ORIGIN_BOOTSTRAP = "bootstrap"  # this project's own (kappamask distill / train)
@@ -35,15 +39,40 @@ MIN_INT8_AGREEMENT = 0.995
 AGREEMENT_PARAMETERS = ("bf16_agreement", "int8_agreement")
 
 #: The tensors of every served model, on every backend: normalised features in; per pixel
-#: the mask code, the winning sigmoid x 255, and the cloud probability in percent (255
-#: where the input has no data; see kappamask.model.onnx_graph).
+#: the mask code, the winning sigmoid x 255, the cloud probability in percent (255 where
+#: the input has no data) and the four classes' scores x 255 (see
+#: kappamask.model.onnx_graph). The service asks for the scores only: it blends
+#: overlapping crops and decides the classes itself (kappamask.tiling); the other three
+#: are there for clients that call Triton directly.
 INPUT = "input"
 OUTPUT_CLASSES = "classes"
 OUTPUT_CONFIDENCE = "confidence"
 OUTPUT_PROBABILITY = "cloud_probability"
-OUTPUTS = (OUTPUT_CLASSES, OUTPUT_CONFIDENCE, OUTPUT_PROBABILITY)
+OUTPUT_SCORES = "scores"
+OUTPUTS = (OUTPUT_CLASSES, OUTPUT_CONFIDENCE, OUTPUT_PROBABILITY, OUTPUT_SCORES)
+#: The classes of ``scores``, in order (the network's outputs a pixel with data may take).
+SCORE_CLASSES = (MaskClass.CLEAR, MaskClass.CLOUD_SHADOW, MaskClass.SEMI_TRANSPARENT_CLOUD,
+                 MaskClass.CLOUD)  # fmt: skip
 #: The probability's value where the input has no data.
 PROBABILITY_NODATA = 255
+
+
+def decide(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(classes, confidence, cloud probability), uint8, from per-class scores [4, h, w]
+    (0..255, ``SCORE_CLASSES`` order): the served graph's rule (kappamask.model.onnx_graph): the
+    best class, its score as confidence, and ``round(100 c / (c + k))`` with ``c`` the
+    stronger cloudy score and ``k`` the stronger cloud-free one. No-data is the caller's."""
+    codes = np.array([int(c) for c in SCORE_CLASSES], np.uint8)
+    winner = np.argmax(scores, axis=0)
+    classes = codes[winner]
+    confidence = np.rint(np.max(scores, axis=0)).astype(np.uint8)
+    index = {c: i for i, c in enumerate(SCORE_CLASSES)}
+    cloudy = np.maximum(scores[index[MaskClass.SEMI_TRANSPARENT_CLOUD]],
+                        scores[index[MaskClass.CLOUD]]).astype(np.float32)  # fmt: skip
+    free = np.maximum(scores[index[MaskClass.CLEAR]], scores[index[MaskClass.CLOUD_SHADOW]])
+    total = np.maximum(cloudy + free, 1e-6)
+    probability = np.rint(100.0 * cloudy / total).astype(np.uint8)
+    return classes, confidence, probability
 
 
 @dataclass(frozen=True)

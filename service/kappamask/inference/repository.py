@@ -29,8 +29,10 @@ from kappamask.inference.model_spec import (
     OFFSET_RULES,
     OFFSET_TRAINING,
     ORIGIN_UNKNOWN,
+    OUTPUT_SCORES,
     OUTPUTS,
     PRECISION_AUTO,
+    SCORE_CLASSES,
     ModelSpec,
 )
 
@@ -70,9 +72,12 @@ def _parameters(spec: ModelSpec, agreements: bool = True, **extra: str) -> str:
 
 
 def _io(channels: int, input_type: str = "TYPE_FP16") -> str:
+    def dims(name: str) -> str:
+        planes = f"{len(SCORE_CLASSES)}, " if name == OUTPUT_SCORES else ""
+        return f"[ {planes}{TILE_SIZE}, {TILE_SIZE} ]"
+
     outputs = ",\n".join(
-        f'  {{ name: "{name}" data_type: TYPE_UINT8 dims: [ {TILE_SIZE}, {TILE_SIZE} ] }}'
-        for name in OUTPUTS
+        f'  {{ name: "{name}" data_type: TYPE_UINT8 dims: {dims(name)} }}' for name in OUTPUTS
     )
     return f"""input [
   {{ name: "{INPUT}" data_type: {input_type} dims: [ {channels}, {TILE_SIZE}, {TILE_SIZE} ] }}
@@ -249,12 +254,14 @@ def install_model(
 
 def _place(source: Path, target: Path) -> None:
     """Copy an ONNX file into the repository; one exported before the service had the
-    ``cloud_probability`` output gains it on the way (the weights stay as they are)."""
-    from kappamask.model.onnx_graph import add_probability_output
+    ``cloud_probability`` or ``scores`` outputs gains them on the way (the weights stay as
+    they are)."""
+    from kappamask.model.onnx_graph import add_missing_outputs
 
     model = onnx.load(str(source))
-    if add_probability_output(model):
-        LOGGER.info("%s: added the cloud_probability output to the graph", source.name)
+    added = add_missing_outputs(model)
+    if added:
+        LOGGER.info("%s: added the output(s) %s to the graph", source.name, ", ".join(added))
         tmp = target.with_suffix(".partial")
         onnx.save(model, str(tmp))
         os.replace(tmp, target)

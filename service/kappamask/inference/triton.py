@@ -35,11 +35,10 @@ from kappamask.inference.model_spec import (
     OFFSET_RULES,
     OFFSET_TRAINING,
     ORIGIN_UNKNOWN,
-    OUTPUT_CLASSES,
-    OUTPUT_CONFIDENCE,
-    OUTPUT_PROBABILITY,
+    OUTPUT_SCORES,
     OUTPUTS,
     ModelSpec,
+    decide,
     parse_agreements,
 )
 
@@ -63,11 +62,23 @@ _CONNECTION_ERRORS = (OSError, http.client.HTTPException)
 
 
 class CropOutputs(NamedTuple):
-    """What the model says of one crop, each uint8 [512, 512]."""
+    """What the model says of one crop: its four class scores, uint8 [4, 512, 512]
+    (``SCORE_CLASSES`` order, x 255), which the mosaic blends; the properties decide one
+    crop on its own, as the served graph does."""
 
-    classes: np.ndarray
-    confidence: np.ndarray
-    probability: np.ndarray
+    scores: np.ndarray
+
+    @property
+    def classes(self) -> np.ndarray:
+        return decide(self.scores)[0]
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return decide(self.scores)[1]
+
+    @property
+    def probability(self) -> np.ndarray:
+        return decide(self.scores)[2]
 
 
 def _agreements(name: str, params: dict[str, str]) -> tuple[float | None, float | None]:
@@ -339,7 +350,7 @@ class TritonClient:
         else:
             inp.set_data_from_numpy(batch)
         binary = {"binary_data": True} if self.protocol == "http" else {}
-        outputs = [module.InferRequestedOutput(n, **binary) for n in OUTPUTS]
+        outputs = [module.InferRequestedOutput(OUTPUT_SCORES, **binary)]
         try:
             result = self._call("inference", client.infer, model, [inp], outputs=outputs)
         except InferenceUnavailableError as err:
@@ -348,11 +359,10 @@ class TritonClient:
             # Triton restarted and forgot the region: register it again, once
             self._local.region = None
             return self._infer_one(model, crop)
-        planes = [result.as_numpy(n) for n in (OUTPUT_CLASSES, OUTPUT_CONFIDENCE,
-                                               OUTPUT_PROBABILITY)]  # fmt: skip
-        if any(p is None or p.size == 0 for p in planes):
+        scores = result.as_numpy(OUTPUT_SCORES)
+        if scores is None or scores.size == 0:
             raise InferenceUnavailableError(f"{model} returned no output (server-side numpy >= 2?)")
-        return CropOutputs(*(p[0] for p in planes))
+        return CropOutputs(scores[0])
 
     def submit(self, model: str, crop: np.ndarray) -> Future[CropOutputs]:
         """Queue one normalised crop [C, 512, 512]; the future gives its CropOutputs."""

@@ -2,8 +2,10 @@
 
 Input ``input`` float32 [N, C, H, W] (normalised features, H and W multiples of 16);
 outputs ``classes`` uint8 [N, H, W] with mask codes, ``confidence`` uint8 [N, H, W]
-(the winning sigmoid x 255) and ``cloud_probability`` uint8 [N, H, W] (percent, 255 where
-the input has no data). See ``_add_head`` for how MISSING and UNDEFINED are handled and
+(the winning sigmoid x 255), ``cloud_probability`` uint8 [N, H, W] (percent, 255 where
+the input has no data) and ``scores`` uint8 [N, 4, H, W] (CLEAR, CLOUD_SHADOW,
+SEMI_TRANSPARENT_CLOUD, CLOUD outputs x 255: what the service blends across overlapping
+crops). See ``_add_head`` for how MISSING and UNDEFINED are handled and
 ``_probability_nodes`` for what the probability is.
 """
 
@@ -21,7 +23,9 @@ from kappamask.inference.model_spec import (
     OUTPUT_CLASSES,
     OUTPUT_CONFIDENCE,
     OUTPUT_PROBABILITY,
+    OUTPUT_SCORES,
     PROBABILITY_NODATA,
+    SCORE_CLASSES,
 )
 from kappamask.model.architecture import LEVELS, conv_specs
 
@@ -111,6 +115,7 @@ def finish_model(
     and outputs every served model has, and the metadata."""
     _add_head(nodes, inits, PROBS)
     _probability_nodes(nodes, inits, PROBS)
+    _score_nodes(nodes, inits)
     plane = ["batch", "height", "width"]
     graph = helper.make_graph(
         nodes,
@@ -124,6 +129,8 @@ def finish_model(
             helper.make_tensor_value_info(OUTPUT_CLASSES, TensorProto.UINT8, plane),
             helper.make_tensor_value_info(OUTPUT_CONFIDENCE, TensorProto.UINT8, plane),
             helper.make_tensor_value_info(OUTPUT_PROBABILITY, TensorProto.UINT8, plane),
+            helper.make_tensor_value_info(OUTPUT_SCORES, TensorProto.UINT8,
+                                          [plane[0], len(SCORE_CLASSES), *plane[1:]]),
         ],
         inits,
     )  # fmt: skip
@@ -146,8 +153,7 @@ def _add_head(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto], probs:
     that have data (it does on hazy or unfamiliar scenes), and UNDEFINED never wins.
     """
     real = list(NETWORK_OUTPUT_ORDER[1:5])
-    assert real == [MaskClass.CLEAR, MaskClass.CLOUD_SHADOW,
-                    MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD]  # fmt: skip
+    assert real == list(SCORE_CLASSES)
     missing_channel = NETWORK_OUTPUT_ORDER.index(MaskClass.MISSING)
     inits += [
         numpy_helper.from_array(np.array([1], np.int64), "head_start"),
@@ -228,27 +234,44 @@ def _probability_nodes(
     ]  # fmt: skip
 
 
-def add_probability_output(model: onnx.ModelProto) -> bool:
-    """Give a model exported before ``cloud_probability`` existed that output, in place
-    (FP32 and INT8 files alike: the head reads the same sigmoid tensor in both). False
-    when it has it already."""
+def _score_nodes(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> None:
+    """The head's four real class scores (``real_probs`` of ``_add_head``) -> ``scores``,
+    uint8 x 255: what the service blends across overlapping crops before deciding."""
+    inits.append(numpy_helper.from_array(np.array(255.0, np.float32), "scores_255"))
+    nodes += [
+        helper.make_node("Mul", ["real_probs", "scores_255"], ["scores_scaled"]),
+        helper.make_node("Round", ["scores_scaled"], ["scores_round"]),
+        helper.make_node("Cast", ["scores_round"], [OUTPUT_SCORES], to=TensorProto.UINT8),
+    ]
+
+
+def add_missing_outputs(model: onnx.ModelProto) -> list[str]:
+    """Give a model exported before ``cloud_probability`` or ``scores`` existed those
+    outputs, in place (FP32 and INT8 files alike: the head reads the same tensors in
+    both). Returns the names added (empty when it has them all)."""
     graph = model.graph
-    if any(o.name == OUTPUT_PROBABILITY for o in graph.output):
-        return False
-    if not any(PROBS in n.output for n in graph.node) or not any(
-        "no_data" in n.output for n in graph.node
-    ):
-        raise ValueError(f"not a KappaMask graph: no {PROBS!r} / 'no_data' tensor")
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    _probability_nodes(nodes, inits, PROBS)
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
+    produced = {name for node in graph.node for name in node.output}
+    if PROBS not in produced or "no_data" not in produced or "real_probs" not in produced:
+        raise ValueError(f"not a KappaMask graph: no {PROBS!r} / 'no_data' / 'real_probs' tensor")
+    have = {o.name for o in graph.output}
     plane = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
-    graph.output.append(helper.make_tensor_value_info(OUTPUT_PROBABILITY, TensorProto.UINT8,
-                                                      plane))  # fmt: skip
-    onnx.checker.check_model(model)
-    return True
+    added = []
+    for name, build, shape in (
+        (OUTPUT_PROBABILITY, lambda n, i: _probability_nodes(n, i, PROBS), plane),
+        (OUTPUT_SCORES, _score_nodes, [plane[0], len(SCORE_CLASSES), *plane[1:]]),
+    ):
+        if name in have:
+            continue
+        nodes: list[onnx.NodeProto] = []
+        inits: list[onnx.TensorProto] = []
+        build(nodes, inits)
+        graph.node.extend(nodes)
+        graph.initializer.extend(inits)
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.UINT8, shape))
+        added.append(name)
+    if added:
+        onnx.checker.check_model(model)
+    return added
 
 
 def model_metadata(

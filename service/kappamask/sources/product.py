@@ -10,6 +10,7 @@ import rasterio
 
 from kappamask.access import product_name
 from kappamask.s3 import S3Settings
+from kappamask.shadows import Sun
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,13 @@ class Product:
     #: Per band, the factor from stored DN to DN on the quantification scale (STAC scale
     #: times quantification); 1 when absent.
     gains: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sun(self) -> Sun | None:
+        """The sun's mean angles over the tile, where the metadata gives both."""
+        if self.sun_azimuth is None or self.sun_zenith is None:
+            return None
+        return Sun(self.sun_azimuth, self.sun_zenith)
 
     def __post_init__(self) -> None:
         # the id names the result's files: whatever a SAFE or a STAC item says, it never

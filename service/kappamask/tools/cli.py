@@ -12,6 +12,7 @@ import click
 
 from kappamask.bands import LEVELS, RESOLUTIONS
 from kappamask.cli_options import (
+    existing_file_option,
     install_repository_option,
     out_file_option,
     out_option,
@@ -278,13 +279,7 @@ def import_keras_command(
     default=None,
     help="A KappaSet-style folder of NetCDF sub-tiles, scored with --model.",
 )
-@click.option(
-    "--model",
-    "model_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="ONNX model (the served format) for --kappaset.",
-)
+@existing_file_option("--model", "model_path", "ONNX model (the served format) for --kappaset.")
 @click.option("--level", type=click.Choice(LEVELS), default=None, help="Level of --model.")
 @paths_option(
     "--scl-product",
@@ -308,6 +303,13 @@ def import_keras_command(
     help="One product and this project's mask of it: the mask next to s2cloudless (L1C), "
     "ukis-csmask and SCL (L2A) on the mask's grid; --png draws all of them over the true colour.",
 )
+@existing_file_option(
+    "--seams",
+    "seams_mask",
+    "A mask GeoTIFF: how much more often its class changes across crop boundaries and its "
+    "outermost rows/columns than across the median boundary (1 = seamless).",
+    metavar="MASK",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None)
 def evaluate_command(
@@ -319,6 +321,7 @@ def evaluate_command(
     scl_products: tuple[Path, ...],
     s2cloudless_products: tuple[Path, ...],
     side_by_side: tuple[Path, Path] | None,
+    seams_mask: Path | None,
     json_path: Path | None,
     png_path: Path | None,
 ) -> None:
@@ -327,6 +330,12 @@ def evaluate_command(
     product's mask against the other tools (--side-by-side)."""
     from kappamask.tools import evaluate as ev
 
+    if seams_mask is not None:
+        result = ev.seam_report(seams_mask)
+        click.echo(ev.format_seams(result))
+        if json_path:
+            click.echo(f"JSON: {ev.write_json(result, json_path)}")
+        return
     if side_by_side is not None:
         result, masks, rgb = ev.side_by_side(*side_by_side)
         click.echo(ev.format_table(result))
@@ -464,6 +473,13 @@ def train_command(
     type=click.FloatRange(0.0, 1.0),
     help="Share of training crops whose clear ground becomes desert [default: DistillConfig's].",
 )
+@click.option(
+    "--open-water",
+    default=None,
+    type=click.FloatRange(0.0, 1.0),
+    help="Share of training crops whose clear ground becomes open water [default: "
+    "DistillConfig's].",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--version-label", default=None, help="Model version written into the ONNX file.")
 def distill_command(
@@ -485,6 +501,7 @@ def distill_command(
     learning_rate: float,
     no_pseudo_l2a: bool,
     bare_ground: float | None,
+    open_water: float | None,
     seed: int,
     version_label: str | None,
 ) -> None:
@@ -510,6 +527,8 @@ def distill_command(
     )  # fmt: skip
     if bare_ground is not None:
         config.bare_ground = bare_ground
+    if open_water is not None:
+        config.open_water = open_water
     model, report = distill(inputs, config, out_dir, labels_cache)
     label = version_label or f"bootstrap-distilled-{level.lower()}"
     path = export_onnx(model, level, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], label,

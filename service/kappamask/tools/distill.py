@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from kappamask.bands import DEFAULT_FEATURES, MaskClass
 from kappamask.errors import InvalidInputError
 from kappamask.tools import realdata
 from kappamask.tools.datasets import Batch, augment
-from kappamask.tools.metrics import agreement
+from kappamask.tools.metrics import TrustCounts, agreement
 from kappamask.tools.realdata import Imagery, Labelled
 from kappamask.tools.train import FitConfig, fit, predict
 from kappamask.tools.unet import UNet
@@ -77,6 +77,9 @@ class DistillConfig:
     #: Share of training crops whose clear ground becomes desert (realdata.bare_ground_crop):
     #: the real scenes here hold almost no bare ground.
     bare_ground: float = 0.2
+    #: Share of training crops whose clear ground becomes open water
+    #: (realdata.open_water_crop): little open sea in the real scenes, none at 20 m in L2A.
+    open_water: float = 0.15
     fit: FitConfig = field(default_factory=lambda: FitConfig(
         crop=128, batch_size=8, steps_per_epoch=200, max_epochs=200, max_minutes=35.0,
         learning_rate=1e-3, loss="ce+bce", patience=8, lr_patience=3, val_batches=6,
@@ -137,9 +140,11 @@ class ScenesSource:
 
     name = "scenes"
 
-    def __init__(self, scenes: Sequence[Labelled], bare_ground: float = 0.0):
+    def __init__(
+        self, scenes: Sequence[Labelled], bare_ground: float = 0.0, open_water: float = 0.0
+    ):
         self.scenes = list(scenes)
-        self.bare_ground = bare_ground
+        self.bare_ground, self.open_water = bare_ground, open_water
         weights = np.array([float(_labelled(s.labels).sum()) for s in self.scenes])
         if not weights.sum():
             raise InvalidInputError("no labelled pixel in the training scenes")
@@ -156,8 +161,11 @@ class ScenesSource:
             if _labelled(lab).mean() >= MIN_LABELLED or attempt == MAX_ATTEMPTS - 1:
                 break
         cut = feats[:, y0 : y0 + crop, x0 : x0 + crop]
-        if rng.random() < self.bare_ground:
+        draw = rng.random()
+        if draw < self.bare_ground:
             cut = realdata.bare_ground_crop(cut, lab, scene.level, rng)
+        elif draw < self.bare_ground + self.open_water:
+            cut = realdata.open_water_crop(cut, lab, scene.level, rng)
         return augment(cut, lab, rng)
 
     def train_crop(self, crop: int, rng: np.random.Generator) -> Batch:
@@ -197,10 +205,17 @@ def split(
     return train, held
 
 
-def holdout_report(model: UNet, held: Sequence[Labelled]) -> dict[str, Any]:
-    """Agreement on the held-out scenes: the model against each teacher and against the
-    fused labels; every teacher against every other teacher (same pixels)."""
-    preds = [predict(model, s.features) for s in held]
+def holdout_report(
+    held: Sequence[Labelled], classify: Callable[[np.ndarray], np.ndarray]
+) -> dict[str, Any]:
+    """Agreement on the held-out scenes: the model (``classify``: features -> classes)
+    against each teacher and against the fused labels; every teacher against every other
+    teacher (same pixels); and what a user sees (``metrics.TrustCounts``: clear ground
+    kept clear, shadow share, cloud dice per teacher, shadow recall)."""
+    preds = [classify(s.features) for s in held]
+    trust = TrustCounts()
+    for s, pred in zip(held, preds, strict=True):
+        trust.add(pred, s.teacher_masks)
     names = sorted({k for s in held for k in s.teacher_masks})
     columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for s, pred in zip(held, preds, strict=True):
@@ -218,6 +233,7 @@ def holdout_report(model: UNet, held: Sequence[Labelled]) -> dict[str, Any]:
     for key, pairs in columns.items():
         report[key] = agreement(np.concatenate([p.ravel() for p, _ in pairs]),
                                 np.concatenate([r.ravel() for _, r in pairs]))  # fmt: skip
+    report["trust"] = trust.report()
     return report
 
 
@@ -238,7 +254,8 @@ def distill(
     torch.manual_seed(config.fit.seed)
     model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters, batch_norm=True,
                  head_channels=config.head_channels)  # fmt: skip
-    fit(model, [ScenesSource(train_scenes, config.bare_ground)], config.fit, out_dir)
-    report = holdout_report(model, held) if held else {}
+    source = ScenesSource(train_scenes, config.bare_ground, config.open_water)
+    fit(model, [source], config.fit, out_dir)
+    report = holdout_report(held, lambda f: predict(model, f)) if held else {}
     (out_dir / "holdout.json").write_text(json.dumps(report, indent=2, default=float))
     return model, report

@@ -22,7 +22,15 @@ from kappamask.gdal import GDAL_ENV
 from kappamask.grid import Grid
 from kappamask.reader import BandReader
 from kappamask.sources import open_safe
-from kappamask.tools.metrics import CLASSES, TWO_CLASS, agreement, without_nan
+from kappamask.tiling import CropGrid
+from kappamask.tools.metrics import (
+    CLASSES,
+    TWO_CLASS,
+    TrustCounts,
+    agreement,
+    seams,
+    without_nan,
+)
 from kappamask.tools.teachers import S2CLOUDLESS_BANDS
 
 LOGGER = logging.getLogger(__name__)
@@ -140,6 +148,15 @@ def side_by_side(
     for i, pred in enumerate(tools):
         for ref in tools[i + 1 :]:
             result[f"{pred} vs {ref}"] = agreement(masks[pred], masks[ref])
+    trust = TrustCounts()
+    trust.add(ours, {k: v for k, v in masks.items() if k != name})
+    result["trust"] = trust.report()
+    if level == "L2A":
+        from kappamask.tools.labels import SCL_WATER, read_scl
+
+        water = read_scl(open_safe(product_path), grid) == SCL_WATER
+        kept = float((ours[water] == MaskClass.CLEAR).mean()) if water.any() else math.nan
+        result["trust"]["sen2cor_water"] = {"pixels": int(water.sum()), "stay_clear": kept}
     return result, masks, true_colour(product_path, grid)
 
 
@@ -217,7 +234,7 @@ def _pct(value: float | None) -> str:
 def format_table(result: Mapping[str, Any]) -> str:
     """The terminal table: one column per tool, dice / precision / recall per class,
     overall accuracy; the confusion matrices; then the two-class view."""
-    names = list(result)
+    names = [n for n in result if isinstance(result[n], dict) and "classes" in result[n]]
     width = max(12, *(len(n) + 2 for n in names))
     lines = ["Four classes (UNDEFINED and MISSING reference pixels excluded), %"]
     header = f"{'class':<26}{'metric':<11}" + "".join(f"{n:>{width}}" for n in names)
@@ -243,6 +260,9 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append(f"{'':<24}" + "".join(f"{c:>24}" for c in cols))
         for code, row in zip(CLASSES, result[n]["confusion"], strict=True):
             lines.append(f"{CLASS_NAMES[code]:<24}" + "".join(f"{v:>24}" for v in row))
+    if "trust" in result:
+        lines += ["", "What a user sees (metrics.TrustCounts)",
+                  json.dumps(without_nan(result["trust"]), indent=2)]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -305,6 +325,31 @@ def evaluate(
               np.concatenate([r.ravel() for _p, r in pairs]))
         for key, pairs in columns.items()
     })  # fmt: skip
+
+
+def seam_report(mask_path: Path) -> dict[str, Any]:
+    """``metrics.seams`` of a mask GeoTIFF at the boundaries of the service's crop grid
+    on it: where crops begin and end, and the middles of their overlaps (where a cut mosaic
+    switched from one crop to the next)."""
+    _grid, classes = _grid_of(mask_path)
+    crops = CropGrid(classes.shape[0], classes.shape[1])
+    rows, cols = crops.boundaries()
+    half = crops.overlap // 2
+    rows += [s.start + half for s in crops.rows[1:]]
+    cols += [s.start + half for s in crops.cols[1:]]
+    return seams(classes, sorted(set(rows)), sorted(set(cols)))
+
+
+def format_seams(result: Mapping[str, Any]) -> str:
+    """The seam report as a terminal table."""
+    lines = [f"{'':<10}{'median change':>15}{'worst (at)':>18}{'worst at crops':>16}"
+             f"{'outer':>16}"]  # fmt: skip
+    for axis, r in result.items():
+        outer = " / ".join(f"{v:.2f}" for v in r["outer_ratios"])
+        lines.append(f"{axis:<10}{100 * r['median_change_rate']:>14.3f}%"
+                     f"{r['worst_ratio']:>10.2f} ({r['worst_boundary']:>5})"
+                     f"{r['worst_crop_ratio']:>16.2f}{outer:>16}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def write_json(result: Mapping[str, Any], path: Path) -> Path:

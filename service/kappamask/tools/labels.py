@@ -22,8 +22,17 @@ def scl_to_mask(scl: np.ndarray) -> np.ndarray:
     return lut[scl.astype(np.uint8)]
 
 
+#: Sen2Cor's SCL code for water.
+SCL_WATER = 6
+
+
 def read_scl_labels(product: Product, grid: Grid) -> np.ndarray:
     """The product's SCL layer on ``grid`` (nearest neighbour), as mask codes."""
+    return scl_to_mask(read_scl(product, grid))
+
+
+def read_scl(product: Product, grid: Grid) -> np.ndarray:
+    """The product's SCL layer on ``grid`` (nearest neighbour), Sen2Cor's own codes."""
     if not product.has_band("SCL"):
         raise ProductError(f"{product.product_id} has no SCL layer (an L2A product is needed)")
     path, _res = product.band_path("SCL", int(grid.resolution))
@@ -31,4 +40,5 @@ def read_scl_labels(product: Product, grid: Grid) -> np.ndarray:
         src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
         resampling=Resampling.nearest,
     ) as vrt:  # fmt: skip
-        return scl_to_mask(vrt.read(1))
+        codes: np.ndarray = vrt.read(1)
+        return codes

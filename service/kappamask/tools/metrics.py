@@ -124,3 +124,112 @@ def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
         "two_class": {**two_class_scores(two), "confusion": two.tolist()},
     })  # fmt: skip
     return result
+
+
+def _change_rates(classes: np.ndarray) -> np.ndarray:
+    """Per boundary between consecutive rows (``b``: rows ``b - 1`` and ``b``; index 0
+    unused): the share of columns, both pixels with data, whose class changes. NaN where
+    no column has data on both sides."""
+    both = (classes[1:] != MaskClass.MISSING) & (classes[:-1] != MaskClass.MISSING)
+    changed = (classes[1:] != classes[:-1]) & both
+    counts = both.sum(axis=1)
+    rates = np.full(classes.shape[0], np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates[1:] = np.where(counts > 0, changed.sum(axis=1) / np.maximum(counts, 1), np.nan)
+    return rates
+
+
+def seams(classes: np.ndarray, crop_rows: list[int], crop_cols: list[int]) -> dict[str, Any]:
+    """How much more often the class changes across crop boundaries and the outermost rows
+    and columns than across a typical row or column boundary.
+
+    For rows and columns alike: the median change rate over all boundaries, and each
+    boundary's rate as a ratio to it: the worst boundary anywhere, the worst at a crop
+    boundary (``crop_rows`` / ``crop_cols``: where crops begin, end or were cut), and the
+    outermost boundary on each side. A seamless mosaic has every ratio near 1; a cut one
+    shows 4-6 at its cuts; edges without context, far more.
+    """
+    out: dict[str, Any] = {}
+    for axis, crop_edges in (("rows", crop_rows), ("columns", crop_cols)):
+        rates = _change_rates(classes if axis == "rows" else classes.T)
+        median = float(np.nanmedian(rates[1:])) if np.isfinite(rates[1:]).any() else math.nan
+        ratio = rates / median if median > 0 else np.full_like(rates, math.nan)
+        at_crops = [b for b in crop_edges if 0 < b < len(rates) and np.isfinite(ratio[b])]
+        finite = np.flatnonzero(np.isfinite(ratio))
+        worst = int(finite[np.argmax(ratio[finite])]) if finite.size else -1
+        out[axis] = {
+            "median_change_rate": median,
+            "worst_ratio": float(ratio[worst]) if worst > 0 else math.nan,
+            "worst_boundary": worst,
+            "worst_crop_ratio": max((float(ratio[b]) for b in at_crops), default=math.nan),
+            "outer_ratios": [float(ratio[1]), float(ratio[-1])] if len(rates) > 2 else [],
+        }
+    return out
+
+
+class TrustCounts:
+    """What a user sees at a glance, pooled over scenes: does ground both L1C teachers call
+    clear stay clear (and how much of it turns to shadow), how much of the scene is
+    shadow, cloud (semi-transparent + cloud) dice against each tool, shadow recall against
+    ukis-csmask, and against Sen2Cor's SCL the three-class agreement (clear, shadow,
+    cloud) and the share of SCL's cloud found."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+
+    def _add(self, key: str, value: int) -> None:
+        self.n[key] = self.n.get(key, 0) + int(value)
+
+    def add(self, pred: np.ndarray, masks: dict[str, np.ndarray]) -> None:
+        data = pred != MaskClass.MISSING
+        cloudy = np.isin(pred, (MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD)) & data
+        shadow = (pred == MaskClass.CLOUD_SHADOW) & data
+        self._add("pixels", data.sum())
+        self._add("shadow", shadow.sum())
+        for name, ref in masks.items():
+            known = data & ~np.isin(ref, (MaskClass.MISSING, MaskClass.UNDEFINED))
+            ref_cloudy = np.isin(ref, (MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD)) & known
+            self._add(f"{name}.tp", (cloudy & ref_cloudy).sum())
+            self._add(f"{name}.pred", (cloudy & known).sum())
+            self._add(f"{name}.ref", ref_cloudy.sum())
+            ref_shadow = (ref == MaskClass.CLOUD_SHADOW) & known
+            self._add(f"{name}.shadow_ref", ref_shadow.sum())
+            self._add(f"{name}.shadow_found", (shadow & ref_shadow).sum())
+            if name == "sen2cor":
+                three = np.select([cloudy, shadow], [2, 1], 0)
+                ref_three = np.select([ref_cloudy, ref_shadow], [2, 1], 0)
+                self._add("sen2cor.known", known.sum())
+                self._add("sen2cor.same", ((three == ref_three) & known).sum())
+        if "s2cloudless" in masks and "ukis-csmask" in masks:
+            both = data & (masks["s2cloudless"] == MaskClass.CLEAR)
+            both &= masks["ukis-csmask"] == MaskClass.CLEAR
+            self._add("both_clear", both.sum())
+            self._add("both_clear.kept", (both & (pred == MaskClass.CLEAR)).sum())
+            self._add("both_clear.shadow", (both & shadow).sum())
+
+    def report(self) -> dict[str, Any]:
+        n = self.n
+
+        def ratio(a: str, b: str) -> float:
+            return n.get(a, 0) / n[b] if n.get(b) else math.nan
+
+        out: dict[str, Any] = {
+            "pixels": n.get("pixels", 0),
+            "shadow_share": ratio("shadow", "pixels"),
+        }
+        for name in sorted({k.split(".")[0] for k in n if k.endswith(".tp")}):
+            total = n[f"{name}.pred"] + n[f"{name}.ref"]
+            out[name] = {
+                "cloud_dice": 2 * n[f"{name}.tp"] / total if total else math.nan,
+                "shadow_recall": ratio(f"{name}.shadow_found", f"{name}.shadow_ref"),
+            }
+        if "sen2cor.known" in n:
+            out["sen2cor"]["three_class_agreement"] = ratio("sen2cor.same", "sen2cor.known")
+            out["sen2cor"]["cloud_found"] = ratio("sen2cor.tp", "sen2cor.ref")
+        if "both_clear" in n:
+            out["both_teachers_clear"] = {
+                "pixels": n["both_clear"],
+                "stay_clear": ratio("both_clear.kept", "both_clear"),
+                "become_shadow": ratio("both_clear.shadow", "both_clear"),
+            }
+        return out

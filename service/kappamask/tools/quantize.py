@@ -32,7 +32,7 @@ from kappamask.inference.model_spec import ARCHITECTURE_DEEPLAB, OUTPUT_CLASSES
 from kappamask.inference.model_spec import INPUT as INPUT_NAME
 from kappamask.reader import BandReader
 from kappamask.sources.safe import open_safe
-from kappamask.tiling import CropGrid, extract, has_data
+from kappamask.tiling import CropGrid, block_of, cut, has_data, with_context
 from kappamask.tools.composites import compose
 
 LOGGER = logging.getLogger(__name__)
@@ -95,18 +95,21 @@ def real_crops(
     resolution: int,
 ) -> Iterator[np.ndarray]:
     """Every crop of the products' crop grids that has a valid pixel, as the service
-    would send it (normalised float32 [C, 512, 512], zero-padded)."""
+    would send it (normalised float32 [C, 512, 512], mirrored past the raster's edges)."""
     for path in products:
         product = open_safe(path)
         grid = output_grid(product, resolution)
         crops = CropGrid(grid.height, grid.width)
         with BandReader(product, features, max_v, grid) as reader:
-            for row, y in enumerate(crops.rows):
-                height = min(crops.size, grid.height - y.start)
-                strip, valid = reader.read(Window(0, y.start, grid.width, height))
-                for crop in crops.row_crops(row):
-                    if has_data(valid, crop.x):
-                        yield extract(strip, crop.x)
+            for row in range(len(crops.rows)):
+                row_crops = crops.row_crops(row)
+                block = block_of(crops, row_crops)
+                strip, valid = reader.read(Window(block.left, block.top, block.right - block.left,
+                                                  block.bottom - block.top))  # fmt: skip
+                extended = with_context(strip, block, row_crops)
+                for crop in row_crops:
+                    if has_data(valid, block, crop):
+                        yield cut(extended, crop, row_crops)
 
 
 def _session(path: Path, threads: int = 0) -> object:

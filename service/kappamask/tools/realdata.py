@@ -24,12 +24,14 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import h5py
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
+from rasterio.warp import transform
 from rasterio.windows import Window
 
 from kappamask.bands import (
@@ -41,6 +43,7 @@ from kappamask.bands import (
     MaskClass,
 )
 from kappamask.errors import InvalidInputError
+from kappamask.shadows import Sun, cloud_reach, sentinel2_sun
 from kappamask.tools import teachers
 from kappamask.tools.labels import scl_to_mask
 
@@ -73,6 +76,12 @@ class Imagery:
     aux_dn: dict[str, np.ndarray] = field(default_factory=dict)  # AOT, WVP
     scl: np.ndarray | None = None  # mask codes
     pseudo: bool = False  # L2A made from L1C by dark-object subtraction
+    #: The sun over the scene (metadata, or estimated from its date and place); None where
+    #: neither is known.
+    sun: Sun | None = None
+    #: Published as a cloud-free acquisition (SEN12MS-CR's clear targets, the cloud-free
+    #: SEN12MS-CR-TS patches and scenes): no cloud near it can cast a shadow into it.
+    cloud_free: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -122,8 +131,24 @@ BARE_GROUND = {
 }  # fmt: skip
 
 
-#: Share of a crop that ``bare_ground_crop`` turns into desert.
-DESERT_COVER = (0.3, 1.0)
+#: Surface reflectance of open water at the Sentinel-2 bands (typical shapes: clear
+#: oligotrophic sea, sediment-laden coastal water, a eutrophic lake). What they share and
+#: clouds do not: dark everywhere past 700 nm, darkest in the SWIR.
+OPEN_WATER = {
+    "clear sea": {"B01": .050, "B02": .045, "B03": .030, "B04": .012, "B05": .008, "B06": .005,
+                  "B07": .004, "B08": .004, "B8A": .004, "B11": .002, "B12": .001},
+    "turbid coast": {"B01": .060, "B02": .065, "B03": .085, "B04": .070, "B05": .055,
+                     "B06": .025, "B07": .020, "B08": .018, "B8A": .015, "B11": .005,
+                     "B12": .003},
+    "green lake": {"B01": .035, "B02": .035, "B03": .060, "B04": .030, "B05": .030,
+                   "B06": .015, "B07": .012, "B08": .010, "B8A": .009, "B11": .003,
+                   "B12": .002},
+}  # fmt: skip
+#: Largest sun glint added to open water (a flat reflectance in every band).
+MAX_GLINT = 0.03
+
+#: Share of a crop that ``surface_crop`` turns into the new surface.
+SURFACE_COVER = (0.3, 1.0)
 
 
 def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cells: int = 4) -> np.ndarray:
@@ -143,48 +168,91 @@ def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cells: int =
 def bare_ground_crop(
     feats: np.ndarray, labels: np.ndarray, level: str, rng: np.random.Generator
 ) -> np.ndarray:
-    """A crop turned into desert: its clear ground replaced by bare ground.
+    """A crop turned into desert (``surface_crop`` with ``BARE_GROUND``).
 
     The real scenes here hold almost no bright bare ground (temperate farmland, snow,
     water: under 1 % of clear pixels have red > 1.3 blue and NDVI < 0.3), so a model learns
-    "bright is cloud" and calls deserts cloud. The pixels labelled CLEAR (and, in a crop
-    without any cloud or shadow label, the unlabelled ones too) get a random mixture of
-    the ``BARE_GROUND`` spectra, scaled per crop, with the crop's own texture (its NIR
-    brightness around the median, damped); B09 keeps each pixel's B09/B8A ratio (water
-    vapour), B10 and AOT/WVP are kept. For L1C the surface is brought to the top of the
-    atmosphere with a random transmittance and path reflectance. Labels are unchanged:
-    CLEAR stays CLEAR, and clouds stay as they were, now over desert.
+    "bright is cloud" and calls deserts cloud. The new ground keeps the crop's own texture
+    (its NIR brightness around the median, damped).
     """
+    names, scale = DEFAULT_FEATURES[level], reflectance_scale(level)
+    i = names.index("B8A")
+    nir = feats[i] * scale[i]
+    region = _surface_region(labels, rng)
+    if not region.any():
+        return feats
+    texture = np.clip(nir / max(float(np.median(nir[region])), 1e-4), 0.3, 3.0) ** 0.4
+    return surface_crop(feats, region, level, rng, BARE_GROUND, texture * rng.uniform(0.7, 1.25))
+
+
+def open_water_crop(
+    feats: np.ndarray, labels: np.ndarray, level: str, rng: np.random.Generator
+) -> np.ndarray:
+    """A crop turned into open water (``surface_crop`` with ``OPEN_WATER``).
+
+    Few real scenes here hold open sea, and the one real L2A coast is at 60 m: a model that
+    has seen little water takes a dark, smooth sea for shadow, or a bright, glinting one for
+    cloud. The water gets gentle waves (a smooth random field, a few percent) and a random
+    sun glint.
+    """
+    region = _surface_region(labels, rng)
+    if not region.any():
+        return feats
+    waves = 1.0 + 0.08 * (_smooth_field(labels.shape, rng, cells=16) - 0.5)
+    brightness = rng.uniform(0.6, 1.4) * waves
+    glint = rng.uniform(0.0, MAX_GLINT) * _smooth_field(labels.shape, rng)
+    return surface_crop(feats, region, level, rng, OPEN_WATER, brightness, glint)
+
+
+def _surface_region(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Where a crop's surface may be replaced: its CLEAR pixels (and, in a crop without
+    any cloud or shadow label, its unlabelled ones too), within a smooth random blob."""
     cloudy = np.isin(labels, (MaskClass.CLOUD, MaskClass.SEMI_TRANSPARENT_CLOUD,
                               MaskClass.CLOUD_SHADOW)).any()  # fmt: skip
-    data = labels == MaskClass.CLEAR
+    region: np.ndarray = labels == MaskClass.CLEAR
     if not cloudy:
-        data |= labels == MaskClass.UNDEFINED
+        region |= labels == MaskClass.UNDEFINED
     field = _smooth_field(labels.shape, rng)
-    data &= field <= np.quantile(field, rng.uniform(*DESERT_COVER))
-    if not data.any():
-        return feats
+    region &= field <= np.quantile(field, rng.uniform(*SURFACE_COVER))
+    return region
+
+
+def surface_crop(
+    feats: np.ndarray,
+    region: np.ndarray,
+    level: str,
+    rng: np.random.Generator,
+    library: dict[str, dict[str, float]],
+    brightness: np.ndarray,
+    glint: np.ndarray | float = 0.0,
+) -> np.ndarray:
+    """``feats`` with the pixels of ``region`` replaced by a new surface: a random mixture
+    of ``library``'s spectra times ``brightness`` (per pixel), plus ``glint`` (flat).
+
+    B09 keeps each pixel's B09/B8A ratio (water vapour); B10 and AOT/WVP are kept. For
+    L1C the surface is brought to the top of the atmosphere with a random transmittance and
+    path reflectance. Labels are unchanged: CLEAR stays CLEAR, and clouds stay as they
+    were, now over the new surface.
+    """
     names, scale = DEFAULT_FEATURES[level], reflectance_scale(level)
     band = {n: i for i, n in enumerate(names)}
-    nir = feats[band["B8A"]] * scale[band["B8A"]]
-    texture = np.clip(nir / max(float(np.median(nir[data])), 1e-4), 0.3, 3.0) ** 0.4
-    weights = rng.dirichlet(np.ones(len(BARE_GROUND)))
-    brightness = rng.uniform(0.7, 1.25)
+    weights = rng.dirichlet(np.ones(len(library)))
     transmittance, path = rng.uniform(0.85, 0.95), rng.uniform(0.3, 1.0)
     out = feats.copy()
+    shapes = next(iter(library.values()))
     for name, i in band.items():
-        if name not in BARE_GROUND["sand"]:
+        if name not in shapes:
             continue  # B09 below; B10, AOT, WVP kept
-        surface = brightness * sum(w * g[name] for w, g in zip(weights, BARE_GROUND.values(),
+        surface = sum(w * spectra[name] for w, spectra in zip(weights, library.values(),
                                                                strict=True))  # fmt: skip
-        refl = surface * texture
+        refl = surface * brightness + glint
         if level == "L1C":
             refl = refl * transmittance + path * MAX_PATH_REFLECTANCE[name]
-        out[i][data] = np.minimum(refl[data], 1.0) / scale[i]
+        out[i][region] = np.minimum(refl, 1.0)[region] / scale[i]
     if "B09" in band:
         i, j = band["B09"], band["B8A"]
         ratio = np.clip(feats[i] * scale[i] / np.maximum(feats[j] * scale[j], 1e-4), 0.0, 1.2)
-        out[i][data] = (out[j] * scale[j] * ratio)[data] / scale[i]
+        out[i][region] = (out[j] * scale[j] * ratio)[region] / scale[i]
     return out
 
 
@@ -205,7 +273,7 @@ def pseudo_l2a(img: Imagery, rng: np.random.Generator) -> Imagery:
     aux = {"AOT": np.full((h, w), rng.uniform(*AOT_DN_RANGE), np.float32),
            "WVP": np.full((h, w), rng.uniform(*WVP_DN_RANGE), np.float32)}  # fmt: skip
     return Imagery(img.name, img.group, "L2A", img.resolution, refl, img.valid, aux,
-                   pseudo=True)  # fmt: skip
+                   pseudo=True, sun=img.sun, cloud_free=img.cloud_free)  # fmt: skip
 
 
 def _sen12_group(path: Path) -> str:
@@ -217,6 +285,30 @@ def _sen12_group(path: Path) -> str:
     return f"{m.group(1)}_{m.group(2)}" if m else path.stem
 
 
+#: SEN12MS(-CR) patches name their season only: the middle of each season of its year of
+#: acquisitions (December 2016 to November 2017).
+SEN12MS_SEASON_DAYS = {"winter": datetime(2017, 1, 15), "spring": datetime(2017, 4, 15),
+                       "summer": datetime(2017, 7, 15), "fall": datetime(2017, 10, 15)}  # fmt: skip
+
+
+def _acquisition_day(path: Path) -> datetime | None:
+    """The day a SEN12MS-CR(-TS) patch was acquired: its date, or its season's middle."""
+    m = re.search(r"_(\d{4})-(\d{2})-(\d{2})_", path.name)
+    if m:
+        return datetime(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    m = re.search(r"ROIs\d+_([a-z]+)_", path.name)
+    return SEN12MS_SEASON_DAYS.get(m.group(1)) if m else None
+
+
+def _estimated_sun(src: rasterio.io.DatasetReader, day: datetime | None) -> Sun | None:
+    """The sun at Sentinel-2's overpass over the centre of ``src`` on ``day``."""
+    if day is None or src.crs is None:
+        return None
+    x, y = src.xy(src.height // 2, src.width // 2)
+    lon, lat = transform(src.crs, "EPSG:4326", [x], [y])
+    return sentinel2_sun(lat[0], lon[0], day)
+
+
 def read_multiband(path: Path) -> Imagery:
     """A 13-band L1C GeoTIFF (SEN12MS-CR layout: DN = reflectance x 10 000, no offset)."""
     with rasterio.open(path) as src:
@@ -224,10 +316,20 @@ def read_multiband(path: Path) -> Imagery:
             raise InvalidInputError(f"{path} has {src.count} bands, not the 13 of L1C")
         dn = src.read().astype(np.float32)
         res = abs(src.transform.a) if src.crs and src.crs.is_projected else 10.0
+        sun = _estimated_sun(src, _acquisition_day(path))
     refl = {b: dn[i] / QUANTIFICATION for i, b in enumerate(SPECTRAL_BANDS)}
     # the same patch name stands in a clear and a cloudy folder: the folder is part of it
     name = f"{path.parent.name}_{path.stem}"
-    return Imagery(name, _sen12_group(path), "L1C", res, refl, (dn > 0).all(axis=0))
+    return Imagery(name, _sen12_group(path), "L1C", res, refl, (dn > 0).all(axis=0), sun=sun,
+                   cloud_free=_published_clear(path))  # fmt: skip
+
+
+def _published_clear(path: Path) -> bool:
+    """Whether a SEN12MS-CR(-TS) patch is one of the datasets' cloud-free images: the clear
+    target of a pair (``_s2_`` without ``cloudy``, or a ``cloudfree`` folder)."""
+    if "cloudfree" in path.parent.name:
+        return True
+    return path.parent.name == "cr_pairs" and "_s2_" in path.name and "cloudy" not in path.name
 
 
 _BAND_FILE = re.compile(r"(?:^|_)(B\d[0-9A]|AOT|WVP|SCL)(?:_\d+m)?$")
@@ -287,7 +389,7 @@ def read_safe(path: Path, resolution: int) -> Imagery:
     aux = {b: v for b, v in dn.items() if b in AUX_BANDS}
     scl = read_scl_labels(product, grid) if product.has_band("SCL") else None
     return Imagery(product.product_id, product.product_id, product.level, float(resolution),
-                   refl, valid, aux, scl)  # fmt: skip
+                   refl, valid, aux, scl, sun=product.sun)  # fmt: skip
 
 
 def read_npy_scenes(path: Path) -> Iterator[Imagery]:
@@ -351,15 +453,31 @@ def teacher_labels(img: Imagery, level: str) -> tuple[np.ndarray, dict[str, np.n
     elif level == "L1C":
         prob = teachers.s2cloudless_probability(refl)
         masks["s2cloudless"] = teachers.s2cloudless_as_mask(prob, valid)
-        op = teachers.Opinions(valid, s2cloudless=prob, ukis=ukis, cirrus=refl["B10"], nir=nir)
+        # any teacher's cloud may cast a shadow: the generous union keeps real shadows
+        cast, unsure = _shadow_reach(img, (prob >= 0.4) | (ukis == teachers.UKIS_CLOUD))
+        op = teachers.Opinions(valid, s2cloudless=prob, ukis=ukis, cirrus=refl["B10"], nir=nir,
+                               cast=cast, unsure=unsure, cloud_free=img.cloud_free)  # fmt: skip
         labels = teachers.fuse_l1c(op)
     elif img.scl is not None:
         masks["sen2cor"] = img.scl
-        labels = teachers.fuse_l2a(teachers.Opinions(valid, ukis=ukis, scl=img.scl))
+        cloudy = np.isin(img.scl, (MaskClass.CLOUD, MaskClass.SEMI_TRANSPARENT_CLOUD))
+        cast, unsure = _shadow_reach(img, cloudy | (ukis == teachers.UKIS_CLOUD))
+        labels = teachers.fuse_l2a(teachers.Opinions(valid, ukis=ukis, scl=img.scl, cast=cast,
+                                                     unsure=unsure))  # fmt: skip
     else:
         raise InvalidInputError(f"{img.name}: no teacher can label an L2A scene without SCL")
     labels[~valid] = MaskClass.MISSING
     return labels, masks
+
+
+def _shadow_reach(img: Imagery, cloud: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where a teacher's shadow is possible, and where the scene cannot tell
+    (``shadows.cloud_reach``); in a scene published as cloud-free, nowhere and nowhere:
+    every dark pixel there is ground."""
+    if img.cloud_free:
+        none = np.zeros(img.shape, bool)
+        return none, none
+    return cloud_reach(cloud & img.valid, ~img.valid, img.sun, img.resolution)
 
 
 def label(img: Imagery, level: str, labels: np.ndarray | None = None) -> Labelled:
