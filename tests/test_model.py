@@ -196,3 +196,46 @@ def test_short_training_run_resumes_and_exports(tmp_path: Path) -> None:
     assert len(list(csv.DictReader((tmp_path / "metrics.csv").read_text().splitlines()))) == 2
     path = export_onnx(model, "L2A", L2A_FEATURES, L2A_MAX_V, "tiny", tmp_path / "model.onnx")
     assert spec_from_onnx(path).level == "L2A"
+
+
+def test_seams_find_a_cut_and_ignore_a_seamless_raster() -> None:
+    """Blobs of classes everywhere: every boundary changes about as often as the median.
+    Cut at row 300 and column 200 (the lower part taken from elsewhere, as a crop that
+    disagrees with its neighbour): those boundaries stand out, and are named."""
+    from scipy.ndimage import zoom
+
+    from kappamask.tools.metrics import seams
+
+    rng = np.random.default_rng(0)
+    field = zoom(rng.random((40, 40)), 16, order=3)  # 640 px of smooth relief
+    blobs = (1 + np.digitize(field, [0.35, 0.5, 0.65])).astype(np.uint8)  # classes 1..4
+    smooth = seams(blobs[:600, :600], [300], [200])
+    for axis in ("rows", "columns"):
+        assert smooth[axis]["worst_crop_ratio"] < 2.5
+    cut = blobs[:600, :600].copy()
+    cut[300:] = blobs[308:608, :600]  # a seam: the rows below come from 8 px lower
+    cut[:, 200:] = np.roll(cut[:, 200:], 7, axis=1)
+    report = seams(cut, [300], [200])
+    assert report["rows"]["worst_crop_ratio"] > 2.5 and report["rows"]["worst_boundary"] == 300
+    assert report["columns"]["worst_crop_ratio"] > 2.5
+    # no data is left out: a raster half MISSING has the same median
+    half = cut.copy()
+    half[:, :100] = MaskClass.MISSING
+    assert seams(half, [300], [200])["rows"]["worst_boundary"] == 300
+
+
+def test_trust_counts_by_hand() -> None:
+    from kappamask.tools.metrics import TrustCounts
+
+    c = MaskClass
+    pred = np.array([c.CLEAR, c.CLOUD_SHADOW, c.CLOUD, c.CLEAR, c.MISSING], np.uint8)
+    s2c = np.array([c.CLEAR, c.CLEAR, c.CLOUD, c.CLOUD, c.CLEAR], np.uint8)
+    ukis = np.array([c.CLEAR, c.CLEAR, c.CLOUD, c.CLOUD_SHADOW, c.CLEAR], np.uint8)
+    counts = TrustCounts()
+    counts.add(pred, {"s2cloudless": s2c, "ukis-csmask": ukis})
+    report = counts.report()
+    assert report["pixels"] == 4 and report["shadow_share"] == 0.25
+    assert report["both_teachers_clear"] == {"pixels": 2, "stay_clear": 0.5, "become_shadow": 0.5}
+    assert report["s2cloudless"]["cloud_dice"] == pytest.approx(2 / 3)  # 1 of 1 vs 2
+    assert report["ukis-csmask"]["cloud_dice"] == 1.0
+    assert report["ukis-csmask"]["shadow_recall"] == 0.0

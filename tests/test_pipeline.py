@@ -151,10 +151,11 @@ def test_chunks_outside_the_aoi_are_neither_read_nor_sent(
 
     monkeypatch.setattr(BandReader, "read", recording)
     result = run(str(T29UNU), tmp_path, client, RunOptions(10, aoi=dict(aoi)))
-    assert result.crops_total == 49
-    # the first crop row and column, less the crops of the no-data wedge
-    assert 0 < result.crops_inferred <= 13
-    assert 0 < len(windows) < 14  # 7 strips x 2 chunks, the far ones skipped
+    assert result.crops_total == 64
+    # the first two crop rows and columns (the grid starts 192 px before the raster, so
+    # the 400 px arms reach into the second), less the crops of the no-data wedge
+    assert 0 < result.crops_inferred <= 28
+    assert 0 < len(windows) < 16  # 8 strips x 2 chunks, the far ones skipped
     margin = 5  # px: the reprojected AOI's edges are not exactly the grid's
     assert all(w.col_off < 400 + margin or w.row_off < 400 + margin for w in windows)
     with rasterio.open(result.mask) as src:

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 
 from kappamask.bands import TILE_OVERLAP, MaskClass
-from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES
+from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES, decide
 from kappamask.tiling import (
     Blender,
     Crop,
     CropGrid,
     block_of,
     cut,
-    finished_planes,
     has_data,
     spans,
     with_context,
@@ -68,24 +67,30 @@ def test_weights_cross_fade_and_sum_to_one_everywhere() -> None:
         assert grid.profile[grid.overlap] == 1.0 and grid.profile[0] < 0.05
 
 
-def _run(grid: CropGrid, scores_of: object, sent: object = None) -> np.ndarray:
-    """Blend crops whose scores ``scores_of(crop)`` gives; returns [4, h, w] blended."""
+def _run(
+    grid: CropGrid, scores_of: object, sent: object = None, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blend crops whose scores ``scores_of(crop)`` gives (only those ``sent`` accepts);
+    returns the mosaic's classes, confidence and probability, each row finished once."""
     blender = Blender(grid)
-    out = np.full((len(SCORE_CLASSES), grid.height, grid.width), np.nan, np.float32)
+    valid = np.ones((grid.height, grid.width), bool) if valid is None else valid
+    out = np.full((3, grid.height, grid.width), -1, np.int16)
     for row in range(len(grid.rows)):
         for crop in grid.row_crops(row):
             if sent is None or sent(crop):  # type: ignore[operator]
                 blender.add(crop, scores_of(crop))  # type: ignore[operator]
-        done = blender.finish(row)
-        h = done.scores.shape[1]
-        assert np.isnan(out[:, done.top : done.top + h]).all()  # each row comes once
-        out[:, done.top : done.top + h] = np.where(done.covered, done.scores, -1)
-    assert not np.isnan(out).any()
-    return out
+        top, bottom = grid.rows[row].clip(grid.height)
+        done = blender.finish(row, valid[top:bottom], top)
+        h = done.classes.shape[0]
+        assert (out[:, done.top : done.top + h] == -1).all()  # each row comes once
+        out[:, done.top : done.top + h] = (done.classes, done.confidence, done.probability)
+    assert (out >= 0).all()
+    return out[0].astype(np.uint8), out[1].astype(np.uint8), out[2].astype(np.uint8)
 
 
-def test_identity_crops_rebuild_the_raster() -> None:
-    """Crops cut from one raster (mirrored past its edges) blend back into that raster."""
+def test_identity_crops_decide_as_the_whole_raster_would() -> None:
+    """Crops cut from one raster of scores (mirrored past its edges) blend back into that
+    raster: the mosaic decides every pixel as ``decide`` decides the raster itself."""
     rng = np.random.default_rng(0)
     height, width = 1100, 1000
     image = rng.integers(0, 256, size=(len(SCORE_CLASSES), height, width)).astype(np.uint8)
@@ -97,12 +102,18 @@ def test_identity_crops_rebuild_the_raster() -> None:
         data = image[:, block.top : block.bottom, block.left : block.right]
         return cut(with_context(data, block, row), crop, row)
 
-    np.testing.assert_allclose(_run(grid, scores_of), image, atol=1e-3)
+    classes, confidence, probability = _run(grid, scores_of)
+    expected = decide(image)
+    assert (classes == expected[0]).all()
+    assert (confidence == np.maximum(expected[1], 1)).all()
+    # a weighted mean of equal values may land a hair off a .5 percentage
+    assert np.abs(probability.astype(int) - expected[2]).max() <= 1
 
 
 def test_neighbours_that_disagree_cross_fade_over_their_overlap() -> None:
-    """Left crop: all CLEAR; right crop: all CLOUD. The class changes once, in the middle of
-    the overlap, and the scores change linearly across it (no step at a crop's edge)."""
+    """Left crop: all CLEAR; right crop: all CLOUD (both 200). The class changes once, in
+    the middle of the overlap, and the winning score falls linearly to half and rises
+    again across it (no step at a crop's edge)."""
     grid = CropGrid(512, 700)
     assert len(grid.cols) == 2
 
@@ -111,49 +122,40 @@ def test_neighbours_that_disagree_cross_fade_over_their_overlap() -> None:
         scores[0 if crop.col == 0 else 3] = 200
         return scores
 
-    blended = _run(grid, scores_of)
-    classes, _conf, _prob = finished_planes_of(blended)
+    classes, confidence, probability = _run(grid, scores_of)
     line = classes[300]
     change = np.flatnonzero(line[1:] != line[:-1])
-    right = grid.cols[1]
-    middle = (right.start + grid.cols[0].stop) // 2
+    right, left = grid.cols[1], grid.cols[0]
+    middle = (right.start + left.stop) // 2
     assert len(change) == 1 and abs(change[0] + 1 - middle) <= 1
-    clear = blended[0, 300, right.start : grid.cols[0].stop]
-    assert clear[0] > 190 and clear[-1] < 10
-    assert np.abs(np.diff(np.diff(clear))).max() < 1e-3  # a straight ramp
-
-
-def finished_planes_of(blended: np.ndarray) -> tuple[np.ndarray, ...]:
-    from kappamask.tiling import Blended
-
-    valid = np.ones(blended.shape[1:], bool)
-    return finished_planes(Blended(0, blended, valid), valid)
+    assert line[0] == MaskClass.CLEAR and line[-1] == MaskClass.CLOUD
+    zone = confidence[300, right.start : left.stop].astype(int)
+    assert zone[0] >= 195 and zone[-1] >= 195 and abs(int(zone.min()) - 100) <= 3
+    assert np.abs(np.diff(zone)).max() <= 8  # a ramp, no jump
+    assert (probability[300, : right.start] == 0).all()
+    assert (probability[300, left.stop :] == 100).all()
 
 
 def test_crops_never_sent_leave_their_pixels_missing() -> None:
-    """The no-data wedge: crops without data are not sent; pixels no crop covered are
-    MISSING; pixels one neighbour covers keep that neighbour's answer at full strength."""
+    """The no-data wedge: crops without data are not sent; pixels no crop covered, and
+    pixels without data, are MISSING; pixels one neighbour covers keep its answer."""
     grid = CropGrid(512, 1400)
 
     def scores_of(crop: Crop) -> np.ndarray:
         levels = np.array([10, 20, 30, 200], np.uint8)[:, None, None]
         return np.broadcast_to(levels, (4, 512, 512))
 
-    blended = _run(grid, scores_of, sent=lambda crop: crop.col == 0)
+    valid = np.ones((512, 1400), bool)
+    valid[:10, :10] = False
+    classes, confidence, probability = _run(grid, scores_of, lambda c: c.col == 0, valid)
     first = grid.cols[0]
-    assert (blended[:, :, : first.stop] >= 0).all() and (blended[:, :, first.stop :] == -1).all()
-    np.testing.assert_allclose(blended[3, :, : first.stop], 200, atol=1e-3)
-    covered = blended[0] >= 0
-    from kappamask.tiling import Blended
-
-    classes, conf, prob = finished_planes(
-        Blended(0, np.maximum(blended, 0), covered), np.ones(covered.shape, bool)
-    )
     assert (classes[:, first.stop :] == MaskClass.MISSING).all()
-    assert (prob[:, first.stop :] == PROBABILITY_NODATA).all() and (
-        conf[:, first.stop :] == 0
-    ).all()
-    assert (classes[:, : first.stop] == MaskClass.CLOUD).all()
+    assert (probability[:, first.stop :] == PROBABILITY_NODATA).all()
+    assert (confidence[:, first.stop :] == 0).all()
+    assert (classes[:10, :10] == MaskClass.MISSING).all() and (confidence[:10, :10] == 0).all()
+    known = classes[10:, : first.stop]
+    assert (known == MaskClass.CLOUD).all() and (confidence[10:, : first.stop] == 200).all()
+    assert (probability[10:, : first.stop] == round(100 * 200 / 220)).all()
 
 
 def test_context_mirrors_the_raster_and_never_counts_as_data() -> None:

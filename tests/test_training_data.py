@@ -266,8 +266,13 @@ def test_side_by_side_on_a_real_l2a_product(tmp_path: Path) -> None:
     assert done.exit_code == 0, done.output
     result = json.loads((tmp_path / "r.json").read_text())
     assert set(result) == {"kappamask vs ukis-csmask", "kappamask vs sen2cor",
-                           "ukis-csmask vs sen2cor"}  # fmt: skip
+                           "ukis-csmask vs sen2cor", "trust"}  # fmt: skip
     assert result["kappamask vs sen2cor"]["overall_accuracy"] == 1.0
+    # the mask is SCL itself: SCL's cloud all found, its water all clear, three classes equal
+    trust = result["trust"]
+    assert trust["sen2cor"]["cloud_found"] == 1.0
+    assert trust["sen2cor"]["three_class_agreement"] == 1.0
+    assert trust["sen2cor_water"]["pixels"] > 1000 and trust["sen2cor_water"]["stay_clear"] == 1.0
     ukis = result["ukis-csmask vs sen2cor"]["two_class"]["classes"]["cloud"]
     assert ukis["dice"] > 0.7, ukis  # SCL and ukis-csmask agree on the thick clouds
     from PIL import Image

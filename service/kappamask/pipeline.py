@@ -50,7 +50,6 @@ from kappamask.tiling import (
     CropGrid,
     block_of,
     cut,
-    finished_planes,
     has_data,
     with_context,
 )
@@ -199,10 +198,9 @@ class _Mosaic:
             _add(self.timings, "inference_wait", t1 - t0)
             _add(self.timings, "mosaic", time.monotonic() - t1)
         t0 = time.monotonic()
-        done = self.blender.finish(row)
-        top = row_crops[0].y.clip(self.grid.height)[0]
-        rows = valid[done.top - top : done.top - top + done.covered.shape[0]]
-        for writer, plane in zip(self.writers, finished_planes(done, rows), strict=True):
+        done = self.blender.finish(row, valid, row_crops[0].y.clip(self.grid.height)[0])
+        planes = (done.classes, done.confidence, done.probability)
+        for writer, plane in zip(self.writers, planes, strict=True):
             writer.write(done.top, plane)
         _add(self.timings, "mosaic", time.monotonic() - t0)
 

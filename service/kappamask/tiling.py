@@ -11,8 +11,9 @@ The mosaic is a weighted mean of the crops' per-class scores (``Blender``): a cr
 weight falls linearly over the last ``overlap`` pixels towards each of its edges, so two
 neighbours cross-fade over their overlap (the weights sum to one) and no output pixel is
 decided by a crop's border alone. Classes, confidence and cloud probability are then
-decided from the blended scores (``decide``) by the rule the served graph applies to one
-crop. Rows are blended as the strips finish, so memory stays that of one strip.
+decided from the blended scores by the rule the served graph applies to one crop
+(``model_spec.decide``; here compiled into one pass). Rows are blended as the strips
+finish, so memory stays that of one strip.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from functools import cached_property
 import numpy as np
 
 from kappamask.bands import TILE_OVERLAP, TILE_SIZE, MaskClass
-from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES, decide
+from kappamask.compiled import kernel
+from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES
 
 
 @dataclass(frozen=True)
@@ -163,50 +165,105 @@ def has_data(valid: np.ndarray, block: Block, crop: Crop) -> bool:
     return bool(valid[:, max(0, lo) : max(0, hi)].any())
 
 
+@kernel
+def _accumulate(
+    sums: np.ndarray,
+    weights: np.ndarray,
+    scores: np.ndarray,
+    profile: np.ndarray,
+    lo: int,
+    hi: int,
+    x0: int,
+) -> None:
+    """Add a crop's scores [classes, size, size], weighted by profile x profile, into
+    raster columns ``lo:hi`` of ``sums`` (the crop's columns from ``x0``)."""
+    for i in range(scores.shape[1]):
+        wy = profile[i]
+        for j in range(hi - lo):
+            weights[i, lo + j] += wy * profile[x0 + j]
+    for c in range(scores.shape[0]):
+        for i in range(scores.shape[1]):
+            wy = profile[i]
+            for j in range(hi - lo):
+                sums[c, i, lo + j] += scores[c, i, x0 + j] * (wy * profile[x0 + j])
+
+
+@kernel
+def _decide_into(
+    sums: np.ndarray,
+    weights: np.ndarray,
+    valid: np.ndarray,
+    codes: np.ndarray,
+    out: np.ndarray,
+    missing: int,
+    nodata: int,
+) -> None:
+    """``decide`` on the weighted means ``sums / weights``, in one pass, into ``out``
+    [3, h, w] (classes, confidence, probability); no data where ``valid`` is False or no
+    crop spoke. A pixel with data has a confidence of at least 1 (0 is the nodata)."""
+    for i in range(weights.shape[0]):
+        for j in range(weights.shape[1]):
+            w = weights[i, j]
+            if w <= 0.0 or not valid[i, j]:
+                out[0, i, j], out[1, i, j], out[2, i, j] = missing, 0, nodata
+                continue
+            best, top = 0, sums[0, i, j] / w
+            for c in range(1, sums.shape[0]):
+                v = sums[c, i, j] / w
+                if v > top:
+                    best, top = c, v
+            free = max(sums[0, i, j], sums[1, i, j]) / w
+            cloudy = max(sums[2, i, j], sums[3, i, j]) / w
+            out[0, i, j] = codes[best]
+            out[1, i, j] = max(1, int(np.rint(top)))
+            out[2, i, j] = int(np.rint(100.0 * cloudy / max(cloudy + free, 1e-6)))
+
+
 @dataclass
-class Blended:
-    """Finished rows of the mosaic: raster rows ``top`` to ``top + len``, the blended
-    scores [4, h, width] and where any crop covered them."""
+class Finished:
+    """Finished rows of the mosaic: raster rows ``top`` on, their classes, confidence and
+    cloud probability (uint8 [h, width] each)."""
 
     top: int
-    scores: np.ndarray
-    covered: np.ndarray
+    classes: np.ndarray
+    confidence: np.ndarray
+    probability: np.ndarray
 
 
 class Blender:
     """Weighted mean of overlapping crops' scores, one crop row at a time.
 
-    ``add`` the crops of row ``r`` (any order), then ``finish(r)``: it returns the raster
-    rows that no later crop row reaches, and keeps the overlap with the next row. Crops
-    that were never sent (no data) add nothing; where no crop covered a pixel, nothing
-    is known (``covered`` False).
+    ``add`` the crops of row ``r`` (any order), then ``finish(r, ...)``: it decides the
+    raster rows that no later crop row reaches, and keeps the overlap with the next row.
+    Crops that were never sent (no data) add nothing; where no crop covered a pixel,
+    nothing is known (MISSING).
     """
 
-    def __init__(self, grid: CropGrid, classes: int = len(SCORE_CLASSES)):
+    def __init__(self, grid: CropGrid):
         self.grid = grid
-        width = grid.width
-        self.sums = np.zeros((classes, grid.size, width), np.float32)
-        self.weights = np.zeros((grid.size, width), np.float32)
+        self.sums = np.zeros((len(SCORE_CLASSES), grid.size, grid.width), np.float32)
+        self.weights = np.zeros((grid.size, grid.width), np.float32)
+        self.codes = np.array([int(c) for c in SCORE_CLASSES], np.uint8)
 
     def add(self, crop: Crop, scores: np.ndarray) -> None:
-        """One crop's scores [classes, size, size] (uint8 or float)."""
+        """One crop's scores [classes, size, size] (uint8, x 255)."""
         lo, hi = crop.x.clip(self.grid.width)
-        x0, x1 = lo - crop.x.start, hi - crop.x.start
-        profile = self.grid.profile
-        weight = profile[:, None] * profile[None, x0:x1]
-        self.sums[:, :, lo:hi] += scores[:, :, x0:x1] * weight
-        self.weights[:, lo:hi] += weight
+        _accumulate(self.sums, self.weights, np.ascontiguousarray(scores), self.grid.profile,
+                    lo, hi, lo - crop.x.start)  # fmt: skip
 
-    def finish(self, row: int) -> Blended:
+    def finish(self, row: int, valid: np.ndarray, valid_top: int) -> Finished:
+        """Decide the rows row ``row`` finishes; ``valid``: whether pixels have data, for
+        raster rows from ``valid_top`` (those of row ``row``'s crops)."""
         grid = self.grid
         y = grid.rows[row]
         last = row == len(grid.rows) - 1
         stop = grid.height if last else grid.rows[row + 1].start
-        a, b = max(0, y.start) - y.start, stop - y.start
-        weights = self.weights[a:b]
-        covered = weights > 0
-        scores = self.sums[:, a:b] / np.maximum(weights, 1e-12)
-        done = Blended(max(0, y.start), scores, covered)
+        top = max(0, y.start)
+        a, b = top - y.start, stop - y.start
+        out = np.empty((3, b - a, grid.width), np.uint8)
+        rows = valid[top - valid_top : stop - valid_top]
+        _decide_into(self.sums[:, a:b], self.weights[a:b], rows, self.codes, out,
+                     int(MaskClass.MISSING), PROBABILITY_NODATA)  # fmt: skip
         if not last:
             # the rows the next crop row also reaches move to the top, the rest is cleared
             step = grid.rows[row + 1].start - y.start
@@ -214,17 +271,4 @@ class Blender:
             self.sums[:, grid.size - step :] = 0
             self.weights[: grid.size - step] = self.weights[step:]
             self.weights[grid.size - step :] = 0
-        return done
-
-
-def finished_planes(done: Blended, valid: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The classes, confidence and probability of finished rows; MISSING, 0 and
-    ``PROBABILITY_NODATA`` where ``valid`` (the same rows) has no data or no crop spoke."""
-    classes, confidence, probability = decide(done.scores)
-    known = valid & done.covered
-    classes[~known] = MaskClass.MISSING
-    confidence[~known] = 0
-    probability[~known] = PROBABILITY_NODATA
-    # A pixel with data always has some confidence; 0 is the nodata value.
-    np.maximum(confidence, known.astype(np.uint8), out=confidence)
-    return classes, confidence, probability
+        return Finished(top, out[0], out[1], out[2])

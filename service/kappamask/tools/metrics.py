@@ -129,13 +129,14 @@ def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
 def _change_rates(classes: np.ndarray) -> np.ndarray:
     """Per boundary between consecutive rows (``b``: rows ``b - 1`` and ``b``; index 0
     unused): the share of columns, both pixels with data, whose class changes. NaN where
-    no column has data on both sides."""
+    fewer columns than a quarter of the median boundary's have data on both sides."""
     both = (classes[1:] != MaskClass.MISSING) & (classes[:-1] != MaskClass.MISSING)
     changed = (classes[1:] != classes[:-1]) & both
     counts = both.sum(axis=1)
+    # a boundary with few pixels on both sides (along a no-data wedge) says little
+    enough = counts >= max(1, np.median(counts[counts > 0]) / 4) if counts.any() else counts > 0
     rates = np.full(classes.shape[0], np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rates[1:] = np.where(counts > 0, changed.sum(axis=1) / np.maximum(counts, 1), np.nan)
+    rates[1:] = np.where(enough, changed.sum(axis=1) / np.maximum(counts, 1), np.nan)
     return rates
 
 
@@ -162,7 +163,10 @@ def seams(classes: np.ndarray, crop_rows: list[int], crop_cols: list[int]) -> di
             "worst_ratio": float(ratio[worst]) if worst > 0 else math.nan,
             "worst_boundary": worst,
             "worst_crop_ratio": max((float(ratio[b]) for b in at_crops), default=math.nan),
-            "outer_ratios": [float(ratio[1]), float(ratio[-1])] if len(rates) > 2 else [],
+            # the first and last boundaries with enough data (the raster's outermost)
+            "outer_ratios": [float(ratio[finite[0]]), float(ratio[finite[-1]])]
+            if finite.size
+            else [],
         }
     return out
 
