@@ -22,6 +22,7 @@ import requests
 from rasterio.warp import transform_bounds
 
 from kappamask.inference.server import free_port
+from kappamask.sources import open_safe
 
 from .conftest import STAC
 from .postgres import postgis_cluster
@@ -61,6 +62,11 @@ def s2_item(
         "s2:processing_baseline": f"{major}.{minor}", "s2:mgrs_tile": tile,
         "proj:epsg": epsg, "eo:cloud_cover": cloud_cover,
     })  # fmt: skip
+    # the product's own sun (the template's are another tile's): the shadow check reads them
+    sun = open_safe(safe).sun
+    assert sun is not None, safe.name
+    item["properties"].update({"s2:mean_solar_azimuth": sun.azimuth,
+                               "s2:mean_solar_zenith": sun.zenith})  # fmt: skip
     for key in list(item["assets"]):
         files = list(r60.glob(f"*_{key}_60m.jp2"))
         if files:

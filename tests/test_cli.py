@@ -39,7 +39,8 @@ def test_run_starts_its_own_triton_on_the_full_safe_layout(
 ) -> None:
     done = _run("run", str(T22HBD), "--out", str(tmp_path), "--resolution", "60")
     assert done.returncode == 0, done.stderr
-    assert "STAC item:" in done.stdout and "16/16 crops" in done.stdout
+    # 1830 px at 60 m: 5 x 5 crops reach 64 px past every edge
+    assert "STAC item:" in done.stdout and "25/25 crops" in done.stdout
     item = tmp_path / "S2B_MSIL2A_20210122T133229_N0214_R081_T22HBD_20210122T155500_KAPPAMASK.json"
     data = check_result(item, T22HBD, 60, stac_validator)
     assert data["properties"]["kappamask:processing_baseline"] == "02.14"
