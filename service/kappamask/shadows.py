@@ -85,12 +85,18 @@ def sentinel2_sun(lat: float, lon: float, day: datetime) -> Sun:
     return Sun(sun.azimuth, sun.zenith, ESTIMATED_AZIMUTH_SPREAD)
 
 
+def _shadow_px(sun: Sun | None, resolution: float, height: float) -> float:
+    """How far (pixels of ``resolution`` metres) a cloud at ``height`` casts its shadow
+    (``UNKNOWN_SUN_ZENITH`` where the sun is unknown)."""
+    zenith = sun.zenith if sun is not None else UNKNOWN_SUN_ZENITH
+    return height * math.tan(math.radians(min(zenith, 89.0))) / resolution
+
+
 def _ray_offsets(
     sun: Sun, resolution: float, heights: tuple[float, float]
 ) -> list[tuple[int, int]]:
     """(row, column) steps from a pixel to where a cloud casting its shadow would lie."""
-    tan_z = math.tan(math.radians(min(sun.zenith, 89.0)))
-    near, far = (h * tan_z / resolution for h in heights)
+    near, far = (_shadow_px(sun, resolution, h) for h in heights)
     steps = np.arange(math.floor(near), math.ceil(far) + 1, dtype=np.float64)
     rays = max(1, 2 * math.ceil(sun.spread / RAY_SPACING) + 1)
     pairs: set[tuple[int, int]] = set()
@@ -128,9 +134,7 @@ def reach_factor(
     sun: Sun | None, resolution: float, heights: tuple[float, float] = CLOUD_HEIGHTS_M
 ) -> int:
     """By how much ``cloud_reach`` coarsens a raster of ``resolution`` metres."""
-    zenith = sun.zenith if sun is not None else UNKNOWN_SUN_ZENITH
-    far_px = heights[1] * math.tan(math.radians(min(zenith, 89.0))) / resolution
-    return max(1, math.ceil(far_px / MAX_RAY_STEPS))
+    return max(1, math.ceil(_shadow_px(sun, resolution, heights[1]) / MAX_RAY_STEPS))
 
 
 def coarsen(mask: np.ndarray, k: int, fill: bool) -> np.ndarray:
@@ -158,8 +162,7 @@ def coarse_reach(
     shadow, never remove one)."""
     coarse_res = resolution * k
     if sun is None:
-        zenith = UNKNOWN_SUN_ZENITH
-        radius = heights[1] * math.tan(math.radians(zenith)) / coarse_res
+        radius = _shadow_px(None, coarse_res, heights[1])
         cast, unsure = _isotropic(cloud, radius, False), _isotropic(unknown, radius, True)
     else:
         offsets = _ray_offsets(sun, coarse_res, heights)

@@ -133,14 +133,18 @@ def side_by_side(
     (s2cloudless on L1C, ukis-csmask on both levels, Sen2Cor's SCL on L2A), on the
     mask's grid. Returns (report, masks by tool, true colour); the report holds every
     pair of tools, per class (the first of a pair as prediction, the second as reference)."""
+    from kappamask.tools.labels import SCL_WATER, read_scl, scl_to_mask
+
     grid, ours = _grid_of(mask_path)
-    level = open_safe(product_path).level
+    product = open_safe(product_path)
+    level = product.level
     masks: dict[str, np.ndarray] = {name: ours}
     if level == "L1C":
         masks["s2cloudless"] = s2cloudless_on_grid(product_path, grid)
     masks["ukis-csmask"] = ukis_on_grid(product_path, grid)
-    if level == "L2A":
-        masks["sen2cor"] = scl_on_grid(product_path, grid)
+    scl = read_scl(product, grid) if level == "L2A" else None
+    if scl is not None:
+        masks["sen2cor"] = scl_to_mask(scl)
     # Dice is symmetric, so each pair once: ours against every tool, then the tools
     # against each other (how far apart the references themselves are).
     tools = list(masks)
@@ -151,10 +155,8 @@ def side_by_side(
     trust = TrustCounts()
     trust.add(ours, {k: v for k, v in masks.items() if k != name})
     result["trust"] = trust.report()
-    if level == "L2A":
-        from kappamask.tools.labels import SCL_WATER, read_scl
-
-        water = read_scl(open_safe(product_path), grid) == SCL_WATER
+    if scl is not None:
+        water = scl == SCL_WATER
         kept = float((ours[water] == MaskClass.CLEAR).mean()) if water.any() else math.nan
         result["trust"]["sen2cor_water"] = {"pixels": int(water.sum()), "stay_clear": kept}
     return result, masks, true_colour(product_path, grid)
