@@ -364,6 +364,17 @@ def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
     click.echo(f"Triton at {url} is ready")
 
 
+@main.command("openapi")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output-file", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def openapi_command(config: Path, output_file: Path) -> None:
+    """Write the service's OpenAPI document of a pygeoapi CONFIG, self-contained: the OGC
+    schemas it refers to are components of it (no schema server needed)."""
+    from kappamask.ogc import openapi_document
+
+    output_file.write_text(openapi_document(config))
+
+
 @main.command("install-model")
 @click.argument("onnx_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @install_repository_option("Triton model repository")

@@ -36,6 +36,7 @@ from pygeoapi.util import JobStatus, Subscriber, get_current_datetime
 from kappamask import queue
 from kappamask.callbacks import JobSubscriber, check_subscriber, deliver
 from kappamask.errors import KappaMaskError
+from kappamask.ogc import DOCUMENT, RAW, DocumentedProcessor
 from kappamask.storage import delete_published
 
 LOGGER = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class ErrorStatusMixin:
         data_dict: dict[str, Any],
         requested_outputs: Any = None,
         subscriber: Subscriber | None = None,
-        requested_response: Any = "raw",
+        requested_response: Any = RAW,
     ) -> Any:
         """Queue a recorded job; a broker that cannot be reached fails it (503)."""
         try:
@@ -128,22 +129,29 @@ class ErrorStatusMixin:
                 {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)},
                 JobStatus.failed)  # fmt: skip
 
-    def _execute_handler_sync(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
+    def _execute_handler_sync(
+        self,
+        p: Any,
+        job_id: str,
+        data_dict: dict[str, Any],
+        requested_outputs: Any = None,
+        subscriber: Subscriber | None = None,
+        requested_response: Any = RAW,
+    ) -> Any:
         if queue.queued():
-            return self._wait_for_queued(p, job_id, *args, **kwargs)
-        # pygeoapi passes the subscriber positionally or by name: bind it to this job
-        policy = getattr(getattr(p, "settings", None), "policy", None)
-        process_id = str(p.metadata.get("id", ""))
-        args = tuple(JobSubscriber.bind(a, job_id, process_id, policy)
-                     if isinstance(a, Subscriber) else a for a in args)  # fmt: skip
-        if isinstance(kwargs.get("subscriber"), Subscriber):
-            kwargs["subscriber"] = JobSubscriber.bind(kwargs["subscriber"], job_id, process_id,
-                                                      policy)  # fmt: skip
-        subscriber = next((a for a in (*args, *kwargs.values()) if isinstance(a, JobSubscriber)),
-                          None)  # fmt: skip
+            return self._wait_for_queued(p, job_id, data_dict, requested_outputs, subscriber,
+                                         requested_response)  # fmt: skip
+        if isinstance(subscriber, Subscriber):  # bind it to this job
+            policy = getattr(getattr(p, "settings", None), "policy", None)
+            process_id = str(p.metadata.get("id", ""))
+            subscriber = JobSubscriber.bind(subscriber, job_id, process_id, policy)
+        # a document is OGC's results document, recorded as such (kappamask.ogc); pygeoapi
+        # itself would record and answer {"outputs": [...]}
+        runs = DocumentedProcessor(p) if requested_response == DOCUMENT else p
         jfmt, outputs, status = super()._execute_handler_sync(  # type: ignore[misc]
-            p, job_id, *args, **kwargs
-        )
+            runs, job_id, data_dict, requested_outputs, subscriber=subscriber,
+            requested_response=RAW,
+        )  # fmt: skip
         if status == JobStatus.failed:
             with _LOCK:
                 err = _FAILURES.get(job_id)
@@ -152,7 +160,7 @@ class ErrorStatusMixin:
                 outputs = {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)}
                 message = failure_message(err)
                 self.update_job(job_id, {"message": message})
-            if subscriber is not None:
+            if isinstance(subscriber, JobSubscriber):
                 info = subscriber.status_info(JobStatus.failed.value, message)
                 deliver(subscriber.failed_uri, info, subscriber.policy)
         return jfmt, outputs, status

@@ -36,6 +36,7 @@ from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import triton_endpoint
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import fail_interrupted_jobs
+from kappamask.ogc import OGCAnswers, openapi_document
 from kappamask.storage import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ def prepare_environment(
     port: int,
 ) -> None:
     """Set what pygeoapi-config.yml substitutes, and write the OpenAPI document pygeoapi needs."""
-    from pygeoapi.openapi import generate_openapi_document
-
     os.environ.update(
         {
             "KAPPAMASK_TRITON_URL": triton_url,
@@ -81,7 +80,7 @@ def prepare_environment(
     os.environ.setdefault("KAPPAMASK_JOBS_DB", str(jobs / "jobs.tinydb"))
     Path(os.environ["KAPPAMASK_JOB_OUTPUT_DIR"]).mkdir(parents=True, exist_ok=True)
     openapi = Path(tempfile.gettempdir()) / f"kappamask-openapi-{port}.yml"
-    openapi.write_text(generate_openapi_document(config, "yaml"))
+    openapi.write_text(openapi_document(config))
     os.environ["PYGEOAPI_CONFIG"] = str(config.resolve())
     os.environ["PYGEOAPI_OPENAPI"] = str(openapi)
 
@@ -179,11 +178,12 @@ def guarded_app(triton_ready: Callable[[], bool]) -> Any:
     both serve."""
     _quiet_logs()
     outputs = set_outputs_url()
-    from pygeoapi.flask_app import APP
+    from pygeoapi.flask_app import APP, CONFIG
 
     limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
     if not isinstance(APP.wsgi_app, RequestGuard):
-        APP.wsgi_app = RequestGuard(APP.wsgi_app, triton_ready, limit, outputs, read_timeout())
+        ogc = OGCAnswers(APP.wsgi_app, CONFIG["server"]["url"])
+        APP.wsgi_app = RequestGuard(ogc, triton_ready, limit, outputs, read_timeout())
     return APP
 
 
