@@ -254,7 +254,7 @@ def test_owslib_runs_async_execute_poll_results(api: str, schemas: OGCSchemas) -
 
 
 @pytest.mark.slow
-def test_schemathesis_finds_nothing_against_the_openapi_document(api: str) -> None:
+def test_schemathesis_finds_nothing_against_the_openapi_document(api: str, tmp_path: Path) -> None:
     """schemathesis (PyPI) generates requests for every operation of the service's own
     OpenAPI document (examples, edge cases, then random ones) and checks each answer: no
     5xx, every status and content type documented, every body valid against its schema,
@@ -267,6 +267,7 @@ def test_schemathesis_finds_nothing_against_the_openapi_document(api: str) -> No
          "--max-response-time", "10", "--max-examples", "25", "--seed", "1",
          "--request-timeout", "30"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+        cwd=tmp_path,  # its cache
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "Errored" not in done.stdout, done.stdout[-3000:]
