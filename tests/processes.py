@@ -10,12 +10,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+
+from kappamask.inference.server import free_port
 
 
 def start_serve(
@@ -27,6 +31,22 @@ def start_serve(
             [sys.executable, "-m", "kappamask.cli", "serve", *args],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
         )  # fmt: skip
+
+
+@contextmanager
+def served(triton_url: str, base: Path, data_root: Path) -> Iterator[str]:
+    """`kappamask serve` on a running Triton, its files under ``base``; its URL."""
+    port = free_port()
+    log = base / "serve.log"
+    env = {"KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"), "KAPPAMASK_JOBS_DB": str(base / "db")}
+    proc = start_serve(["--port", str(port), "--triton-url", triton_url, "--output-dir",
+                        str(base / "out"), "--data-root", str(data_root)], log, env)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, proc, log)
+        yield url
+    finally:
+        stop(proc)
 
 
 def wait_for(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: float = 90) -> None:

@@ -20,11 +20,11 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from kappamask.inference.server import LocalTriton, free_port
+from kappamask.inference.server import LocalTriton
 from kappamask.ogc import OGC_OPENAPI, openapi_document, results_document, self_contained
 
 from .conftest import DATA, T22HBD
-from .processes import start_serve, stop, wait_for
+from .processes import served
 
 SCHEMAS = OGC_OPENAPI / "schemas"
 #: Where the OGC publishes the same files: their relative $refs resolve against it.
@@ -63,18 +63,8 @@ def schemas() -> OGCSchemas:
 @pytest.fixture(scope="module")
 def api(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`kappamask serve` on the session's Triton; its URL."""
-    base = tmp_path_factory.mktemp("ogc")
-    port = free_port()
-    log = base / "serve.log"
-    env = {"KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"), "KAPPAMASK_JOBS_DB": str(base / "db")}
-    proc = start_serve(["--port", str(port), "--triton-url", triton.http_url, "--output-dir",
-                        str(base / "out"), "--data-root", str(DATA)], log, env)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url, proc, log)
+    with served(triton.http_url, tmp_path_factory.mktemp("ogc"), DATA) as url:
         yield url
-    finally:
-        stop(proc)
 
 
 def _refs(node: Any) -> Iterator[str]:
@@ -213,6 +203,7 @@ def test_sync_results_have_one_shape_per_response(api: str, schemas: OGCSchemas)
         job = _poll(created.headers["Location"])
         schemas.check("statusInfo.yaml", job)
         assert job["status"] == "successful", job
+        assert job["message"] == f"{result['product_id']}: done"  # the job names its product
         fetched = _json(_link(job, RESULTS_REL))
         if response == "document":
             schemas.check("results.yaml", fetched)

@@ -15,6 +15,8 @@
   holding NUL or a lone UTF-16 surrogate), 400 naming where; an execute request whose
   ``inputs``, ``response`` or ``subscriber`` is of the wrong shape, 400. pygeoapi would
   answer those with an HTML 500 page, or parse 50 MB before refusing.
+- ``GET /map`` and ``/web/...``: the service's web page and its vendored assets
+  (``kappamask.site``).
 - ``/processes/{id}/execution`` takes POST only (405 with ``Allow: POST``).
 - ``GET /jobs/{id}/results`` of a dismissed job: 410 (its outputs are deleted), also when
   the dismissal races the read.
@@ -43,6 +45,7 @@ from typing import Any
 from werkzeug.security import safe_join
 from werkzeug.utils import send_file
 
+from kappamask import site
 from kappamask.access import has_lone_surrogate
 
 LOGGER = logging.getLogger(__name__)
@@ -176,6 +179,14 @@ class RequestGuard:
                            {"status": "unavailable", "reason": "Triton is not ready"})  # fmt: skip
         if self.outputs is not None and (path + "/").startswith(OUTPUTS_ROUTE + "/"):
             return self._output_file(environ, start_response, path[len(OUTPUTS_ROUTE) :])
+        if site.serves(path):
+            if method not in ("GET", "HEAD"):
+                return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
+                              "InvalidParameterValue", "the web page is read only: GET or HEAD",
+                              (("Allow", "GET, HEAD"),))  # fmt: skip
+            return site.answer(environ, start_response, path,
+                               lambda why: _error(start_response, HTTPStatus.NOT_FOUND,
+                                                  "NotFound", why))  # fmt: skip
         execution = path.startswith("/processes/") and path.endswith("/execution")
         if execution and method != "POST":
             return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED, "InvalidParameterValue",
@@ -346,6 +357,9 @@ class RequestGuard:
             mimetypes.guess_type(found)[0] or "application/octet-stream"
         )
         response = send_file(found, environ, mimetype=media, conditional=True, max_age=0)
+        # a web map elsewhere (OpenLayers, QGIS in a browser) may read the COGs by range
+        response.headers["Access-Control-Allow-Origin"] = "*"
+        response.headers["Access-Control-Expose-Headers"] = "Content-Range, Content-Length, ETag"
         return response(environ, start_response)
 
 

@@ -70,11 +70,16 @@ class JobReporter:
         self.job_id = job_id
         self.manager = manager if manager is not None else (_manager() if job_id else None)
         self._last: tuple[int, str] | None = None
+        #: What the job works on (the product), named in every message: a job's page and
+        #: its status say which product it is.
+        self.subject: str | None = None
 
     def update(self, percent: int, message: str, status: str = "running") -> None:
         """Write progress to the job (only when the percentage changes)."""
         if (percent, status) == self._last:
             return
+        if self.subject:
+            message = f"{self.subject}: {message}"
         self._last = (percent, status)
         LOGGER.info("job %s: %d%% %s", self.job_id or "-", percent, message)
         if self.manager is None or self.job_id is None:

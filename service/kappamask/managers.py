@@ -152,6 +152,9 @@ class ErrorStatusMixin:
             runs, job_id, data_dict, requested_outputs, subscriber=subscriber,
             requested_response=RAW,
         )  # fmt: skip
+        subject = getattr(p, "subject", None)
+        if status == JobStatus.successful and subject:  # pygeoapi wrote "Job complete"
+            self.update_job(job_id, {"message": f"{subject}: done"})
         if status == JobStatus.failed:
             with _LOCK:
                 err = _FAILURES.get(job_id)

@@ -357,6 +357,8 @@ class KappaMaskProcessor(BaseProcessor):
         super().__init__(processor_def, self.METADATA)
         self.settings = ProcessSettings.from_definition(processor_def)
         self.job_id: str | None = None
+        #: The product of this processor's job, once opened (its finished job names it).
+        self.subject: str | None = None
 
     def set_job_id(self, job_id: str) -> None:
         super().set_job_id(job_id)
@@ -385,7 +387,8 @@ class KappaMaskProcessor(BaseProcessor):
         # opened before an inference slot is taken: a product that cannot be read (a
         # server that stalls, a refused file) never holds one
         product = open_product(reference, self.settings.policy)
-        with self._client(job, PROGRESS_START, describe_reference(product)) as client:
+        job.subject = self.subject = describe_reference(product)
+        with self._client(job, PROGRESS_START, "inference") as client:
             result = run(product, output or self.settings.output_dir, client, options,
                          progress=job.update, cancelled=job.cancelled,
                          policy=self.settings.policy, output_base=self.settings.output_dir,

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kappamask import queue
+from kappamask import queue, site
 from kappamask.access import roots_from_env
 from kappamask.bands import LEVELS
 from kappamask.errors import KappaMaskError
@@ -178,7 +178,12 @@ def guarded_app(triton_ready: Callable[[], bool]) -> Any:
     both serve."""
     _quiet_logs()
     outputs = set_outputs_url()
-    from pygeoapi.flask_app import APP, CONFIG
+    from pygeoapi.flask_app import APP, CONFIG, api_
+
+    # the service's own page frame and pages first, pygeoapi's for the rest (kappamask.site)
+    # (pygeoapi keeps a copy of its configuration for pages of a resource: both)
+    for config in (api_.config, api_.tpl_config):
+        config["server"].setdefault("templates", {})["path"] = str(site.TEMPLATES)
 
     limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
     if not isinstance(APP.wsgi_app, RequestGuard):
