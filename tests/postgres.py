@@ -17,6 +17,8 @@ import pytest
 
 from kappamask.inference.server import free_port
 
+from .processes import apt_install
+
 #: What the Debian packages put where; .ci/run installs them (the fixture too, as root).
 APT_PACKAGES = ["postgresql", "postgis"]
 
@@ -26,11 +28,8 @@ def _postgres_bin() -> Path:
     allowed (root, as in CI)."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
-    if (not found or not postgis) and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-qq"],
-                        ["apt-get", "install", "-y", "-qq", *APT_PACKAGES]):  # fmt: skip
-            subprocess.run(command, env=env, check=False, capture_output=True, timeout=900)
+    if not found or not postgis:
+        apt_install(APT_PACKAGES)
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
     if not found or not postgis:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,6 +32,29 @@ def start_serve(
             [sys.executable, "-m", "kappamask.cli", "serve", *args],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
         )  # fmt: skip
+
+
+def apt_install(packages: list[str]) -> None:
+    """Install Debian ``packages`` where that is allowed (root with apt-get, as in CI:
+    .ci/run installs them before the tests); elsewhere nothing."""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"],
+                    ["apt-get", "install", "-y", "-qq", *packages]):  # fmt: skip
+        subprocess.run(command, env=env, check=False, capture_output=True, timeout=900)
+
+
+def debian_binary(name: str, packages: list[str]) -> str:
+    """The path of the system binary ``name``, its Debian ``packages`` installed when it is
+    missing (``apt_install``)."""
+    found = shutil.which(name)
+    if found is None:
+        apt_install(packages)
+        found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"these tests need {name}: apt-get install {' '.join(packages)}")
+    return found
 
 
 @contextmanager

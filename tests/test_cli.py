@@ -45,6 +45,9 @@ def test_run_starts_its_own_triton_on_the_full_safe_layout(
     data = check_result(item, T22HBD, 60, stac_validator)
     assert data["properties"]["kappamask:processing_baseline"] == "02.14"
     assert "starting Triton" in done.stderr and "Triton stopped" in done.stderr
+    # log lines are written above the progress bar, never into it
+    for segment in re.split(r"[\r\n]", done.stderr):
+        assert not ("%|" in segment and ("INFO" in segment or "WARNING" in segment)), segment
 
 
 def test_run_a_zip_against_a_running_triton(
@@ -90,6 +93,14 @@ def test_an_l1c_product_through_the_l1c_model(
     assert "kappamask_l1c" in data["properties"]["processing:software"]
     # a cloud-free scene: the bootstrap L1C model calls most of it clear
     assert data["properties"]["kappamask:clear_percentage"] > 80
+
+
+def test_a_product_that_cannot_be_read_is_said_before_triton_starts(tmp_path: Path) -> None:
+    """No Triton URL: the command would start one, but the missing product ends it first."""
+    done = _run("run", str(tmp_path / "nope.SAFE"), "--out", str(tmp_path / "out"))
+    assert done.returncode == ProductNotFoundError.exit_code
+    assert "does not exist" in done.stderr and "starting Triton" not in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_errors_are_one_clear_line_and_write_nothing(triton: LocalTriton, tmp_path: Path) -> None:

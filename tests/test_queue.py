@@ -4,7 +4,6 @@ real `kappamask worker` processes that run the jobs, and one of them killed mid-
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,7 +24,7 @@ from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T22HBD, T29UNU
 from .postgres import postgis_cluster
-from .processes import Receiver, start_serve, stop, submit_async, wait_for
+from .processes import Receiver, debian_binary, start_serve, stop, submit_async, wait_for
 from .stac_api import S2_COLLECTION, StacApi
 
 
@@ -38,28 +37,14 @@ def _redis_answers(port: int) -> bool:
         return False
 
 
-def _redis_server() -> str:
-    """The redis-server binary; installed from Debian when missing and allowed (root, as
-    in CI: .ci/run installs it before the tests)."""
-    found = shutil.which("redis-server")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-qq"],
-                        ["apt-get", "install", "-y", "-qq", "redis-server"]):  # fmt: skip
-            subprocess.run(command, env=env, check=False, capture_output=True, timeout=600)
-        found = shutil.which("redis-server")
-    if found is None:
-        pytest.fail("the queue tests need redis-server: apt-get install redis-server")
-    return found
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server (the Debian package) on a free port, nothing persisted."""
     port = free_port()
     folder = tmp_path_factory.mktemp("redis")
+    redis = debian_binary("redis-server", ["redis-server"])
     proc = subprocess.Popen(
-        [_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(folder)],
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime
 
@@ -72,6 +73,14 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     assert data["assets"]["probability"]["raster:bands"][0]["nodata"] == 255
     assert [c["value"] for c in data["assets"]["valid"]["classification:classes"]] == [1, 0, 255]
     assert any(link["rel"] == "derived_from" for link in data["links"])
+    # served over HTTP or on S3, a server path would lead a client nowhere: left out; a
+    # URL stays
+    args = (grid, class_statistics(counts), files, model, {})
+    served = create_item(product, *args, local_paths=False).to_dict(include_self_link=False)
+    assert not any(link["rel"] == "derived_from" for link in served["links"])
+    remote = dataclasses.replace(product, href="https://example.com/items/x.json")
+    linked = create_item(remote, *args, local_paths=False).to_dict(include_self_link=False)
+    assert [lk["href"] for lk in linked["links"] if lk["rel"] == "derived_from"] == [remote.href]
     # the geometry is the tile footprint clipped to the output grid: inside the grid bbox
     west, south, east, north = data["bbox"]
     assert -8.5 < west < east < -7.0 and 52.0 < south < north < 53.5

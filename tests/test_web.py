@@ -20,12 +20,9 @@ import requests
 from kappamask.inference.server import LocalTriton
 
 from .conftest import DATA, T29UNU
-from .processes import served
+from .processes import debian_binary, served
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +34,19 @@ def site(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> Itera
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium; WebGL (OpenLayers draws COGs with it) runs on SwiftShader."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.fail("install Debian's chromium and chromium-driver (.ci/run does)")
+    chromium = debian_binary("chromium", ["chromium", "chromium-driver"])
+    chromedriver = debian_binary("chromedriver", ["chromium", "chromium-driver"])
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     options = Options()
-    options.binary_location = str(CHROMIUM)
+    options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                  "--window-size=1400,900", "--enable-unsafe-swiftshader",
                  "--use-angle=swiftshader"):  # fmt: skip
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_script_timeout(60)
     try:
         yield driver

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kappamask import __version__
 from kappamask.bands import LEVELS
@@ -139,6 +140,8 @@ def _triton_and_progress(flags: dict[str, Any], desc: str) -> Iterator[tuple[Any
         client = stack.enter_context(TritonClient(triton.url, flags["protocol"]))
         client.wait_ready()
         bar = stack.enter_context(tqdm(total=100, unit="%", desc=desc, file=sys.stderr))
+        # log lines are written above the bar instead of through it
+        stack.enter_context(logging_redirect_tqdm())
 
         def progress(percent: int, message: str) -> None:
             bar.update(percent - bar.n)
@@ -162,10 +165,13 @@ def run_command(product: str, output: str, **flags: Any) -> None:
     (URL, s3:// or local .json), L1C or L2A. S3 settings come from the environment
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., KAPPAMASK_S3_REQUESTER_PAYS)."""
     from kappamask.pipeline import ASSETS, run
+    from kappamask.sources import open_product
 
     options = _run_options(flags)
+    # a product that cannot be read is said before Triton starts (seconds, not a start-up)
+    opened = open_product(product)
     with _triton_and_progress(flags, "kappamask") as (client, progress):
-        result = run(product, output, client, options, progress=progress)
+        result = run(opened, output, client, options, progress=progress)
     summary = result.to_json()  # the job result's figures, with its denominators
     for key in (*ASSETS, "item"):
         click.echo(f"{'STAC item:' if key == 'item' else key + ':':<12} {summary[key]}")

@@ -472,6 +472,7 @@ def publish(
             "kappamask:parameters": planned.parameters,
             "kappamask:crops": {"total": len(planned.crops), "inferred": inferred.crops_inferred},
         },
+        local_paths=not sink.absolute_hrefs,
     )
     include_self = sink.absolute_hrefs
     if include_self:

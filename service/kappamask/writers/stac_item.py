@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pystac
@@ -123,6 +124,10 @@ _WEIGHTS: defaultdict[str, str] = defaultdict(
 )
 
 
+#: Product hrefs a client elsewhere can follow.
+URL_SCHEMES = ("http", "https", "s3")
+
+
 def create_item(
     product: Product,
     grid: Grid,
@@ -132,9 +137,12 @@ def create_item(
     substitutions: Mapping[str, str],
     processed: datetime | None = None,
     extra_properties: Mapping[str, Any] | None = None,
+    local_paths: bool = True,
 ) -> pystac.Item:
     """Build the STAC item describing a mask of ``product`` (``stats``: class_statistics;
-    files: mask, confidence, probability, valid, preview)."""
+    files: mask, confidence, probability, valid, preview). ``local_paths``: the item is
+    read on the machine that made it (a folder of the command line), where the product's
+    path is worth a ``derived_from`` link."""
     geometry = _geometry(product, grid)
     item = pystac.Item(
         id=f"{product.product_id}_KAPPAMASK",
@@ -248,7 +256,10 @@ def create_item(
         },
     )  # fmt: skip
     add("preview", "Mask over a true-colour quicklook", "image/png", ["overview"], {})
-    if product.href:
+    # the product it was made from: a URL anyone can follow; a path only where the item
+    # is read on the machine that made it (served over HTTP or on S3, a server path would
+    # lead a client nowhere: kappamask:product_id names the product there)
+    if product.href and (urlparse(product.href).scheme in URL_SCHEMES or local_paths):
         item.add_link(pystac.Link("derived_from", product.href, title=product.product_id))
     return item
 
