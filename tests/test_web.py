@@ -116,6 +116,8 @@ def test_a_person_submits_a_product_and_sees_its_mask_on_the_map(
     hrefs = [a.get_attribute("href") for a in browser.find_elements(By.TAG_NAME, "a")]
     assert any(h and h.endswith("_KAPPAMASK.tif") for h in hrefs), hrefs
     assert any(h and "/map?job=" in h for h in hrefs), hrefs
+    preview = browser.find_element(By.TAG_NAME, "img")  # the picture, loaded
+    assert browser.execute_script("return arguments[0].naturalWidth", preview) > 100
 
 
 def test_every_html_page_works_offline(site: str, browser: Any) -> None:
