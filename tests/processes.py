@@ -80,7 +80,7 @@ def wait_for(url: str, proc: subprocess.Popen[bytes], log_path: Path, timeout: f
         try:
             if requests.get(f"{url}/processes", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not up, or busy starting
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail("kappamask serve did not start:\n" + log_path.read_text())
