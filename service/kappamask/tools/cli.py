@@ -310,6 +310,19 @@ def import_keras_command(
     "outermost rows/columns than across the median boundary (1 = seamless).",
     metavar="MASK",
 )
+@click.option(
+    "--feature-importance",
+    is_flag=True,
+    help="Zero each input feature of --model in turn and report per-class 1 - dice (the "
+    "paper's Figure 11) on --kappaset (human labels) or --labels-cache (teachers' labels).",
+)
+@click.option(
+    "--labels-cache",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A `kappamask distill` label cache, for --feature-importance.",
+)
+@click.option("--only", multiple=True, help="With --labels-cache: scene name parts to keep.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 @click.option("--png", "png_path", type=click.Path(path_type=Path), default=None)
 def evaluate_command(
@@ -322,14 +335,22 @@ def evaluate_command(
     s2cloudless_products: tuple[Path, ...],
     side_by_side: tuple[Path, Path] | None,
     seams_mask: Path | None,
+    feature_importance: bool,
+    labels_cache: Path | None,
+    only: tuple[str, ...],
     json_path: Path | None,
     png_path: Path | None,
 ) -> None:
     """Per-class dice, precision, recall, overall accuracy and confusion matrices of
-    predicted masks against references (the paper's Tables 2-9 and Figure 8), or of one
-    product's mask against the other tools (--side-by-side)."""
+    predicted masks against references (the paper's Tables 2-9 and Figure 8), of one
+    product's mask against the other tools (--side-by-side), or a model's permutation
+    feature importance (--feature-importance)."""
     from kappamask.tools import evaluate as ev
 
+    if feature_importance:
+        _feature_importance(model_path, level, kappaset, labels_cache, only, json_path,
+                            png_path)  # fmt: skip
+        return
     if seams_mask is not None:
         result = ev.seam_report(seams_mask)
         click.echo(ev.format_seams(result))
@@ -355,6 +376,35 @@ def evaluate_command(
         click.echo(f"JSON: {ev.write_json(result, json_path)}")
     if png_path:
         click.echo(f"PNG:  {ev.plot_confusion(result, png_path)}")
+
+
+def _feature_importance(
+    model_path: Path | None,
+    level: str | None,
+    kappaset: Path | None,
+    labels_cache: Path | None,
+    only: tuple[str, ...],
+    json_path: Path | None,
+    png_path: Path | None,
+) -> None:
+    from kappamask.tools import importance as fi
+
+    if model_path is None or (kappaset is None) == (labels_cache is None):
+        raise click.UsageError("--feature-importance needs --model and one of --kappaset "
+                               "(human labels) or --labels-cache (teachers' labels)")  # fmt: skip
+    classify = fi.OnnxClassifier(model_path, level)
+    if kappaset is not None:
+        tiles, source = fi.kappaset_tiles(kappaset, classify.spec), fi.HUMAN_LABELS
+    else:
+        assert labels_cache is not None
+        tiles = fi.cached_tiles(labels_cache, classify.spec.level, only)
+        source = fi.TEACHER_LABELS
+    result = fi.feature_importance(tiles, classify, source)
+    click.echo(fi.format_importance(result))
+    if json_path:
+        click.echo(f"JSON: {fi.write_importance(result, json_path)}")
+    if png_path:
+        click.echo(f"PNG:  {fi.plot_importance(result, png_path)}")
 
 
 @tools.command("train")
