@@ -54,15 +54,17 @@ def adapt(tile: LabelledTile, names: Sequence[str], max_v: Sequence[float]) -> n
 
 def cached_tiles(folder: Path, level: str, only: Sequence[str] = ()) -> Iterator[LabelledTile]:
     """The scenes of a `kappamask distill` label cache for ``level`` (teachers' labels),
-    those whose name holds one of ``only`` when given."""
+    those whose name or acquisition group holds one of ``only`` when given (as
+    ``--holdout`` picks them)."""
     from kappamask.tools.distill import load_scene
+    from kappamask.tools.realdata import matches
 
     paths = sorted(folder.glob(f"{level}_*.npz"))
     if not paths:
         raise InvalidInputError(f"{folder} holds no {level} scenes of a distill label cache")
     for path in paths:
         scene = load_scene(path)
-        if only and not any(p in scene.name for p in only):
+        if only and not (matches(scene.name, only) or matches(scene.group, only)):
             continue
         yield LabelledTile(scene.name, scene.features, scene.labels,
                            tuple(DEFAULT_FEATURES[level]), tuple(DEFAULT_MAX_V[level]))  # fmt: skip
