@@ -269,6 +269,31 @@ def batch_command(
         sys.exit(1)
 
 
+@main.command("review")
+@click.argument("products", nargs=-1, required=True)
+@click.option("--out", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the ranked sub-tiles, index.json and index.html.")  # fmt: skip
+@click.option("--top", type=click.IntRange(min=1), default=None,
+              help="Keep the N most unsure sub-tiles (default: all).")  # fmt: skip
+@product_options
+def review_command(products: tuple[str, ...], output: Path, top: int | None, **flags: Any) -> None:
+    """Rank the 512 px sub-tiles of PRODUCTS by how unsure the served model is (small
+    top-2 margins, low confidence) and write, for each, the band stack it saw, its mask,
+    a true-colour PNG and the mask over it; index.json and index.html rank them. What to
+    label first (the paper's active learning)."""
+    from kappamask.sources import open_product
+    from kappamask.tools.review import review
+
+    options = _run_options(flags)
+    opened = [open_product(p) for p in products]  # unreadable ones end here, before Triton
+    with _triton_and_progress(flags, "review") as (client, progress):
+        kept = review(opened, output, client, options, top, progress)
+    click.echo(f"{len(kept)} sub-tiles ranked, most unsure first: {output / 'index.html'}")
+    for tile in kept[:10]:
+        click.echo(f"  {tile.unsure:.3f}  {tile.name}  low confidence "
+                   f"{100 * tile.low_confidence:.0f} %")  # fmt: skip
+
+
 def _read_json_option(value: str, option: str) -> Any:
     """A JSON option's value: the JSON itself or @FILE."""
     try:

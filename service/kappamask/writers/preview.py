@@ -110,11 +110,14 @@ def write_preview(
         classes = src.read(1, out_shape=shape, resampling=Resampling.mode)
         left, bottom, right, top = src.bounds
     rgb = None if product is None else true_colour(product, (left, bottom, right, top), shape)
-    image = render(classes, rgb)
-    # A preview is a picture, not a map: no georeferencing (which would need a sidecar file).
+    write_png(render(classes, rgb), dst)
+
+
+def write_png(image: np.ndarray, dst: Path) -> None:
+    """An RGB(A) uint8 [bands, h, w] image as a PNG. A picture, not a map: no
+    georeferencing (which would need a sidecar file)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(
-            dst, "w", driver="PNG", width=shape[1], height=shape[0], count=4, dtype="uint8"
-        ) as out:
+        with rasterio.open(dst, "w", driver="PNG", width=image.shape[2], height=image.shape[1],
+                           count=image.shape[0], dtype="uint8") as out:  # fmt: skip
             out.write(image)

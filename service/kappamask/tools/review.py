@@ -1,0 +1,288 @@
+"""What to label next (the paper's active learning, §2 and Figure 1): the served model runs
+over products, and their 512 px sub-tiles are ranked by how unsure it is, so that people
+label where the model is weakest.
+
+Unsure is measured over the pixels with data of each sub-tile, from the four class scores
+the served graph returns (``scores``, each class's output x 255):
+
+- the **top-2 margin**: the best class's score minus the runner-up's. A small margin is a
+  pixel the model nearly decided otherwise; the ranking score is ``1 - mean margin``;
+- the share of **low-confidence** pixels (best score under ``LOW_CONFIDENCE``).
+
+The sub-tiles are the output grid's 512 px crops without overlap (the paper's sub-tiles;
+at the edges, what lies inside the raster). Each ranked sub-tile gets the band stack the
+model saw (a float32 GeoTIFF, one band per feature, named), the model's classes (a
+GeoTIFF in mask codes: the pre-annotation a labeller corrects), a true-colour PNG and the
+mask over it (the paper's half-transparent overlay); ``index.json`` ranks them and
+``index.html`` is a contact sheet to scroll.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+from rasterio.windows import transform as window_transform
+
+from kappamask.access import AccessPolicy
+from kappamask.bands import CLASS_NAMES, DN_SCALE, TILE_SIZE, MaskClass
+from kappamask.inference.model_spec import SCORE_CLASSES
+from kappamask.inference.triton import TritonClient
+from kappamask.options import RunOptions
+from kappamask.pipeline import Plan, plan
+from kappamask.reader import BandReader
+from kappamask.sources import ProductRef
+from kappamask.tiling import Crop
+from kappamask.writers.preview import TRUE_COLOUR_GAIN, render, write_png
+
+#: A pixel whose best class scores under this (of 1) is a low-confidence pixel.
+LOW_CONFIDENCE = 0.6
+#: Sub-tiles with less data than this share are not worth a labeller's time.
+MIN_DATA_SHARE = 0.05
+#: Progress: (percent, message), as the pipeline reports it.
+ProgressFn = Callable[[int, str], None]
+
+
+@dataclass(frozen=True)
+class SubTile:
+    """One ranked sub-tile: where it is, how unsure the model is, and its files."""
+
+    product_id: str
+    row: int
+    col: int
+    #: The sub-tile in the output grid: (col_off, row_off, width, height).
+    window: tuple[int, int, int, int]
+    crs: str
+    resolution: float
+    unsure: float  # 1 - mean top-2 margin over the pixels with data
+    margin: float
+    low_confidence: float
+    data_share: float
+    classes: dict[str, float]  # share of the pixels with data per class
+    files: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return f"{self.product_id}_r{self.row:02d}_c{self.col:02d}"
+
+
+def uncertainty(scores: np.ndarray, valid: np.ndarray) -> tuple[float, float, float]:
+    """(1 - mean top-2 margin, mean margin, low-confidence share) of class scores
+    [4, h, w] (0-255) over the ``valid`` pixels."""
+    if not valid.any():
+        return 0.0, 1.0, 0.0
+    top = np.sort(scores[:, valid].astype(np.float32) / 255.0, axis=0)
+    margin = top[-1] - top[-2]
+    return (
+        float(1.0 - margin.mean()),
+        float(margin.mean()),
+        float((top[-1] < LOW_CONFIDENCE).mean()),
+    )
+
+
+def true_colour(features: np.ndarray, names: Sequence[str], max_v: Sequence[float]) -> np.ndarray:
+    """RGB uint8 [3, h, w] of a sub-tile's features (B04, B03, B02 as the model saw them)."""
+    planes = []
+    for band in ("B04", "B03", "B02"):
+        i = list(names).index(band)
+        reflectance = features[i].astype(np.float32) * max_v[i] * DN_SCALE / 10000.0
+        planes.append(np.clip(reflectance * TRUE_COLOUR_GAIN * 255, 0, 255))
+    rgb: np.ndarray = np.stack(planes).astype(np.uint8)
+    return rgb
+
+
+def _padded(features: np.ndarray) -> np.ndarray:
+    """A sub-tile cut by the raster's edge, mirrored out to the model's 512 px."""
+    _c, h, w = features.shape
+    if (h, w) == (TILE_SIZE, TILE_SIZE):
+        return features
+    padded: np.ndarray = np.pad(features, ((0, 0), (0, TILE_SIZE - h), (0, TILE_SIZE - w)),
+                                mode="symmetric")  # fmt: skip
+    return padded
+
+
+def _write_tile(
+    folder: Path,
+    name: str,
+    features: np.ndarray,
+    classes: np.ndarray,
+    rgb: np.ndarray,
+    profile: dict[str, Any],
+    names: Sequence[str],
+) -> dict[str, str]:
+    """The sub-tile's files in ``folder``; their names relative to the review folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"bands": f"{name}_bands.tif", "mask": f"{name}_mask.tif",
+             "rgb": f"{name}_rgb.png", "overlay": f"{name}_overlay.png"}  # fmt: skip
+    with rasterio.open(folder / files["bands"], "w", **profile, count=len(names),
+                       dtype="float32", compress="deflate") as dst:  # fmt: skip
+        dst.write(features.astype(np.float32))
+        dst.descriptions = tuple(names)
+    with rasterio.open(folder / files["mask"], "w", **profile, count=1, dtype="uint8",
+                       compress="deflate", nodata=int(MaskClass.MISSING)) as dst:  # fmt: skip
+        dst.write(classes[None])
+    write_png(np.concatenate([rgb, np.full((1, *rgb.shape[1:]), 255, np.uint8)]),
+              folder / files["rgb"])  # fmt: skip
+    write_png(render(classes, rgb), folder / files["overlay"])
+    return {k: f"{folder.name}/{v}" for k, v in files.items()}
+
+
+@dataclass(frozen=True)
+class _Read:
+    """One sub-tile as read and answered."""
+
+    crop: Crop
+    window: Window
+    features: np.ndarray
+    valid: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+
+
+def _read_sub_tiles(
+    planned: Plan,
+    client: TritonClient,
+    options: RunOptions,
+    wanted: set[tuple[int, int]] | None = None,
+    progress: ProgressFn | None = None,
+) -> Iterator[_Read]:
+    """The product's sub-tiles with data (or the ``wanted`` (row, col) ones), read as the
+    model sees them and answered by it."""
+    product, model, grid = planned.product, planned.model, planned.grid
+    crops = [c for c in planned.crops if wanted is None or (c.row, c.col) in wanted]
+    with BandReader(product, model.features, model.max_v, grid, options.resampling,
+                    offset_rule=model.offset_rule) as reader:  # fmt: skip
+        for number, crop in enumerate(crops, 1):
+            if progress:
+                progress(100 * number // len(crops), f"sub-tile {number}/{len(crops)}")
+            top, bottom = crop.y.clip(grid.height)
+            left, right = crop.x.clip(grid.width)
+            if bottom <= top or right <= left:
+                continue
+            window = Window(left, top, right - left, bottom - top)
+            features, valid = reader.read(window)
+            if valid.mean() < MIN_DATA_SHARE:
+                continue
+            outputs = client.submit(model.name, _padded(features)).result()
+            h, w = bottom - top, right - left
+            classes = outputs.classes[:h, :w].copy()
+            classes[~valid] = MaskClass.MISSING
+            yield _Read(crop, window, features, valid, classes, outputs.scores[:, :h, :w])
+
+
+def score_product(
+    planned: Plan, client: TritonClient, options: RunOptions, progress: ProgressFn | None = None
+) -> list[SubTile]:
+    """Every sub-tile of one product with data, scored (no files yet)."""
+    grid, product_id = planned.grid, planned.product.product_id
+    tiles = []
+    for read in _read_sub_tiles(planned, client, options, progress=progress):
+        unsure, margin, low = uncertainty(read.scores, read.valid)
+        data = read.classes[read.valid]
+        shares = {CLASS_NAMES[c]: float((data == c).mean()) for c in SCORE_CLASSES}
+        w = read.window
+        tiles.append(SubTile(product_id, read.crop.row, read.crop.col,
+                             (int(w.col_off), int(w.row_off), int(w.width), int(w.height)),
+                             grid.crs, grid.resolution, unsure, margin, low,
+                             float(read.valid.mean()), shares, {}))  # fmt: skip
+    return tiles
+
+
+def write_sub_tiles(
+    planned: Plan,
+    tiles: Sequence[SubTile],
+    out: Path,
+    client: TritonClient,
+    options: RunOptions,
+) -> list[SubTile]:
+    """``tiles`` (of this product) with their files written under ``out/tiles``."""
+    model, grid = planned.model, planned.grid
+    by_place = {(t.row, t.col): t for t in tiles}
+    written = []
+    for read in _read_sub_tiles(planned, client, options, set(by_place)):
+        tile = by_place[(read.crop.row, read.crop.col)]
+        profile = {"driver": "GTiff", "width": int(read.window.width),
+                   "height": int(read.window.height), "crs": grid.crs,
+                   "transform": window_transform(read.window, grid.transform)}  # fmt: skip
+        rgb = true_colour(read.features, model.features, model.max_v)
+        rgb[:, ~read.valid] = 0
+        files = _write_tile(out / "tiles", tile.name, read.features, read.classes, rgb,
+                            profile, model.features)  # fmt: skip
+        written.append(replace(tile, files=files))
+    return written
+
+
+def rank(tiles: Sequence[SubTile]) -> list[SubTile]:
+    """Most unsure first (then more low-confidence pixels, then more data)."""
+    return sorted(tiles, key=lambda t: (-t.unsure, -t.low_confidence, -t.data_share, t.name))
+
+
+def write_index(ranked: Sequence[SubTile], out: Path, model: str) -> tuple[Path, Path]:
+    """``index.json`` (the ranking, with every score and file) and ``index.html`` (the
+    contact sheet: true colour and mask side by side, most unsure first)."""
+    entries = [{"rank": i, "name": t.name, **asdict(t)} for i, t in enumerate(ranked, 1)]
+    index = out / "index.json"
+    index.write_text(json.dumps({"model": model, "low_confidence_below": LOW_CONFIDENCE,
+                                 "sub_tiles": entries}, indent=2))  # fmt: skip
+    cards = []
+    for e in entries:
+        shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in e["classes"].items() if v > 0)
+        cards.append(
+            f'<figure><a href="{e["files"]["overlay"]}"><img src="{e["files"]["rgb"]}" '
+            f'alt="true colour"><img src="{e["files"]["overlay"]}" alt="mask"></a>'
+            f"<figcaption>#{e['rank']} {html.escape(e['name'])}<br>unsure {e['unsure']:.3f}, "
+            f"low confidence {100 * e['low_confidence']:.0f} %, data "
+            f"{100 * e['data_share']:.0f} %<br>{html.escape(shares)}</figcaption></figure>"
+        )
+    sheet = out / "index.html"
+    sheet.write_text(
+        "<!doctype html><meta charset=utf-8><title>Sub-tiles to label</title><style>"
+        "body{font-family:sans-serif}figure{display:inline-block;margin:6px;"
+        "vertical-align:top;width:520px}img{width:256px;margin-right:4px}"
+        "figcaption{word-break:break-all}</style>"
+        f"<h1>Sub-tiles to label, most unsure first ({html.escape(model)})</h1>" + "".join(cards)
+    )
+    return index, sheet
+
+
+def review(
+    products: Sequence[ProductRef],
+    out: Path,
+    client: TritonClient,
+    options: RunOptions,
+    top: int | None = None,
+    progress: ProgressFn | None = None,
+    policy: AccessPolicy | None = None,
+) -> list[SubTile]:
+    """Score every sub-tile of ``products``, keep the ``top`` most unsure, write their
+    files (only theirs: a whole tile at 10 m has 484 sub-tiles) and the index. The
+    ranking, most unsure first."""
+    policy = policy or AccessPolicy.unrestricted()
+    plans = [plan(p, client, options, policy, 0) for p in products]  # non-overlapping crops
+    tiles: list[SubTile] = []
+    for index, planned in enumerate(plans):
+
+        def overall(percent: int, message: str, index: int = index) -> None:
+            if progress:
+                progress((100 * index + percent) // len(plans), f"scoring: {message}")
+
+        tiles.extend(score_product(planned, client, options, overall))
+    ranked = rank(tiles)[:top]
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, SubTile] = {}
+    for planned in plans:
+        mine = [t for t in ranked if t.product_id == planned.product.product_id]
+        if mine:
+            written.update((t.name, t) for t in write_sub_tiles(planned, mine, out, client,
+                                                                  options))  # fmt: skip
+    kept = [written[t.name] for t in ranked if t.name in written]
+    models = sorted({f"{p.model.name} {p.model.version_label}" for p in plans})
+    write_index(kept, out, ", ".join(models))
+    return kept
