@@ -6,6 +6,8 @@ below is validated against them (tests/test_ogc.py).
 - **201 Created** (``Prefer: respond-async``): the body is the job's status document
   (``statusInfo``: ``jobID``, ``status``, ``links``), the one ``GET /jobs/{id}`` answers;
   pygeoapi sends ``null`` or ``{}``.
+- **The conformance declaration** adds the job-list and dismiss classes, which the
+  service meets and pygeoapi leaves out.
 - **A dismissal** answers the job's status document as JSON (pygeoapi labels it HTML).
 - **Status documents** leave out the times a job does not have yet (pygeoapi writes
   ``"finished": null``, which the schema refuses: a date-time, or nothing), and link to
@@ -42,6 +44,12 @@ import yaml
 RAW, DOCUMENT = "raw", "document"
 _EXECUTION = re.compile(r"/processes/[^/]+/execution/?")
 _JOBS = re.compile(r"/jobs(/[^/]+)?/?")
+#: Requirement classes the service meets beyond those pygeoapi declares: the job list
+#: (``/jobs``, validated against jobList.yaml) and dismissal (``DELETE /jobs/{id}``).
+EXTRA_CONFORMANCE = (
+    "http://www.opengis.net/spec/ogcapi-processes-1/1.0/conf/job-list",
+    "http://www.opengis.net/spec/ogcapi-processes-1/1.0/conf/dismiss",
+)
 
 #: The official OpenAPI parts of OGC API - Processes 1.0 (``schemas/``, ``responses/``).
 OGC_OPENAPI = Path(__file__).parent / "ogcapi-processes-1.0"
@@ -95,6 +103,8 @@ class OGCAnswers:
         method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO", "")
         if method == "POST" and _EXECUTION.fullmatch(path):
             return self._rewritten(environ, start_response, "201", self._created)
+        if method == "GET" and path.rstrip("/") == "/conformance":
+            return self._rewritten(environ, start_response, "200", _with_extra_conformance)
         if method == "GET" and _JOBS.fullmatch(path):
             return self._rewritten(environ, start_response, "200", self._status_documents)
         if method == "DELETE" and _JOBS.fullmatch(path):  # JSON, which pygeoapi calls HTML
@@ -185,6 +195,13 @@ class OGCAnswers:
                 *links,
             ]  # fmt: skip
         return document
+
+
+def _with_extra_conformance(answer: dict[str, Any], _headers: list[tuple[str, str]]) -> Any:
+    document = json.loads(answer["body"])
+    classes = document.setdefault("conformsTo", [])
+    classes.extend(c for c in EXTRA_CONFORMANCE if c not in classes)
+    return document
 
 
 def openapi_document(config: Path) -> str:
