@@ -116,6 +116,19 @@ def test_job_progress_and_cancellation_through_a_real_manager(manager: object) -
     job.update(50, "no job any more")  # must not raise
 
 
+def test_a_dismissal_is_never_overwritten_by_the_job_s_last_report(manager: object) -> None:
+    """The job's end (pygeoapi writes "successful") and its progress arriving after the
+    dismissal leave it dismissed: the write itself carries the condition."""
+    manager.add_job({"identifier": "j2", "status": "running", "progress": 40,  # type: ignore[attr-defined]
+                     "type": "process", "process_id": "kappamask"})  # fmt: skip
+    assert manager.update_job("j2", {"progress": 60})  # type: ignore[attr-defined]
+    manager.delete_job("j2")  # type: ignore[attr-defined]
+    assert not manager.update_job("j2", {"status": "successful", "progress": 100})  # type: ignore[attr-defined]
+    JobReporter("j2", manager).update(95, "writing")
+    stored = manager.get_job("j2")  # type: ignore[attr-defined]
+    assert (stored["status"], stored["progress"]) == ("dismissed", 60)
+
+
 def test_inference_slots_make_jobs_wait_and_waiting_jobs_can_be_cancelled(
     manager: object,
 ) -> None:

@@ -237,16 +237,13 @@ class ErrorStatusMixin:
             LOGGER.exception("the child jobs of batch %s could not be dismissed", job_id)
 
     def update_job(self, job_id: str, update_dict: dict[str, Any]) -> bool:
-        # a dismissed job's thread may still report (its last progress, its cancellation):
-        # the dismissal stands
-        try:
-            status = self.get_job(job_id).get("status")  # type: ignore[attr-defined]
-            dismissed = status == JobStatus.dismissed.value
-        except Exception:  # JobNotFoundError: nothing to protect
-            dismissed = False
-        if dismissed:
-            return False
-        return bool(super().update_job(job_id, update_dict))  # type: ignore[misc]
+        # a dismissed job's thread may still report (its last progress, its end, even on
+        # another machine's worker): the dismissal stands. One conditional write, not a
+        # read then a write, so that a dismissal landing in between is never overwritten.
+        return self._write_unless_dismissed(job_id, update_dict)
+
+    def _write_unless_dismissed(self, job_id: str, update_dict: dict[str, Any]) -> bool:
+        raise NotImplementedError
 
     def execute_process(self, *args: Any, **kwargs: Any) -> Any:
         """Check what can be checked before a job exists: the callback URLs and, for a
@@ -280,6 +277,39 @@ class ErrorStatusMixin:
 class TinyDBManager(ErrorStatusMixin, _TinyDBManager):
     """pygeoapi's TinyDB manager (one API process) with our error statuses."""
 
+    def _write_unless_dismissed(self, job_id: str, update_dict: dict[str, Any]) -> bool:
+        import tinydb
+
+        job = tinydb.where("identifier") == job_id
+        with self._db() as db:  # under the database's file lock
+            return bool(db.update(update_dict, job & (tinydb.where("status") != _DISMISSED)))
+
+
+_DISMISSED = JobStatus.dismissed.value
+
+
+def _postgresql_write_unless_dismissed(self: Any, job_id: str, update_dict: dict[str, Any]) -> bool:
+    """One UPDATE ... WHERE status <> 'dismissed' (pygeoapi's PostgreSQL manager's table)."""
+    from pygeoapi.process.base import ProcessorGenericError
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    table = self.table_model
+    stmt = (
+        update(table)
+        .where(getattr(table, self.id_field) == job_id)
+        .where(table.status != _DISMISSED)
+        .values(**update_dict)
+    )
+    with Session(self._engine) as session:
+        try:
+            result = session.execute(stmt)
+            session.commit()
+        except Exception as err:
+            session.rollback()
+            raise ProcessorGenericError(f"job update failed: {err}") from err
+    return bool(getattr(result, "rowcount", 0) == 1)
+
 
 def __getattr__(name: str) -> Any:
     # The PostgreSQL manager needs sqlalchemy/psycopg2 (the `server` extra): imported only
@@ -293,6 +323,7 @@ def __getattr__(name: str) -> Any:
             {
                 "__module__": __name__,
                 "__doc__": "pygeoapi's PostgreSQL manager (several workers), our statuses.",
+                "_write_unless_dismissed": _postgresql_write_unless_dismissed,
             },
         )
         globals()[name] = cls
