@@ -3,8 +3,8 @@
 This is the one place where a failure is mapped to what a client sees: the pygeoapi
 processor reads ``http_status`` / ``ogc_code``, the CLI exits with ``exit_code`` (README
 "Errors": 2 the input, 3 refused, 4 not found, 5 unusable product, 6 no model, 7 Triton
-unavailable, 8 storage, 9 cancelled, 10 internal error). A message never names a server
-path the client did not give.
+unavailable, 8 storage, 9 cancelled, 10 internal error, 11 the labelling tool). A message
+never names a server path the client did not give.
 """
 
 from __future__ import annotations
@@ -105,3 +105,12 @@ class StorageFullError(OutputStorageError):
     """The output storage has no room left for the result."""
 
     http_status = HTTPStatus.INSUFFICIENT_STORAGE
+
+
+class LabellingToolError(KappaMaskError):
+    """The labelling tool (a Label Studio server) cannot be reached, refuses the token or
+    answers a request with an error: a failure of that server, not of the input."""
+
+    http_status = HTTPStatus.BAD_GATEWAY
+    ogc_code = "NoApplicableCode"
+    exit_code = 11

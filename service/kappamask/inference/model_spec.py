@@ -14,6 +14,7 @@ from kappamask.bands import MaskClass
 ORIGIN_OFFICIAL = "official"  # KappaZeta's published weights (kappamask fetch-weights)
 ORIGIN_BOOTSTRAP = "bootstrap"  # this project's own (kappamask distill / train)
 ORIGIN_IMPORTED = "keras-import"  # a Keras file a user converted (kappamask import-keras)
+ORIGIN_FINE_TUNED = "fine-tuned"  # a served model fine-tuned on people's labels (issue 31)
 ORIGIN_UNKNOWN = "unknown"  # a model installed before origins were recorded
 #: The architectures a served model may have (recorded as ``kappamask.architecture``).
 ARCHITECTURE_UNET = "unet"
@@ -102,6 +103,8 @@ class ModelSpec:
     weights_sha256: str = ""
     #: How the product's radiometric offset enters the inputs (``OFFSET_RULES``).
     offset_rule: str = OFFSET_TRAINING
+    #: A fine-tuned model's parent: the SHA-256 of the ONNX file it started from.
+    parent_sha256: str = ""
 
     def runtime_description(self) -> str:
         """e.g. "openvino, bf16" (empty where the config does not say)."""
@@ -113,6 +116,8 @@ class ModelSpec:
                  "architecture": self.architecture, "onnx_sha256": self.sha256}  # fmt: skip
         if self.weights_sha256:
             found["weights_sha256"] = self.weights_sha256
+        if self.parent_sha256:
+            found["parent_sha256"] = self.parent_sha256
         if self.offset_rule != OFFSET_TRAINING:
             found["offset_rule"] = self.offset_rule
         return found

@@ -58,6 +58,7 @@ def _parameters(spec: ModelSpec, agreements: bool = True, **extra: str) -> str:
         "architecture": spec.architecture,
         "onnx_sha256": spec.sha256,
         **({"weights_sha256": spec.weights_sha256} if spec.weights_sha256 else {}),
+        **({"parent_sha256": spec.parent_sha256} if spec.parent_sha256 else {}),
         "offset_rule": spec.offset_rule,
         **extra,
     }
@@ -201,6 +202,7 @@ def spec_from_onnx(path: Path, level: str | None = None) -> ModelSpec:
         meta.get("kappamask.origin", ORIGIN_UNKNOWN),
         architecture=meta.get("kappamask.architecture", ARCHITECTURE_UNET),
         weights_sha256=meta.get("kappamask.weights_sha256", ""),
+        parent_sha256=meta.get("kappamask.parent_sha256", ""),
         offset_rule=_offset_rule(meta.get("kappamask.offset_rule", OFFSET_TRAINING), path),
     )
 

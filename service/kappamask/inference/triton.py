@@ -278,6 +278,7 @@ class TritonClient:
             *agreements,
             architecture=params.get("architecture") or ARCHITECTURE_UNET,
             weights_sha256=params.get("weights_sha256", ""),
+            parent_sha256=params.get("parent_sha256", ""),
             offset_rule=params.get("offset_rule") or OFFSET_TRAINING,
         )
         if spec.offset_rule not in OFFSET_RULES:

@@ -1,5 +1,5 @@
 """The tools' commands (`kappamask fetch-weights`, `quantize`, `check-precision`,
-`import-keras`, `evaluate`, `train`, `distill`): their own click group, which kappamask.cli
+`import-keras`, `evaluate`, `train`, `distill`, `label`): their own click group, which kappamask.cli
 adds to `kappamask` so users call them as before. Each imports its module (PyTorch, ONNX
 Runtime, h5py: the ``train`` and ``tools`` extras) only when it runs."""
 
@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
-from kappamask.bands import LEVELS, RESOLUTIONS
+from kappamask.bands import LEVELS, MODEL_NAMES, RESOLUTIONS
 from kappamask.cli_options import (
     existing_file_option,
     install_repository_option,
@@ -408,7 +409,7 @@ def _feature_importance(
 
 
 @tools.command("train")
-@click.argument("product", type=click.Path(exists=True, path_type=Path))
+@click.argument("product", type=click.Path(exists=True, path_type=Path), required=False)
 @out_option("Folder for checkpoint, metrics.csv, holdout.json and model.onnx.")
 @click.option("--level", type=click.Choice(LEVELS), default="L2A", show_default=True)
 @click.option(
@@ -417,7 +418,20 @@ def _feature_importance(
     show_default=True,
     help="scl (Sen2Cor SCL of an L2A PRODUCT, Table 1), composites (synthetic clouds over "
     "PRODUCT, exact labels), scl+composites, kappaset (PRODUCT is a KappaSet-style folder of "
-    "NetCDF sub-tiles), or labels:PATH (a mask-code GeoTIFF on PRODUCT's grid).",
+    "NetCDF sub-tiles), labels:PATH (a mask-code GeoTIFF on PRODUCT's grid), or "
+    "labelled:REVIEW_DIR (fine-tune --parent on the sub-tiles people labelled; no PRODUCT).",
+)
+@existing_file_option(
+    "--parent",
+    "parent",
+    "With labelled:DIR: the ONNX model to fine-tune [default: the repository's model of the "
+    "review's level].",
+)
+@click.option(
+    "--holdout",
+    multiple=True,
+    help="With labelled:DIR: sub-tile name part to keep out of training (repeat) [default: "
+    "every fifth labelled sub-tile by rank, from the second].",
 )
 @resolution_option("60")
 @click.option("--filters", "base_filters", default=32, show_default=True, type=int)
@@ -450,11 +464,34 @@ def train_command(
     patience: int,
     seed: int,
     version_label: str | None,
+    parent: Path | None,
+    holdout: tuple[str, ...],
 ) -> None:
-    """Train a U-Net (paper §2.3) and export model.onnx (needs the train extra)."""
+    """Train a U-Net (paper §2.3), or fine-tune one on people's labels, and export
+    model.onnx (needs the train extra)."""
     from kappamask.tools.export import export_onnx
     from kappamask.tools.train import FitConfig, TrainConfig, feature_defaults, train
 
+    if labels.startswith("labelled:"):
+        # a fine-tuning run has its own defaults (FINE_TUNE_FIT); flags given override them
+        given = {
+            name: value
+            for name, value in (
+                ("max_epochs", max_epochs),
+                ("steps_per_epoch", steps_per_epoch),
+                ("max_minutes", max_minutes),
+                ("patience", patience),
+                ("seed", seed),
+            )
+            if click.get_current_context().get_parameter_source(name)
+            != click.core.ParameterSource.DEFAULT
+        }
+        _fine_tune(
+            Path(labels.removeprefix("labelled:")), parent, out_dir, holdout, given, version_label
+        )
+        return
+    if product is None:
+        raise click.UsageError("PRODUCT is needed unless --labels is labelled:DIR")
     config = TrainConfig(
         product=str(product),
         level=level,
@@ -470,12 +507,156 @@ def train_command(
             seed=seed,
         ),
     )
-    model, holdout = train(config, out_dir)
+    model, report = train(config, out_dir)
     features, max_v = feature_defaults(config.level)
     label = version_label or f"bootstrap-{labels.split(':')[0]}-{Path(product).name[:60]}"
     path = export_onnx(model, config.level, features, max_v, label, out_dir / "model.onnx")
-    click.echo(json.dumps(holdout, indent=2))
+    click.echo(json.dumps(report, indent=2))
     click.echo(f"model: {path}")
+
+
+def _fine_tune(
+    review: Path,
+    parent: Path | None,
+    out_dir: Path,
+    holdout: tuple[str, ...],
+    given: dict[str, Any],
+    version_label: str | None,
+) -> None:
+    import dataclasses
+
+    from kappamask.inference.model_spec import ORIGIN_FINE_TUNED
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, FP32_FILE
+    from kappamask.tools.export import export_onnx
+    from kappamask.tools.labelling.finetune import FINE_TUNE_FIT, fine_tune
+    from kappamask.tools.labelling.subtiles import ReviewFolder
+
+    folder = ReviewFolder(review)
+    if parent is None:
+        level = folder.level()
+        parent = DEFAULT_REPOSITORY / MODEL_NAMES[level] / "1" / FP32_FILE
+        click.echo(f"parent: the served {level} model, {parent}")
+    fit_config = dataclasses.replace(FINE_TUNE_FIT, **given)
+    model, spec, report = fine_tune(folder, parent, out_dir, fit_config, holdout)
+    digest = report["parent"]["sha256"]
+    label = version_label or f"{spec.version_label}+ft-{digest[:8]}"
+    path = export_onnx(
+        model,
+        spec.level,
+        spec.features,
+        spec.max_v,
+        label,
+        out_dir / "model.onnx",
+        ORIGIN_FINE_TUNED,
+        {"kappamask.parent_sha256": digest},
+    )
+    for part in ("held_out", "train"):
+        before, after = report["before"][part], report["after"][part]
+        click.echo(
+            f"{part}: {before['pixels']:.0f} labelled px, agreement "
+            f"{before['overall_accuracy']:.4f} -> {after['overall_accuracy']:.4f}"
+        )
+    if report["unlabelled_changed"] is not None:
+        click.echo(
+            f"unlabelled sub-tiles: {100 * report['unlabelled_changed']:.2f} % of their "
+            "pixels change class"
+        )
+    click.echo(f"report: {out_dir / 'holdout.json'}")
+    click.echo(f"model: {path} (install it: kappamask install-model {path})")
+
+
+@tools.group("label")
+def label() -> None:
+    """People correct the sub-tiles `kappamask review` ranked: in Label Studio (push, pull)
+    or CVAT (export-cvat, import-cvat); the labels land in REVIEW_DIR/labels."""
+
+
+label_studio_url = click.option(
+    "--url",
+    default=None,
+    help="Label Studio's address, e.g. http://localhost:8080 [pull: the one push recorded].",
+)
+label_studio_token = click.option(
+    "--token",
+    envvar="LABEL_STUDIO_API_KEY",
+    default="",
+    show_envvar=True,
+    help="Personal access token (or legacy token) of a Label Studio user.",
+)
+review_dir = click.argument("review", type=click.Path(exists=True, file_okay=False, path_type=Path))
+
+
+@label.command("push")
+@review_dir
+@label_studio_url
+@label_studio_token
+@click.option("--title", default=None, help="Project title [default: from REVIEW].")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Push the N most unsure.")
+def label_push_command(
+    review: Path, url: str | None, token: str, title: str | None, top: int | None
+) -> None:
+    """A Label Studio project with REVIEW's sub-tiles as tasks, the model's mask as their
+    pre-annotation."""
+    from tqdm import tqdm
+
+    from kappamask.tools.labelling.labelstudio import LabelStudio, push
+    from kappamask.tools.labelling.subtiles import ReviewFolder
+
+    if url is None:
+        raise click.UsageError("--url is needed: the Label Studio server to create the project on")
+    with tqdm(total=100, desc="push", unit="%") as bar:
+
+        def progress(percent: int, message: str) -> None:
+            bar.update(percent - bar.n)
+            bar.set_postfix_str(message[-40:])
+
+        pushed = push(ReviewFolder(review), LabelStudio(url, token), title, top, progress)
+    click.echo(f"{len(pushed.tasks)} tasks in project {pushed.project}: {pushed.project_url}")
+
+
+@label.command("pull")
+@review_dir
+@label_studio_url
+@label_studio_token
+@click.option("--project", type=int, default=None, help="Project id [default: push's].")
+def label_pull_command(review: Path, url: str | None, token: str, project: int | None) -> None:
+    """The finished annotations of REVIEW's Label Studio project as label rasters."""
+    from kappamask.tools.labelling.labelstudio import LabelStudio, pull, recorded_project
+    from kappamask.tools.labelling.subtiles import ReviewFolder
+
+    folder = ReviewFolder(review)
+    if url is None or project is None:
+        recorded_url, recorded = recorded_project(folder)
+        url, project = url or recorded_url, project or recorded
+    written = pull(folder, LabelStudio(url, token), project)
+    for path in written:
+        click.echo(path)
+    click.echo(f"{len(written)} labelled sub-tile(s) in {folder.root / 'labels'}")
+
+
+@label.command("export-cvat")
+@review_dir
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Export the N most unsure.")
+def label_export_cvat_command(review: Path, out: Path, top: int | None) -> None:
+    """REVIEW's sub-tiles as a CVAT "Segmentation mask 1.1" dataset (a folder, or OUT.zip):
+    images for a CVAT task, and masks (labels where made, else the model's) to import."""
+    from kappamask.tools.labelling.cvat import export_dataset
+    from kappamask.tools.labelling.subtiles import ReviewFolder
+
+    click.echo(export_dataset(ReviewFolder(review), out, top))
+
+
+@label.command("import-cvat")
+@review_dir
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+def label_import_cvat_command(review: Path, source: Path) -> None:
+    """The masks of a CVAT "Segmentation mask 1.1" export (zip or folder) as label rasters."""
+    from kappamask.tools.labelling.cvat import import_dataset
+    from kappamask.tools.labelling.subtiles import ReviewFolder
+
+    written = import_dataset(ReviewFolder(review), source)
+    click.echo(f"{len(written)} labelled sub-tile(s) in {review / 'labels'}")
 
 
 @tools.command("distill")

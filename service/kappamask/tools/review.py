@@ -33,7 +33,7 @@ from rasterio.windows import transform as window_transform
 
 from kappamask.access import AccessPolicy
 from kappamask.bands import CLASS_NAMES, DN_SCALE, TILE_SIZE, MaskClass
-from kappamask.inference.model_spec import SCORE_CLASSES
+from kappamask.inference.model_spec import SCORE_CLASSES, ModelSpec
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import Plan, plan
@@ -98,6 +98,16 @@ def true_colour(features: np.ndarray, names: Sequence[str], max_v: Sequence[floa
     return rgb
 
 
+def band_tags(model: ModelSpec) -> dict[str, str]:
+    """What a sub-tile's band stack says of the model that saw it."""
+    return {
+        "level": model.level,
+        "max_v": ",".join(repr(float(v)) for v in model.max_v),
+        "model": f"{model.name} {model.version_label}",
+        "onnx_sha256": model.sha256,
+    }
+
+
 def _padded(features: np.ndarray) -> np.ndarray:
     """A sub-tile cut by the raster's edge, mirrored out to the model's 512 px."""
     _c, h, w = features.shape
@@ -115,16 +125,19 @@ def _write_tile(
     classes: np.ndarray,
     rgb: np.ndarray,
     profile: dict[str, Any],
-    names: Sequence[str],
+    model: ModelSpec,
 ) -> dict[str, str]:
-    """The sub-tile's files in ``folder``; their names relative to the review folder."""
+    """The sub-tile's files in ``folder``; their names relative to the review folder. The
+    band stack names its features and carries the model's level, max_v and digest as
+    tags: fine-tuning checks that its parent reads the same inputs."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {"bands": f"{name}_bands.tif", "mask": f"{name}_mask.tif",
              "rgb": f"{name}_rgb.png", "overlay": f"{name}_overlay.png"}  # fmt: skip
-    with rasterio.open(folder / files["bands"], "w", **profile, count=len(names),
+    with rasterio.open(folder / files["bands"], "w", **profile, count=len(model.features),
                        dtype="float32", compress="deflate") as dst:  # fmt: skip
         dst.write(features.astype(np.float32))
-        dst.descriptions = tuple(names)
+        dst.descriptions = tuple(model.features)
+        dst.update_tags(**band_tags(model))
     with rasterio.open(folder / files["mask"], "w", **profile, count=1, dtype="uint8",
                        compress="deflate", nodata=int(MaskClass.MISSING)) as dst:  # fmt: skip
         dst.write(classes[None])
@@ -214,7 +227,7 @@ def write_sub_tiles(
         rgb = true_colour(read.features, model.features, model.max_v)
         rgb[:, ~read.valid] = 0
         files = _write_tile(out / "tiles", tile.name, read.features, read.classes, rgb,
-                            profile, model.features)  # fmt: skip
+                            profile, model)  # fmt: skip
         written.append(replace(tile, files=files))
     return written
 

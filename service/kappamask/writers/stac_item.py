@@ -33,6 +33,7 @@ from kappamask.bands import (
 from kappamask.grid import Grid
 from kappamask.inference.model_spec import (
     ORIGIN_BOOTSTRAP,
+    ORIGIN_FINE_TUNED,
     ORIGIN_IMPORTED,
     ORIGIN_OFFICIAL,
     PROBABILITY_NODATA,
@@ -120,6 +121,7 @@ _WEIGHTS: defaultdict[str, str] = defaultdict(
         ORIGIN_OFFICIAL: "KappaZeta's published weights",
         ORIGIN_BOOTSTRAP: "this project's bootstrap weights, not KappaZeta's published ones",
         ORIGIN_IMPORTED: "weights imported from a Keras file",
+        ORIGIN_FINE_TUNED: "weights fine-tuned on people's labels from a parent model",
     },
 )
 
