@@ -34,11 +34,12 @@ from kappamask.tools.labelling.labelstudio import (
 from kappamask.tools.labelling.subtiles import ReviewFolder, read_labels
 from kappamask.writers.preview import write_png
 
-from .conftest import T29UNU
+from .conftest import DATA, T29UNU
 from .processes import stop
 from .side_envs import side_env
 
 LEGACY_TOKEN = "kappamask0123456789abcdef0123456789abcd"
+SEN12MSCR = DATA / "sen12mscr"
 
 
 def _bits(text: str) -> list[int]:
@@ -412,3 +413,33 @@ def test_cvat_dataset_is_read_and_written_by_datumaro(tmp_path: Path) -> None:
     assert len(written) == 2
     assert (read_labels(folder.label_path(first.name))[0] == labels).all()
     assert (read_labels(folder.label_path(second.name))[0] == second.read_mask()).all()
+
+
+@pytest.mark.slow
+def test_real_scenes_are_reviewed_labelled_and_fine_tuned(tmp_path: Path) -> None:
+    """The L1C loop on real SEN12MS-CR patches (not products): review by disagreement with
+    the teachers, their labels as the stand-in for a person's, fine-tuning on two."""
+    from kappamask.tools import realdata
+
+    review = tmp_path / "review"
+    shown = _kappamask("review-scenes", "--multiband", str(SEN12MSCR), "--level", "L1C",
+                       "--out", str(review), "--top", "4", "--rank-by", "disagreement")  # fmt: skip
+    assert "4 sub-tiles ranked by disagreement" in shown
+    index = json.loads((review / "index.json").read_text())["sub_tiles"]
+    disagreements = [e["disagreement"] for e in index]
+    assert disagreements == sorted(disagreements, reverse=True) and disagreements[0] > 0.0
+    folder = ReviewFolder(review)
+    assert folder.level() == "L1C"
+    for tile in folder.tiles[:3]:
+        patch = next(SEN12MSCR.glob(f"{tile.product_id.removeprefix('sen12mscr_')}.tif"))
+        img = realdata.read_multiband(patch)
+        with rasterio.open(tile.bands) as bands, rasterio.open(patch) as src:
+            assert (bands.crs, bands.transform) == (src.crs, src.transform)
+        labels = realdata.teacher_labels(img, "L1C")[0]
+        folder.write_labels(tile.name, labels, {"source": "teachers"})
+    out = tmp_path / "fine-tuned"
+    _kappamask("train", "--labels", f"labelled:{review}", "--epochs", "1",
+               "--steps-per-epoch", "3", "--out", str(out))  # fmt: skip
+    report = json.loads((out / "holdout.json").read_text())
+    assert report["parent"]["name"] == "kappamask_l1c" and len(report["held_out"]) == 1
+    assert report["unlabelled_changed"] is not None  # the fourth sub-tile nobody labelled

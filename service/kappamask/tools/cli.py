@@ -565,6 +565,86 @@ def _fine_tune(
     click.echo(f"model: {path} (install it: kappamask install-model {path})")
 
 
+@tools.command("review-scenes")
+@paths_option(
+    "--multiband", "multiband", "Folder of 13-band L1C GeoTIFFs (SEN12MS-CR patches).", False
+)
+@click.option(
+    "--band-folder",
+    "band_folders",
+    nargs=2,
+    multiple=True,
+    type=(click.Choice(LEVELS), click.Path(exists=True, file_okay=False, path_type=Path)),
+    help="LEVEL FOLDER: one file per band (B02.tif, ..., SCL), e.g. a decimated tile.",
+)
+@click.option("--only", multiple=True, help="Scene name parts to keep (repeat).")
+@existing_file_option(
+    "--model", "model_path", "ONNX model [default: the repository's model of --level]."
+)
+@click.option("--level", type=click.Choice(LEVELS), required=True, help="Level of the model.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the ranked sub-tiles, index.json and index.html.",
+)
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the N first.")
+@click.option(
+    "--rank-by",
+    type=click.Choice(["unsure", "disagreement"]),
+    default="unsure",
+    show_default=True,
+    help="The model's own uncertainty, or its disagreement with the teachers "
+    "(s2cloudless, ukis-csmask, SCL: the compare extra).",
+)
+def review_scenes_command(
+    multiband: tuple[Path, ...],
+    band_folders: tuple[tuple[str, Path], ...],
+    only: tuple[str, ...],
+    model_path: Path | None,
+    level: str,
+    out_dir: Path,
+    top: int | None,
+    rank_by: str,
+) -> None:
+    """`kappamask review` for real scenes that are not products (SEN12MS-CR patches, a
+    band folder), with the model's ONNX file (the tools extra): the same review folder,
+    for `label` and `train --labels labelled:DIR`."""
+    from collections.abc import Iterator
+
+    from tqdm import tqdm
+
+    from kappamask.inference.repository import DEFAULT_REPOSITORY, FP32_FILE
+    from kappamask.tools.distill import DataInputs
+    from kappamask.tools.importance import OnnxClassifier
+    from kappamask.tools.realdata import Imagery, matches
+    from kappamask.tools.review import review_scenes
+
+    if not multiband and not band_folders:
+        raise click.UsageError("give --multiband or --band-folder")
+    inputs = DataInputs(multiband=list(multiband), band_folders=list(band_folders))
+
+    def scenes() -> Iterator[Imagery]:
+        return (i for i in inputs.imagery() if not only or matches(i.name, only))
+
+    model = model_path or DEFAULT_REPOSITORY / MODEL_NAMES[level] / "1" / FP32_FILE
+    classify = OnnxClassifier(model, level)
+    with tqdm(desc="scoring", unit="scene") as bar:
+
+        def progress(_percent: int, message: str) -> None:
+            bar.update(1)
+            bar.set_postfix_str(message[-40:])
+
+        kept = review_scenes(scenes, classify, out_dir, top, rank_by, progress)
+    click.echo(f"{len(kept)} sub-tiles ranked by {rank_by}: {out_dir / 'index.html'}")
+    for tile in kept[:10]:
+        teachers = (
+            "" if tile.disagreement is None else f", teachers {100 * tile.disagreement:.0f} %"
+        )
+        click.echo(f"  {tile.unsure:.3f}  {tile.name}{teachers}")
+
+
 @tools.group("label")
 def label() -> None:
     """People correct the sub-tiles `kappamask review` ranked: in Label Studio (push, pull)

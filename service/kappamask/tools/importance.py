@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from kappamask.bands import CLASS_NAMES, DEFAULT_FEATURES, DEFAULT_MAX_V, TILE_SIZE
 from kappamask.errors import InvalidInputError
+from kappamask.inference.model_spec import INPUT, OUTPUT_CLASSES, OUTPUT_SCORES
+from kappamask.model.onnx_graph import add_missing_outputs
 from kappamask.tools.metrics import CLASSES, confusion_matrix, scores
 
 #: Where the labels of a report come from.
@@ -90,7 +93,16 @@ class OnnxClassifier:
         from kappamask.inference.repository import spec_from_onnx
 
         self.spec = spec_from_onnx(model_path, level)
-        self.session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        # a file exported before the scores output existed gains it here, as on install
+        model = onnx.load(str(model_path))
+        add_missing_outputs(model)
+        self.session = ort.InferenceSession(model.SerializeToString(),
+                                            providers=["CPUExecutionProvider"])  # fmt: skip
+
+    def crop_outputs(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(classes [512, 512], class scores [4, 512, 512]) of one 512 px crop."""
+        classes, scores = self.session.run([OUTPUT_CLASSES, OUTPUT_SCORES], {INPUT: crop[None]})
+        return classes[0], scores[0]
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         _c, h, w = features.shape
@@ -100,8 +112,7 @@ class OnnxClassifier:
                 part = features[:, row : row + TILE_SIZE, col : col + TILE_SIZE]
                 ph, pw = part.shape[1:]
                 crop = np.pad(part, ((0, 0), (0, TILE_SIZE - ph), (0, TILE_SIZE - pw)))
-                out = self.session.run(["classes"], {"input": crop[None]})[0][0]
-                classes[row : row + ph, col : col + pw] = out[:ph, :pw]
+                classes[row : row + ph, col : col + pw] = self.crop_outputs(crop)[0][:ph, :pw]
         return classes
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -82,6 +83,9 @@ class Imagery:
     #: Published as a cloud-free acquisition (SEN12MS-CR's clear targets, the cloud-free
     #: SEN12MS-CR-TS patches and scenes): no cloud near it can cast a shadow into it.
     cloud_free: bool = False
+    #: Where the pixels lie (CRS and affine transform), where the source says it.
+    crs: Any = None
+    transform: Any = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -317,11 +321,12 @@ def read_multiband(path: Path) -> Imagery:
         dn = src.read().astype(np.float32)
         res = abs(src.transform.a) if src.crs and src.crs.is_projected else 10.0
         sun = _estimated_sun(src, _acquisition_day(path))
+        where = (src.crs, src.transform)
     refl = {b: dn[i] / QUANTIFICATION for i, b in enumerate(SPECTRAL_BANDS)}
     # the same patch name stands in a clear and a cloudy folder: the folder is part of it
     name = f"{path.parent.name}_{path.stem}"
     return Imagery(name, _sen12_group(path), "L1C", res, refl, (dn > 0).all(axis=0), sun=sun,
-                   cloud_free=_published_clear(path))  # fmt: skip
+                   cloud_free=_published_clear(path), crs=where[0], transform=where[1])  # fmt: skip
 
 
 def _published_clear(path: Path) -> bool:
@@ -348,6 +353,7 @@ def read_band_folder(folder: Path, level: str, name: str | None = None) -> Image
     finest = min(files, key=lambda b: _resolution(files[b]))
     with rasterio.open(files[finest]) as ref:
         shape, res = (ref.height, ref.width), abs(ref.transform.a)
+        where = (ref.crs, ref.transform)
     refl, aux, scl = {}, {}, None
     valid = np.ones(shape, bool)
     for band, path in files.items():
@@ -362,7 +368,8 @@ def read_band_folder(folder: Path, level: str, name: str | None = None) -> Image
         else:
             refl[band] = data / QUANTIFICATION
             valid &= data > 0
-    return Imagery(name or folder.name, name or folder.name, level, res, refl, valid, aux, scl)
+    return Imagery(name or folder.name, name or folder.name, level, res, refl, valid, aux, scl,
+                   crs=where[0], transform=where[1])  # fmt: skip
 
 
 def _resolution(path: Path) -> float:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -33,15 +34,20 @@ from rasterio.windows import transform as window_transform
 
 from kappamask.access import AccessPolicy
 from kappamask.bands import CLASS_NAMES, DN_SCALE, TILE_SIZE, MaskClass
+from kappamask.errors import InvalidInputError
 from kappamask.inference.model_spec import SCORE_CLASSES, ModelSpec
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import Plan, plan
 from kappamask.reader import BandReader
 from kappamask.sources import ProductRef
-from kappamask.tiling import Crop
+
+if TYPE_CHECKING:  # the scene review's modules need the tools extra (h5py, ONNX Runtime)
+    from kappamask.tools.importance import OnnxClassifier
+    from kappamask.tools.realdata import Imagery
 from kappamask.writers.preview import TRUE_COLOUR_GAIN, render, write_png
 
+LOGGER = logging.getLogger(__name__)
 #: A pixel whose best class scores under this (of 1) is a low-confidence pixel.
 LOW_CONFIDENCE = 0.6
 #: Sub-tiles with less data than this share are not worth a labeller's time.
@@ -67,6 +73,9 @@ class SubTile:
     data_share: float
     classes: dict[str, float]  # share of the pixels with data per class
     files: dict[str, str]
+    #: Share of the pixels the teachers label whose class the model answers otherwise
+    #: (scene reviews where the teachers are installed; None elsewhere).
+    disagreement: float | None = None
 
     @property
     def name(self) -> str:
@@ -151,7 +160,8 @@ def _write_tile(
 class _Read:
     """One sub-tile as read and answered."""
 
-    crop: Crop
+    row: int
+    col: int
     window: Window
     features: np.ndarray
     valid: np.ndarray
@@ -187,7 +197,8 @@ def _read_sub_tiles(
             h, w = bottom - top, right - left
             classes = outputs.classes[:h, :w].copy()
             classes[~valid] = MaskClass.MISSING
-            yield _Read(crop, window, features, valid, classes, outputs.scores[:, :h, :w])
+            yield _Read(crop.row, crop.col, window, features, valid, classes,
+                        outputs.scores[:, :h, :w])  # fmt: skip
 
 
 def score_product(
@@ -195,17 +206,30 @@ def score_product(
 ) -> list[SubTile]:
     """Every sub-tile of one product with data, scored (no files yet)."""
     grid, product_id = planned.grid, planned.product.product_id
-    tiles = []
-    for read in _read_sub_tiles(planned, client, options, progress=progress):
-        unsure, margin, low = uncertainty(read.scores, read.valid)
-        data = read.classes[read.valid]
-        shares = {CLASS_NAMES[c]: float((data == c).mean()) for c in SCORE_CLASSES}
-        w = read.window
-        tiles.append(SubTile(product_id, read.crop.row, read.crop.col,
-                             (int(w.col_off), int(w.row_off), int(w.width), int(w.height)),
-                             grid.crs, grid.resolution, unsure, margin, low,
-                             float(read.valid.mean()), shares, {}))  # fmt: skip
-    return tiles
+    return [_scored(product_id, read, str(grid.crs), grid.resolution)
+            for read in _read_sub_tiles(planned, client, options, progress=progress)]  # fmt: skip
+
+
+def _scored(
+    product_id: str,
+    read: _Read,
+    crs: str,
+    resolution: float,
+    teachers: np.ndarray | None = None,
+) -> SubTile:
+    """A read sub-tile's scores; ``teachers``: their labels of it, for the disagreement."""
+    unsure, margin, low = uncertainty(read.scores, read.valid)
+    data = read.classes[read.valid]
+    shares = {CLASS_NAMES[c]: float((data == c).mean()) for c in SCORE_CLASSES}
+    disagreement = None
+    if teachers is not None:
+        known = read.valid & ~np.isin(teachers, (MaskClass.UNDEFINED, MaskClass.MISSING))
+        disagreement = float((read.classes != teachers)[known].mean()) if known.any() else 0.0
+    w = read.window
+    return SubTile(product_id, read.row, read.col,
+                   (int(w.col_off), int(w.row_off), int(w.width), int(w.height)), crs,
+                   resolution, unsure, margin, low, float(read.valid.mean()), shares, {},
+                   disagreement)  # fmt: skip
 
 
 def write_sub_tiles(
@@ -216,24 +240,39 @@ def write_sub_tiles(
     options: RunOptions,
 ) -> list[SubTile]:
     """``tiles`` (of this product) with their files written under ``out/tiles``."""
-    model, grid = planned.model, planned.grid
     by_place = {(t.row, t.col): t for t in tiles}
-    written = []
-    for read in _read_sub_tiles(planned, client, options, set(by_place)):
-        tile = by_place[(read.crop.row, read.crop.col)]
-        profile = {"driver": "GTiff", "width": int(read.window.width),
-                   "height": int(read.window.height), "crs": grid.crs,
-                   "transform": window_transform(read.window, grid.transform)}  # fmt: skip
-        rgb = true_colour(read.features, model.features, model.max_v)
-        rgb[:, ~read.valid] = 0
-        files = _write_tile(out / "tiles", tile.name, read.features, read.classes, rgb,
-                            profile, model)  # fmt: skip
-        written.append(replace(tile, files=files))
-    return written
+    reads = _read_sub_tiles(planned, client, options, set(by_place))
+    return [_written(by_place[(r.row, r.col)], r, out, planned.model, planned.grid.crs,
+                     planned.grid.transform) for r in reads]  # fmt: skip
 
 
-def rank(tiles: Sequence[SubTile]) -> list[SubTile]:
-    """Most unsure first (then more low-confidence pixels, then more data)."""
+def _written(
+    tile: SubTile, read: _Read, out: Path, model: ModelSpec, crs: Any, transform: Any
+) -> SubTile:
+    """``tile`` with its files written under ``out/tiles`` (``crs`` and ``transform``: of
+    the raster the sub-tile was cut from)."""
+    profile = {"driver": "GTiff", "width": int(read.window.width),
+               "height": int(read.window.height), "crs": crs,
+               "transform": window_transform(read.window, transform)}  # fmt: skip
+    rgb = true_colour(read.features, model.features, model.max_v)
+    rgb[:, ~read.valid] = 0
+    files = _write_tile(out / "tiles", tile.name, read.features, read.classes, rgb, profile,
+                        model)  # fmt: skip
+    return replace(tile, files=files)
+
+
+#: What a review may rank by: the model's own uncertainty, or its disagreement with the
+#: teachers (scene reviews).
+RANK_BY = ("unsure", "disagreement")
+
+
+def rank(tiles: Sequence[SubTile], by: str = "unsure") -> list[SubTile]:
+    """Most unsure (or most at odds with the teachers) first; then more low-confidence
+    pixels, then more data."""
+    if by == "disagreement":
+        if any(t.disagreement is None for t in tiles):
+            raise InvalidInputError("ranking by disagreement needs the teachers' labels")
+        return sorted(tiles, key=lambda t: (-(t.disagreement or 0.0), -t.unsure, t.name))
     return sorted(tiles, key=lambda t: (-t.unsure, -t.low_confidence, -t.data_share, t.name))
 
 
@@ -252,7 +291,13 @@ def write_index(ranked: Sequence[SubTile], out: Path, model: str) -> tuple[Path,
             f'alt="true colour"><img src="{e["files"]["overlay"]}" alt="mask"></a>'
             f"<figcaption>#{e['rank']} {html.escape(e['name'])}<br>unsure {e['unsure']:.3f}, "
             f"low confidence {100 * e['low_confidence']:.0f} %, data "
-            f"{100 * e['data_share']:.0f} %<br>{html.escape(shares)}</figcaption></figure>"
+            f"{100 * e['data_share']:.0f} %"
+            + (
+                ""
+                if e["disagreement"] is None
+                else f", teachers disagree {100 * e['disagreement']:.0f} %"
+            )
+            + f"<br>{html.escape(shares)}</figcaption></figure>"
         )
     sheet = out / "index.html"
     sheet.write_text(
@@ -298,4 +343,89 @@ def review(
     kept = [written[t.name] for t in ranked if t.name in written]
     models = sorted({f"{p.model.name} {p.model.version_label}" for p in plans})
     write_index(kept, out, ", ".join(models))
+    return kept
+
+
+def _scene_sub_tiles(
+    img: Imagery, classify: OnnxClassifier, wanted: set[tuple[int, int]] | None = None
+) -> Iterator[_Read]:
+    """A scene's 512 px sub-tiles with data (or the ``wanted`` ones), as the model reads
+    them (``realdata.features``) and answers them."""
+    from kappamask.tools import realdata
+
+    spec = classify.spec
+    features = realdata.features(img, spec.level, spec.features, spec.max_v)
+    height, width = img.shape
+    for row, top in enumerate(range(0, height, TILE_SIZE)):
+        for col, left in enumerate(range(0, width, TILE_SIZE)):
+            if wanted is not None and (row, col) not in wanted:
+                continue
+            h, w = min(TILE_SIZE, height - top), min(TILE_SIZE, width - left)
+            valid = img.valid[top : top + h, left : left + w]
+            if valid.mean() < MIN_DATA_SHARE:
+                continue
+            part = features[:, top : top + h, left : left + w]
+            classes, scores = classify.crop_outputs(_padded(part))
+            classes = classes[:h, :w].copy()
+            classes[~valid] = MaskClass.MISSING
+            yield _Read(row, col, Window(left, top, w, h), part, valid, classes,
+                        scores[:, :h, :w])  # fmt: skip
+
+
+def _teacher_labels(img: Imagery, level: str) -> np.ndarray | None:
+    """The teachers' fused labels of a scene (``realdata.teacher_labels``); None where
+    they are not installed (the ``compare`` extra) or cannot label it."""
+    from kappamask.tools import realdata
+
+    try:
+        return realdata.teacher_labels(img, level)[0]
+    except ImportError as err:
+        LOGGER.warning("%s: no teachers' disagreement (%s)", img.name, err)
+    except InvalidInputError as err:
+        LOGGER.warning("%s: no teachers' disagreement: %s", img.name, err)
+    return None
+
+
+def review_scenes(
+    scenes: Callable[[], Iterator[Imagery]],
+    classify: OnnxClassifier,
+    out: Path,
+    top: int | None = None,
+    by: str = "unsure",
+    progress: ProgressFn | None = None,
+) -> list[SubTile]:
+    """``review`` for real scenes that are not products (SEN12MS-CR patches, a band
+    folder), with the model's ONNX file instead of Triton, and the teachers'
+    disagreement where they can label the scene. ``scenes`` is called twice (score, then
+    write the kept ones): the scenes are read again rather than all held in memory."""
+    spec = classify.spec
+    tiles: list[SubTile] = []
+    for number, img in enumerate(scenes(), 1):
+        if img.crs is None:
+            raise InvalidInputError(f"{img.name} is not georeferenced: its labels could not be")
+        if progress:
+            progress(min(99, number), f"scoring {img.name}")
+        teachers = _teacher_labels(img, spec.level)
+        for read in _scene_sub_tiles(img, classify):
+            part = (
+                None
+                if teachers is None
+                else teachers[
+                    int(read.window.row_off) : int(read.window.row_off + read.window.height),
+                    int(read.window.col_off) : int(read.window.col_off + read.window.width),
+                ]
+            )
+            tiles.append(_scored(img.name, read, str(img.crs), img.resolution, part))
+    ranked = rank(tiles, by)[:top]
+    out.mkdir(parents=True, exist_ok=True)
+    keep = {(t.product_id, t.row, t.col): t for t in ranked}
+    written: dict[str, SubTile] = {}
+    for img in scenes():
+        wanted = {(r, c) for p, r, c in keep if p == img.name}
+        for read in _scene_sub_tiles(img, classify, wanted) if wanted else ():
+            tile = _written(keep[(img.name, read.row, read.col)], read, out, spec, img.crs,
+                            img.transform)  # fmt: skip
+            written[tile.name] = tile
+    kept = [written[t.name] for t in ranked if t.name in written]
+    write_index(kept, out, f"{spec.name} {spec.version_label}")
     return kept
