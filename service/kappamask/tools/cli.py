@@ -32,6 +32,20 @@ offset_rule_option = click.option(
 )
 
 
+#: The real scenes that are not products, as distill and review-scenes read them.
+multiband_option = paths_option(
+    "--multiband", "multiband", "Folder of 13-band L1C GeoTIFFs (SEN12MS-CR patches).", False
+)
+band_folder_option = click.option(
+    "--band-folder",
+    "band_folders",
+    nargs=2,
+    multiple=True,
+    type=(click.Choice(LEVELS), click.Path(exists=True, file_okay=False, path_type=Path)),
+    help="LEVEL FOLDER: one file per band (B02.tif, ..., SCL), e.g. a decimated tile.",
+)
+
+
 @click.group("tools")
 def tools() -> None:
     """Train, distil, quantise, import and evaluate KappaMask models."""
@@ -566,17 +580,8 @@ def _fine_tune(
 
 
 @tools.command("review-scenes")
-@paths_option(
-    "--multiband", "multiband", "Folder of 13-band L1C GeoTIFFs (SEN12MS-CR patches).", False
-)
-@click.option(
-    "--band-folder",
-    "band_folders",
-    nargs=2,
-    multiple=True,
-    type=(click.Choice(LEVELS), click.Path(exists=True, file_okay=False, path_type=Path)),
-    help="LEVEL FOLDER: one file per band (B02.tif, ..., SCL), e.g. a decimated tile.",
-)
+@multiband_option
+@band_folder_option
 @click.option("--only", multiple=True, help="Scene name parts to keep (repeat).")
 @existing_file_option(
     "--model", "model_path", "ONNX model [default: the repository's model of --level]."
@@ -742,17 +747,8 @@ def label_import_cvat_command(review: Path, source: Path) -> None:
 @tools.command("distill")
 @out_option("Folder for the teachers' labels, checkpoint, metrics.csv, holdout.json, model.onnx.")
 @click.option("--level", type=click.Choice(LEVELS), required=True)
-@paths_option(
-    "--multiband", "multiband", "Folder of 13-band L1C GeoTIFFs (SEN12MS-CR patches).", False
-)
-@click.option(
-    "--band-folder",
-    "band_folders",
-    nargs=2,
-    multiple=True,
-    type=(click.Choice(LEVELS), click.Path(exists=True, file_okay=False, path_type=Path)),
-    help="LEVEL FOLDER: one file per band (B02.tif, ..., SCL), e.g. a decimated tile.",
-)
+@multiband_option
+@band_folder_option
 @click.option(
     "--safe",
     "safes",
