@@ -19,10 +19,10 @@ import onnxruntime as ort
 from rasterio.windows import Window
 
 from kappamask.bands import CLASS_NAMES, MODEL_NAMES, MaskClass
-from kappamask.grid import output_grid
+from kappamask.geometry.grid import output_grid
 from kappamask.inference.model_spec import OFFSET_KM_PREDICT, OFFSET_TRAINING
 from kappamask.inference.repository import DEFAULT_REPOSITORY, spec_from_onnx
-from kappamask.reader import BandReader
+from kappamask.reading.reader import BandReader
 from kappamask.sources import open_safe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,10 +20,10 @@ import pytest
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
-from kappamask import egress
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
-from kappamask.s3 import S3Settings
+from kappamask.reading import egress
+from kappamask.storage.s3 import S3Settings
 
 DATA = Path(__file__).parent / "data"
 T29UNU = DATA / "s2" / "S2A_MSIL2A_20221005T115411_N0400_R023_T29UNU_20221005T164454.SAFE"
@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(autouse=True)
 def _one_access_policy_per_test() -> Iterator[None]:
-    """The GDAL policy proxy of this process (kappamask.egress) enforces every policy
+    """The GDAL policy proxy of this process (kappamask.reading.egress) enforces every policy
     installed in it; a test's policies end with the test."""
     yield
     egress.reset()
@@ -253,8 +253,8 @@ def check_result(
     from rio_cogeo.cogeo import cog_validate
 
     from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V
-    from kappamask.grid import output_grid
-    from kappamask.reader import BandReader
+    from kappamask.geometry.grid import output_grid
+    from kappamask.reading.reader import BandReader
     from kappamask.sources import open_safe
 
     item_path = Path(item_path)

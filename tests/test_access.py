@@ -11,8 +11,8 @@ import pytest
 
 from kappamask.access import DEFAULT_ALLOWED_HOSTS, AccessPolicy, host_matches
 from kappamask.errors import AccessDeniedError, CancelledError, InvalidInputError
-from kappamask.jobs import JobReporter, inference_slot
-from kappamask.s3 import S3Settings, split_s3_url
+from kappamask.jobs.reporting import JobReporter, inference_slot
+from kappamask.storage.s3 import S3Settings, split_s3_url
 
 from .conftest import DATA, S3_SECRET
 
@@ -92,7 +92,7 @@ def test_s3_settings_for_boto3_and_gdal() -> None:
 
 @pytest.fixture
 def manager(tmp_path: Path) -> object:
-    from kappamask.managers import TinyDBManager
+    from kappamask.jobs.managers import TinyDBManager
 
     (tmp_path / "jobs").mkdir()
     return TinyDBManager({"name": "TinyDB", "connection": str(tmp_path / "jobs.db"),

@@ -22,17 +22,17 @@ from scipy.ndimage import binary_dilation
 from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
-from kappamask import postprocess
+from kappamask.api.guard import RequestGuard
+from kappamask.api.process import parse_inputs
+from kappamask.assembly import postprocess
 from kappamask.bands import SCL_TO_CLASS, MaskClass
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
-from kappamask.grid import Grid, output_grid
-from kappamask.guard import RequestGuard
+from kappamask.geometry.grid import Grid, output_grid
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import run
-from kappamask.process import parse_inputs
 from kappamask.sources import open_safe
 from kappamask.writers.cog import StripWriter
 

@@ -14,10 +14,10 @@ import pystac
 import pytest
 from pystac.validation import JsonSchemaSTACValidator
 
-from kappamask.batch import MAX_PRODUCTS, check_batch, run_batch
 from kappamask.errors import CancelledError, InvalidInputError
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
+from kappamask.jobs.batch import MAX_PRODUCTS, check_batch, run_batch
 from kappamask.options import RunOptions
 from kappamask.writers.stac_collection import COLLECTION_FILE, create_collection, link_item
 

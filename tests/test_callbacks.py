@@ -13,11 +13,11 @@ import pytest
 import requests
 from pygeoapi.util import Subscriber
 
-from kappamask import callbacks
 from kappamask.access import AccessPolicy
-from kappamask.callbacks import check_subscriber, deliver
 from kappamask.errors import AccessDeniedError, InvalidInputError
 from kappamask.inference.server import LocalTriton, free_port
+from kappamask.jobs import callbacks
+from kappamask.jobs.callbacks import check_subscriber, deliver
 
 from .conftest import DATA, T29UNU
 from .processes import Receiver, start_serve, stop, wait_for

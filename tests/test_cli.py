@@ -143,7 +143,7 @@ def test_run_from_s3_to_s3_with_a_bbox_and_rerun(triton: LocalTriton, s3_server:
     result and does not compute it again."""
     from rasterio.warp import transform_bounds
 
-    from kappamask.grid import output_grid
+    from kappamask.geometry.grid import output_grid
     from kappamask.sources import open_safe
 
     grid = output_grid(open_safe(T29UNU), 60)

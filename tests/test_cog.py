@@ -11,7 +11,7 @@ from affine import Affine
 from rio_cogeo.cogeo import cog_validate
 
 from kappamask.bands import CLASS_COLORS
-from kappamask.grid import Grid
+from kappamask.geometry.grid import Grid
 from kappamask.writers.cog import (
     OverviewResampling,
     StripWriter,

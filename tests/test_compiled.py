@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numba.core import caching
 
-from kappamask.compiled import kernel
+from kappamask.reading.compiled import kernel
 
 
 def _twice(values: np.ndarray, out: np.ndarray) -> None:
@@ -23,7 +23,7 @@ def test_a_kernel_without_a_writable_cache_compiles_in_the_process(
     # NUMBA_CACHE_DIR gives
     impl = caching.CacheImpl
     monkeypatch.setattr(impl, "_locator_classes", [])
-    with caplog.at_level(logging.INFO, logger="kappamask.compiled"):
+    with caplog.at_level(logging.INFO, logger="kappamask.reading.compiled"):
         twice = kernel(_twice)
     assert "compiled by each process" in caplog.text
     out = np.empty(3)

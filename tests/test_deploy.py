@@ -27,7 +27,7 @@ from tritonclient.grpc import model_config_pb2
 from kappamask.inference.model_spec import MIN_INT8_AGREEMENT
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
-from kappamask.queue import QUEUE
+from kappamask.jobs.queue import QUEUE
 
 from .processes import stop, wait_for
 
@@ -83,7 +83,9 @@ def test_compose_services_and_ordering(compose: dict[str, Any]) -> None:
     assert api["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert api["depends_on"]["createbucket"]["condition"] == "service_completed_successfully"
     assert api["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert api["environment"]["KAPPAMASK_JOB_MANAGER"] == "kappamask.managers.PostgreSQLManager"
+    assert (
+        api["environment"]["KAPPAMASK_JOB_MANAGER"] == "kappamask.jobs.managers.PostgreSQLManager"
+    )
     assert api["ports"] == ["5000:5000"]
     # the queue: the API enqueues on redis, workers of the same image and settings run jobs
     worker, redis = services["worker"], services["redis"]
@@ -240,11 +242,11 @@ def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> N
     gpu_limit = triton["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
     inits = [c["name"] for c in triton["initContainers"]]
     api = _find(docs, "Deployment", "kappamask-api")["spec"]["template"]["spec"]["containers"][0]
-    # the API pod is ready only while its Triton is (kappamask.guard), alive while it answers
+    # the API pod is ready only while its Triton is (kappamask.api.guard), alive while it answers
     assert api["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert api["livenessProbe"]["httpGet"]["path"] == "/health"
     assert {e["name"]: e.get("value") for e in api["env"]}["KAPPAMASK_JOB_MANAGER"] == (
-        "kappamask.managers.PostgreSQLManager"
+        "kappamask.jobs.managers.PostgreSQLManager"
     )
     # the queue: the API enqueues on the Redis the workers read; KEDA scales the workers
     # on the length of the queue's Redis list; both mount the one ReadWriteMany results
@@ -408,7 +410,7 @@ def test_engine_build_refuses_a_fixed_batch_axis(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_api_entry_point_serves_behind_the_guard(triton: LocalTriton, tmp_path: Path) -> None:
     """deploy/entrypoint.sh as the API container runs it (wait for Triton, OpenAPI
-    document, gunicorn kappamask.wsgi:app): health endpoints, JSON 4xx for bad bodies."""
+    document, gunicorn kappamask.api.wsgi:app): health endpoints, JSON 4xx for bad bodies."""
     port = free_port()
     env = {
         **os.environ,

@@ -11,7 +11,7 @@ from rasterio.windows import Window
 from shapely.geometry import box, mapping, shape
 
 from kappamask.errors import ProductError
-from kappamask.grid import area_mask, clip_grid, output_grid
+from kappamask.geometry.grid import area_mask, clip_grid, output_grid
 from kappamask.sources import open_safe
 
 from .conftest import T29UNU

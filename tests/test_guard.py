@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from kappamask.api.guard import MAX_JSON_DEPTH, RequestGuard, json_depth
+from kappamask.api.process import parse_inputs
 from kappamask.errors import InvalidInputError
-from kappamask.guard import MAX_JSON_DEPTH, RequestGuard, json_depth
-from kappamask.jobs import INTERRUPTED_MESSAGE, fail_interrupted_jobs
-from kappamask.process import parse_inputs
-from kappamask.storage import STAGING_PREFIX, LocalSink, remove_stale_staging
+from kappamask.jobs.reporting import INTERRUPTED_MESSAGE, fail_interrupted_jobs
+from kappamask.storage.sinks import STAGING_PREFIX, LocalSink, remove_stale_staging
 
 
 def _call(

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from kappamask.inference.server import RESTART_DELAY_ENV, free_port
-from kappamask.storage import STAGING_PREFIX
+from kappamask.storage.sinks import STAGING_PREFIX
 
 from . import processes as ps
 from .conftest import DATA, T29UNU

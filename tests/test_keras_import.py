@@ -28,9 +28,9 @@ from kappamask.bands import (
 )
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
-from kappamask.grid import output_grid
+from kappamask.geometry.grid import output_grid
 from kappamask.inference.repository import spec_from_onnx
-from kappamask.reader import BandReader
+from kappamask.reading.reader import BandReader
 from kappamask.sources import open_safe
 from kappamask.tools.keras_import import import_keras
 

@@ -268,7 +268,7 @@ def _kappamask(*args: str, env: dict[str, str] | None = None, timeout: float = 9
 def _scl_labels(review: Path) -> dict[str, np.ndarray]:
     """Sen2Cor's classes of every reviewed sub-tile (Table 1): the stand-in for a person's
     corrections, which do not exist here."""
-    from kappamask.grid import output_grid
+    from kappamask.geometry.grid import output_grid
     from kappamask.sources import open_safe
     from kappamask.tools.labels import read_scl_labels
 

@@ -1,6 +1,6 @@
 """OGC API - Processes - Part 1: Core 1.0, checked by what others wrote: every answer of the
 service against the standard's official JSON schemas (vendored in
-service/kappamask/ogcapi-processes-1.0), schemathesis against the service's own OpenAPI
+service/kappamask/api/ogcapi-processes-1.0), schemathesis against the service's own OpenAPI
 document, and OWSLib's execute -> poll -> results with no workaround."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from kappamask.api.ogc import OGC_OPENAPI, openapi_document, results_document, self_contained
 from kappamask.inference.server import LocalTriton
-from kappamask.ogc import OGC_OPENAPI, openapi_document, results_document, self_contained
 
 from .conftest import DATA, T22HBD
 from .processes import served

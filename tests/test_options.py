@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from kappamask.api.process import PROCESS_METADATA, parse_inputs
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
 from kappamask.options import RESAMPLING_METHODS, RunOptions
-from kappamask.process import PROCESS_METADATA, parse_inputs
 
 from .conftest import DATA, T29UNU
 

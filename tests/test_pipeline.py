@@ -81,7 +81,7 @@ def test_bbox_and_aoi_limit_the_output_and_the_crops(client: TritonClient, tmp_p
     import rasterio
     from shapely.geometry import Polygon, mapping
 
-    from kappamask.grid import output_grid
+    from kappamask.geometry.grid import output_grid
     from kappamask.sources import open_safe
 
     grid = output_grid(open_safe(T29UNU), 60)
@@ -130,8 +130,8 @@ def test_chunks_outside_the_aoi_are_neither_read_nor_sent(
     from rasterio.warp import transform_geom
     from rasterio.windows import Window
 
-    from kappamask.grid import output_grid
-    from kappamask.reader import BandReader
+    from kappamask.geometry.grid import output_grid
+    from kappamask.reading.reader import BandReader
     from kappamask.sources import open_safe
 
     grid = output_grid(open_safe(T29UNU), 10)

@@ -203,7 +203,7 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_another_and_one_result(queue:
 
 
 def test_an_unreachable_broker_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kappamask import queue as job_queue
+    from kappamask.jobs import queue as job_queue
 
     monkeypatch.setenv(job_queue.BROKER_ENV, f"redis://:secret@127.0.0.1:{free_port()}/0")
     job_queue.app.cache_clear()
@@ -295,7 +295,7 @@ def test_dismissing_a_queued_batch_dismisses_its_products(queue: Queue) -> None:
 
 
 def _children_of(batch_id: str) -> list[str]:
-    from kappamask.fanout import child_id
+    from kappamask.jobs.fanout import child_id
 
     return [child_id(batch_id, index) for index in range(3)]
 
@@ -342,7 +342,7 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
     with postgis_cluster() as dsn:
         with psycopg2.connect(dsn) as conn, conn.cursor() as cursor:
             cursor.execute((DATA.parents[1] / "deploy" / "postgres" / "init-jobs.sql").read_text())
-        manager = {"KAPPAMASK_JOB_MANAGER": "kappamask.managers.PostgreSQLManager",
+        manager = {"KAPPAMASK_JOB_MANAGER": "kappamask.jobs.managers.PostgreSQLManager",
                    "KAPPAMASK_JOBS_DB": dsn}  # fmt: skip
         # a Redis database of its own: the workers of the module's queue share the server
         own_db = redis_url.rsplit("/", 1)[0] + "/1"
@@ -372,7 +372,7 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
 
 @pytest.mark.slow
 def test_a_worker_killed_inside_a_batch_leaves_one_result_per_product(queue: Queue) -> None:
-    from kappamask.fanout import child_id
+    from kappamask.jobs.fanout import child_id
 
     batch_url = submit_async(queue.url, {"products": [str(T29UNU), str(T22HBD)],
                                          "resolution": 20, "output": "killed-season"},

@@ -11,11 +11,11 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from kappamask import reader as reader_module
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.grid import Grid, output_grid
-from kappamask.reader import AlignedLayer, BandReader, BlockRows, WarpedLayer, normalise
+from kappamask.geometry.grid import Grid, output_grid
+from kappamask.reading import reader as reader_module
+from kappamask.reading.reader import AlignedLayer, BandReader, BlockRows, WarpedLayer, normalise
 from kappamask.sources import open_safe
 
 from .conftest import T22HBD, T29UNU

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kappamask.regrid import RADIUS, downsample, phase_taps, upsample
+from kappamask.reading.regrid import RADIUS, downsample, phase_taps, upsample
 
 
 def _per_pixel(source: np.ndarray, factor: int, kernel: str) -> np.ndarray:

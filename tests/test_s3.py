@@ -16,7 +16,7 @@ from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import run
-from kappamask.s3 import S3Settings
+from kappamask.storage.s3 import S3Settings
 
 from .conftest import S3_SECRET, T29UNU, S3Server, check_result
 
@@ -152,7 +152,7 @@ def test_multipart_upload_and_https_hrefs(
     public URL template makes the STAC hrefs https."""
     from boto3.s3.transfer import TransferConfig
 
-    from kappamask import storage
+    from kappamask.storage import sinks as storage
 
     monkeypatch.setattr(
         storage, "TRANSFER", TransferConfig(multipart_threshold=1, multipart_chunksize=5 * 2**20)

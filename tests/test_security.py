@@ -22,6 +22,7 @@ import requests
 from werkzeug.serving import make_server
 
 from kappamask.access import MAX_PRODUCT_ID, AccessPolicy, product_name
+from kappamask.api.guard import RequestGuard
 from kappamask.errors import (
     AccessDeniedError,
     InvalidInputError,
@@ -31,11 +32,10 @@ from kappamask.errors import (
     StorageError,
     StorageFullError,
 )
-from kappamask.grid import output_grid
-from kappamask.guard import RequestGuard
+from kappamask.geometry.grid import output_grid
 from kappamask.sources import open_product
 from kappamask.sources.stac import MAX_ITEM_BYTES, fetch_item
-from kappamask.storage import LocalSink, delete_published, open_sink
+from kappamask.storage.sinks import LocalSink, delete_published, open_sink
 
 from .conftest import T29UNU, earth_search_item, small_file_system
 
@@ -206,7 +206,7 @@ def test_a_band_redirected_to_a_refused_host_is_never_fetched(cog: bytes) -> Non
 
 
 def test_the_policy_proxy_refuses_a_tunnel_to_a_refused_host() -> None:
-    from kappamask import egress
+    from kappamask.reading import egress
 
     target = _Server({"/": (200, {}, b"secret")})
     try:
@@ -230,7 +230,7 @@ def test_the_policy_proxy_refuses_a_tunnel_to_a_refused_host() -> None:
 
 def test_an_unreachable_storage_is_the_storage_s_fault() -> None:
     """Band hrefs on S3 whose endpoint does not answer: 502, not the product's 422."""
-    from kappamask.s3 import S3Settings
+    from kappamask.storage.s3 import S3Settings
 
     dead = f"http://127.0.0.1:{_free_port()}"
     policy = AccessPolicy(s3=S3Settings(endpoint_url=dead, access_key_id="k",

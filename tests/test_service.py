@@ -351,7 +351,7 @@ def _error_cases(service: Service, s3_server: S3Server) -> list[tuple[str, objec
     ]
 
 
-#: Request bodies pygeoapi never sees (kappamask.guard): (row, raw body, status, message).
+#: Request bodies pygeoapi never sees (kappamask.api.guard): (row, raw body, status, message).
 _BODY_CASES = [
     ("malformed JSON", '{"inputs": {"product": ', 400, "request body is not valid JSON"),
     ("body not an object", "[1, 2, 3]", 400, "must be a JSON object, not list"),

@@ -11,10 +11,16 @@ import pytest
 import rasterio
 from affine import Affine
 
-from kappamask import postprocess
+from kappamask.assembly import postprocess
+from kappamask.assembly.shadows import (
+    CLOUD_HEIGHTS_M,
+    Sun,
+    cloud_reach,
+    sentinel2_sun,
+    solar_position,
+)
 from kappamask.bands import MaskClass
-from kappamask.grid import Grid
-from kappamask.shadows import CLOUD_HEIGHTS_M, Sun, cloud_reach, sentinel2_sun, solar_position
+from kappamask.geometry.grid import Grid
 from kappamask.sources import open_safe
 from kappamask.tools import realdata, teachers
 from kappamask.writers.cog import StripWriter

@@ -11,7 +11,7 @@ import pytest
 from affine import Affine
 from pystac.validation import JsonSchemaSTACValidator
 
-from kappamask.grid import Grid
+from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import ModelSpec
 from kappamask.pipeline import ASSETS
 from kappamask.sources import open_safe

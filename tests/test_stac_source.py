@@ -18,12 +18,12 @@ from rasterio.windows import Window
 from kappamask.access import AccessPolicy
 from kappamask.bands import L1C_FEATURES, L1C_MAX_V, STAC_BAND_ALIASES
 from kappamask.errors import AccessDeniedError, InvalidInputError, ProductError
-from kappamask.grid import output_grid
+from kappamask.geometry.grid import output_grid
 from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import run
-from kappamask.reader import BandReader
+from kappamask.reading.reader import BandReader
 from kappamask.sources import open_product
 from kappamask.sources.stac import fetch_item
 

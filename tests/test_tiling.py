@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from kappamask.bands import TILE_OVERLAP, MaskClass
-from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES, decide
-from kappamask.tiling import (
+from kappamask.geometry.tiling import (
     Blender,
     Crop,
     CropGrid,
@@ -19,6 +18,7 @@ from kappamask.tiling import (
     spans,
     with_context,
 )
+from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES, decide
 
 
 @pytest.mark.parametrize("length", [1, 100, 511, 512, 513, 544, 1000, 1830, 5490, 10980])

@@ -156,7 +156,7 @@ def test_evaluate_tables_json_and_png(tmp_path: Path) -> None:
 
 def test_evaluate_with_the_sen2cor_column(tmp_path: Path) -> None:
     """The reference here is SCL itself, so the Sen2Cor column must agree perfectly."""
-    from kappamask.grid import output_grid
+    from kappamask.geometry.grid import output_grid
     from kappamask.sources import open_safe
     from kappamask.tools.labels import read_scl_labels
 
@@ -209,7 +209,7 @@ def test_evaluate_a_kappaset_folder_with_a_model(tmp_path: Path) -> None:
 def test_evaluate_with_the_s2cloudless_column(tmp_path: Path) -> None:
     """s2cloudless on the real, cloud-free L1C bands: it must call (almost) all of them
     clear, which it only does when it gets the right bands as reflectances."""
-    from kappamask.grid import output_grid
+    from kappamask.geometry.grid import output_grid
     from kappamask.sources import open_safe
 
     safe = make_l1c_safe(tmp_path)
@@ -248,7 +248,7 @@ def test_side_by_side_on_a_real_l2a_product(tmp_path: Path) -> None:
     """`evaluate --side-by-side`: the mask here is SCL itself, so the Sen2Cor pair must
     agree perfectly; ukis-csmask is run on the same grid and must find T29UNU's clouds;
     the picture has the true colour and the three masks."""
-    from kappamask.grid import output_grid
+    from kappamask.geometry.grid import output_grid
     from kappamask.sources import open_safe
     from kappamask.tools.labels import read_scl_labels
 

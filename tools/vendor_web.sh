@@ -2,12 +2,12 @@
 # The browser assets the service serves at /web/vendor (kappamask.web): fetched from npm at
 # these exact versions and copied unchanged with their licences, so that the map page, the
 # HTML pages and Swagger UI need no CDN (air-gapped and DIAS deployments have none).
-#   bash tools/vendor_web.sh        # then commit service/kappamask/web/vendor
+#   bash tools/vendor_web.sh        # then commit service/kappamask/api/web/vendor
 set -euo pipefail
 # geotiff: the version OpenLayers depends on; its full build reads COGs through the global
 # GeoTIFF that geotiff.js defines
 OL=10.11.0 GEOTIFF=3.1.0-beta.0 PROJ4=2.22.0 BOOTSTRAP=5.3.8 SWAGGER=5.35.0
-out=$(cd "$(dirname "$0")/.." && pwd)/service/kappamask/web/vendor
+out=$(cd "$(dirname "$0")/.." && pwd)/service/kappamask/api/web/vendor
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"

@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kappamask.errors import AccessDeniedError, InvalidInputError, ProductNotFoundError
-from kappamask.s3 import S3Settings
+from kappamask.storage.s3 import S3Settings
 
 LOGGER = logging.getLogger(__name__)
 

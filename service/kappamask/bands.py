@@ -33,7 +33,7 @@ DEFAULT_RESOLUTION = 10
 
 #: Digital number of "no data" in every Sentinel-2 band file.
 NODATA_DN = 0
-#: Digital numbers are scaled by this before the per-band max normalisation (DESIGN §3).
+#: Digital numbers are scaled by this before the per-band max normalisation (ARCHITECTURE.md §3).
 DN_SCALE = 65535.0
 
 # Feature lists and normalisation of the published KappaMask U-Nets. They are the
@@ -169,7 +169,7 @@ SCL_TO_CLASS = {
 
 # Tiling of the network input: the paper's 512 px crops. The paper (and km_predict,
 # overlap 0.0625) share 32 px and cut the mosaic halfway; this service blends the scores
-# over the overlap (kappamask.tiling), and shares 64 px so that every pixel of a blend
+# over the overlap (kappamask.geometry.tiling), and shares 64 px so that every pixel of a blend
 # lies at least 32 px inside one of its crops: on real SEN12MS-CR crops the class there
 # agrees with a crop's interior for 99.65 % (L1C) / 99.74 % (L2A) of pixels, at 16 px (the
 # middle of a 32 px overlap) for 99.19 % / 99.57 %, at the edge for 96.2 % / 91.4 %

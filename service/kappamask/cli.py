@@ -236,7 +236,7 @@ def batch_command(
     into one output with a STAC Collection (collection.json) over the results. A product
     that fails is reported and the batch goes on; the exit code is 1 when any failed."""
     from kappamask.access import AccessPolicy
-    from kappamask.batch import check_batch, resolve_search, run_batch
+    from kappamask.jobs.batch import check_batch, resolve_search, run_batch
     from kappamask.writers.stac_api import check_api
 
     listed: list[Any] = list(products)
@@ -345,9 +345,9 @@ def service_options(command: F) -> F:
 @service_options
 def serve_command(host: str, port: int, broker_url: str | None, **flags: Any) -> None:
     """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask processes."""
+    from kappamask.api.serve import serve
     from kappamask.inference.repository import DEFAULT_REPOSITORY
-    from kappamask.queue import BROKER_ENV
-    from kappamask.serve import serve
+    from kappamask.jobs.queue import BROKER_ENV
 
     if broker_url:
         os.environ[BROKER_ENV] = broker_url
@@ -375,7 +375,7 @@ def worker_command(broker_url: str, public_url: str, **flags: Any) -> None:
     """Take jobs from the queue and run them, one at a time (start as many as the Triton
     behind them can feed; see deploy/README.md)."""
     from kappamask.inference.repository import DEFAULT_REPOSITORY
-    from kappamask.worker import work
+    from kappamask.jobs.worker import work
 
     work(broker_url, flags["triton_url"], flags["protocol"], flags["output_dir"],
          flags["data_roots"] or None, flags["model_repository"] or DEFAULT_REPOSITORY,
@@ -401,7 +401,7 @@ def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
 def openapi_command(config: Path, output_file: Path) -> None:
     """Write the service's OpenAPI document of a pygeoapi CONFIG, self-contained: the OGC
     schemas it refers to are components of it (no schema server needed)."""
-    from kappamask.ogc import openapi_document
+    from kappamask.api.ogc import openapi_document
 
     output_file.write_text(openapi_document(config))
 

@@ -16,9 +16,9 @@ from typing import Any
 from shapely.geometry.base import BaseGeometry
 
 from kappamask.access import has_lone_surrogate
-from kappamask.aoi import parse_area
 from kappamask.bands import DEFAULT_RESOLUTION, LEVELS, MAX_BUFFER_M, RESOLUTIONS
 from kappamask.errors import InvalidInputError
+from kappamask.geometry.aoi import parse_area
 from kappamask.inference.model_spec import ModelSpec
 
 #: Resampling to the output grid: Lanczos (windowed sinc, as in the paper) or bilinear.
@@ -73,7 +73,7 @@ class RunOptions:
     cloud_buffer: float = 0.0
     shadow_buffer: float = 0.0
     #: Turn cloud shadow that no cloud of the product could cast into clear
-    #: (kappamask.postprocess.ShadowCheck).
+    #: (kappamask.assembly.postprocess.ShadowCheck).
     shadow_check: bool = True
     #: The bbox or aoi as a geometry in EPSG:4326 (None: the whole product).
     area: BaseGeometry | None = field(init=False, repr=False, compare=False, default=None)

@@ -6,7 +6,7 @@ while Triton works on submitted crops, the next chunk is read and resampled (at 
 MAX_IN_FLIGHT crops wait for Triton, so the reader cannot run ahead and pile up strips),
 and finished rows of the mosaic are written out and freed. Memory does not grow with
 the product's height, and little with its width. Buffers, the usable-pixel mask and the
-class counts come from a second pass over the mosaic (kappamask.postprocess).
+class counts come from a second pass over the mosaic (kappamask.assembly.postprocess).
 
 Three stages, each a function: ``plan`` (product, model, grid, names: nothing read yet),
 ``infer`` (strips through Triton into scratch rasters, then the second pass) and
@@ -29,6 +29,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from kappamask.access import AccessPolicy
+from kappamask.assembly.postprocess import LayerCounts, finish_layers
 from kappamask.bands import (
     CLASS_NAMES,
     OUTPUT_CLASSES,
@@ -36,16 +37,8 @@ from kappamask.bands import (
     VALID_NODATA,
 )
 from kappamask.errors import CancelledError, ProductError
-from kappamask.grid import Grid, area_mask, clip_grid, output_grid
-from kappamask.inference.model_spec import PROBABILITY_NODATA, ModelSpec
-from kappamask.inference.triton import CropOutputs, TritonClient
-from kappamask.options import RunOptions
-from kappamask.postprocess import LayerCounts, finish_layers
-from kappamask.reader import BandReader
-from kappamask.sources import ProductRef, open_product
-from kappamask.sources.product import Product
-from kappamask.storage import Sink, open_sink
-from kappamask.tiling import (
+from kappamask.geometry.grid import Grid, area_mask, clip_grid, output_grid
+from kappamask.geometry.tiling import (
     Blender,
     CropGrid,
     block_of,
@@ -53,6 +46,13 @@ from kappamask.tiling import (
     has_data,
     with_context,
 )
+from kappamask.inference.model_spec import PROBABILITY_NODATA, ModelSpec
+from kappamask.inference.triton import CropOutputs, TritonClient
+from kappamask.options import RunOptions
+from kappamask.reading.reader import BandReader
+from kappamask.sources import ProductRef, open_product
+from kappamask.sources.product import Product
+from kappamask.storage.sinks import Sink, open_sink
 from kappamask.writers.cog import OverviewResampling, StripWriter, scratch_files, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
@@ -167,7 +167,7 @@ def _noop_progress(_percent: int, _message: str) -> None:
 
 
 class _Mosaic:
-    """Blends a strip's crop scores with what the previous strip left (kappamask.tiling),
+    """Blends a strip's crop scores with what the previous strip left (kappamask.geometry.tiling),
     decides the finished rows and writes the model's classes, confidence and cloud
     probability."""
 
@@ -361,7 +361,7 @@ def plan(
     overlap: int = TILE_OVERLAP,
 ) -> Plan:
     """Stage 1: open the product, choose the model and lay out the output grid and its
-    crops (``overlap``: pixels shared by neighbouring crops, kappamask.tiling)."""
+    crops (``overlap``: pixels shared by neighbouring crops, kappamask.geometry.tiling)."""
     product = open_product(product_ref, policy)
     if options.level and options.level != product.level:
         raise ProductError(
@@ -387,7 +387,7 @@ def infer(
     timings: dict[str, float],
 ) -> Inferred:
     """Stage 2: strips through Triton into scratch rasters, then the buffers, the
-    usable-pixel mask and the class counts (kappamask.postprocess)."""
+    usable-pixel mask and the class counts (kappamask.assembly.postprocess)."""
     grid, scratch = planned.grid, _scratch(sink)
     with (
         StripWriter(scratch["model_classes"], grid) as classes_out,

@@ -2,7 +2,7 @@
 
     python keras_unet.py OUT.h5 INPUTS.npz OUTPUTS.npz --channels 13 --filters 64
 
-Builds the KappaMask U-Net of DESIGN §3 in Keras (channels last, the layer order of the
+Builds the KappaMask U-Net of ARCHITECTURE.md §3 in Keras (channels last, the layer order of the
 published model), gives it seeded random He-normal weights and non-zero biases, writes
 them with ``save_weights`` as HDF5, and writes the network's sigmoid outputs for the
 inputs (``x``: N x C x H x W, as the service feeds them) to OUTPUTS.npz.

@@ -43,7 +43,7 @@ AGREEMENT_PARAMETERS = ("bf16_agreement", "int8_agreement")
 #: the mask code, the winning sigmoid x 255, the cloud probability in percent (255 where
 #: the input has no data) and the four classes' scores x 255 (see
 #: kappamask.model.onnx_graph). The service asks for the scores only: it blends
-#: overlapping crops and decides the classes itself (kappamask.tiling); the other three
+#: overlapping crops and decides the classes itself (kappamask.geometry.tiling); the other three
 #: are there for clients that call Triton directly.
 INPUT = "input"
 OUTPUT_CLASSES = "classes"

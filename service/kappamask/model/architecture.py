@@ -34,7 +34,7 @@ def conv_specs(
     num_outputs: int = NUM_NETWORK_OUTPUTS,
     head_channels: int = PAPER_HEAD_CHANNELS,
 ) -> list[ConvSpec]:
-    """Every Conv2D of the U-Net in the order Keras creates them (DESIGN §3).
+    """Every Conv2D of the U-Net in the order Keras creates them (ARCHITECTURE.md §3).
 
     ``head_channels``: the paper's head funnels every pixel through 2 ReLU channels. Both
     die within ten Adam steps when this network is trained from scratch here (every pixel

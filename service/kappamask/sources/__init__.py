@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from kappamask import egress
 from kappamask.access import AccessPolicy
 from kappamask.errors import InvalidInputError
+from kappamask.reading import egress
 from kappamask.sources.product import Product
 from kappamask.sources.s3 import open_s3_safe
 from kappamask.sources.safe import open_safe

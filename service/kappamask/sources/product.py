@@ -9,8 +9,8 @@ from typing import Any
 import rasterio
 
 from kappamask.access import product_name
-from kappamask.s3 import S3Settings
-from kappamask.shadows import Sun
+from kappamask.assembly.shadows import Sun
+from kappamask.storage.s3 import S3Settings
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 from kappamask.errors import ProductNotFoundError
-from kappamask.s3 import S3ObjectReader, S3Settings, s3_errors, split_s3_url
 from kappamask.sources.product import Product
 from kappamask.sources.safe import (
     MAX_METADATA_BYTES,
@@ -17,6 +16,7 @@ from kappamask.sources.safe import (
     list_zip,
     product_from_files,
 )
+from kappamask.storage.s3 import S3ObjectReader, S3Settings, s3_errors, split_s3_url
 
 LOGGER = logging.getLogger(__name__)
 

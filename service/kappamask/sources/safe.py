@@ -20,9 +20,9 @@ from typing import IO
 from kappamask.access import AccessPolicy
 from kappamask.bands import AUX_BANDS, NATIVE_RESOLUTION, SPECTRAL_BANDS
 from kappamask.errors import ProductError, ProductNotFoundError
-from kappamask.s3 import S3Settings
 from kappamask.sources.metadata import parse_product_metadata, parse_tile_metadata
 from kappamask.sources.product import Product
+from kappamask.storage.s3 import S3Settings
 
 LOGGER = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from kappamask.errors import (
     ProductNotFoundError,
     StorageError,
 )
-from kappamask.s3 import s3_errors, split_s3_url
 from kappamask.sources.product import Product
+from kappamask.storage.s3 import s3_errors, split_s3_url
 
 LOGGER = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from rasterio.windows import Window
 
 from kappamask.bands import DN_SCALE, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV
-from kappamask.grid import Grid, output_grid
-from kappamask.reader import BandReader
+from kappamask.geometry.grid import Grid, output_grid
+from kappamask.reading.gdal import GDAL_ENV
+from kappamask.reading.reader import BandReader
 from kappamask.sources import open_safe
 from kappamask.sources.product import Product
 from kappamask.tools.composites import compose

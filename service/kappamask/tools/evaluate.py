@@ -18,11 +18,11 @@ from rasterio.windows import Window
 
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV
-from kappamask.grid import Grid
-from kappamask.reader import BandReader
+from kappamask.geometry.grid import Grid
+from kappamask.geometry.tiling import CropGrid
+from kappamask.reading.gdal import GDAL_ENV
+from kappamask.reading.reader import BandReader
 from kappamask.sources import open_safe
-from kappamask.tiling import CropGrid
 from kappamask.tools.metrics import (
     CLASSES,
     TWO_CLASS,

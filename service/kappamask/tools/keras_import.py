@@ -4,7 +4,7 @@ no TensorFlow.
 
 The architecture is recognised from the layers: SeparableConv2D and BatchNormalization
 layers make km_predict's DeepLabv3+ (kappamask.model.deeplab), Conv2D layers with kernel
-and bias only the U-Net of DESIGN §3. U-Net kernels are taken in the file's layer order;
+and bias only the U-Net of ARCHITECTURE.md §3. U-Net kernels are taken in the file's layer order;
 DeepLabv3+ layers in Keras' creation order (the numbers of their automatic names, which a
 file's layer order need not follow), BatchNorm folded into the convolution before it.
 Every layer is checked against the layout, transposed from Keras HWIO to ONNX OIHW and

@@ -9,8 +9,8 @@ from rasterio.vrt import WarpedVRT
 
 from kappamask.bands import SCL_TO_CLASS, MaskClass
 from kappamask.errors import ProductError
-from kappamask.gdal import GDAL_ENV
-from kappamask.grid import Grid
+from kappamask.geometry.grid import Grid
+from kappamask.reading.gdal import GDAL_ENV
 from kappamask.sources.product import Product
 
 

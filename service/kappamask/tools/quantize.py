@@ -27,12 +27,12 @@ import onnx
 from rasterio.windows import Window
 
 from kappamask.errors import InvalidInputError
-from kappamask.grid import output_grid
+from kappamask.geometry.grid import output_grid
+from kappamask.geometry.tiling import CropGrid, block_of, cut, has_data, with_context
 from kappamask.inference.model_spec import ARCHITECTURE_DEEPLAB, OUTPUT_CLASSES
 from kappamask.inference.model_spec import INPUT as INPUT_NAME
-from kappamask.reader import BandReader
+from kappamask.reading.reader import BandReader
 from kappamask.sources.safe import open_safe
-from kappamask.tiling import CropGrid, block_of, cut, has_data, with_context
 from kappamask.tools.composites import compose
 
 LOGGER = logging.getLogger(__name__)

@@ -35,6 +35,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform
 from rasterio.windows import Window
 
+from kappamask.assembly.shadows import Sun, cloud_reach, sentinel2_sun
 from kappamask.bands import (
     AUX_BANDS,
     DEFAULT_FEATURES,
@@ -44,7 +45,6 @@ from kappamask.bands import (
     MaskClass,
 )
 from kappamask.errors import InvalidInputError
-from kappamask.shadows import Sun, cloud_reach, sentinel2_sun
 from kappamask.tools import teachers
 from kappamask.tools.labels import scl_to_mask
 
@@ -379,8 +379,8 @@ def _resolution(path: Path) -> float:
 
 def read_safe(path: Path, resolution: int) -> Imagery:
     """A SAFE product through the service's reader (offsets applied), with SCL if L2A."""
-    from kappamask.grid import output_grid
-    from kappamask.reader import BandReader
+    from kappamask.geometry.grid import output_grid
+    from kappamask.reading.reader import BandReader
     from kappamask.sources import open_safe
     from kappamask.tools.labels import read_scl_labels
 

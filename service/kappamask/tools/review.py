@@ -39,7 +39,7 @@ from kappamask.inference.model_spec import SCORE_CLASSES, ModelSpec
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import Plan, plan
-from kappamask.reader import BandReader
+from kappamask.reading.reader import BandReader
 from kappamask.sources import ProductRef
 
 if TYPE_CHECKING:  # the scene review's modules need the tools extra (h5py, ONNX Runtime)

@@ -60,7 +60,7 @@ class Opinions:
     cirrus: np.ndarray | None = None  # B10 TOA reflectance
     scl: np.ndarray | None = None  # mask codes from SCL (Table 1)
     nir: np.ndarray | None = None  # NIR reflectance (B8A or B08)
-    #: Sun geometry (kappamask.shadows.cloud_reach): where some teacher's cloud lies up-sun
+    #: Sun geometry (kappamask.assembly.shadows.cloud_reach): where some teacher's cloud lies up-sun
     #: at a distance a cloud height explains (a shadow is possible), and where the up-sun ray
     #: leaves the scene first (unknown). None: no geometry, every shadow is possible.
     cast: np.ndarray | None = None

@@ -30,9 +30,9 @@ from rasterio.shutil import copy
 from rasterio.windows import Window
 
 from kappamask.bands import CLASS_COLORS
-from kappamask.compiled import inline_kernel, kernel
-from kappamask.gdal import COG_ENV
-from kappamask.grid import Grid
+from kappamask.geometry.grid import Grid
+from kappamask.reading.compiled import inline_kernel, kernel
+from kappamask.reading.gdal import COG_ENV
 
 LOGGER = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
 from kappamask.bands import CLASS_COLORS, MaskClass
-from kappamask.gdal import GDAL_ENV, open_band
+from kappamask.reading.gdal import GDAL_ENV, open_band
 from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from kappamask.bands import (
     VALID_UNUSABLE,
     MaskClass,
 )
-from kappamask.grid import Grid
+from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import (
     ORIGIN_BOOTSTRAP,
     ORIGIN_FINE_TUNED,

@@ -247,7 +247,7 @@ def documented(document: dict[str, Any]) -> dict[str, Any]:
     """pygeoapi's OpenAPI ``document`` with what the service answers documented: each
     operation's success by the Processes 1.0 responses (``_SUCCESS``), the other formats
     of a page, and every other status as an OGC exception document (``default``: every
-    error here is one, ``kappamask.guard``). Refers to the OGC's files by their published
+    error here is one, ``kappamask.api.guard``). Refers to the OGC's files by their published
     URL; ``self_contained`` brings them in."""
     exception = {"description": "An error: the status says which (OGC exception document; "
                                 "an HTML page where the client asked for HTML).",

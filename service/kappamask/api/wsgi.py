@@ -1,5 +1,5 @@
 """The API as a WSGI application for gunicorn (the deployment's API containers):
-``gunicorn kappamask.wsgi:app``.
+``gunicorn kappamask.api.wsgi:app``.
 
 pygeoapi configured from ``PYGEOAPI_CONFIG`` / ``PYGEOAPI_OPENAPI``, behind the same
 request guard as `kappamask serve` (health endpoints, body limits). Readiness asks the
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 
+from kappamask.api.serve import guarded_app
 from kappamask.inference.triton import server_ready
-from kappamask.serve import guarded_app
 
 _URL = os.environ.get("KAPPAMASK_TRITON_URL", "triton:8000")
 _PROTOCOL = os.environ.get("KAPPAMASK_TRITON_PROTOCOL", "http")

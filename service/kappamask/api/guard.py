@@ -16,7 +16,7 @@
   ``inputs``, ``response`` or ``subscriber`` is of the wrong shape, 400. pygeoapi would
   answer those with an HTML 500 page, or parse 50 MB before refusing.
 - ``GET /map`` and ``/web/...``: the service's web page and its vendored assets
-  (``kappamask.site``).
+  (``kappamask.api.site``).
 - ``/processes/{id}/execution`` takes POST only (405 with ``Allow: POST``).
 - ``GET /jobs/{id}/results`` of a dismissed job: 410 (its outputs are deleted), also when
   the dismissal races the read.
@@ -45,8 +45,8 @@ from typing import Any
 from werkzeug.security import safe_join
 from werkzeug.utils import send_file
 
-from kappamask import site
 from kappamask.access import has_lone_surrogate
+from kappamask.api import site
 
 LOGGER = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class RequestGuard:
         self.outputs = outputs
         self.read_timeout_s = read_timeout_s
         if job_status is None:
-            from kappamask.jobs import job_status as manager_status
+            from kappamask.jobs.reporting import job_status as manager_status
 
             job_status = manager_status
         self.job_status: Callable[[str], str | None] = job_status

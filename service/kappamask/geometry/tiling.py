@@ -26,8 +26,8 @@ from functools import cached_property
 import numpy as np
 
 from kappamask.bands import TILE_OVERLAP, TILE_SIZE, MaskClass
-from kappamask.compiled import kernel
 from kappamask.inference.model_spec import PROBABILITY_NODATA, SCORE_CLASSES
+from kappamask.reading.compiled import kernel
 
 
 @dataclass(frozen=True)

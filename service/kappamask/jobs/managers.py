@@ -12,11 +12,11 @@ synchronous failure with 400. The process records its KappaMaskError per job
 - keep a dismissed job as a record with status ``dismissed`` (OGC API - Processes),
   so that polling it answers what happened instead of a bare 404;
 - check the callback URLs of a ``subscriber`` when the job is submitted and send its
-  callbacks themselves (``kappamask.callbacks``): the failure callback after the failure's
+  callbacks themselves (``kappamask.jobs.callbacks``): the failure callback after the failure's
   message is known, and none of them able to fail the job.
 
-Configure them by dotted name: ``kappamask.managers.TinyDBManager`` or
-``kappamask.managers.PostgreSQLManager``.
+Configure them by dotted name: ``kappamask.jobs.managers.TinyDBManager`` or
+``kappamask.jobs.managers.PostgreSQLManager``.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from pygeoapi.process.base import ProcessorExecuteError
 from pygeoapi.process.manager.tinydb_ import TinyDBManager as _TinyDBManager
 from pygeoapi.util import JobStatus, Subscriber, get_current_datetime
 
-from kappamask import queue
-from kappamask.callbacks import JobSubscriber, check_subscriber, deliver
+from kappamask.api.ogc import DOCUMENT, RAW, DocumentedProcessor
 from kappamask.errors import KappaMaskError
-from kappamask.ogc import DOCUMENT, RAW, DocumentedProcessor
-from kappamask.storage import delete_published
+from kappamask.jobs import queue
+from kappamask.jobs.callbacks import JobSubscriber, check_subscriber, deliver
+from kappamask.storage.sinks import delete_published
 
 LOGGER = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class ErrorStatusMixin:
             policy = getattr(getattr(p, "settings", None), "policy", None)
             process_id = str(p.metadata.get("id", ""))
             subscriber = JobSubscriber.bind(subscriber, job_id, process_id, policy)
-        # a document is OGC's results document, recorded as such (kappamask.ogc); pygeoapi
+        # a document is OGC's results document, recorded as such (kappamask.api.ogc); pygeoapi
         # itself would record and answer {"outputs": [...]}
         runs = DocumentedProcessor(p) if requested_response == DOCUMENT else p
         jfmt, outputs, status = super()._execute_handler_sync(  # type: ignore[misc]
@@ -229,7 +229,7 @@ class ErrorStatusMixin:
     def _dismiss_children(self, job_id: str) -> None:
         """A dismissed batch on the queue: its products' jobs are dismissed too (queued
         ones are dropped by the worker that takes them, running ones stop)."""
-        from kappamask import fanout
+        from kappamask.jobs import fanout
 
         try:
             fanout.dismiss_children(self, job_id)

@@ -27,13 +27,13 @@ from typing import Any
 
 from pygeoapi.util import JobStatus
 
-from kappamask import queue
 from kappamask.access import AccessPolicy
-from kappamask.batch import BatchResult, CollectionWriter, ProductOutcome, outcome_of
-from kappamask.callbacks import JobSubscriber, deliver
 from kappamask.errors import InternalError
-from kappamask.jobs import _now
-from kappamask.managers import message_text
+from kappamask.jobs import queue
+from kappamask.jobs.batch import BatchResult, CollectionWriter, ProductOutcome, outcome_of
+from kappamask.jobs.callbacks import JobSubscriber, deliver
+from kappamask.jobs.managers import message_text
+from kappamask.jobs.reporting import _now
 from kappamask.sources import ProductRef, describe_reference
 
 LOGGER = logging.getLogger(__name__)

@@ -19,11 +19,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kappamask import queue, site
 from kappamask.access import roots_from_env
-from kappamask.bands import LEVELS
-from kappamask.errors import KappaMaskError
-from kappamask.guard import (
+from kappamask.api import site
+from kappamask.api.guard import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_READ_TIMEOUT_S,
     MAX_BODY_ENV,
@@ -31,13 +29,16 @@ from kappamask.guard import (
     READ_TIMEOUT_ENV,
     RequestGuard,
 )
+from kappamask.api.ogc import OGCAnswers, openapi_document
+from kappamask.bands import LEVELS
+from kappamask.errors import KappaMaskError
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
 from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import triton_endpoint
 from kappamask.inference.triton import TritonClient
-from kappamask.jobs import fail_interrupted_jobs
-from kappamask.ogc import OGCAnswers, openapi_document
-from kappamask.storage import remove_stale_staging
+from kappamask.jobs import queue
+from kappamask.jobs.reporting import fail_interrupted_jobs
+from kappamask.storage.sinks import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ SERVE_OUTPUTS_ENV = "KAPPAMASK_SERVE_OUTPUTS"
 #: The URL of the served output folder, as results name their files.
 OUTPUTS_URL_ENV = "KAPPAMASK_OUTPUTS_URL"
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "pygeoapi-config.yml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "pygeoapi-config.yml"
 
 
 def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
@@ -110,7 +111,7 @@ def log_served_models(client: TritonClient) -> None:
 def recover(output_dir: Path) -> None:
     """Clean up after a previous process of this service that died: its jobs left
     accepted/running are marked failed, its staging folders removed."""
-    from kappamask.jobs import _manager
+    from kappamask.jobs.reporting import _manager
 
     manager = _manager()
     if queue.broker_url() is not None:
@@ -174,13 +175,13 @@ def set_outputs_url() -> Path | None:
 
 def guarded_app(triton_ready: Callable[[], bool]) -> Any:
     """pygeoapi's Flask app (configured from the environment) behind the request guard,
-    with quiet logs: what `kappamask serve` and the deployment's gunicorn (kappamask.wsgi)
+    with quiet logs: what `kappamask serve` and the deployment's gunicorn (kappamask.api.wsgi)
     both serve."""
     _quiet_logs()
     outputs = set_outputs_url()
     from pygeoapi.flask_app import APP, CONFIG, api_
 
-    # the service's own page frame and pages first, pygeoapi's for the rest (kappamask.site)
+    # the service's own page frame and pages first, pygeoapi's for the rest (kappamask.api.site)
     # (pygeoapi keeps a copy of its configuration for pages of a resource: both)
     for config in (api_.config, api_.tpl_config):
         config["server"].setdefault("templates", {})["path"] = str(site.TEMPLATES)

@@ -10,9 +10,9 @@ cheapest first:
 
 - already on the output grid: read as it is (a warp at identity changes no value);
 - on a coarser grid of the same tile (20 m or 60 m onto 10 m): the window plus a kernel
-  margin is read at native resolution and upsampled by ``kappamask.regrid``;
+  margin is read at native resolution and upsampled by ``kappamask.reading.regrid``;
 - on a finer grid of the same tile (10 m onto 20 m or 60 m): averaged over each output
-  pixel by ``kappamask.regrid`` (an area mean whatever the chosen kernel);
+  pixel by ``kappamask.reading.regrid`` (an area mean whatever the chosen kernel);
 - anything else (another CRS or origin, a ratio that is not an integer): a GDAL warped
   VRT.
 """
@@ -34,12 +34,12 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE
-from kappamask.compiled import inline_kernel, kernel
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV, open_band, product_errors
-from kappamask.grid import Grid
+from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import OFFSET_KM_PREDICT, OFFSET_TRAINING
-from kappamask.regrid import RADIUS, downsample, upsample
+from kappamask.reading.compiled import inline_kernel, kernel
+from kappamask.reading.gdal import GDAL_ENV, open_band, product_errors
+from kappamask.reading.regrid import RADIUS, downsample, upsample
 from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ _HALF_REBIAS = (127 - 15) << 23
 
 @inline_kernel
 def _scaled(x: Any, zero_is_nodata: bool, gain: float, offset: float, scale: float) -> Any:
-    """DESIGN §3 for one pixel (float32 arithmetic); NaN where there is no data."""
+    """ARCHITECTURE.md §3 for one pixel (float32 arithmetic); NaN where there is no data."""
     v = np.float32(x)
     if v != v or (zero_is_nodata and v == 0):
         return np.float32(np.nan)
@@ -139,7 +139,7 @@ def normalise(
     gain: float = 1.0,
     valid: np.ndarray | None = None,
 ) -> np.ndarray:
-    """DESIGN §3: (DN * gain + offset) / 65535 / max_v, negative results set to 0, into
+    """ARCHITECTURE.md §3: (DN * gain + offset) / 65535 / max_v, negative results set to 0, into
     ``out`` (float32 or float16, the shape of ``data``); returns ``out``.
 
     ``data`` holds DN as read (integers, 0 = no data) or resampled (float, NaN = no

@@ -20,7 +20,7 @@ from shapely.geometry.base import BaseGeometry
 
 from kappamask.bands import RESOLUTIONS
 from kappamask.errors import InvalidInputError, ProductError
-from kappamask.gdal import GDAL_ENV, open_band, product_errors
+from kappamask.reading.gdal import GDAL_ENV, open_band, product_errors
 from kappamask.sources.product import Product
 
 

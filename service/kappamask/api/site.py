@@ -1,4 +1,4 @@
-"""The service's own web page, for a person with a browser (``kappamask.guard`` routes here):
+"""The service's own web page, for a person with a browser (``kappamask.api.guard`` routes here):
 
 - ``GET /map``: submit a product, follow its job, see the mask on a map with the class
   colours and a legend, and open every file of the result (``web/index.html``,
@@ -26,7 +26,7 @@ from werkzeug.utils import send_file
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, MaskClass
 
 WEB = Path(__file__).parent / "web"
-#: Jinja templates that pygeoapi renders before its own (``kappamask.serve.guarded_app``):
+#: Jinja templates that pygeoapi renders before its own (``kappamask.api.serve.guarded_app``):
 #: the page frame with the vendored stylesheet, Swagger UI from the vendored copy, the
 #: process page (inputs, an example request, a link here) and a job's results (links, the
 #: product, the map).

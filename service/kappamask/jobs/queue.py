@@ -37,7 +37,7 @@ from kappamask.errors import (
     InternalError,
     KappaMaskError,
 )
-from kappamask.storage import remove_stale_staging
+from kappamask.storage.sinks import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ def run_job(
     """The worker's side: run the recorded job through the manager, as its thread would;
     its final status and, for a failure, the error's class (for a waiting API). A batch
     (a processor with ``fan_out``) queues its products as child jobs and finishes when the
-    last of them has (``kappamask.fanout``); a child advances its batch."""
-    from kappamask.jobs import _manager
-    from kappamask.managers import recorded_failure
+    last of them has (``kappamask.jobs.fanout``); a child advances its batch."""
+    from kappamask.jobs.managers import recorded_failure
+    from kappamask.jobs.reporting import _manager
 
     manager = _manager()
     if manager is None:
@@ -192,7 +192,7 @@ def _advance(manager: Any, parent: str | None, job_id: str) -> None:
     product's job (the batch is advanced again by its next product)."""
     if parent is None:
         return
-    from kappamask import fanout
+    from kappamask.jobs import fanout
 
     try:
         fanout.advance(manager, parent, job_id)
@@ -203,7 +203,7 @@ def _advance(manager: Any, parent: str | None, job_id: str) -> None:
 def error_from(outcome: Any, job: dict[str, Any]) -> KappaMaskError:
     """The error of a queued job that did not succeed, as its worker raised it (class and
     message), for the API's answer to a synchronous request."""
-    from kappamask.managers import message_text
+    from kappamask.jobs.managers import message_text
 
     text = message_text(str(job.get("message") or "the job did not finish"))
     name = outcome.get("error") if isinstance(outcome, dict) else None

@@ -1,4 +1,4 @@
-"""`kappamask worker`: a process that takes jobs from the queue (``kappamask.queue``) and
+"""`kappamask worker`: a process that takes jobs from the queue (``kappamask.jobs.queue``) and
 runs them, one at a time, with the same pygeoapi configuration as the API, so that both
 read and write the same job manager, output folder and Triton.
 
@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from kappamask import queue
 from kappamask.access import roots_from_env
+from kappamask.api.serve import DEFAULT_CONFIG, prepare_environment, set_outputs_url
 from kappamask.inference.server import triton_endpoint
 from kappamask.inference.triton import TritonClient
-from kappamask.serve import DEFAULT_CONFIG, prepare_environment, set_outputs_url
+from kappamask.jobs import queue
 
 LOGGER = logging.getLogger(__name__)
 

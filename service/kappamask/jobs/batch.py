@@ -26,7 +26,7 @@ from kappamask.options import RunOptions
 from kappamask.pipeline import ProgressFn, output_names, run
 from kappamask.sources import ProductRef, describe_reference
 from kappamask.sources.search import search_items
-from kappamask.storage import open_sink
+from kappamask.storage.sinks import open_sink
 from kappamask.writers import stac_api
 from kappamask.writers.stac_collection import (
     COLLECTION_FILE,
@@ -137,7 +137,7 @@ def run_batch(
 ) -> BatchResult:
     """Mask every product of ``products`` into ``output``, one after another, and publish
     their collection (one process; on the job queue each product is a child job instead,
-    ``kappamask.fanout``).
+    ``kappamask.jobs.fanout``).
 
     Progress runs over the products (the current product's own progress inside its
     share); a cancellation between or inside products raises CancelledError after the

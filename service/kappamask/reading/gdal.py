@@ -13,8 +13,8 @@ from rasterio.env import Env
 from rasterio.errors import RasterioIOError
 from rasterio.io import DatasetReader
 
-from kappamask import egress
 from kappamask.errors import AccessDeniedError, ProductError, ProductNotFoundError, StorageError
+from kappamask.reading import egress
 
 #: GDAL settings of every read: threads for JPEG 2000 decoding, a block cache for the
 #: warped reads (aligned bands keep their own decoded rows, see BlockRows), and no
@@ -61,7 +61,7 @@ _HTTP_STATUS = re.compile(r"HTTP response code: (\d{3})")
 def product_errors(what: str) -> Iterator[None]:
     """A RasterioIOError inside becomes the project's error: a band file that is missing,
     truncated or not a raster is the product's fault (422); a remote file's host that the
-    policy refused (a redirect elsewhere: kappamask.egress) 403, one that answers 403/404
+    policy refused (a redirect elsewhere: kappamask.reading.egress) 403, one that answers 403/404
     403/404; an unreachable or failing storage 502."""
     started = time.monotonic()
     try:

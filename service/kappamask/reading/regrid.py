@@ -18,7 +18,7 @@ from functools import cache
 
 import numpy as np
 
-from kappamask.compiled import kernel as compiled
+from kappamask.reading.compiled import kernel as compiled
 
 #: Support of each kernel in source pixels on either side of the sample point.
 RADIUS = {"lanczos": 3, "bilinear": 1}

@@ -3,7 +3,7 @@ the class counts.
 
 The shadow check (on by default; ``RunOptions.shadow_check``) turns CLOUD_SHADOW that no
 cloud of the product could cast into CLEAR: a cloud at 200 m to 12 km casts its shadow
-along the sun's azimuth, ``height * tan(sun zenith)`` away (kappamask.shadows), so dark
+along the sun's azimuth, ``height * tan(sun zenith)`` away (kappamask.assembly.shadows), so dark
 forest, water or soil with no cloud anywhere up-sun is ground, not shadow. Where the
 up-sun ray leaves the product or crosses pixels without data, a cloud might lie there and
 the shadow stays. It is computed once for the whole product on a coarse grid (a first
@@ -31,9 +31,9 @@ import rasterio
 from rasterio.windows import Window
 from scipy.ndimage import distance_transform_edt
 
+from kappamask.assembly.shadows import Sun, coarse_reach, coarsen, reach_factor, upsample
 from kappamask.bands import VALID_CLEAR, VALID_NODATA, VALID_UNUSABLE, MaskClass
-from kappamask.grid import Grid, area_mask
-from kappamask.shadows import Sun, coarse_reach, coarsen, reach_factor, upsample
+from kappamask.geometry.grid import Grid, area_mask
 from kappamask.writers.cog import StripWriter
 
 #: Rows of the class raster handled at once (plus the halo above and below).

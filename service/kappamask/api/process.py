@@ -14,20 +14,21 @@ from typing import Any
 
 from pygeoapi.process.base import BaseProcessor
 
-from kappamask import __version__, fanout, queue
+from kappamask import __version__
 from kappamask.access import AccessPolicy
 from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
-from kappamask.batch import (
+from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
+from kappamask.inference.triton import TritonClient
+from kappamask.jobs import fanout, queue
+from kappamask.jobs.batch import (
     MAX_PRODUCTS,
     check_batch,
     describe,
     resolve_search,
     run_batch,
 )
-from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
-from kappamask.inference.triton import TritonClient
-from kappamask.jobs import JobReporter, inference_slot
-from kappamask.managers import record_failure, to_process_error
+from kappamask.jobs.managers import record_failure, to_process_error
+from kappamask.jobs.reporting import JobReporter, inference_slot
 from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
 from kappamask.pipeline import PROGRESS_START, run
 from kappamask.sources import ProductRef, describe_reference, open_product
@@ -467,7 +468,7 @@ def child_inputs(data: dict[str, Any]) -> dict[str, Any]:
 class KappaMaskBatchProcessor(KappaMaskProcessor):
     """pygeoapi processor of ``kappamask-batch``. In one process (no job queue): one
     inference slot for the whole batch, products one after another. On the job queue:
-    each product a child job on any worker (``fan_out``, ``kappamask.fanout``)."""
+    each product a child job on any worker (``fan_out``, ``kappamask.jobs.fanout``)."""
 
     METADATA = BATCH_METADATA
 

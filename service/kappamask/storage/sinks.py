@@ -30,7 +30,7 @@ from kappamask.errors import (
     OutputStorageError,
     StorageFullError,
 )
-from kappamask.s3 import S3Settings, s3_errors, split_s3_url
+from kappamask.storage.s3 import S3Settings, s3_errors, split_s3_url
 
 LOGGER = logging.getLogger(__name__)
 
