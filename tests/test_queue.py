@@ -209,7 +209,7 @@ def test_an_unreachable_broker_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None
     job_queue.app.cache_clear()
     try:
         with pytest.raises(InferenceUnavailableError, match="cannot be reached") as raised:
-            job_queue.enqueue("kappamask", "job-1", {}, None, None, "raw")
+            job_queue.enqueue(job_queue.QueuedJob("kappamask", "job-1", {}, None, None, "raw"))
         assert "secret" not in str(raised.value)
     finally:
         job_queue.app.cache_clear()

@@ -15,9 +15,9 @@ from affine import Affine
 from kappamask.access import AccessPolicy
 from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import ModelSpec
-from kappamask.pipeline import ASSETS, _reuse, output_names
+from kappamask.pipeline import ASSETS, _reuse
 from kappamask.sources import open_safe
-from kappamask.storage.sinks import LocalSink, open_sink
+from kappamask.storage.sinks import LocalSink, open_sink, output_names
 from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
 
 from .conftest import T29UNU

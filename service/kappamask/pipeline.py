@@ -52,7 +52,7 @@ from kappamask.options import RunOptions
 from kappamask.reading.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
-from kappamask.storage.sinks import Sink, open_sink
+from kappamask.storage.sinks import Sink, open_sink, output_names
 from kappamask.writers.cog import OverviewResampling, StripWriter, scratch_files, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
@@ -143,18 +143,6 @@ OVERVIEWS: dict[str, OverviewResampling] = {
     "probability": "average",
     "valid": "nearest",
 }
-
-
-def output_names(product_id: str) -> dict[str, str]:
-    """File names of a result in the output folder, keyed by STAC asset key."""
-    return {
-        "mask": f"{product_id}_KAPPAMASK.tif",
-        "confidence": f"{product_id}_KAPPAMASK_CONFIDENCE.tif",
-        "probability": f"{product_id}_KAPPAMASK_PROBABILITY.tif",
-        "valid": f"{product_id}_KAPPAMASK_VALID.tif",
-        "preview": f"{product_id}_KAPPAMASK_PREVIEW.png",
-        "item": f"{product_id}_KAPPAMASK.json",
-    }
 
 
 def _hrefs(hrefs: Sequence[str]) -> dict[str, Any]:

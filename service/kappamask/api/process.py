@@ -27,7 +27,7 @@ from kappamask.jobs.batch import (
     resolve_search,
     run_batch,
 )
-from kappamask.jobs.managers import record_failure, to_process_error
+from kappamask.jobs.failures import record_failure, to_process_error
 from kappamask.jobs.reporting import JobReporter, inference_slot
 from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
 from kappamask.pipeline import PROGRESS_START, run
@@ -476,10 +476,11 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
         """At submission (the API process): ``prepare_batch``."""
         prepare_batch(data, self.settings.policy)
 
-    def fan_out(self, manager: Any, job_id: str, data: dict[str, Any], task: list[Any]) -> bool:
-        """Queue the batch's products as child jobs (a worker's side); whether the batch's
-        ``execute`` should run now: when its last child has finished, or to fail on
-        inputs it refuses."""
+    def fan_out(self, manager: Any, job: queue.QueuedJob) -> bool:
+        """Queue the batch's products as child jobs (a worker's side; registered with the
+        queue by ``register_batch``); whether the batch's ``execute`` should run now: when
+        its last child has finished, or to fail on inputs it refuses."""
+        job_id, data = job.job_id, job.data
         plan = fanout.load(job_id)
         if plan is not None and plan.finishing:
             return True
@@ -488,7 +489,7 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
         except KappaMaskError:
             return True  # execute raises it again and the job fails by its cause
         fanout.fan_out(manager, job_id, batch.products, child_inputs(data), batch.output,
-                       batch.collection_id, describe(len(batch.products), batch.options), task,
+                       batch.collection_id, describe(len(batch.products), batch.options), job,
                        batch.stac_api)  # fmt: skip
         return False
 
@@ -508,3 +509,10 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
 
     def __repr__(self) -> str:
         return f"<KappaMaskBatchProcessor> {self.name}"
+
+
+def register_batch() -> None:
+    """Tell the queue how a batch starts on a worker and what advances it (called where
+    queued jobs run: ``kappamask worker``)."""
+    queue.register_fan_out(KappaMaskBatchProcessor, KappaMaskBatchProcessor.fan_out)
+    queue.on_child_finished(fanout.advance)

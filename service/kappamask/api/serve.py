@@ -111,9 +111,9 @@ def log_served_models(client: TritonClient) -> None:
 def recover(output_dir: Path) -> None:
     """Clean up after a previous process of this service that died: its jobs left
     accepted/running are marked failed, its staging folders removed."""
-    from kappamask.jobs.reporting import _manager
+    from kappamask.jobs.reporting import current_manager
 
-    manager = _manager()
+    manager = current_manager()
     if queue.broker_url() is not None:
         # queued jobs belong to the workers: one that dies has its job run by another
         LOGGER.info("jobs run on the queue at %s", queue.safe_url(queue.broker_url()))

@@ -23,10 +23,10 @@ from kappamask.access import AccessPolicy, safe_name
 from kappamask.errors import CancelledError, InvalidInputError, KappaMaskError
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
-from kappamask.pipeline import ProgressFn, output_names, run
+from kappamask.pipeline import ProgressFn, run
 from kappamask.sources import ProductRef, describe_reference
 from kappamask.sources.search import search_items
-from kappamask.storage.sinks import open_sink
+from kappamask.storage.sinks import open_sink, output_names
 from kappamask.writers import stac_api
 from kappamask.writers.stac_collection import (
     COLLECTION_FILE,

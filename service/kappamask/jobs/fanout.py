@@ -20,7 +20,7 @@ import json
 import logging
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,8 @@ from kappamask.errors import InternalError
 from kappamask.jobs import queue
 from kappamask.jobs.batch import BatchResult, CollectionWriter, ProductOutcome, outcome_of
 from kappamask.jobs.callbacks import JobSubscriber, deliver
-from kappamask.jobs.managers import message_text
-from kappamask.jobs.reporting import _now
+from kappamask.jobs.failures import message_text
+from kappamask.jobs.reporting import find_job, job_status, now
 from kappamask.sources import ProductRef, describe_reference
 
 LOGGER = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ _NAMESPACE = uuid.UUID("6f1c1c52-8d6e-4f57-9d3c-6b8a0e0f6a11")
 
 
 @dataclass
-class Plan:
-    """What a batch was split into, and the batch's own task (to finish it with)."""
+class BatchPlan:
+    """What a batch was split into, and the batch's own job (to finish it with)."""
 
     batch_id: str
     children: list[str]
@@ -59,8 +59,8 @@ class Plan:
     output: str | None
     collection_id: str
     description: str
-    #: run_job's arguments of the batch: process, job, inputs, outputs, callbacks, response
-    task: list[Any]
+    #: the batch's own job, to finish it with
+    task: queue.QueuedJob
     #: every child is recorded and queued (before that, a missing child is not a lost one)
     queued: bool = False
     #: the last child has finished: the batch's task runs to finish it
@@ -95,12 +95,15 @@ def child_id(batch_id: str, index: int) -> str:
     return str(uuid.uuid5(_NAMESPACE, f"{batch_id}/{index}"))
 
 
-def load(batch_id: str) -> Plan | None:
+def load(batch_id: str) -> BatchPlan | None:
     raw = _redis().get(_key(batch_id))
-    return None if raw is None else Plan(**json.loads(raw))
+    if raw is None:
+        return None
+    found = json.loads(raw)
+    return BatchPlan(**{**found, "task": queue.QueuedJob(**found["task"])})
 
 
-def _save(plan: Plan) -> None:
+def _save(plan: BatchPlan) -> None:
     _redis().set(_key(plan.batch_id), json.dumps(asdict(plan)), ex=PLAN_TTL_S)
 
 
@@ -112,49 +115,54 @@ def fan_out(
     output: str | None,
     collection_id: str,
     description: str,
-    task: list[Any],
+    task: queue.QueuedJob,
     stac_api_url: str | None = None,
-) -> Plan:
+) -> BatchPlan:
     """Record and queue one child job per product (those not recorded yet: a batch taken
     again after its worker died queues only what it had not); the plan."""
     plan = load(batch_id)
     if plan is None:
         # the batch's own task, to finish it with, without the inProgress callback: that
         # one is sent now, as the batch starts
-        urls = task[4]
-        finish_task = [*task[:4], [urls[0], None, urls[2]] if urls else None, *task[5:]]
-        plan = Plan(batch_id, [child_id(batch_id, i) for i in range(len(products))],
+        urls = task.subscriber_urls
+        finish_task = replace(task, subscriber_urls=[urls[0], None, urls[2]] if urls else None)
+        plan = BatchPlan(batch_id, [child_id(batch_id, i) for i in range(len(products))],
                     [describe_reference(p) for p in products], output, collection_id,
                     description, finish_task, stac_api=stac_api_url)  # fmt: skip
         _save(plan)  # before any child exists: a second run finds the same children
         if urls and urls[1]:
-            policy = manager.get_processor(str(task[0])).settings.policy
-            subscriber = JobSubscriber(*urls, batch_id, str(task[0]), policy)
+            policy = manager.get_processor(task.process_id).settings.policy
+            subscriber = JobSubscriber(*urls, batch_id, task.process_id, policy)
             deliver(subscriber.in_progress_uri,
                     subscriber.status_info(JobStatus.running.value, "job started", 0),
                     subscriber.policy)  # fmt: skip
     total = len(plan.children)
     queued = 0
     for index, (child, product) in enumerate(zip(plan.children, products, strict=True)):
-        try:
-            manager.get_job(child)
+        if find_job(child, manager) is not None:
             continue  # queued by a previous run of this batch
-        except Exception:  # JobNotFoundError
-            pass
-        now = _now()
+        stamp = now()
         manager.add_job({
             "type": "process", "identifier": child, "process_id": CHILD_PROCESS,
-            "created": now, "started": now, "updated": now, "finished": None,
+            "created": stamp, "started": stamp, "updated": stamp, "finished": None,
             "status": JobStatus.accepted.value, "location": None,
             "mimetype": "application/octet-stream", "progress": 0,
             "message": f"product {index + 1}/{total} of batch {batch_id}: queued",
         })  # fmt: skip
-        queue.enqueue(CHILD_PROCESS, child, {**child_inputs, "product": product}, None, None,
-                      "raw", parent=batch_id)  # fmt: skip
+        child_job = queue.QueuedJob(
+            CHILD_PROCESS,
+            child,
+            {**child_inputs, "product": product},
+            None,
+            None,
+            "raw",
+            parent=batch_id,
+        )
+        queue.enqueue(child_job)
         queued += 1
     if queued:
         message = f"{total} products queued as child jobs"
-        manager.update_job(batch_id, {"status": JobStatus.running.value, "updated": _now(),
+        manager.update_job(batch_id, {"status": JobStatus.running.value, "updated": now(),
                                       "progress": 1, "message": message})  # fmt: skip
         LOGGER.info("batch %s: %d of its %d child jobs queued", batch_id, queued, total)
     if str(manager.get_job(batch_id).get("status")) == JobStatus.dismissed.value:
@@ -166,9 +174,8 @@ def fan_out(
 
 def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
     """A child's outcome, None while it has not finished."""
-    try:
-        job = dict(manager.get_job(child))
-    except Exception:  # JobNotFoundError: deleted with its records
+    job = find_job(child, manager)
+    if job is None:  # deleted with its records
         return ProductOutcome(name, "failed", message="the child job was deleted", job=child)
     status = str(job.get("status"))
     if status == JobStatus.successful.value:
@@ -183,7 +190,7 @@ def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
     return outcome
 
 
-def _writer(plan: Plan, settings: Any) -> CollectionWriter:
+def _writer(plan: BatchPlan, settings: Any) -> CollectionWriter:
     policy: AccessPolicy = settings.policy
     output: str | Path = plan.output or settings.output_dir
     return CollectionWriter(output, policy, settings.output_dir, settings.outputs_url,
@@ -192,7 +199,7 @@ def _writer(plan: Plan, settings: Any) -> CollectionWriter:
 
 
 def collect(
-    manager: Any, plan: Plan, settings: Any, children: Sequence[str] | None = None
+    manager: Any, plan: BatchPlan, settings: Any, children: Sequence[str] | None = None
 ) -> BatchResult:
     """Look at ``children`` (default: every child not known to have finished), link the
     items of those that have succeeded into the collection (one write of it) and remember
@@ -227,13 +234,10 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         plan.queued = plan.queued or queued  # saved with what follows
         if not plan.queued:
             return  # the worker queueing the children advances it once they all are
-        try:
-            status = str(manager.get_job(batch_id).get("status"))
-        except Exception:  # JobNotFoundError
+        status = job_status(batch_id, manager)
+        if status is None or status in queue.FINISHED:
             return
-        if status in queue.FINISHED:
-            return
-        processor = manager.get_processor(str(plan.task[0]))
+        processor = manager.get_processor(plan.task.process_id)
         looked = None if queued or child is None else [child]
         result = collect(manager, plan, processor.settings, looked)
         _save(plan)
@@ -241,7 +245,7 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         total = len(plan.children)
         if finished < total:
             manager.update_job(batch_id, {
-                "status": JobStatus.running.value, "updated": _now(),
+                "status": JobStatus.running.value, "updated": now(),
                 "progress": 1 + 98 * finished // total,
                 "message": f"{finished}/{total} products finished, "
                            f"{finished - result.succeeded} failed",
@@ -250,7 +254,7 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         LOGGER.info("batch %s: every product finished, finishing the batch", batch_id)
         plan.finishing = True
         _save(plan)
-        queue.run_job(*plan.task)  # the batch's execute returns its result now
+        queue.run_job(*plan.task.args())  # the batch's execute returns its result now
         plan.finished = True
         _save(plan)
 
@@ -277,11 +281,8 @@ def dismiss_children(manager: Any, batch_id: str) -> int:
         return 0
     dismissed = 0
     for child in plan.children:
-        try:
-            status = str(manager.get_job(child).get("status"))
-        except Exception:  # JobNotFoundError: not queued yet, or removed
-            continue
-        if status not in queue.FINISHED and manager.delete_job(child):
+        status = job_status(child, manager)  # None: not queued yet, or removed
+        if status is not None and status not in queue.FINISHED and manager.delete_job(child):
             dismissed += 1
     LOGGER.info("batch %s dismissed: %d child job(s) dismissed", batch_id, dismissed)
     return dismissed

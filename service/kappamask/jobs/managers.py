@@ -3,7 +3,7 @@
 pygeoapi's managers catch every exception of ``execute``, mark the job failed with
 "InvalidParameterValue: Error executing process: ..." whatever the cause, and answer a
 synchronous failure with 400. The process records its KappaMaskError per job
-(``record_failure``); these managers then
+(``kappamask.jobs.failures``); these managers then
 
 - write the failed job's message as ``<OGC code>: <message>`` of that error (a server-side
   failure reads NoApplicableCode and names the part that failed);
@@ -23,65 +23,31 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from pygeoapi.process.base import ProcessorExecuteError
 from pygeoapi.process.manager.tinydb_ import TinyDBManager as _TinyDBManager
 from pygeoapi.util import JobStatus, Subscriber, get_current_datetime
 
 from kappamask.api.ogc import DOCUMENT, RAW, DocumentedProcessor
 from kappamask.errors import KappaMaskError
-from kappamask.jobs import queue
+from kappamask.jobs import fanout, queue
 from kappamask.jobs.callbacks import JobSubscriber, check_subscriber, deliver
+from kappamask.jobs.failures import (
+    error_from,
+    failure_message,
+    record_failure,
+    recorded_failure,
+    take_failure,
+    to_process_error,
+)
 from kappamask.storage.sinks import delete_published
 
 LOGGER = logging.getLogger(__name__)
 
 #: Seconds between looks at a queued batch a synchronous request waits for.
 WAIT_POLL_S = 1.0
-_FAILURES: OrderedDict[str, KappaMaskError] = OrderedDict()
-_LOCK = threading.Lock()
-#: Failures kept for jobs nobody asks about (asynchronous ones): the newest few only.
-_KEEP = 256
-
-
-def record_failure(job_id: str | None, err: KappaMaskError) -> None:
-    """Remember why job ``job_id`` failed, for the synchronous response."""
-    if job_id is None:
-        return
-    with _LOCK:
-        _FAILURES[job_id] = err
-        while len(_FAILURES) > _KEEP:
-            _FAILURES.popitem(last=False)
-
-
-def recorded_failure(job_id: str) -> KappaMaskError | None:
-    """The error recorded for job ``job_id`` in this process, if any."""
-    with _LOCK:
-        return _FAILURES.get(job_id)
-
-
-def to_process_error(err: KappaMaskError) -> ProcessorExecuteError:
-    """A pygeoapi error carrying our message, HTTP status and OGC code."""
-    out = ProcessorExecuteError(user_msg=str(err))
-    out.http_status_code = err.http_status
-    out.ogc_exception_code = err.ogc_code
-    return out
-
-
-def failure_message(err: KappaMaskError) -> str:
-    """What a failed job's status says: the OGC code of the cause, then its message."""
-    return f"{err.ogc_code}: {err}"
-
-
-def message_text(message: str) -> str:
-    """A failed job's message without the OGC code ``failure_message`` put before it."""
-    code, _, text = message.partition(": ")
-    return text if code in {"NoApplicableCode", "InvalidParameterValue"} else message
 
 
 class ErrorStatusMixin:
@@ -104,8 +70,19 @@ class ErrorStatusMixin:
     ) -> Any:
         """Queue a recorded job; a broker that cannot be reached fails it (503)."""
         try:
-            return queue.enqueue(str(p.metadata["id"]), job_id, data_dict, requested_outputs,
-                                 subscriber, requested_response)  # fmt: skip
+            urls = None
+            if subscriber is not None:
+                urls = [subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri]
+            return queue.enqueue(
+                queue.QueuedJob(
+                    str(p.metadata["id"]),
+                    job_id,
+                    data_dict,
+                    requested_outputs,
+                    urls,
+                    requested_response,
+                )
+            )
         except KappaMaskError as err:
             now = get_current_datetime()
             self.update_job(job_id, {"status": JobStatus.failed.value, "updated": now,
@@ -123,7 +100,7 @@ class ErrorStatusMixin:
         if job.get("status") == JobStatus.successful.value:
             mimetype, outputs = self.get_job_result(job_id)  # type: ignore[attr-defined]
             return mimetype, outputs, JobStatus.successful
-        err = queue.error_from(outcome, job)
+        err = error_from(outcome, job)
         record_failure(job_id, err)
         return ("application/json",
                 {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)},
@@ -156,8 +133,7 @@ class ErrorStatusMixin:
         if status == JobStatus.successful and subject:  # pygeoapi wrote "Job complete"
             self.update_job(job_id, {"message": f"{subject}: done"})
         if status == JobStatus.failed:
-            with _LOCK:
-                err = _FAILURES.get(job_id)
+            err = recorded_failure(job_id)
             message = str(outputs.get("description", "")) if isinstance(outputs, dict) else ""
             if err is not None:
                 outputs = {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)}
@@ -229,8 +205,6 @@ class ErrorStatusMixin:
     def _dismiss_children(self, job_id: str) -> None:
         """A dismissed batch on the queue: its products' jobs are dismissed too (queued
         ones are dropped by the worker that takes them, running ones stop)."""
-        from kappamask.jobs import fanout
-
         try:
             fanout.dismiss_children(self, job_id)
         except Exception:  # the queue's Redis: the batch itself is dismissed all the same
@@ -267,8 +241,7 @@ class ErrorStatusMixin:
                 raise to_process_error(refused) from refused
         result = super().execute_process(*args, **kwargs)  # type: ignore[misc]
         job_id, _mime, _outputs, status, _headers = result
-        with _LOCK:
-            err = _FAILURES.pop(job_id, None)
+        err = take_failure(job_id)
         if status == JobStatus.failed and err is not None:
             raise to_process_error(err)
         return result

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
 
@@ -30,13 +32,12 @@ from kombu.exceptions import OperationalError
 from pygeoapi.util import JobStatus, Subscriber
 from redis.exceptions import RedisError
 
-from kappamask import errors
 from kappamask.errors import (
-    CancelledError,
     InferenceUnavailableError,
     InternalError,
-    KappaMaskError,
 )
+from kappamask.jobs.failures import recorded_failure
+from kappamask.jobs.reporting import current_manager, job_status
 from kappamask.storage.sinks import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
@@ -99,26 +100,56 @@ def app() -> Any:
     return celery
 
 
-def enqueue(
-    process_id: str,
-    job_id: str,
-    data: dict[str, Any],
-    requested_outputs: Any,
-    subscriber: Subscriber | None,
-    requested_response: Any,
-    parent: str | None = None,
-) -> Any:
-    """Put a recorded job on the queue (its Celery AsyncResult); ``parent``: the batch the
-    job is a product of. InferenceUnavailableError (503) when the broker cannot be
-    reached."""
-    urls = None
-    if subscriber is not None:
-        urls = [subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri]
+@dataclass(frozen=True)
+class QueuedJob:
+    """A recorded job on the queue: what a worker runs it with. Celery carries it as the
+    JSON list of ``args()``, ``run_job``'s positional parameters."""
+
+    process_id: str
+    job_id: str
+    data: dict[str, Any]
+    requested_outputs: Any
+    #: the subscriber's success, in-progress and failure URLs (None: no subscriber)
+    subscriber_urls: list[str | None] | None
+    requested_response: Any
+    #: the batch this job is a product of
+    parent: str | None = None
+
+    def args(self) -> list[Any]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    @property
+    def subscriber(self) -> Subscriber | None:
+        return Subscriber(*self.subscriber_urls) if self.subscriber_urls else None
+
+
+#: How a process that splits into child jobs starts on a worker: (processor, manager, job)
+#: -> whether its ``execute`` runs now (False: its children were queued and it waits).
+FanOut = Callable[[Any, Any, QueuedJob], bool]
+#: What a batch learns when one of its products has finished: (manager, batch id, child).
+ChildFinished = Callable[[Any, str, str], None]
+_FAN_OUTS: dict[type, FanOut] = {}
+_CHILD_FINISHED: list[ChildFinished] = []
+
+
+def register_fan_out(processor: type, hook: FanOut) -> None:
+    """Jobs of ``processor`` (and its subclasses) start through ``hook`` on a worker."""
+    _FAN_OUTS[processor] = hook
+
+
+def on_child_finished(hook: ChildFinished) -> None:
+    """``hook`` is told of every finished job that is a product of a batch."""
+    if hook not in _CHILD_FINISHED:
+        _CHILD_FINISHED.append(hook)
+
+
+def enqueue(job: QueuedJob) -> Any:
+    """Put a recorded job on the queue (its Celery AsyncResult).
+    InferenceUnavailableError (503) when the broker cannot be reached."""
     try:
-        return app().send_task(TASK, args=[process_id, job_id, data, requested_outputs, urls,
-                                    requested_response, parent], task_id=job_id,
-                        retry_policy={"max_retries": 1, "interval_start": 0,
-                                      "interval_step": 0.5})  # fmt: skip
+        return app().send_task(TASK, args=job.args(), task_id=job.job_id,
+                               retry_policy={"max_retries": 1, "interval_start": 0,
+                                             "interval_step": 0.5})  # fmt: skip
     except (OperationalError, RedisError, OSError, RuntimeError) as err:
         # kombu's error for the broker, redis-py's (or a refused socket, or Celery's
         # RuntimeError) for the result backend on the same server
@@ -135,39 +166,28 @@ def safe_url(url: str | None) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-def run_job(
-    process_id: str,
-    job_id: str,
-    data: dict[str, Any],
-    requested_outputs: Any,
-    subscriber_urls: list[str | None] | None,
-    requested_response: Any,
-    parent: str | None = None,
-) -> dict[str, Any]:
-    """The worker's side: run the recorded job through the manager, as its thread would;
-    its final status and, for a failure, the error's class (for a waiting API). A batch
-    (a processor with ``fan_out``) queues its products as child jobs and finishes when the
-    last of them has (``kappamask.jobs.fanout``); a child advances its batch."""
-    from kappamask.jobs.managers import recorded_failure
-    from kappamask.jobs.reporting import _manager
-
-    manager = _manager()
+def run_job(*args: Any) -> dict[str, Any]:
+    """The worker's side of a ``QueuedJob`` (its ``args()``): run the recorded job through
+    the manager, as its thread would; its final status and, for a failure, the error's
+    class (for a waiting API). A process registered with ``register_fan_out`` (a batch)
+    starts through its hook; a product of a batch tells ``on_child_finished``'s hooks."""
+    job = QueuedJob(*args)
+    job_id, parent = job.job_id, job.parent
+    manager = current_manager()
     if manager is None:
         raise InternalError("the worker has no pygeoapi job manager (PYGEOAPI_CONFIG)")
-    try:
-        status = str(manager.get_job(job_id).get("status"))
-    except Exception:  # JobNotFoundError: deleted before a worker took it
+    status = job_status(job_id, manager)
+    if status is None:  # deleted before a worker took it
         LOGGER.info("job %s is gone: dropped", job_id)
         return {"status": JobStatus.dismissed.value}
     if status in FINISHED:
         LOGGER.info("job %s is already %s: dropped", job_id, status)
         _advance(manager, parent, job_id)  # its worker may have died before it advanced
         return {"status": status}
-    processor = manager.get_processor(process_id)
-    fan_out = getattr(processor, "fan_out", None)
+    processor = manager.get_processor(job.process_id)
+    fan_out = next((h for cls, h in _FAN_OUTS.items() if isinstance(processor, cls)), None)
     if fan_out is not None:
-        task = [process_id, job_id, data, requested_outputs, subscriber_urls, requested_response]
-        if not fan_out(manager, job_id, data, task):
+        if not fan_out(processor, manager, job):
             return {"status": JobStatus.running.value}
     elif status == JobStatus.running.value:
         LOGGER.warning("job %s was running on a worker that died: running it again", job_id)
@@ -175,9 +195,8 @@ def run_job(
         if settings is not None and settings.output_dir.exists():
             remove_stale_staging(settings.output_dir)  # what the dead worker left half-written
     processor.set_job_id(job_id)
-    subscriber = Subscriber(*subscriber_urls) if subscriber_urls else None
     _fmt, _outputs, final = manager._execute_handler_sync(
-        processor, job_id, data, requested_outputs, subscriber, requested_response
+        processor, job_id, job.data, job.requested_outputs, job.subscriber, job.requested_response
     )
     outcome: dict[str, Any] = {"status": str(getattr(final, "value", final))}
     err = recorded_failure(job_id)
@@ -192,24 +211,10 @@ def _advance(manager: Any, parent: str | None, job_id: str) -> None:
     product's job (the batch is advanced again by its next product)."""
     if parent is None:
         return
-    from kappamask.jobs import fanout
-
-    try:
-        fanout.advance(manager, parent, job_id)
-    except Exception:
-        LOGGER.exception("batch %s could not be advanced", parent)
-
-
-def error_from(outcome: Any, job: dict[str, Any]) -> KappaMaskError:
-    """The error of a queued job that did not succeed, as its worker raised it (class and
-    message), for the API's answer to a synchronous request."""
-    from kappamask.jobs.managers import message_text
-
-    text = message_text(str(job.get("message") or "the job did not finish"))
-    name = outcome.get("error") if isinstance(outcome, dict) else None
-    cls = getattr(errors, str(name), None)
-    if isinstance(cls, type) and issubclass(cls, KappaMaskError):
-        return cls(text)
-    if str(job.get("status")) == JobStatus.dismissed.value:
-        return CancelledError(text)
-    return InternalError(text)
+    if not _CHILD_FINISHED:
+        LOGGER.error("job %s of batch %s finished, but no batch layer listens", job_id, parent)
+    for hook in _CHILD_FINISHED:
+        try:
+            hook(manager, parent, job_id)
+        except Exception:
+            LOGGER.exception("batch %s could not be advanced", parent)

@@ -31,7 +31,7 @@ _POLL_S = 0.5
 ACCEPTED_PROGRESS = 5
 
 
-def _manager() -> Any:
+def current_manager() -> Any:
     """pygeoapi's job manager of this server (None outside a pygeoapi server)."""
     global _MANAGER
     with _MANAGER_LOCK:
@@ -47,19 +47,26 @@ def _manager() -> Any:
         return _MANAGER or None
 
 
-def job_status(job_id: str, manager: Any = None) -> str | None:
-    """The status of job ``job_id``; None when there is no such job (or no job manager)."""
-    manager = manager if manager is not None else _manager()
+def find_job(job_id: str, manager: Any = None) -> dict[str, Any] | None:
+    """Job ``job_id``'s record; None when there is no such job (or no job manager)."""
+    manager = manager if manager is not None else current_manager()
     if manager is None:
         return None
     try:
         job = manager.get_job(job_id)
     except Exception:  # JobNotFoundError, a database that does not answer: no such job here
         return None
+    return dict(job or {})
+
+
+def job_status(job_id: str, manager: Any = None) -> str | None:
+    """The status of job ``job_id``; None when there is no such job (or no job manager)."""
+    job = find_job(job_id, manager)
     return str((job or {}).get("status") or "") or None
 
 
-def _now() -> str:
+def now() -> str:
+    """The time now as pygeoapi writes it in job records (UTC, microseconds)."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -68,7 +75,7 @@ class JobReporter:
 
     def __init__(self, job_id: str | None, manager: Any = None) -> None:
         self.job_id = job_id
-        self.manager = manager if manager is not None else (_manager() if job_id else None)
+        self.manager = manager if manager is not None else (current_manager() if job_id else None)
         self._last: tuple[int, str] | None = None
         #: What the job works on (the product), named in every message: a job's page and
         #: its status say which product it is.
@@ -88,7 +95,7 @@ class JobReporter:
             self.manager.update_job(
                 self.job_id,
                 {"status": status, "progress": int(percent), "message": message,
-                 "updated": _now()},
+                 "updated": now()},
             )  # fmt: skip
         except Exception as err:  # progress must never fail a job
             LOGGER.warning("cannot update job %s: %s", self.job_id, err)
@@ -116,7 +123,7 @@ def fail_interrupted_jobs(manager: Any) -> list[str]:
         if str(job.get("status")) in ("accepted", "running"):
             job_id = str(job["identifier"])
             manager.update_job(job_id, {"status": "failed", "message": INTERRUPTED_MESSAGE,
-                                        "updated": _now(), "finished": _now()})  # fmt: skip
+                                        "updated": now(), "finished": now()})  # fmt: skip
             interrupted.append(job_id)
     if interrupted:
         LOGGER.warning("%d job(s) interrupted by the last shutdown marked failed: %s",

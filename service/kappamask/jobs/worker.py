@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from kappamask.access import roots_from_env
+from kappamask.api.process import register_batch
 from kappamask.api.serve import DEFAULT_CONFIG, prepare_environment, set_outputs_url
 from kappamask.inference.server import triton_endpoint
 from kappamask.inference.triton import TritonClient
@@ -52,6 +53,7 @@ def work(
                             os.getpid())  # fmt: skip
         stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
         set_outputs_url()
+        register_batch()  # batches split into child jobs here
         name = f"kappamask-{socket.gethostname()}-{os.getpid()}@%h"
         LOGGER.info("worker %s on the queue at %s (Triton %s)", name,
                     queue.safe_url(broker_url), triton.url)  # fmt: skip

@@ -338,17 +338,23 @@ def _result_files(result: Any) -> list[str]:
                 continue
             folder, _, name = item.rpartition("/")
             product_id = name.removesuffix("_KAPPAMASK.json")
-            hrefs += [f"{folder}/{n}" for n in _output_names(product_id).values()]
+            hrefs += [f"{folder}/{n}" for n in output_names(product_id).values()]
         return hrefs
     if result.get("reused"):
         return []
     return [v for k, v in result.items() if k in _RESULT_KEYS and isinstance(v, str)]
 
 
-def _output_names(product_id: str) -> dict[str, str]:
-    from kappamask.pipeline import output_names  # the pipeline names the files it writes
-
-    return output_names(product_id)
+def output_names(product_id: str) -> dict[str, str]:
+    """File names of a result in the output folder, keyed by STAC asset key."""
+    return {
+        "mask": f"{product_id}_KAPPAMASK.tif",
+        "confidence": f"{product_id}_KAPPAMASK_CONFIDENCE.tif",
+        "probability": f"{product_id}_KAPPAMASK_PROBABILITY.tif",
+        "valid": f"{product_id}_KAPPAMASK_VALID.tif",
+        "preview": f"{product_id}_KAPPAMASK_PREVIEW.png",
+        "item": f"{product_id}_KAPPAMASK.json",
+    }
 
 
 #: The keys of a product's result that name its published files (kappamask.pipeline).
