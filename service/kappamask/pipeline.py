@@ -68,11 +68,11 @@ PROGRESS_START, PROGRESS_INFERENCE_END, PROGRESS_END = 5, 88, 95
 CHUNK_CROPS = 6
 #: COGs written at once at the end of a run (four rasters; two cores on a small VM).
 COG_THREADS = 2
-#: Crops submitted and not yet answered before the reader waits: the 8 on the wire and as
-#: many again queued, while the reader decodes (a few JPEG 2000 blocks of every band per
-#: chunk) and resamples the next chunk. Measured on a full product on 2 cores: 98.6 s end
-#: to end with 24, 100.1 s with 16, 96.6 s with 40 (each crop holds part of its chunk:
-#: 24 keep the client under 1 GB).
+#: Crops submitted and not yet answered before the reader waits: enough that the requests
+#: on the wire always have crops queued behind them while the reader decodes and
+#: resamples the next chunk, few enough that the crops held (each keeps part of its chunk
+#: alive) stay under about 1 GB. Past about 16, more in flight bought no speed on a full
+#: product (benchmarks/full_product.py).
 MAX_IN_FLIGHT = 24
 
 
@@ -154,6 +154,27 @@ def _noop_progress(_percent: int, _message: str) -> None:
     pass
 
 
+def _never_cancelled() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a run tells its caller and asks of it, passed together through the stages:
+    progress, whether the job was cancelled, and the seconds of each stage (filled in)."""
+
+    progress: ProgressFn = _noop_progress
+    cancelled: CancelledFn = _never_cancelled
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stop_if_cancelled(self) -> None:
+        if self.cancelled():
+            raise CancelledError("job cancelled")
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+
+
 class _Mosaic:
     """Blends a strip's crop scores with what the previous strip left (kappamask.geometry.tiling),
     decides the finished rows and writes the model's classes, confidence and cloud
@@ -166,12 +187,12 @@ class _Mosaic:
         classes: StripWriter,
         confidence: StripWriter,
         probability: StripWriter,
-        timings: dict[str, float],
+        hooks: RunHooks,
     ):
         self.grid, self.crops = grid, crops
         self.blender = Blender(crops)
         self.writers = (classes, confidence, probability)
-        self.timings = timings
+        self.hooks = hooks
 
     def finish_row(
         self, row: int, valid: np.ndarray, futures: Sequence[tuple[int, Future[CropOutputs]]]
@@ -183,32 +204,29 @@ class _Mosaic:
             outputs = future.result()
             t1 = time.monotonic()
             self.blender.add(row_crops[col], outputs.scores)
-            _add(self.timings, "inference_wait", t1 - t0)
-            _add(self.timings, "mosaic", time.monotonic() - t1)
+            self.hooks.add("inference_wait", t1 - t0)
+            self.hooks.add("mosaic", time.monotonic() - t1)
         t0 = time.monotonic()
         done = self.blender.finish(row, valid, row_crops[0].y.clip(self.grid.height)[0])
         planes = (done.classes, done.confidence, done.probability)
         for writer, plane in zip(self.writers, planes, strict=True):
             writer.write(done.top, plane)
-        _add(self.timings, "mosaic", time.monotonic() - t0)
-
-
-def _add(timings: dict[str, float], stage: str, seconds: float) -> None:
-    timings[stage] = timings.get(stage, 0.0) + seconds
+        self.hooks.add("mosaic", time.monotonic() - t0)
 
 
 def _infer_all(
-    product: Product,
-    model: ModelSpec,
-    grid: Grid,
+    planned: Plan,
     options: RunOptions,
     client: TritonClient,
     mosaic: _Mosaic,
-    progress: ProgressFn,
-    cancelled: CancelledFn,
-    timings: dict[str, float],
-    local_area: dict[str, Any] | None,
+    hooks: RunHooks,
 ) -> tuple[int, dict[str, str]]:
+    product, model, grid, local_area = (
+        planned.product,
+        planned.model,
+        planned.grid,
+        planned.local_area,
+    )
     crops = mosaic.crops
     total = len(crops)
     inferred = done = 0
@@ -225,13 +243,12 @@ def _infer_all(
             futures = []
             row_crops = crops.row_crops(row)
             for first in range(0, len(row_crops), CHUNK_CROPS):
-                if cancelled():
-                    raise CancelledError("job cancelled")
+                hooks.stop_if_cancelled()
                 chunk = row_crops[first : first + CHUNK_CROPS]
                 t0 = time.monotonic()
                 in_flight = _throttle(in_flight, MAX_IN_FLIGHT)
                 t1 = time.monotonic()
-                _add(timings, "inference_wait", t1 - t0)
+                hooks.add("inference_wait", t1 - t0)
                 block = block_of(crops, chunk)
                 window = Window(block.left, block.top, block.right - block.left,
                                 block.bottom - block.top)  # fmt: skip
@@ -243,7 +260,7 @@ def _infer_all(
                     chunk_valid &= in_area
                 valid[:, block.left : block.right] = chunk_valid
                 extended = with_context(features, block, chunk)
-                _add(timings, "read", time.monotonic() - t1)  # split below
+                hooks.add("read", time.monotonic() - t1)  # split below
                 for crop in chunk:
                     if has_data(chunk_valid, block, crop):
                         future = client.submit(model.name, cut(extended, crop, chunk))
@@ -254,7 +271,7 @@ def _infer_all(
             if pending is not None:
                 mosaic.finish_row(*pending)
                 done += len(crops.cols)
-                progress(
+                hooks.progress(
                     PROGRESS_START + (PROGRESS_INFERENCE_END - PROGRESS_START) * done // total,
                     f"{done}/{total} crops",
                 )
@@ -262,10 +279,10 @@ def _infer_all(
         if pending is not None:
             mosaic.finish_row(*pending)
         # Reading is decoding the band files, then resampling and normalising.
-        read = timings.pop("read", 0.0)
-        timings["decode"] = reader.decode_seconds
-        timings["resample"] = max(0.0, read - reader.decode_seconds)
-    progress(PROGRESS_INFERENCE_END, f"{total}/{total} crops")
+        read = hooks.timings.pop("read", 0.0)
+        hooks.timings["decode"] = reader.decode_seconds
+        hooks.timings["resample"] = max(0.0, read - reader.decode_seconds)
+    hooks.progress(PROGRESS_INFERENCE_END, f"{total}/{total} crops")
     return inferred, substitutions
 
 
@@ -370,9 +387,7 @@ def infer(
     options: RunOptions,
     client: TritonClient,
     sink: Sink,
-    progress: ProgressFn,
-    cancelled: CancelledFn,
-    timings: dict[str, float],
+    hooks: RunHooks,
 ) -> Inferred:
     """Stage 2: strips through Triton into scratch rasters, then the buffers, the
     usable-pixel mask and the class counts (kappamask.assembly.postprocess)."""
@@ -387,12 +402,10 @@ def infer(
             overviews=OVERVIEWS["probability"],
         ) as prob_out,
     ):
-        mosaic = _Mosaic(grid, planned.crops, classes_out, conf_out, prob_out, timings)
-        inferred, substitutions = _infer_all(planned.product, planned.model, grid, options,
-                                             client, mosaic, progress, cancelled, timings,
-                                             planned.local_area)  # fmt: skip
+        mosaic = _Mosaic(grid, planned.crops, classes_out, conf_out, prob_out, hooks)
+        inferred, substitutions = _infer_all(planned, options, client, mosaic, hooks)
     t0 = time.monotonic()
-    progress(PROGRESS_INFERENCE_END, "buffers and the usable-pixel mask")
+    hooks.progress(PROGRESS_INFERENCE_END, "buffers and the usable-pixel mask")
     with (
         StripWriter(scratch["mask"], grid, colormap=True, overviews=OVERVIEWS["mask"]) as mask_out,
         StripWriter(
@@ -404,7 +417,7 @@ def infer(
                                options.shadow_buffer / grid.resolution,
                                mask_out, valid_out, planned.local_area,
                                options.shadow_check, planned.product.sun)  # fmt: skip
-    timings["postprocess"] = time.monotonic() - t0
+    hooks.timings["postprocess"] = time.monotonic() - t0
     return Inferred(counts, inferred, substitutions)
 
 
@@ -413,9 +426,7 @@ def publish(
     options: RunOptions,
     inferred: Inferred,
     sink: Sink,
-    progress: ProgressFn,
-    cancelled: CancelledFn,
-    timings: dict[str, float],
+    hooks: RunHooks,
 ) -> tuple[list[str], dict[str, float]]:
     """Stage 3: COGs, preview and STAC item, committed to the sink (the item last); the
     published hrefs (ASSETS, then the item) and the class statistics."""
@@ -441,11 +452,10 @@ def publish(
     for path in scratch.values():
         for file in scratch_files(path):
             file.unlink()
-    timings["cog"] = time.monotonic() - t0
-    if cancelled():
-        raise CancelledError("job cancelled")
+    hooks.timings["cog"] = time.monotonic() - t0
+    hooks.stop_if_cancelled()
     t0 = time.monotonic()
-    progress(PROGRESS_END - 2, "writing the STAC item")
+    hooks.progress(PROGRESS_END - 2, "writing the STAC item")
     files = {key: describe_file(sink.path(names[key]), sink.href(names[key])) for key in ASSETS}
     statistics = class_statistics(inferred.counts.classes, inferred.counts.area_pixels)
     item = create_item(
@@ -468,10 +478,10 @@ def publish(
     sink.path(names["item"]).write_text(
         json.dumps(item.to_dict(include_self_link=include_self), indent=2)
     )
-    timings["stac"] = time.monotonic() - t0
+    hooks.timings["stac"] = time.monotonic() - t0
     t0 = time.monotonic()
     final = sink.commit([names[key] for key in (*ASSETS, "item")])
-    timings["publish"] = time.monotonic() - t0
+    hooks.timings["publish"] = time.monotonic() - t0
     return final, statistics
 
 
@@ -496,13 +506,12 @@ def run(
     be read and written (default: anything).
     """
     options = options or RunOptions()
-    progress = progress or _noop_progress
-    cancelled = cancelled or (lambda: False)
+    hooks = RunHooks(progress or _noop_progress, cancelled or _never_cancelled)
+    progress = hooks.progress
     policy = policy or AccessPolicy.unrestricted()
     started = time.monotonic()
     planned = plan(product_ref, client, options, policy, overlap)
     product, model, grid = planned.product, planned.model, planned.grid
-    timings: dict[str, float] = {}
     with open_sink(output, policy, output_base, public_url) as sink:
         if not options.overwrite:
             reused = _reuse(sink, planned.names, planned.parameters, started)
@@ -514,9 +523,8 @@ def run(
         LOGGER.info("%s (%s) -> %s, %d crops at %d m -> %s", product.product_id, product.level,
                     model.name, len(planned.crops), options.resolution,
                     sink.location)  # fmt: skip
-        inferred = infer(planned, options, client, sink, progress, cancelled, timings)
-        final, statistics = publish(planned, options, inferred, sink, progress, cancelled,
-                                    timings)  # fmt: skip
+        inferred = infer(planned, options, client, sink, hooks)
+        final, statistics = publish(planned, options, inferred, sink, hooks)
     progress(PROGRESS_END, "done")
     return RunResult(
         product_id=product.product_id,
@@ -528,6 +536,6 @@ def run(
         crops_total=len(planned.crops),
         crops_inferred=inferred.crops_inferred,
         seconds=time.monotonic() - started,
-        timings=timings,
+        timings=hooks.timings,
         model_provenance=model.provenance(),
     )
