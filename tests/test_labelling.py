@@ -149,6 +149,19 @@ def test_label_rasters_are_georeferenced_and_refuse_what_does_not_fit(tmp_path: 
         folder.tile("nope")
     with pytest.raises(InvalidInputError, match=r"holds no index\.json"):
         ReviewFolder(tmp_path)
+    # an index is a file anyone may hand over: its names stay inside the review folder
+    index = json.loads((folder.root / "index.json").read_text())
+    for field, value, message in (
+        ("files", "../../elsewhere.tif", "outside the review folder"),
+        ("name", "../x", "is not a sub-tile name"),
+    ):
+        entry = dict(index["sub_tiles"][0])
+        entry[field] = {**entry["files"], "bands": value} if field == "files" else value
+        odd = tmp_path / f"odd-{field}"
+        odd.mkdir()
+        (odd / "index.json").write_text(json.dumps({"sub_tiles": [entry]}))
+        with pytest.raises(InvalidInputError, match=message):
+            ReviewFolder(odd)
     assert folder.level() == "L2A"
 
 
@@ -205,9 +218,13 @@ def test_fine_tuning_reads_the_exported_weights_back(tmp_path: Path) -> None:
 
 
 def _split_names(count: int, holdout: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
-    from kappamask.tools.labelling.finetune import LabelledTile, split
+    from kappamask.tools.importance import LabelledTile
+    from kappamask.tools.labelling.finetune import split
 
-    tiles = [LabelledTile(f"t{i}", np.zeros((1, 2, 2)), np.zeros((2, 2))) for i in range(count)]
+    tiles = [
+        LabelledTile(f"t{i}", np.zeros((1, 2, 2)), np.zeros((2, 2)), ("B02",), (1.0,))
+        for i in range(count)
+    ]
     train, held = split(tiles, holdout)
     return [t.name for t in train], [t.name for t in held]
 

@@ -69,20 +69,12 @@ class ErrorStatusMixin:
         requested_response: Any = RAW,
     ) -> Any:
         """Queue a recorded job; a broker that cannot be reached fails it (503)."""
+        urls = queue.QueuedJob.urls_of(subscriber)
+        job = queue.QueuedJob(
+            str(p.metadata["id"]), job_id, data_dict, requested_outputs, urls, requested_response
+        )
         try:
-            urls = None
-            if subscriber is not None:
-                urls = [subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri]
-            return queue.enqueue(
-                queue.QueuedJob(
-                    str(p.metadata["id"]),
-                    job_id,
-                    data_dict,
-                    requested_outputs,
-                    urls,
-                    requested_response,
-                )
-            )
+            return queue.enqueue(job)
         except KappaMaskError as err:
             now = get_current_datetime()
             self.update_job(job_id, {"status": JobStatus.failed.value, "updated": now,
@@ -116,8 +108,9 @@ class ErrorStatusMixin:
         requested_response: Any = RAW,
     ) -> Any:
         if queue.queued():
-            return self._wait_for_queued(p, job_id, data_dict, requested_outputs, subscriber,
-                                         requested_response)  # fmt: skip
+            return self._wait_for_queued(
+                p, job_id, data_dict, requested_outputs, subscriber, requested_response
+            )
         if isinstance(subscriber, Subscriber):  # bind it to this job
             policy = getattr(getattr(p, "settings", None), "policy", None)
             process_id = str(p.metadata.get("id", ""))

@@ -122,6 +122,13 @@ class QueuedJob:
     def subscriber(self) -> Subscriber | None:
         return Subscriber(*self.subscriber_urls) if self.subscriber_urls else None
 
+    @staticmethod
+    def urls_of(subscriber: Subscriber | None) -> list[str | None] | None:
+        """``subscriber_urls`` of a pygeoapi Subscriber (the order ``subscriber`` reads)."""
+        if subscriber is None:
+            return None
+        return [subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri]
+
 
 #: How a process that splits into child jobs starts on a worker: (processor, manager, job)
 #: -> whether its ``execute`` runs now (False: its children were queued and it waits).

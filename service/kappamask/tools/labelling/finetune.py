@@ -11,9 +11,10 @@ before and after, and how much of what nobody labelled changed.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from kappamask.inference.model_spec import ARCHITECTURE_UNET, ModelSpec
 from kappamask.inference.repository import sha256_of, spec_from_onnx
 from kappamask.model.architecture import conv_specs
 from kappamask.tools.datasets import Batch, augment
+from kappamask.tools.importance import LabelledTile
 from kappamask.tools.labelling.subtiles import ReviewFolder, read_labels
 from kappamask.tools.metrics import agreement
 from kappamask.tools.train import FitConfig, fit, predict
@@ -53,15 +55,6 @@ FINE_TUNE_FIT = FitConfig(
     bf16=True,
     grad_clip=1.0,
 )
-
-
-@dataclass(frozen=True)
-class LabelledTile:
-    """A labelled sub-tile: the features the model saw and the people's labels."""
-
-    name: str
-    features: np.ndarray  # [C, h, w] float32
-    labels: np.ndarray  # [h, w] mask codes, UNDEFINED where nobody labelled
 
 
 def unet_from_onnx(path: Path) -> tuple[UNet, ModelSpec]:
@@ -106,7 +99,7 @@ def load_labelled(folder: ReviewFolder, spec: ModelSpec) -> list[LabelledTile]:
             raise InvalidInputError(f"{tile.name} was normalised with other max_v than {spec.name}")
         labels = read_labels(label_path)[0]
         if (labels != MaskClass.UNDEFINED).any():
-            tiles.append(LabelledTile(tile.name, features, labels))
+            tiles.append(LabelledTile(tile.name, features, labels, names, spec.max_v))
     if len(tiles) < 2:
         raise InvalidInputError(
             f"{folder.root} holds {len(tiles)} labelled sub-tile(s): fine-tuning needs at least "
@@ -124,7 +117,8 @@ def split(
         held = [t for t in tiles if any(part in t.name for part in holdout)]
     else:
         held = list(tiles[1::HOLDOUT_EVERY])
-    train = [t for t in tiles if t not in held]
+    kept_out = {t.name for t in held}
+    train = [t for t in tiles if t.name not in kept_out]
     if not held or not train:
         raise InvalidInputError(
             f"{len(held)} of {len(tiles)} labelled sub-tiles held out: both parts need one"
@@ -209,8 +203,8 @@ def fine_tune(
 ) -> tuple[UNet, ModelSpec, dict[str, Any]]:
     """Fine-tune the parent on the review's labels; writes checkpoint.pt, metrics.csv and
     holdout.json (before and after on the held-out sub-tiles) in ``out_dir``."""
-    model, spec = unet_from_onnx(parent_path)
-    parent, _spec = unet_from_onnx(parent_path)
+    parent, spec = unet_from_onnx(parent_path)
+    model = copy.deepcopy(parent)
     train_tiles, held = split(load_labelled(folder, spec), holdout)
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {

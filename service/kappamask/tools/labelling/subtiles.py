@@ -61,6 +61,21 @@ class ReviewedTile:
             return src.height, src.width
 
 
+def _name(name: str, index: Path) -> str:
+    """A sub-tile name, which names the files of its labels: a file name, no path."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise InvalidInputError(f"{index}: {name!r} is not a sub-tile name")
+    return name
+
+
+def _inside(root: Path, relative: str, index: Path) -> Path:
+    """A file the index names, which must lie inside the review folder."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise InvalidInputError(f"{index} names {relative!r}, outside the review folder")
+    return path
+
+
 class ReviewFolder:
     """The sub-tiles ``kappamask review`` wrote into ``root``, most unsure first."""
 
@@ -68,7 +83,19 @@ class ReviewFolder:
         index = root / INDEX_FILE
         try:
             document = json.loads(index.read_text())
-            entries = document["sub_tiles"]
+            self.tiles = [
+                ReviewedTile(
+                    _name(e["name"], index),
+                    int(e["rank"]),
+                    e["product_id"],
+                    float(e["unsure"]),
+                    *(
+                        _inside(root, e["files"][k], index)
+                        for k in ("bands", "mask", "rgb", "overlay")
+                    ),
+                )
+                for e in document["sub_tiles"]
+            ]
         except FileNotFoundError:
             raise InvalidInputError(
                 f"{root} holds no {INDEX_FILE}: give a folder `kappamask review` wrote"
@@ -77,16 +104,6 @@ class ReviewFolder:
             raise InvalidInputError(f"{index} is not a review index: {err}") from err
         self.root = root
         self.model: str = str(document.get("model", ""))
-        self.tiles = [
-            ReviewedTile(
-                e["name"],
-                int(e["rank"]),
-                e["product_id"],
-                float(e["unsure"]),
-                *(root / e["files"][k] for k in ("bands", "mask", "rgb", "overlay")),
-            )
-            for e in entries
-        ]
         self._by_name = {t.name: t for t in self.tiles}
 
     def level(self) -> str:
