@@ -20,9 +20,11 @@ import pytest
 import requests
 from pystac.validation import JsonSchemaSTACValidator
 
+from kappamask import settings
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
 from kappamask.inference.server import LocalTriton, free_port
 from kappamask.reading import egress
+from kappamask.settings import Settings
 from kappamask.storage.s3 import S3Settings
 
 DATA = Path(__file__).parent / "data"
@@ -51,6 +53,15 @@ def _one_access_policy_per_test() -> Iterator[None]:
     installed in it; a test's policies end with the test."""
     yield
     egress.reset()
+
+
+@pytest.fixture(autouse=True)
+def _settings_read_per_test() -> Iterator[None]:
+    """Each test's in-process code reads the settings afresh (from the environment, unless
+    the test installs its own), and leaves none installed behind it."""
+    settings.use(None)
+    yield
+    settings.use(None)
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +113,7 @@ class S3Server:
 
     @property
     def settings(self) -> S3Settings:
-        return S3Settings.from_config({}, self.env)
+        return Settings.from_env(self.env).s3()
 
     def client(self) -> Any:
         return self.settings.client()

@@ -12,6 +12,7 @@ import pytest
 from kappamask.access import DEFAULT_ALLOWED_HOSTS, AccessPolicy, host_matches
 from kappamask.errors import AccessDeniedError, CancelledError, InvalidInputError
 from kappamask.jobs.reporting import JobReporter, inference_slot
+from kappamask.settings import Settings
 from kappamask.storage.s3 import S3Settings, split_s3_url
 
 from .conftest import DATA, S3_SECRET
@@ -42,31 +43,26 @@ def test_urls_are_checked() -> None:
     assert open_policy.url("http://127.0.0.1:8080/x.json")
 
 
-def test_server_policy_from_definition_and_environment(tmp_path: Path) -> None:
+def test_server_policy_from_the_settings(tmp_path: Path) -> None:
     env = {
         "KAPPAMASK_DATA_ROOTS": f"{DATA}:{tmp_path}",
         "KAPPAMASK_ALLOWED_HOSTS": "a.example, *.b.example",
+        "KAPPAMASK_OUTPUT_DIR": str(tmp_path / "out"),
         "AWS_ENDPOINT_URL": "http://minio:9000",
         "AWS_ACCESS_KEY_ID": "id",
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "KAPPAMASK_S3_REQUESTER_PAYS": "1",
     }
-    policy = AccessPolicy.for_server({}, tmp_path / "out", env)
+    policy = AccessPolicy.for_server(Settings.from_env(env))
     assert policy.data_roots == (DATA, tmp_path)
     assert policy.allowed_hosts == ("a.example", "*.b.example")
     assert not policy.allow_private_networks
     assert policy.s3.endpoint_url == "http://minio:9000" and policy.s3.requester_pays
     assert S3_SECRET not in repr(policy)
-    # the server config wins over the environment
-    definition = {
-        "data_roots": str(DATA),
-        "allowed_hosts": ["c.example"],
-        "allow_private_networks": "true",
-        "s3": {"endpoint_url": "https://s3.x"},
-    }
-    policy = AccessPolicy.for_server(definition, tmp_path / "out", env)
-    assert policy.data_roots == (DATA,) and policy.allowed_hosts == ("c.example",)
-    assert policy.allow_private_networks and policy.s3.endpoint_url == "https://s3.x"
+    # the public STAC APIs and the current folder where none are set
+    only_output = {"KAPPAMASK_OUTPUT_DIR": str(tmp_path / "out")}
+    policy = AccessPolicy.for_server(Settings.from_env(only_output))
+    assert policy.data_roots == (Path("."),) and "*.amazonaws.com" in (policy.allowed_hosts or ())
     # outputs: relative to the output folder, absolute ones only inside it
     assert policy.local_output("sub", tmp_path / "out") == (tmp_path / "out" / "sub").resolve()
     with pytest.raises(AccessDeniedError):
@@ -76,8 +72,9 @@ def test_server_policy_from_definition_and_environment(tmp_path: Path) -> None:
 
 
 def test_s3_settings_for_boto3_and_gdal() -> None:
-    settings = S3Settings.from_config({}, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000/",
-                                           "AWS_SECRET_ACCESS_KEY": S3_SECRET})  # fmt: skip
+    settings = Settings.from_env(
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000/", "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+    ).s3()
     assert settings.gdal_options() == {
         "AWS_S3_ENDPOINT": "127.0.0.1:9000",
         "AWS_HTTPS": "NO",

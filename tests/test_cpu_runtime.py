@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 import types
@@ -17,9 +16,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from kappamask import settings
 from kappamask.bands import MODEL_NAMES
 from kappamask.cli import main
-from kappamask.inference.cpu import HOST_PRECISION_ENV, host_runtime
+from kappamask.inference import cpu
+from kappamask.inference.cpu import host_runtime
 from kappamask.inference.model_spec import (
     MIN_BF16_AGREEMENT,
     MIN_INT8_AGREEMENT,
@@ -203,7 +204,7 @@ def _classes(
 ) -> dict[str, list[np.ndarray]]:
     """Classes of ``crops`` through a real Triton whose CPU models run in ``precision``
     (int8: the served INT8 variants)."""
-    monkeypatch.setenv("KAPPAMASK_CPU_PRECISION", precision)
+    _precision(monkeypatch, precision)
     out: dict[str, list[np.ndarray]] = {}
     with LocalTriton(DEFAULT_REPOSITORY, supervise=False) as triton:
         assert f", {precision}, " in triton.log_tail(200)
@@ -234,12 +235,14 @@ def crops() -> Crops:
 
 
 @pytest.fixture
-def keep_host_precision() -> Iterator[None]:
-    previous = os.environ.get(HOST_PRECISION_ENV)  # what the session's Triton announced
-    yield
-    os.environ.pop(HOST_PRECISION_ENV, None)
-    if previous is not None:
-        os.environ[HOST_PRECISION_ENV] = previous
+def keep_host_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the session's Triton announced comes back after the test
+    monkeypatch.setattr(cpu, "_HOST", cpu._HOST)
+
+
+def _precision(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
+    """This process's settings and the Triton it starts force ``precision``."""
+    monkeypatch.setattr(settings, "_CURRENT", settings.Settings(cpu_precision=precision))
 
 
 @pytest.mark.slow
@@ -280,7 +283,7 @@ def test_check_precision_records_what_auto_then_runs(
     model_dir = install_model(version_dir / "model.onnx", tmp_path,
                               int8_path=version_dir / "model.int8.onnx")  # fmt: skip
     assert "int8_agreement" not in config_parameters(model_dir / "config.pbtxt")
-    monkeypatch.delenv("KAPPAMASK_CPU_PRECISION", raising=False)
+    _precision(monkeypatch, "auto")
     for data, expected in ((T29UNU, "int8"), (T22HBD, None)):
         report = tmp_path / f"{data.name}.json"
         done = CliRunner().invoke(main, [
@@ -312,7 +315,7 @@ def test_a_model_declaring_fp32_input_gets_fp32(
     model_dir = install_model(DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / "model.onnx", tmp_path)
     config = model_dir / "config.pbtxt"
     config.write_text(config.read_text().replace("TYPE_FP16", "TYPE_FP32"))
-    monkeypatch.setenv("KAPPAMASK_CPU_PRECISION", "f32")
+    _precision(monkeypatch, "f32")
     features, data = crops["L2A"][0]
     with LocalTriton(tmp_path, supervise=False) as triton, TritonClient(triton.http_url) as client:
         spec = client.model("L2A")

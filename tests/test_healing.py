@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kappamask.inference.server import RESTART_DELAY_ENV, free_port
+from kappamask.inference.server import free_port
 from kappamask.storage.sinks import STAGING_PREFIX
 
 from . import processes as ps
@@ -65,7 +65,7 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
     proc = ps.start_serve(
         ["--port", str(port), "--output-dir", str(tmp_path / "out")], log,
         {"KAPPAMASK_DATA_ROOTS": str(DATA), "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
-         "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"), RESTART_DELAY_ENV: "8"},
+         "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"), "KAPPAMASK_TRITON_RESTART_DELAY_S": "8"},
         cwd=tmp_path,
     )  # fmt: skip
     try:

@@ -202,13 +202,17 @@ def test_a_worker_killed_mid_job_leaves_the_job_to_another_and_one_result(queue:
     queue.start_worker()  # two workers again for what follows
 
 
-def test_an_unreachable_broker_is_a_503(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_broker_is_a_503() -> None:
+    from kappamask import settings
     from kappamask.jobs import queue as job_queue
 
-    monkeypatch.setenv(job_queue.BROKER_ENV, f"redis://:secret@127.0.0.1:{free_port()}/0")
+    broker = f"redis://:secret@127.0.0.1:{free_port()}/0"
     job_queue.app.cache_clear()
     try:
-        with pytest.raises(InferenceUnavailableError, match="cannot be reached") as raised:
+        with (
+            settings.using(settings.Settings(broker_url=broker)),
+            pytest.raises(InferenceUnavailableError, match="cannot be reached") as raised,
+        ):
             job_queue.enqueue(job_queue.QueuedJob("kappamask", "job-1", {}, None, None, "raw"))
         assert "secret" not in str(raised.value)
     finally:

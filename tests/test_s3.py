@@ -16,7 +16,9 @@ from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import run
+from kappamask.settings import Settings
 from kappamask.storage.s3 import S3Settings
+from kappamask.storage.sinks import OutputTarget
 
 from .conftest import S3_SECRET, T29UNU, S3Server, check_result
 
@@ -65,7 +67,7 @@ def test_s3_product_to_s3_output(
     url: str,
 ) -> None:
     prefix = f"masks/{'zip' if url.endswith('.zip') else 'safe'}"
-    result = run(url, f"s3://results/{prefix}", client, OPTIONS, policy=policy)
+    result = run(url, OutputTarget(f"s3://results/{prefix}", policy), client, OPTIONS)
     assert result.item.startswith(f"s3://results/{prefix}/") and not result.reused
     keys = s3_server.keys("results", prefix)
     hrefs = (result.mask, result.confidence, result.probability, result.valid, result.preview,
@@ -78,20 +80,22 @@ def test_idempotent_rerun_and_overwrite(
     s3_server: S3Server, client: TritonClient, policy: AccessPolicy
 ) -> None:
     out = "s3://results/idempotent"
-    first = run(SAFE_URL, out, client, OPTIONS, policy=policy)
+    first = run(SAFE_URL, OutputTarget(out, policy), client, OPTIONS)
     s3 = s3_server.client()
     stamps = {
         k: s3.head_object(Bucket="results", Key=k)["LastModified"]
         for k in s3_server.keys("results", "idempotent/")
     }
-    again = run(SAFE_URL, out, client, OPTIONS, policy=policy)
+    again = run(SAFE_URL, OutputTarget(out, policy), client, OPTIONS)
     assert again.reused and again.crops_inferred == 0
     assert again.statistics == first.statistics and again.item == first.item
     assert {k: s3.head_object(Bucket="results", Key=k)["LastModified"] for k in stamps} == stamps
     # other parameters are another result; overwrite computes again
-    bilinear = run(SAFE_URL, out, client, RunOptions(60, "bilinear"), policy=policy)
+    bilinear = run(SAFE_URL, OutputTarget(out, policy), client, RunOptions(60, "bilinear"))
     assert not bilinear.reused
-    forced = run(SAFE_URL, out, client, RunOptions(60, "bilinear", overwrite=True), policy=policy)
+    forced = run(
+        SAFE_URL, OutputTarget(out, policy), client, RunOptions(60, "bilinear", overwrite=True)
+    )
     assert not forced.reused and forced.crops_inferred == bilinear.crops_inferred
 
 
@@ -99,26 +103,30 @@ def test_missing_key_unknown_bucket_and_denied_access(
     s3_server: S3Server, client: TritonClient, policy: AccessPolicy
 ) -> None:
     with pytest.raises(ProductNotFoundError, match="no such key"):
-        run("s3://products/s2/nope.SAFE", "s3://results/x", client, OPTIONS, policy=policy)
+        run("s3://products/s2/nope.SAFE", OutputTarget("s3://results/x", policy), client, OPTIONS)
     with pytest.raises(ProductNotFoundError, match="no such key"):
-        run("s3://products/zips/nope.zip", "s3://results/x", client, OPTIONS, policy=policy)
+        run("s3://products/zips/nope.zip", OutputTarget("s3://results/x", policy), client, OPTIONS)
     with pytest.raises(ProductNotFoundError, match="bucket does not exist"):
-        run("s3://no-such-bucket/a.SAFE", "s3://results/x", client, OPTIONS, policy=policy)
+        run("s3://no-such-bucket/a.SAFE", OutputTarget("s3://results/x", policy), client, OPTIONS)
     with pytest.raises(ProductNotFoundError, match="bucket does not exist"):
-        run(SAFE_URL, "s3://no-such-bucket/out", client, OPTIONS, policy=policy)
+        run(SAFE_URL, OutputTarget("s3://no-such-bucket/out", policy), client, OPTIONS)
     # a bucket policy denies reading one prefix; anonymous requests are denied everywhere
     s3_server.upload_tree(T29UNU, "products", f"private/{T29UNU.name}")
     with (
         s3_server.denied("products", "s3:GetObject", "private/*"),
         pytest.raises(AccessDeniedError, match="access denied"),
     ):
-        run(f"s3://products/private/{T29UNU.name}", "s3://results/x", client, OPTIONS,
-            policy=policy)  # fmt: skip
+        run(
+            f"s3://products/private/{T29UNU.name}",
+            OutputTarget("s3://results/x", policy),
+            client,
+            OPTIONS,
+        )
     anonymous = AccessPolicy(
         s3=S3Settings(endpoint_url=s3_server.endpoint, anonymous=True, region="us-east-1")
     )
     with pytest.raises(AccessDeniedError):
-        run(SAFE_URL, "s3://results/x", client, OPTIONS, policy=anonymous)
+        run(SAFE_URL, OutputTarget("s3://results/x", anonymous), client, OPTIONS)
     assert s3_server.keys("results", "x/") == []
 
 
@@ -132,7 +140,7 @@ def test_failed_upload_leaves_no_final_object(
         s3_server.denied("results", "s3:PutObject", "denied/S2*_KAPPAMASK.json"),
         pytest.raises(AccessDeniedError, match=denied),
     ):
-        run(SAFE_URL, "s3://results/denied", client, OPTIONS, policy=policy)
+        run(SAFE_URL, OutputTarget("s3://results/denied", policy), client, OPTIONS)
     assert s3_server.keys("results", "denied/") == []
 
 
@@ -158,9 +166,9 @@ def test_multipart_upload_and_https_hrefs(
         storage, "TRANSFER", TransferConfig(multipart_threshold=1, multipart_chunksize=5 * 2**20)
     )
     public = f"{s3_server.endpoint}/{{bucket}}/{{key}}"
-    settings = S3Settings.from_config({"public_url": public}, s3_server.env)
-    result = run(SAFE_URL, "s3://results/multipart", client, OPTIONS,
-                 policy=AccessPolicy(s3=settings))  # fmt: skip
+    settings = Settings.from_env({**s3_server.env, "KAPPAMASK_S3_PUBLIC_URL": public}).s3()
+    target = OutputTarget("s3://results/multipart", AccessPolicy(s3=settings))
+    result = run(SAFE_URL, target, client, OPTIONS)
     s3 = s3_server.client()
     for key in s3_server.keys("results", "multipart/"):
         assert s3.head_object(Bucket="results", Key=key)["ETag"].endswith('-1"'), key

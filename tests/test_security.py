@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import rasterio
 import requests
+from rasterio.env import get_gdal_config
 from werkzeug.serving import make_server
 
 from kappamask.access import MAX_PRODUCT_ID, AccessPolicy, product_name
@@ -35,7 +36,7 @@ from kappamask.errors import (
 from kappamask.geometry.grid import output_grid
 from kappamask.sources import open_product
 from kappamask.sources.stac import MAX_ITEM_BYTES, fetch_item
-from kappamask.storage.sinks import LocalSink, delete_published, open_sink
+from kappamask.storage.sinks import LocalSink, OutputTarget, delete_published
 
 from .conftest import T29UNU, earth_search_item, small_file_system
 
@@ -116,12 +117,12 @@ def test_output_folders_are_named_as_the_client_gave_them(tmp_path: Path) -> Non
     base = tmp_path / "server-private-outputs"
     policy = AccessPolicy(data_roots=(tmp_path,), output_roots=(base,))
     with pytest.raises(AccessDeniedError) as info:
-        open_sink("../escape", policy, base)
+        OutputTarget("../escape", policy, base).open()
     assert "../escape is outside the output roots" in str(info.value)
     assert "server-private-outputs" not in str(info.value)
     for hidden in (".jobs", "a/.kappamask-staging-1@h.2", "./.jobs/x"):
         with pytest.raises(AccessDeniedError, match="names a hidden folder"):
-            open_sink(hidden, policy, base)
+            OutputTarget(hidden, policy, base).open()
     assert not base.exists()
 
 
@@ -212,7 +213,8 @@ def test_the_policy_proxy_refuses_a_tunnel_to_a_refused_host() -> None:
     try:
         installed = egress.install(AccessPolicy(allowed_hosts=("example.org",),
                                                 allow_private_networks=False))  # fmt: skip
-        assert installed is not None and os.environ["GDAL_HTTP_PROXY"] == installed.address_text
+        proxy = get_gdal_config("GDAL_HTTP_PROXY")
+        assert installed is not None and proxy == installed.address_text
         host, port = installed.address_text.split(":")
         requests_sent = (
             f"CONNECT 127.0.0.1:{target.port} HTTP/1.1\r\n\r\n",
@@ -416,11 +418,12 @@ def test_dismissal_deletes_only_the_job_s_own_files(tmp_path: Path) -> None:
     result = dict(zip(("mask", "confidence", "probability", "valid", "preview", "item"),
                       (f"{url}/a/{n}" for n in names), strict=True))  # fmt: skip
     policy = AccessPolicy(data_roots=(tmp_path,), output_roots=(out,))
-    assert delete_published({**result, "reused": True}, out, url, policy) == []
+    service = OutputTarget(out, policy, out, url)
+    assert delete_published({**result, "reused": True}, service) == []
     hostile = {**result, "mask": f"{url}/../keep.tif", "item": str(outside)}
-    delete_published(hostile, out, url, policy)
+    delete_published(hostile, service)
     assert outside.exists()
-    assert len(delete_published(result, out, url, policy)) == 6
+    assert len(delete_published(result, service)) == 6
     assert [p.name for p in (out / "a").iterdir()] == ["other.tif"]
     # a batch: each product it made itself
     for name in names:
@@ -428,7 +431,7 @@ def test_dismissal_deletes_only_the_job_s_own_files(tmp_path: Path) -> None:
     batch = {"collection": f"{url}/a/collection.json",
              "products": [{"item": f"{url}/a/P_KAPPAMASK.json", "status": "successful"},
                           {"item": f"{url}/a/Q_KAPPAMASK.json", "reused": True}]}  # fmt: skip
-    delete_published(batch, out, url, policy)
+    delete_published(batch, service)
     assert [p.name for p in (out / "a").iterdir()] == ["other.tif"]
 
 

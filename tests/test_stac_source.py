@@ -26,6 +26,7 @@ from kappamask.pipeline import run
 from kappamask.reading.reader import BandReader
 from kappamask.sources import open_product
 from kappamask.sources.stac import fetch_item
+from kappamask.storage.sinks import OutputTarget
 
 from .conftest import DATA, STAC, T29UNU, S3Server
 from .stac_api import s2_item
@@ -135,16 +136,16 @@ def test_local_stac_item_gives_the_same_mask_as_the_safe(
     item_file = tmp_path / "item.json"
     item_file.write_text(json.dumps(item))
     with TritonClient(triton.http_url) as client:
-        result = run(str(item_file), tmp_path / "out", client, RunOptions(60),
-                     policy=AccessPolicy(data_roots=(DATA, tmp_path)))  # fmt: skip
+        target = OutputTarget(tmp_path / "out", AccessPolicy(data_roots=(DATA, tmp_path)))
+        result = run(str(item_file), target, client, RunOptions(60))
     assert result.product_id == T29UNU.name.removesuffix(".SAFE")
     assert (_mask_of(result.mask) == safe_mask).all()
     written = json.loads(Path(result.item).read_text())
     assert written["links"][0]["rel"] == "derived_from"
     # an asset outside the data roots is refused like a product path
     with TritonClient(triton.http_url) as client, pytest.raises(AccessDeniedError):
-        run(item, tmp_path / "out2", client, RunOptions(60),
-            policy=AccessPolicy(data_roots=(tmp_path,)))  # fmt: skip
+        target = OutputTarget(tmp_path / "out2", AccessPolicy(data_roots=(tmp_path,)))
+        run(item, target, client, RunOptions(60))
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())
 
 
@@ -158,8 +159,12 @@ def test_stac_item_on_s3_with_s3_assets(
     )
     policy = AccessPolicy(s3=s3_server.settings)
     with TritonClient(triton.http_url) as client:
-        result = run("s3://products/items/t29unu.json", "s3://results/stac-run", client,
-                     RunOptions(60), policy=policy)  # fmt: skip
+        result = run(
+            "s3://products/items/t29unu.json",
+            OutputTarget("s3://results/stac-run", policy),
+            client,
+            RunOptions(60),
+        )
     assert result.mask.startswith("s3://results/stac-run/")
     assert (_mask_of(result.mask, s3_server) == safe_mask).all()
 

@@ -17,7 +17,7 @@ from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import ModelSpec
 from kappamask.pipeline import ASSETS, _reuse
 from kappamask.sources import open_safe
-from kappamask.storage.sinks import LocalSink, open_sink, output_names
+from kappamask.storage.sinks import LocalSink, OutputTarget, output_names
 from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
 
 from .conftest import T29UNU
@@ -40,13 +40,13 @@ def test_a_local_sink_publishes_all_or_nothing(tmp_path: Path) -> None:
 
 
 def test_served_outputs_are_named_by_url(tmp_path: Path) -> None:
-    policy = AccessPolicy.for_server({}, tmp_path)
+    policy = AccessPolicy(output_roots=(tmp_path,))
     url = "http://example.org:5000/outputs"
-    sink = open_sink("fields/2024 june", policy, tmp_path, url)
+    sink = OutputTarget("fields/2024 june", policy, tmp_path, url).open()
     assert isinstance(sink, LocalSink) and sink.absolute_hrefs
     assert sink.href("a b.tif") == f"{url}/fields/2024%20june/a%20b.tif"
     assert sink.final_href("a.tif") == f"{url}/fields/2024%20june/a.tif"
-    plain = open_sink("fields", policy, tmp_path)
+    plain = OutputTarget("fields", policy, tmp_path).open()
     assert isinstance(plain, LocalSink) and not plain.absolute_hrefs
     assert plain.final_href("a.tif") == str(tmp_path / "fields" / "a.tif")
 

@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import re
 import socket
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
+from kappamask import settings
 from kappamask.errors import AccessDeniedError, InvalidInputError, ProductNotFoundError
 from kappamask.storage.s3 import S3Settings
 
 LOGGER = logging.getLogger(__name__)
 
-ROOTS_ENV = "KAPPAMASK_DATA_ROOTS"
 #: Longest file or folder name Linux file systems take (bytes).
 NAME_MAX = 255
 #: Longest product id that names files: the longest result file adds 29 characters
@@ -58,12 +56,6 @@ def safe_name(name: str, what: str, kind: str = "a name", longest: int = MAX_PRO
             "starting with a letter or digit, no '..'), so it cannot name files"
         )
     return name
-
-
-def roots_from_env(environ: Mapping[str, str] | None = None) -> list[Path]:
-    """The roots listed in ``KAPPAMASK_DATA_ROOTS`` (separated by ':')."""
-    env = os.environ if environ is None else environ
-    return [Path(p) for p in env.get(ROOTS_ENV, "").split(":") if p.strip()]
 
 
 def check_local_path(
@@ -119,9 +111,6 @@ def _refuse_special(path: Path, what: str) -> None:
                                 "socket), which this service never reads")  # fmt: skip
 
 
-HOSTS_ENV = "KAPPAMASK_ALLOWED_HOSTS"
-PRIVATE_ENV = "KAPPAMASK_ALLOW_PRIVATE_NETWORKS"
-
 #: Public STAC APIs and their asset hosts, allowed when the server config names none.
 DEFAULT_ALLOWED_HOSTS = (
     "earth-search.aws.element84.com",
@@ -132,16 +121,6 @@ DEFAULT_ALLOWED_HOSTS = (
     "stac.dataspace.copernicus.eu",
     "*.dataspace.copernicus.eu",
 )
-
-
-def _as_list(value: object) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v.strip() for v in value.replace(",", " ").split() if v.strip()]
-    if isinstance(value, Sequence):
-        return [str(v).strip() for v in value if str(v).strip()]
-    raise InvalidInputError(f"expected a list of names, got {type(value).__name__}")
 
 
 def host_matches(host: str, patterns: Sequence[str]) -> bool:
@@ -185,34 +164,18 @@ class AccessPolicy:
     @classmethod
     def unrestricted(cls, s3: S3Settings | None = None) -> AccessPolicy:
         """The command line's policy: the user's own files and network."""
-        return cls(s3=s3 or S3Settings.from_config())
+        return cls(s3=s3 or settings.current().s3())
 
     @classmethod
-    def for_server(
-        cls,
-        definition: Mapping[str, Any],
-        output_dir: Path,
-        environ: Mapping[str, str] | None = None,
-    ) -> AccessPolicy:
-        """The service's policy from the process definition, then the environment."""
-        env = os.environ if environ is None else environ
-        roots_conf = definition.get("data_roots") or ""
-        roots = [
-            Path(p)
-            for p in (roots_conf.split(":") if isinstance(roots_conf, str) else roots_conf)
-            if str(p).strip()
-        ]
-        hosts = _as_list(definition.get("allowed_hosts")) or _as_list(env.get(HOSTS_ENV))
-        private = definition.get("allow_private_networks")
-        if private in (None, ""):
-            private = env.get(PRIVATE_ENV, "")
-        output_roots = [output_dir, *(Path(p) for p in _as_list(definition.get("output_roots")))]
+    def for_server(cls, config: settings.Settings) -> AccessPolicy:
+        """The service's policy: its data roots (the current folder where none are set),
+        its output folder, the allowed hosts (public STAC APIs where none are set)."""
         return cls(
-            data_roots=tuple(roots or roots_from_env(env)),
-            output_roots=tuple(output_roots),
-            allowed_hosts=tuple(hosts or DEFAULT_ALLOWED_HOSTS),
-            allow_private_networks=str(private).strip().lower() in {"1", "true", "yes", "on"},
-            s3=S3Settings.from_config(definition.get("s3") or {}, env),
+            data_roots=config.roots,
+            output_roots=(config.output_dir.resolve(),),
+            allowed_hosts=config.allowed_hosts or DEFAULT_ALLOWED_HOSTS,
+            allow_private_networks=config.allow_private_networks,
+            s3=config.s3(),
         )
 
     def local_input(self, href: str) -> Path:

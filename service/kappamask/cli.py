@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,16 +20,17 @@ from kappamask import __version__
 from kappamask.bands import LEVELS
 from kappamask.cli_options import (
     F,
-    buffer_option,
     existing_file_option,
     install_repository_option,
     protocol_option,
     repository_option,
-    resolution_option,
+    run_option_flags,
+    runtime_settings,
     triton_url_option,
 )
 from kappamask.errors import KappaMaskError
-from kappamask.options import RESAMPLING_METHODS, RunOptions
+from kappamask.options import RunOptions
+from kappamask.settings import Settings
 from kappamask.writers.stac_collection import DEFAULT_COLLECTION_ID
 
 if TYPE_CHECKING:  # the pipeline's imports (rasterio, tritonclient) wait for a command
@@ -77,67 +77,25 @@ def main(verbose: bool) -> None:
 
 
 def product_options(command: F) -> F:
-    """The per-product options of `run` and `batch` (RunOptions'), declared once."""
-    decorators = [
-        resolution_option("10"),
-        click.option("--resampling", type=click.Choice(RESAMPLING_METHODS),
-                     default=RunOptions().resampling, show_default=True),
-        click.option("--level", type=click.Choice(LEVELS), default=None,
-                     help="Fail unless the product is of this level (default: read from the "
-                     "metadata)."),
-        click.option("--bbox", type=float, nargs=4, default=None, metavar="W S E N",
-                     help="Mask only this lon/lat box (degrees)."),
-        click.option("--aoi", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     default=None, help="Mask only this GeoJSON (Multi)Polygon (a file; "
-                     "EPSG:4326)."),
-        click.option("--model", default=None,
-                     help="Model name[:version_label] (default: by level)."),
-        buffer_option("--cloud-buffer", "clouds (opaque and semi-transparent)"),
-        buffer_option("--shadow-buffer", "cloud shadows"),
-        click.option("--shadow-check/--no-shadow-check", default=RunOptions().shadow_check,
-                     show_default=True, help="Make shadow that no cloud of the product could "
-                     "cast (by the sun's angles) clear."),
-        click.option("--overwrite", is_flag=True,
-                     help="Compute again even when the output holds this result."),
-        triton_url_option,
-        protocol_option,
-        repository_option,
-    ]  # fmt: skip
+    """The per-product options of `run`, `batch` and `review`: RunOptions' flags
+    (``run_option_flags``) and where Triton is."""
+    decorators = [*run_option_flags(), triton_url_option, protocol_option, repository_option]
     for decorator in reversed(decorators):
         command = decorator(command)
     return command
 
 
-def _run_options(flags: dict[str, Any]) -> RunOptions:
-    """RunOptions from the flags of `product_options` (checked before anything starts: bad
-    options end here, with the process's message)."""
-    aoi = flags["aoi"]
-    return RunOptions(
-        resolution=int(flags["resolution"]),
-        resampling=flags["resampling"],
-        level=flags["level"],
-        bbox=flags["bbox"] or None,
-        aoi=_read_geojson(aoi) if aoi else None,
-        model=flags["model"],
-        overwrite=flags["overwrite"],
-        cloud_buffer=flags["cloud_buffer"],
-        shadow_buffer=flags["shadow_buffer"],
-        shadow_check=flags["shadow_check"],
-    )
-
-
 @contextmanager
 def _triton_and_progress(flags: dict[str, Any], desc: str) -> Iterator[tuple[Any, ProgressFn]]:
-    """A ready Triton client (a local Triton started when no URL is given) and a progress
-    bar on stderr."""
-    from kappamask.inference.repository import DEFAULT_REPOSITORY
+    """A ready Triton client (a local Triton started when none is configured) and a
+    progress bar on stderr."""
     from kappamask.inference.server import triton_endpoint
     from kappamask.inference.triton import TritonClient
 
     with ExitStack() as stack:
-        triton = triton_endpoint(stack, flags["triton_url"], flags["protocol"],
-                                 flags["model_repository"] or DEFAULT_REPOSITORY)  # fmt: skip
-        client = stack.enter_context(TritonClient(triton.url, flags["protocol"]))
+        config = runtime_settings(flags)
+        triton = triton_endpoint(stack, config)
+        client = stack.enter_context(TritonClient(triton.url, config.triton_protocol))
         client.wait_ready()
         bar = stack.enter_context(tqdm(total=100, unit="%", desc=desc, file=sys.stderr))
         # log lines are written above the bar instead of through it
@@ -167,7 +125,7 @@ def run_command(product: str, output: str, **flags: Any) -> None:
     from kappamask.pipeline import ASSETS, run
     from kappamask.sources import open_product
 
-    options = _run_options(flags)
+    options = RunOptions.from_flags(flags)
     # a product that cannot be read is said before Triton starts (seconds, not a start-up)
     opened = open_product(product)
     with _triton_and_progress(flags, "kappamask") as (client, progress):
@@ -248,7 +206,7 @@ def batch_command(
         listed = resolve_search(listed, _read_json_option(search_json, "--search"), policy)
     check_batch(listed, collection_id)
     stac_api = check_api(stac_api, policy) if stac_api else None
-    options = _run_options(flags)
+    options = RunOptions.from_flags(flags)
     with _triton_and_progress(flags, "kappamask batch") as (client, progress):
         result = run_batch(listed, output, client, options, collection_id=collection_id,
                            progress=progress, stac_api_url=stac_api)  # fmt: skip
@@ -284,7 +242,7 @@ def review_command(products: tuple[str, ...], output: Path, top: int | None, **f
     from kappamask.sources import open_product
     from kappamask.tools.review import review
 
-    options = _run_options(flags)
+    options = RunOptions.from_flags(flags)
     opened = [open_product(p) for p in products]  # unreadable ones end here, before Triton
     with _triton_and_progress(flags, "review") as (client, progress):
         kept = review(opened, output, client, options, top, progress)
@@ -303,95 +261,95 @@ def _read_json_option(value: str, option: str) -> Any:
         raise click.BadParameter(f"not JSON (nor @FILE of JSON): {err}", param_hint=option) from err
 
 
-def _read_geojson(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise click.BadParameter(f"{path} is not a GeoJSON file: {err}") from err
-    if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} is not a GeoJSON object")
-    return data  # a geometry, Feature or FeatureCollection: RunOptions checks it
-
-
 def service_options(command: F) -> F:
     """What the API (`serve`) and the queue's workers (`worker`) share: Triton, the output
-    folder, the data roots."""
+    folder, the data roots, the job queue. Each flag overrides its setting
+    (kappamask.settings; `kappamask settings` lists them)."""
     decorators = [
         triton_url_option,
         protocol_option,
         repository_option,
-        click.option("--output-dir", type=click.Path(path_type=Path),
-                     default=Path("kappamask-results"), show_default=True,
-                     help="Where results are written."),
+        click.option("--output-dir", type=click.Path(path_type=Path), default=None,
+                     help="Where results are written (KAPPAMASK_OUTPUT_DIR; default: "
+                     "kappamask-results)."),
         click.option("--data-root", "data_roots", type=click.Path(path_type=Path),
                      multiple=True, help="Folder whose products may be processed (repeatable; "
-                     "default: KAPPAMASK_DATA_ROOTS, else the current folder)."),
+                     "KAPPAMASK_DATA_ROOTS; default: the current folder)."),
     ]  # fmt: skip
     for decorator in reversed(decorators):
         command = decorator(command)
     return command
 
 
+def _service_settings(flags: dict[str, Any]) -> Settings:
+    flags = {**flags, "data_roots": tuple(flags["data_roots"]) or None}
+    return runtime_settings(flags)
+
+
 @main.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--host", default=None, help="Address to bind (KAPPAMASK_HOST; default: 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port (KAPPAMASK_PORT; default: 5000).")
 @click.option(
     "--broker-url",
-    envvar="KAPPAMASK_BROKER_URL",
     default=None,
-    help="Redis URL of the job queue: jobs then run on `kappamask worker` processes "
-    "(default: in this process's threads).",
+    help="Redis URL of the job queue (KAPPAMASK_BROKER_URL): jobs then run on `kappamask "
+    "worker` processes (default: in this process's threads).",
 )
 @service_options
-def serve_command(host: str, port: int, broker_url: str | None, **flags: Any) -> None:
+def serve_command(**flags: Any) -> None:
     """Serve the OGC API - Processes endpoint (pygeoapi) with the kappamask processes."""
     from kappamask.api.serve import serve
-    from kappamask.inference.repository import DEFAULT_REPOSITORY
-    from kappamask.jobs.queue import BROKER_ENV
 
-    if broker_url:
-        os.environ[BROKER_ENV] = broker_url
-    serve(host, port, flags["triton_url"], flags["protocol"], flags["output_dir"],
-          flags["data_roots"] or None,
-          repository=flags["model_repository"] or DEFAULT_REPOSITORY)  # fmt: skip
+    serve(_service_settings(flags))
 
 
 @main.command("worker")
 @click.option(
     "--broker-url",
-    envvar="KAPPAMASK_BROKER_URL",
-    required=True,
-    help="Redis URL of the job queue (the API's --broker-url).",
+    default=None,
+    help="Redis URL of the job queue, the API's (KAPPAMASK_BROKER_URL; required).",
 )
 @click.option(
     "--public-url",
-    envvar="KAPPAMASK_PUBLIC_URL",
-    default="http://localhost:5000",
-    show_default=True,
-    help="The API's URL: results name their files under it (it serves the output folder).",
+    default=None,
+    help="The API's URL: results name their files under it, it serves the output folder "
+    "(KAPPAMASK_PUBLIC_URL; default: http://localhost:5000).",
 )
 @service_options
-def worker_command(broker_url: str, public_url: str, **flags: Any) -> None:
+def worker_command(**flags: Any) -> None:
     """Take jobs from the queue and run them, one at a time (start as many as the Triton
     behind them can feed; see deploy/README.md)."""
-    from kappamask.inference.repository import DEFAULT_REPOSITORY
     from kappamask.jobs.worker import work
 
-    work(broker_url, flags["triton_url"], flags["protocol"], flags["output_dir"],
-         flags["data_roots"] or None, flags["model_repository"] or DEFAULT_REPOSITORY,
-         public_url)  # fmt: skip
+    work(_service_settings(flags))
+
+
+@main.command("settings")
+@click.option("--markdown", is_flag=True, help="The README's table of variables instead.")
+def settings_command(markdown: bool) -> None:
+    """The service's settings (environment variables) with this environment's values."""
+    from kappamask import settings
+
+    click.echo(settings.markdown_table() if markdown else settings.describe(settings.current()))
 
 
 @main.command("wait-triton")
-@click.argument("url")
+@click.argument("url", required=False)
 @protocol_option
-@click.option("--timeout", default=600.0, show_default=True, type=float, help="Seconds to wait.")
-def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
-    """Wait until the Triton server at URL is ready (for container start-up)."""
+@click.option(
+    "--timeout", default=None, type=float, help="Seconds to wait (KAPPAMASK_TRITON_WAIT_S)."
+)
+def wait_triton_command(url: str | None, protocol: str | None, timeout: float | None) -> None:
+    """Wait until the Triton server at URL (KAPPAMASK_TRITON_URL) is ready (for container
+    start-up)."""
     from kappamask.inference.triton import TritonClient
 
-    with TritonClient(url, protocol) as client:
-        client.wait_ready(timeout)
+    config = runtime_settings({"triton_url": url, "protocol": protocol, "triton_wait_s": timeout})
+    if config.triton_url is None:
+        raise click.UsageError("give URL or set KAPPAMASK_TRITON_URL")
+    url = config.triton_url
+    with TritonClient(url, config.triton_protocol) as client:
+        client.wait_ready(config.triton_wait_s)
     click.echo(f"Triton at {url} is ready")
 
 
@@ -399,11 +357,18 @@ def wait_triton_command(url: str, protocol: str, timeout: float) -> None:
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--output-file", type=click.Path(dir_okay=False, path_type=Path), required=True)
 def openapi_command(config: Path, output_file: Path) -> None:
-    """Write the service's OpenAPI document of a pygeoapi CONFIG, self-contained: the OGC
-    schemas it refers to are components of it (no schema server needed)."""
-    from kappamask.api.ogc import openapi_document
+    """Write the service's OpenAPI document of a pygeoapi CONFIG (filled in with the
+    settings, as the service does), self-contained: the OGC schemas it refers to are
+    components of it (no schema server needed)."""
+    import tempfile
 
-    output_file.write_text(openapi_document(config))
+    from kappamask import settings
+    from kappamask.api.ogc import openapi_document
+    from kappamask.api.serve import write_config
+
+    with tempfile.TemporaryDirectory() as scratch:
+        resolved = write_config(Path(scratch), settings.current(), config)
+        output_file.write_text(openapi_document(resolved))
 
 
 @main.command("install-model")

@@ -3,33 +3,85 @@ commands in kappamask.cli, the tools' in kappamask.tools.cli): declared once."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from kappamask.bands import MAX_BUFFER_M, RESOLUTIONS
+from kappamask import settings
+from kappamask.bands import RESOLUTIONS
+from kappamask.options import RunOptions, declarations
+from kappamask.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Flags of runtime settings default to None: the setting (kappamask.settings: the
+# environment, else its one default) applies unless the flag is given.
 triton_url_option = click.option(
-    "--triton-url", default=None, help="Triton host:port; a local Triton is started when omitted."
+    "--triton-url",
+    default=None,
+    help="Triton host:port (KAPPAMASK_TRITON_URL); a local Triton is started when neither "
+    "is given.",
 )
 repository_option = click.option(
     "--model-repository",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    envvar="KAPPAMASK_MODEL_REPOSITORY",
-    help="Model repository of the local Triton (default: the project's triton_models/).",
+    help="Model repository of the local Triton (KAPPAMASK_MODEL_REPOSITORY; default: the "
+    "project's triton_models/).",
 )
 protocol_option = click.option(
     "--protocol",
     type=click.Choice(["http", "grpc"]),
-    default="http",
-    show_default=True,
-    help="Protocol to Triton.",
+    default=None,
+    help="Protocol to Triton (KAPPAMASK_TRITON_PROTOCOL; default: http).",
 )
+
+
+def runtime_settings(flags: Mapping[str, Any]) -> Settings:
+    """This process's settings with the flags of ``triton_url_option``,
+    ``protocol_option`` and ``repository_option`` (and any other flag named after a
+    setting) that were given."""
+    names = {f.name for f in fields(Settings)}
+    aliases = {"protocol": "triton_protocol"}
+    given = {aliases.get(k, k): v for k, v in flags.items() if aliases.get(k, k) in names}
+    return settings.current().replace(**given)
+
+
+def run_option_flags() -> list[Callable[[F], F]]:
+    """The CLI flags of ``RunOptions``, derived from its declaration (kappamask.options):
+    ``--name-with-dashes``, the field's default, choices from the schema's enum, ranges
+    from its minimum and maximum, ``--x/--no-x`` for a boolean that defaults to true."""
+    defaults = RunOptions()
+    flags = []
+    for name, declared in declarations():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        schema, extra = declared.schema, declared.flag
+        kwargs: dict[str, Any] = {"default": default, "help": declared.help}
+        if schema.get("type") == "boolean":
+            if default:
+                flag = f"{flag}/--no-{flag[2:]}"
+                kwargs["show_default"] = True
+            else:
+                kwargs["is_flag"] = True
+        elif "choices" in extra or "enum" in schema:
+            choices = extra.get("choices", schema.get("enum"))
+            kwargs["type"] = click.Choice([str(c) for c in choices])
+            kwargs["default"] = None if default is None else str(default)
+            kwargs["show_default"] = default is not None
+        elif schema.get("type") == "number":
+            kwargs["type"] = click.FloatRange(schema.get("minimum"), schema.get("maximum"))
+            kwargs["show_default"] = True
+        if extra.get("path"):
+            kwargs["type"] = click.Path(exists=True, dir_okay=False, path_type=Path)
+        for key in ("type", "nargs", "metavar"):
+            if key in extra:
+                kwargs[key] = extra[key]
+        flags.append(click.option(flag, name, **kwargs))
+    return flags
 
 
 def out_option(help_text: str) -> Callable[[F], F]:
@@ -69,16 +121,6 @@ def resolution_option(default: str) -> Callable[[F], F]:
         default=default,
         show_default=True,
         help="Output resolution in metres.",
-    )
-
-
-def buffer_option(flag: str, what: str) -> Callable[[F], F]:
-    return click.option(
-        flag,
-        type=click.FloatRange(0, MAX_BUFFER_M),
-        default=0.0,
-        show_default=True,
-        help=f"Grow {what} by this many metres.",
     )
 
 

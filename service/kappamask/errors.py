@@ -84,6 +84,11 @@ class InternalError(KappaMaskError):
     exit_code = 10
 
 
+class ConfigurationError(InternalError):
+    """A setting of the server (an environment variable) that does not parse: the
+    operator's to fix, not the client's."""
+
+
 class StorageError(KappaMaskError):
     """Object storage or a remote server failed or could not be reached."""
 

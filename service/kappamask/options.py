@@ -1,16 +1,21 @@
 """What a user may choose about a run: one contract for the CLI and the process.
 
-Every option is declared once, in ``RunOptions`` (default, allowed values, checks); the
-process's JSON schema (process.py) and the CLI's flags (cli.py) take their defaults and
-choices from here, and both build a ``RunOptions``, whose checks raise InvalidInputError
-naming the input: the same message whichever way a user asked.
+Every option is declared once, as a field of ``RunOptions`` with its ``Declared``
+metadata (title, description, JSON schema, CLI help, how a JSON input or a flag becomes
+its value). The process's inputs (``input_schema``) and the CLI's flags
+(kappamask.cli_options.run_option_flags) are derived from it, and both build a
+``RunOptions`` (``from_inputs``, ``from_flags``), whose checks raise InvalidInputError
+naming the input: the same message whichever way a user asked. Downstream code takes
+the checked options as they are.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from shapely.geometry.base import BaseGeometry
@@ -54,27 +59,185 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _ogc_bbox(value: Any) -> Any:
+    """An OGC API bbox input ``{"bbox": [...], "crs": ...}`` unwrapped (CRS84 only); any
+    other value as it is (RunOptions checks it)."""
+    if not isinstance(value, dict):
+        return value
+    crs = str(value.get("crs", "CRS84"))
+    if not crs.upper().endswith(("CRS84", "4326")):
+        raise InvalidInputError("input 'bbox' must be in CRS84 (lon/lat degrees)")
+    return value.get("bbox")
+
+
+def _geojson_file(path: Path) -> dict[str, Any]:
+    """The ``--aoi`` file's GeoJSON object (a geometry, Feature or FeatureCollection:
+    RunOptions checks it)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidInputError(f"--aoi: {path} is not a GeoJSON file: {err}") from err
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"--aoi: {path} is not a GeoJSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class Declared:
+    """How one option is shown and taken: in the process description (``title``,
+    ``description``, ``schema``) and on the command line (``help``, ``flag``)."""
+
+    title: str
+    description: str
+    #: JSON schema of the input, without its default (the field's, or ``input_default``).
+    schema: dict[str, Any]
+    help: str
+    #: The default a JSON client sees where the field's is None (level: "auto").
+    input_default: Any = None
+    #: A JSON input's value -> the field's value (before RunOptions checks it).
+    from_input: Callable[[Any], Any] | None = None
+    #: The flag's value -> the field's value.
+    from_flag: Callable[[Any], Any] | None = None
+    #: How the flag differs from what its schema implies: ``choices`` (instead of the
+    #: schema's enum), ``nargs``, ``metavar``, ``type`` (a Python type), ``path`` (an
+    #: existing file).
+    flag: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _declared(default: Any, declared: Declared) -> Any:
+    return field(default=default, metadata={"declared": declared})
+
+
+def _buffer_schema() -> dict[str, Any]:
+    return {"type": "number", "minimum": 0, "maximum": MAX_BUFFER_M}
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """What a user may choose about a run; constructing one checks it."""
 
-    resolution: int = DEFAULT_RESOLUTION
-    resampling: str = "lanczos"
-    #: The level the user expects; None: whatever the metadata says.
-    level: str | None = None
+    resolution: int = _declared(
+        DEFAULT_RESOLUTION,
+        Declared(
+            "Output resolution (m)",
+            "Ground sampling distance of the mask; every band is resampled to it.",
+            {"type": "integer", "enum": list(RESOLUTIONS)},
+            "Output resolution in metres.",
+            from_flag=int,
+        ),
+    )
+    resampling: str = _declared(
+        "lanczos",
+        Declared(
+            "Resampling",
+            "Lanczos (windowed sinc, as in the paper) or bilinear.",
+            {"type": "string", "enum": list(RESAMPLING_METHODS)},
+            "Resampling of every band to the output grid.",
+        ),
+    )
+    level: str | None = _declared(
+        None,
+        Declared(
+            "Expected processing level",
+            "auto (default): read from the product; L1C or L2A: fail unless the product is of "
+            "this level.",
+            {"type": "string", "enum": [LEVEL_AUTO, *LEVELS]},
+            "Fail unless the product is of this level (default: read from the metadata).",
+            input_default=LEVEL_AUTO,
+            from_input=lambda v: None if v == LEVEL_AUTO else v,
+            flag={"choices": LEVELS},
+        ),
+    )
     #: [west, south, east, north] in degrees, or a GeoJSON (Multi)Polygon in EPSG:4326.
-    bbox: tuple[float, float, float, float] | None = None
-    aoi: dict[str, Any] | None = None
+    bbox: tuple[float, float, float, float] | None = _declared(
+        None,
+        Declared(
+            "Bounding box",
+            "[west, south, east, north] in degrees (or an OGC bbox object with CRS84): the mask "
+            "covers only this part of the product.",
+            {
+                "oneOf": [
+                    {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                    {"type": "object", "required": ["bbox"]},
+                ]
+            },
+            "Mask only this lon/lat box (degrees).",
+            from_input=_ogc_bbox,
+            from_flag=lambda v: tuple(v) if v else None,
+            flag={"type": float, "nargs": 4, "metavar": "W S E N"},
+        ),
+    )
+    aoi: dict[str, Any] | None = _declared(
+        None,
+        Declared(
+            "Area of interest",
+            "A GeoJSON Polygon or MultiPolygon (or a Feature of one) in EPSG:4326; pixels "
+            "outside it are missing, crops outside it are never computed.",
+            {"type": "object", "contentMediaType": "application/geo+json"},
+            "Mask only this GeoJSON (Multi)Polygon (a file; EPSG:4326).",
+            from_flag=lambda v: _geojson_file(v) if v else None,
+            flag={"path": True},
+        ),
+    )
     #: A model of the repository (``name`` or ``name:version_label``); None: the level's.
-    model: str | None = None
+    model: str | None = _declared(
+        None,
+        Declared(
+            "Model",
+            "A model of the Triton repository, as name or name:version_label (default: "
+            "kappamask_l1c or kappamask_l2a by level).",
+            {"type": "string", "minLength": 1},
+            "Model name[:version_label] (default: by level).",
+            from_input=lambda v: text_input({"model": v}, "model", "a model name"),
+        ),
+    )
     #: Compute again even when the output holds a result for the same parameters.
-    overwrite: bool = False
+    overwrite: bool = _declared(
+        False,
+        Declared(
+            "Overwrite",
+            "false (default): when the output already holds a result for the same product, "
+            "model and parameters, return it without computing again.",
+            {"type": "boolean"},
+            "Compute again even when the output holds this result.",
+        ),
+    )
+
     #: Metres by which clouds (opaque and semi-transparent) and cloud shadows are grown.
-    cloud_buffer: float = 0.0
-    shadow_buffer: float = 0.0
+    cloud_buffer: float = _declared(
+        0.0,
+        Declared(
+            "Cloud buffer (m)",
+            "Grow opaque and semi-transparent clouds by this distance over clear and shadow "
+            "pixels (edges of clouds are where masks fail most); never over missing pixels. "
+            "Applied to the mask and the usable-pixel mask.",
+            _buffer_schema(),
+            "Grow clouds (opaque and semi-transparent) by this many metres.",
+        ),
+    )
+    shadow_buffer: float = _declared(
+        0.0,
+        Declared(
+            "Shadow buffer (m)",
+            "Grow cloud shadows by this distance over clear pixels.",
+            _buffer_schema(),
+            "Grow cloud shadows by this many metres.",
+        ),
+    )
     #: Turn cloud shadow that no cloud of the product could cast into clear
     #: (kappamask.assembly.postprocess.ShadowCheck).
-    shadow_check: bool = True
+    shadow_check: bool = _declared(
+        True,
+        Declared(
+            "Shadow check",
+            "true (default): cloud shadow that no cloud of the product could cast (none up-sun "
+            "at a distance a cloud height of 200 m to 12 km explains, from the sun angles of the "
+            "metadata) becomes clear: dark forest, water and soil stay clear. false: the "
+            "model's shadows as they are.",
+            {"type": "boolean"},
+            "Make shadow that no cloud of the product could cast (by the sun's angles) clear.",
+        ),
+    )
     #: The bbox or aoi as a geometry in EPSG:4326 (None: the whole product).
     area: BaseGeometry | None = field(init=False, repr=False, compare=False, default=None)
 
@@ -111,20 +274,21 @@ class RunOptions:
     def from_inputs(cls, data: Mapping[str, Any]) -> RunOptions:
         """The options among an execute request's inputs (JSON as the process receives
         it: ``level`` "auto", ``bbox`` as an array or an OGC bbox object)."""
-        defaults = cls()
-        level = data.get("level", LEVEL_AUTO)
-        return cls(
-            resolution=data.get("resolution", defaults.resolution),
-            resampling=data.get("resampling", defaults.resampling),
-            level=None if level == LEVEL_AUTO else level,
-            bbox=_ogc_bbox(data.get("bbox")),
-            aoi=data.get("aoi"),
-            model=text_input(data, "model", "a model name"),
-            overwrite=data.get("overwrite", defaults.overwrite),
-            cloud_buffer=data.get("cloud_buffer", defaults.cloud_buffer),
-            shadow_buffer=data.get("shadow_buffer", defaults.shadow_buffer),
-            shadow_check=data.get("shadow_check", defaults.shadow_check),
-        )
+        values = {}
+        for name, declared in declarations():
+            if name in data:
+                convert = declared.from_input
+                values[name] = convert(data[name]) if convert else data[name]
+        return cls(**values)
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> RunOptions:
+        """The options among the CLI's flags (``run_option_flags``)."""
+        values = {}
+        for name, declared in declarations():
+            convert = declared.from_flag
+            values[name] = convert(flags[name]) if convert else flags[name]
+        return cls(**values)
 
     def parameters(self, model: ModelSpec) -> dict[str, Any]:
         """What makes two results the same (stored in the STAC item)."""
@@ -141,12 +305,24 @@ class RunOptions:
         }
 
 
-def _ogc_bbox(value: Any) -> Any:
-    """An OGC API bbox input ``{"bbox": [...], "crs": ...}`` unwrapped (CRS84 only); any
-    other value as it is (RunOptions checks it)."""
-    if not isinstance(value, dict):
-        return value
-    crs = str(value.get("crs", "CRS84"))
-    if not crs.upper().endswith(("CRS84", "4326")):
-        raise InvalidInputError("input 'bbox' must be in CRS84 (lon/lat degrees)")
-    return value.get("bbox")
+def declarations() -> list[tuple[str, Declared]]:
+    """Every option's name and declaration, in the order of the process description."""
+    return [
+        (f.name, f.metadata["declared"]) for f in fields(RunOptions) if "declared" in f.metadata
+    ]
+
+
+def input_schema() -> dict[str, dict[str, Any]]:
+    """The options as inputs of the process description (OGC API - Processes)."""
+    defaults = RunOptions()
+    inputs = {}
+    for name, declared in declarations():
+        schema = dict(declared.schema)
+        default = (
+            getattr(defaults, name) if declared.input_default is None else declared.input_default
+        )
+        if default is not None:
+            schema["default"] = default
+        inputs[name] = {"title": declared.title, "description": declared.description,
+                        "schema": schema, "minOccurs": 0, "maxOccurs": 1}  # fmt: skip
+    return inputs

@@ -52,7 +52,7 @@ from kappamask.options import RunOptions
 from kappamask.reading.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
-from kappamask.storage.sinks import Sink, open_sink, output_names
+from kappamask.storage.sinks import OutputTarget, Sink, output_names
 from kappamask.writers.cog import OverviewResampling, StripWriter, scratch_files, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
@@ -487,32 +487,29 @@ def publish(
 
 def run(
     product_ref: ProductRef,
-    output: str | Path,
+    output: OutputTarget | str | Path,
     client: TritonClient,
     options: RunOptions | None = None,
     progress: ProgressFn | None = None,
     cancelled: CancelledFn | None = None,
-    policy: AccessPolicy | None = None,
-    output_base: Path | None = None,
-    public_url: str | None = None,
     overlap: int = TILE_OVERLAP,
 ) -> RunResult:
     """Mask one product and publish its mask, confidence, cloud probability and usable-pixel
     COGs, the preview PNG and the STAC item: plan -> (an identical result? return it) ->
     infer -> publish.
 
-    ``output`` is a folder or ``s3://bucket/prefix`` (relative folders are taken from
-    ``output_base``, which the service serves at ``public_url``); ``policy`` says what may
-    be read and written (default: anything).
+    ``output``: where the results go (an ``OutputTarget``; a plain folder or
+    ``s3://bucket/prefix`` is the command line's, unrestricted); its access policy also
+    says what may be read.
     """
     options = options or RunOptions()
     hooks = RunHooks(progress or _noop_progress, cancelled or _never_cancelled)
     progress = hooks.progress
-    policy = policy or AccessPolicy.unrestricted()
+    target = OutputTarget.of(output)
     started = time.monotonic()
-    planned = plan(product_ref, client, options, policy, overlap)
+    planned = plan(product_ref, client, options, target.policy, overlap)
     product, model, grid = planned.product, planned.model, planned.grid
-    with open_sink(output, policy, output_base, public_url) as sink:
+    with target.open() as sink:
         if not options.overwrite:
             reused = _reuse(sink, planned.names, planned.parameters, started)
             if reused is not None:

@@ -47,27 +47,20 @@ from werkzeug.utils import send_file
 
 from kappamask.access import has_lone_surrogate
 from kappamask.api import site
+from kappamask.settings import OUTPUTS_ROUTE, Settings
 
 LOGGER = logging.getLogger(__name__)
 
-#: Default limit of a request body; an execute request is a few kB (a STAC item or an
-#: AOI polygon of some thousands of vertices stays far below it).
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-MAX_BODY_ENV = "KAPPAMASK_MAX_REQUEST_BYTES"
+#: The settings' defaults: the limits of a guard built without them (tests).
+_DEFAULTS = Settings()
 #: Deepest nesting of arrays and objects a request may hold (a MultiPolygon is 4).
 MAX_JSON_DEPTH = 32
-#: Seconds a request body may take to arrive, whole (a 1 MiB body over a slow mobile link
-#: takes a few); past it, 408 and the connection is closed.
-DEFAULT_READ_TIMEOUT_S = 30.0
-READ_TIMEOUT_ENV = "KAPPAMASK_READ_TIMEOUT_S"
 #: The callback URLs of an execute request's ``subscriber`` (OGC API - Processes).
 SUBSCRIBER_KEYS = ("successUri", "inProgressUri", "failedUri")
 _RESULTS = re.compile(r"/jobs/([^/]+)/results")
 #: Content types of answers that are already machine-readable.
 _JSON_TYPES = ("application/json", "application/problem+json", "application/geo+json")
 
-#: Where the local output folder is served.
-OUTPUTS_ROUTE = "/outputs"
 #: Media types of the files of a result (STAC items are GeoJSON).
 _MEDIA_TYPES = {".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
                 ".json": "application/geo+json", ".png": "image/png"}  # fmt: skip
@@ -152,9 +145,9 @@ class RequestGuard:
     jobs; default: pygeoapi's job manager of this server."""
 
     def __init__(self, app: WSGIApp, triton_ready: Callable[[], bool],
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_body_bytes: int = _DEFAULTS.max_request_bytes,
                  outputs: Path | None = None,
-                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+                 read_timeout_s: float = _DEFAULTS.read_timeout_s,
                  job_status: Callable[[str], str | None] | None = None) -> None:  # fmt: skip
         self.app = app
         self.triton_ready = triton_ready

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pygeoapi.process.base import BaseProcessor
 
-from kappamask import __version__
+from kappamask import __version__, settings
 from kappamask.access import AccessPolicy
-from kappamask.bands import LEVELS, MAX_BUFFER_M, RESOLUTIONS
-from kappamask.errors import InternalError, InvalidInputError, KappaMaskError
+from kappamask.errors import (
+    InferenceUnavailableError,
+    InternalError,
+    InvalidInputError,
+    KappaMaskError,
+)
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import fanout, queue
 from kappamask.jobs.batch import (
@@ -29,18 +31,16 @@ from kappamask.jobs.batch import (
 )
 from kappamask.jobs.failures import record_failure, to_process_error
 from kappamask.jobs.reporting import JobReporter, inference_slot
-from kappamask.options import LEVEL_AUTO, RESAMPLING_METHODS, RunOptions, text_input
+from kappamask.options import RunOptions, input_schema, text_input
 from kappamask.pipeline import PROGRESS_START, run
 from kappamask.sources import ProductRef, describe_reference, open_product
 from kappamask.sources.search import DEFAULT_MAX_ITEMS, SEARCH_KEYS
+from kappamask.storage.sinks import OutputTarget, service_target
 from kappamask.writers.stac_api import check_api
 from kappamask.writers.stac_collection import DEFAULT_COLLECTION_ID
 
 LOGGER = logging.getLogger(__name__)
 
-MAX_JOBS_ENV = "KAPPAMASK_MAX_CONCURRENT_JOBS"
-#: The options' defaults, as the process description shows them.
-_DEFAULTS = RunOptions()
 
 PROCESS_METADATA: dict[str, Any] = {
     "version": __version__,
@@ -82,57 +82,6 @@ PROCESS_METADATA: dict[str, Any] = {
             "maxOccurs": 1,
             "keywords": ["SAFE", "S3", "STAC"],
         },
-        "level": {
-            "title": "Expected processing level",
-            "description": "auto (default): read from the product; L1C or L2A: fail unless "
-            "the product is of this level.",
-            "schema": {"type": "string", "enum": [LEVEL_AUTO, *LEVELS], "default": LEVEL_AUTO},
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "resolution": {
-            "title": "Output resolution (m)",
-            "description": "Ground sampling distance of the mask; every band is resampled to it.",
-            "schema": {
-                "type": "integer",
-                "enum": list(RESOLUTIONS),
-                "default": _DEFAULTS.resolution,
-            },
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "resampling": {
-            "title": "Resampling",
-            "description": "Lanczos (windowed sinc, as in the paper) or bilinear.",
-            "schema": {
-                "type": "string",
-                "enum": list(RESAMPLING_METHODS),
-                "default": _DEFAULTS.resampling,
-            },
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "bbox": {
-            "title": "Bounding box",
-            "description": "[west, south, east, north] in degrees (or an OGC bbox object with "
-            "CRS84): the mask covers only this part of the product.",
-            "schema": {
-                "oneOf": [
-                    {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-                    {"type": "object", "required": ["bbox"]},
-                ]
-            },
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "aoi": {
-            "title": "Area of interest",
-            "description": "A GeoJSON Polygon or MultiPolygon (or a Feature of one) in "
-            "EPSG:4326; pixels outside it are missing, crops outside it are never computed.",
-            "schema": {"type": "object", "contentMediaType": "application/geo+json"},
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
         "output": {
             "title": "Output location",
             "description": "A folder (relative to the server's output folder, or inside its "
@@ -141,58 +90,7 @@ PROCESS_METADATA: dict[str, Any] = {
             "minOccurs": 0,
             "maxOccurs": 1,
         },
-        "model": {
-            "title": "Model",
-            "description": "A model of the Triton repository, as name or name:version_label "
-            "(default: kappamask_l1c or kappamask_l2a by level).",
-            "schema": {"type": "string", "minLength": 1},
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "cloud_buffer": {
-            "title": "Cloud buffer (m)",
-            "description": "Grow opaque and semi-transparent clouds by this distance over "
-            "clear and shadow pixels (edges of clouds are where masks fail most); never over "
-            "missing pixels. Applied to the mask and the usable-pixel mask.",
-            "schema": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": MAX_BUFFER_M,
-                "default": _DEFAULTS.cloud_buffer,
-            },
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "shadow_buffer": {
-            "title": "Shadow buffer (m)",
-            "description": "Grow cloud shadows by this distance over clear pixels.",
-            "schema": {
-                "type": "number",
-                "minimum": 0,
-                "maximum": MAX_BUFFER_M,
-                "default": _DEFAULTS.shadow_buffer,
-            },
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "shadow_check": {
-            "title": "Shadow check",
-            "description": "true (default): cloud shadow that no cloud of the product could "
-            "cast (none up-sun at a distance a cloud height of 200 m to 12 km explains, "
-            "from the sun angles of the metadata) becomes clear: dark forest, water and soil "
-            "stay clear. false: the model's shadows as they are.",
-            "schema": {"type": "boolean", "default": _DEFAULTS.shadow_check},
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
-        "overwrite": {
-            "title": "Overwrite",
-            "description": "false (default): when the output already holds a result for the "
-            "same product, model and parameters, return it without computing again.",
-            "schema": {"type": "boolean", "default": _DEFAULTS.overwrite},
-            "minOccurs": 0,
-            "maxOccurs": 1,
-        },
+        **input_schema(),
     },
     "outputs": {
         "result": {
@@ -297,29 +195,33 @@ BATCH_METADATA = _batch_metadata()
 
 @dataclass(frozen=True)
 class ProcessSettings:
-    """Server-side settings of the process, from the pygeoapi resource definition."""
+    """What the processes take from the service's settings (``kappamask.settings``)."""
 
-    triton_url: str
+    #: None: no Triton configured (jobs fail with 503 saying so).
+    triton_url: str | None
     triton_protocol: str
-    output_dir: Path
-    policy: AccessPolicy
     #: Inference pipelines one API process runs at once; further jobs wait (accepted).
     max_jobs: int
-    #: Where the service serves output_dir over HTTP (results name their files by it).
-    outputs_url: str | None = None
+    #: The service's output folder, its access policy and the URL it is served at.
+    service: OutputTarget
 
     @classmethod
-    def from_definition(cls, definition: dict[str, Any]) -> ProcessSettings:
-        output_dir = Path(str(definition.get("output_dir") or "kappamask-results")).resolve()
-        max_jobs = definition.get("max_concurrent_jobs") or os.environ.get(MAX_JOBS_ENV) or 2
+    def from_settings(cls, config: settings.Settings) -> ProcessSettings:
         return cls(
-            triton_url=str(definition.get("triton_url") or "127.0.0.1:8000"),
-            triton_protocol=str(definition.get("triton_protocol") or "http"),
-            output_dir=output_dir,
-            policy=AccessPolicy.for_server(definition, output_dir),
-            max_jobs=max(1, int(max_jobs)),
-            outputs_url=str(definition.get("outputs_url") or "") or None,
+            triton_url=config.triton_url,
+            triton_protocol=config.triton_protocol,
+            max_jobs=max(1, config.max_concurrent_jobs),
+            service=service_target(config),
         )
+
+    @property
+    def policy(self) -> AccessPolicy:
+        return self.service.policy
+
+    def target(self, output: str | None) -> OutputTarget:
+        """Where a job's results go: ``output`` (relative to the output folder), or the
+        output folder itself."""
+        return self.service.at(output)
 
 
 def _check_names(data: Any, metadata: dict[str, Any]) -> None:
@@ -356,7 +258,7 @@ class KappaMaskProcessor(BaseProcessor):
 
     def __init__(self, processor_def: dict[str, Any]) -> None:
         super().__init__(processor_def, self.METADATA)
-        self.settings = ProcessSettings.from_definition(processor_def)
+        self.settings = ProcessSettings.from_settings(settings.current())
         self.job_id: str | None = None
         #: The product of this processor's job, once opened (its finished job names it).
         self.subject: str | None = None
@@ -390,10 +292,8 @@ class KappaMaskProcessor(BaseProcessor):
         product = open_product(reference, self.settings.policy)
         job.subject = self.subject = describe_reference(product)
         with self._client(job, PROGRESS_START, "inference") as client:
-            result = run(product, output or self.settings.output_dir, client, options,
-                         progress=job.update, cancelled=job.cancelled,
-                         policy=self.settings.policy, output_base=self.settings.output_dir,
-                         public_url=self.settings.outputs_url)  # fmt: skip
+            result = run(product, self.settings.target(output), client, options,
+                         progress=job.update, cancelled=job.cancelled)  # fmt: skip
         return result.to_json()
 
     @contextmanager
@@ -402,6 +302,10 @@ class KappaMaskProcessor(BaseProcessor):
         waits), then a Triton client for the job."""
         with inference_slot(self.settings.max_jobs, job):
             job.update(percent, f"running: {what}")
+            if self.settings.triton_url is None:
+                raise InferenceUnavailableError(
+                    "this service has no Triton: KAPPAMASK_TRITON_URL is not set"
+                )
             with TritonClient(self.settings.triton_url, self.settings.triton_protocol) as client:
                 yield client
 
@@ -497,14 +401,11 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
         batch = parse_batch_inputs(data)
         if queue.in_worker() and self.job_id is not None:
             # every child has finished (fan_out): the collection and their outcomes
-            return fanout.finish(self.job_id, self.settings).to_json()
+            return fanout.finish(self.job_id, self.settings.service).to_json()
         with self._client(job, 1, f"{len(batch.products)} products") as client:
-            result = run_batch(batch.products, batch.output or self.settings.output_dir, client,
-                               batch.options, self.settings.policy, batch.collection_id,
-                               progress=job.update, cancelled=job.cancelled,
-                               output_base=self.settings.output_dir,
-                               public_url=self.settings.outputs_url,
-                               stac_api_url=batch.stac_api)  # fmt: skip
+            result = run_batch(batch.products, self.settings.target(batch.output), client,
+                               batch.options, batch.collection_id, progress=job.update,
+                               cancelled=job.cancelled, stac_api_url=batch.stac_api)  # fmt: skip
         return result.to_json()
 
     def __repr__(self) -> str:

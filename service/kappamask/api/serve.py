@@ -11,42 +11,35 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from kappamask.access import roots_from_env
+import yaml
+
+from kappamask import settings
 from kappamask.api import site
-from kappamask.api.guard import (
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_READ_TIMEOUT_S,
-    MAX_BODY_ENV,
-    OUTPUTS_ROUTE,
-    READ_TIMEOUT_ENV,
-    RequestGuard,
-)
+from kappamask.api.guard import RequestGuard
 from kappamask.api.ogc import OGCAnswers, openapi_document
 from kappamask.bands import LEVELS
 from kappamask.errors import KappaMaskError
 from kappamask.inference.model_spec import ORIGIN_OFFICIAL
-from kappamask.inference.repository import DEFAULT_REPOSITORY
 from kappamask.inference.server import triton_endpoint
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import queue
 from kappamask.jobs.reporting import fail_interrupted_jobs
+from kappamask.settings import Settings
 from kappamask.storage.sinks import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
 
-#: "false": the output folder is not served at /outputs (results name server paths).
-SERVE_OUTPUTS_ENV = "KAPPAMASK_SERVE_OUTPUTS"
-#: The URL of the served output folder, as results name their files.
-OUTPUTS_URL_ENV = "KAPPAMASK_OUTPUTS_URL"
-
+#: The pygeoapi configuration the launchers fill in (pygeoapi-config.yml at the project's
+#: root; KAPPAMASK_PYGEOAPI_CONFIG names another, e.g. a deployment's ConfigMap).
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "pygeoapi-config.yml"
 
 
@@ -54,35 +47,43 @@ def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def prepare_environment(
-    config: Path,
-    triton_url: str,
-    protocol: str,
-    output_dir: Path,
-    data_roots: Sequence[Path],
-    host: str,
-    port: int,
-) -> None:
-    """Set what pygeoapi-config.yml substitutes, and write the OpenAPI document pygeoapi needs."""
-    os.environ.update(
-        {
-            "KAPPAMASK_TRITON_URL": triton_url,
-            "KAPPAMASK_TRITON_PROTOCOL": protocol,
-            "KAPPAMASK_OUTPUT_DIR": str(output_dir.resolve()),
-            "KAPPAMASK_DATA_ROOTS": ":".join(str(p.resolve()) for p in data_roots),
-            "KAPPAMASK_HOST": host,
-            "KAPPAMASK_PORT": str(port),
-        }
-    )
-    os.environ.setdefault("KAPPAMASK_PUBLIC_URL", f"http://localhost:{port}")
-    # pygeoapi's job manager needs an existing folder for job results and its database.
-    jobs = output_dir.resolve() / ".jobs"
-    os.environ.setdefault("KAPPAMASK_JOB_OUTPUT_DIR", str(jobs))
-    os.environ.setdefault("KAPPAMASK_JOBS_DB", str(jobs / "jobs.tinydb"))
-    Path(os.environ["KAPPAMASK_JOB_OUTPUT_DIR"]).mkdir(parents=True, exist_ok=True)
-    openapi = Path(tempfile.gettempdir()) / f"kappamask-openapi-{port}.yml"
-    openapi.write_text(openapi_document(config))
-    os.environ["PYGEOAPI_CONFIG"] = str(config.resolve())
+def render_config(template: Path, config: Settings) -> dict[str, Any]:
+    """pygeoapi's configuration: ``template`` (its own ``${VAR}`` substituted as pygeoapi
+    does) with the server's address, URL, job manager and log level from ``config``."""
+    from pygeoapi.util import yaml_load
+
+    with template.open() as fh:
+        document: dict[str, Any] = yaml_load(fh)
+    server = document.setdefault("server", {})
+    server["bind"] = {"host": config.host, "port": config.port}
+    server["url"] = config.api_url
+    server["manager"] = {"name": config.job_manager, "connection": config.jobs_database,
+                         "output_dir": f"{config.jobs_folder}/"}  # fmt: skip
+    document.setdefault("logging", {})["level"] = config.log_level
+    return document
+
+
+def write_config(folder: Path, config: Settings, template: Path | None = None) -> Path:
+    """pygeoapi's configuration for ``config`` (``render_config`` of ``template``, default
+    the settings' own) written into ``folder``; its path."""
+    template = template or config.pygeoapi_config or DEFAULT_CONFIG
+    resolved = folder / "pygeoapi-config.yml"
+    resolved.write_text(yaml.safe_dump(render_config(template, config), sort_keys=False))
+    return resolved
+
+
+def prepare_pygeoapi(stack: ExitStack, config: Settings) -> None:
+    """Install ``config`` as this process's settings, write pygeoapi's configuration and
+    OpenAPI document to a scratch folder (removed with ``stack``) and point pygeoapi at
+    them: it reads both paths from the environment, and only there."""
+    settings.use(config)
+    config.jobs_folder.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="kappamask-pygeoapi-"))
+    stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+    resolved = write_config(scratch, config)
+    openapi = scratch / "openapi.yml"
+    openapi.write_text(openapi_document(resolved))
+    os.environ["PYGEOAPI_CONFIG"] = str(resolved)
     os.environ["PYGEOAPI_OPENAPI"] = str(openapi)
 
 
@@ -153,90 +154,55 @@ def _quiet_logs() -> None:
         logging.getLogger(name).addFilter(_ClientErrorTracebacks())
 
 
-def served_outputs() -> Path | None:
-    """The output folder the service serves at /outputs (KAPPAMASK_OUTPUT_DIR, unless
-    KAPPAMASK_SERVE_OUTPUTS is false: results on S3, or a web server of its own)."""
-    folder = os.environ.get("KAPPAMASK_OUTPUT_DIR")
-    if not folder or os.environ.get(SERVE_OUTPUTS_ENV, "true").lower() in ("false", "0", "no"):
-        return None
-    return Path(folder).resolve()
-
-
-def set_outputs_url() -> Path | None:
-    """Where results are named from (pygeoapi-config.yml: outputs_url): the API's public
-    URL of the served output folder. Set before pygeoapi reads its configuration, in the
-    API and in the queue's workers alike; the served folder, if any."""
-    outputs = served_outputs()
-    if outputs is not None:
-        public = os.environ.get("KAPPAMASK_PUBLIC_URL", "http://localhost:5000").rstrip("/")
-        os.environ.setdefault(OUTPUTS_URL_ENV, public + OUTPUTS_ROUTE)
-    return outputs
-
-
 def guarded_app(triton_ready: Callable[[], bool]) -> Any:
-    """pygeoapi's Flask app (configured from the environment) behind the request guard,
-    with quiet logs: what `kappamask serve` and the deployment's gunicorn (kappamask.api.wsgi)
-    both serve."""
+    """pygeoapi's Flask app (configured by ``prepare_pygeoapi``) behind the request guard,
+    with quiet logs: what `kappamask serve` and the deployment's gunicorn
+    (kappamask.api.wsgi) both serve."""
+    config = settings.current()
     _quiet_logs()
-    outputs = set_outputs_url()
     from pygeoapi.flask_app import APP, CONFIG, api_
 
     # the service's own page frame and pages first, pygeoapi's for the rest (kappamask.api.site)
     # (pygeoapi keeps a copy of its configuration for pages of a resource: both)
-    for config in (api_.config, api_.tpl_config):
-        config["server"].setdefault("templates", {})["path"] = str(site.TEMPLATES)
+    for document in (api_.config, api_.tpl_config):
+        document["server"].setdefault("templates", {})["path"] = str(site.TEMPLATES)
 
-    limit = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES)
     if not isinstance(APP.wsgi_app, RequestGuard):
         ogc = OGCAnswers(APP.wsgi_app, CONFIG["server"]["url"])
-        APP.wsgi_app = RequestGuard(ogc, triton_ready, limit, outputs, read_timeout())
+        APP.wsgi_app = RequestGuard(ogc, triton_ready, config.max_request_bytes,
+                                    config.served_outputs, config.read_timeout_s)  # fmt: skip
     return APP
 
 
-def read_timeout() -> float:
-    """Seconds a request (its headers, then its whole body) may take to arrive."""
-    return float(os.environ.get(READ_TIMEOUT_ENV) or DEFAULT_READ_TIMEOUT_S)
-
-
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 5000,
-    triton_url: str | None = None,
-    protocol: str = "http",
-    output_dir: Path = Path("kappamask-results"),
-    data_roots: Sequence[Path] | None = None,
-    config: Path = DEFAULT_CONFIG,
-    repository: Path = DEFAULT_REPOSITORY,
-) -> None:
-    """Run the service until interrupted. ``data_roots`` None: ``KAPPAMASK_DATA_ROOTS``
-    if set, else the current folder."""
+def serve(config: Settings) -> None:
+    """Run the service until interrupted, with a local Triton unless ``config`` names one."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # Ctrl-C stops the service even when it was started with SIGINT ignored (a background
     # job of a non-interactive shell, nohup): Python keeps an inherited SIG_IGN
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    roots = list(data_roots) if data_roots else (roots_from_env() or [Path(".")])
     with ExitStack() as stack:
-        triton = triton_endpoint(stack, triton_url, protocol, repository)
-        with TritonClient(triton.url, protocol) as client:
+        triton = triton_endpoint(stack, config)
+        with TritonClient(triton.url, config.triton_protocol) as client:
             try:
                 client.wait_ready()
                 log_served_models(client)
             except KappaMaskError as err:  # external Triton down: serve, answer 503 meanwhile
                 LOGGER.error("%s: jobs fail with 503 until it answers", err)
-        prepare_environment(config, triton.url, protocol, output_dir, roots, host, port)
-        stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
-        recover(output_dir.resolve())
+        config = config.replace(triton_url=triton.url)
+        prepare_pygeoapi(stack, config)
+        recover(config.output_dir.resolve())
         app = guarded_app(triton.ready)
         from werkzeug.serving import WSGIRequestHandler, run_simple
 
         class TimedHandler(WSGIRequestHandler):
             # a connection that sends no (or half a) request line and headers is closed
             # after this, instead of holding its thread (the guard bounds the body)
-            timeout = read_timeout()
+            timeout = config.read_timeout_s
 
-        LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", host, port, triton.url)
+        LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", config.host, config.port,
+                    triton.url)  # fmt: skip
         try:
-            run_simple(host, port, app, threaded=True, use_reloader=False,
+            run_simple(config.host, config.port, app, threaded=True, use_reloader=False,
                        request_handler=TimedHandler)  # fmt: skip
         except KeyboardInterrupt:
             LOGGER.info("stopping")

@@ -5,29 +5,23 @@ classes keep to FP32's (``model_spec.auto_precision``): the INT8 variant where i
 agreement allows, else bfloat16 where the CPU computes it natively (Intel AMX or
 AVX512-BF16: OpenVINO's BF16 capability) and the model's agreement allows, else FP32;
 ONNX Runtime where the openvino package is missing. `kappamask serve` and `kappamask run`
-judge the host the same way for the Triton they start, log it, and keep it in
-``HOST_RUNTIME_ENV`` / ``HOST_PRECISION_ENV`` so that every result of this process records
-how its mask was computed (``resolve``).
+judge the host the same way for the Triton they start, log it, and remember it so that
+every result of this process records how its mask was computed (``resolve``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
+from kappamask import settings
 from kappamask.inference.model_spec import PRECISION_AUTO, auto_precision
 
 LOGGER = logging.getLogger(__name__)
 
-#: Set by the process that starts a local Triton: the runtime of its CPU models and the
-#: floating-point precision this CPU computes natively (bf16 or f32).
-HOST_RUNTIME_ENV = "KAPPAMASK_HOST_RUNTIME"
-HOST_PRECISION_ENV = "KAPPAMASK_HOST_PRECISION"
-#: Force a runtime (openvino, onnxruntime) or a precision (bf16, f32, int8) of the CPU
-#: models of a local Triton: read by cpu_model.py in Triton's environment, and here.
-CPU_RUNTIME_ENV = "KAPPAMASK_CPU_RUNTIME"
-CPU_PRECISION_ENV = "KAPPAMASK_CPU_PRECISION"
+#: Set once this process has started a local Triton: the runtime of its CPU models and
+#: the floating-point precision this CPU computes natively (bf16 or f32).
+_HOST: tuple[str, str] | None = None
 #: CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic.
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -47,16 +41,15 @@ def host_runtime() -> tuple[str, str]:
     """(runtime, precision) of CPU models on this host before each model's agreements
     are weighed: OpenVINO in bf16 (native bfloat16) or f32, or ONNX Runtime when the
     openvino package is missing."""
-    forced = os.environ.get(CPU_RUNTIME_ENV)
-    if forced == "onnxruntime":
+    config = settings.current()
+    if config.cpu_runtime == "onnxruntime":
         return "onnxruntime", "f32"
     try:
         import openvino as ov
     except ImportError:
         return "onnxruntime", "f32"
-    requested = os.environ.get(CPU_PRECISION_ENV, "auto")
-    if requested != "auto":
-        return "openvino", requested
+    if config.cpu_precision != PRECISION_AUTO:
+        return "openvino", config.cpu_precision
     try:
         capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # no CPU plugin: judge by the flags
@@ -72,8 +65,8 @@ def announce_host_runtime() -> str:
     LOGGER.info("CPU models run with %s; floating point in %s (%s), INT8 variants where "
                 "their measured agreement allows", runtime, precision,
                 ", ".join(flags))  # fmt: skip
-    os.environ[HOST_RUNTIME_ENV] = runtime
-    os.environ[HOST_PRECISION_ENV] = precision
+    global _HOST
+    _HOST = runtime, precision
     return f"{runtime}, {precision}"
 
 
@@ -88,11 +81,10 @@ def resolve(
     local Triton this process started (as cpu_model.py decides, from the host's bfloat16
     and the model's measured agreements); unchanged where this process started none, or
     for a precision the config fixes."""
-    host_precision = os.environ.get(HOST_PRECISION_ENV)
-    if precision != PRECISION_AUTO or host_precision is None:
+    if precision != PRECISION_AUTO or _HOST is None:
         return runtime, precision
-    runtime = os.environ.get(HOST_RUNTIME_ENV, runtime)
-    forced = os.environ.get(CPU_PRECISION_ENV, PRECISION_AUTO)
+    runtime, host_precision = _HOST
+    forced = settings.current().cpu_precision
     if forced != PRECISION_AUTO:
         return runtime, forced
     cpu_has_bf16 = runtime == "openvino" and host_precision == "bf16"

@@ -28,19 +28,19 @@ from pathlib import Path
 
 import requests
 
+from kappamask import settings
 from kappamask.errors import InferenceUnavailableError, NoModelError
 from kappamask.inference.cpu import announce_host_runtime
 from kappamask.inference.repository import DEFAULT_REPOSITORY, servable_models
+from kappamask.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0
 #: Restarts of a Triton that died, before the supervisor gives up (health stays 503).
 MAX_RESTARTS = 5
-#: Seconds before the first restart (``KAPPAMASK_TRITON_RESTART_DELAY_S``); doubled after
-#: each failed one. Within the client's retries (3.5 s) a running job may not notice at all.
-RESTART_DELAY_ENV = "KAPPAMASK_TRITON_RESTART_DELAY_S"
-RESTART_BACKOFF_S = 1.0
+# The first restart waits ``Settings.triton_restart_delay_s`` (1 s: within the client's
+# retries of 3.5 s a running job may not notice at all), doubled after each failed one.
 #: A Triton up this long since its last restart has its restart budget back.
 STABLE_AFTER_S = 300.0
 
@@ -92,7 +92,7 @@ def _environment(root: Path) -> dict[str, str]:
     ]
     env["LD_LIBRARY_PATH"] = ":".join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.setdefault("KAPPAMASK_ORT_THREADS", str(os.cpu_count() or 1))
+    env.update(settings.current().triton_environment())
     return env
 
 
@@ -246,7 +246,7 @@ class LocalTriton:
                     process.returncode, self.restarts, tail,
                 )  # fmt: skip
                 return
-            first = float(os.environ.get(RESTART_DELAY_ENV) or RESTART_BACKOFF_S)
+            first = settings.current().triton_restart_delay_s
             delay = first * 2**self.restarts
             self.restarts += 1
             LOGGER.error(
@@ -311,19 +311,15 @@ class TritonEndpoint:
     ready: Callable[[], bool]
 
 
-def triton_endpoint(
-    stack: contextlib.ExitStack,
-    url: str | None,
-    protocol: str = "http",
-    repository: Path = DEFAULT_REPOSITORY,
-) -> TritonEndpoint:
-    """``url`` (a Triton someone else runs), or a supervised local Triton on
-    ``repository`` that stops when ``stack`` closes: what `run` and `serve` both do."""
-    if url is not None:
+def triton_endpoint(stack: contextlib.ExitStack, config: Settings) -> TritonEndpoint:
+    """``config``'s Triton (one someone else runs), or a supervised local Triton on its
+    model repository that stops when ``stack`` closes: what `run`, `serve` and `worker` do."""
+    protocol = config.triton_protocol
+    if config.triton_url is not None:
         from kappamask.inference.triton import server_ready
 
-        external = url
-        return TritonEndpoint(url, protocol, lambda: server_ready(external, protocol))
-    triton = stack.enter_context(LocalTriton(repository))
+        external = config.triton_url
+        return TritonEndpoint(external, protocol, lambda: server_ready(external, protocol))
+    triton = stack.enter_context(LocalTriton(config.model_repository or DEFAULT_REPOSITORY))
     local = triton.grpc_url if protocol == "grpc" else triton.http_url
     return TritonEndpoint(local, protocol, lambda: triton.ready)

@@ -26,7 +26,7 @@ from kappamask.options import RunOptions
 from kappamask.pipeline import ProgressFn, run
 from kappamask.sources import ProductRef, describe_reference
 from kappamask.sources.search import search_items
-from kappamask.storage.sinks import open_sink, output_names
+from kappamask.storage.sinks import OutputTarget, output_names
 from kappamask.writers import stac_api
 from kappamask.writers.stac_collection import (
     COLLECTION_FILE,
@@ -124,15 +124,12 @@ def outcome_of(name: str, result: dict[str, Any]) -> ProductOutcome:
 
 def run_batch(
     products: Sequence[ProductRef],
-    output: str | Path,
+    output: OutputTarget | str | Path,
     client: TritonClient,
     options: RunOptions | None = None,
-    policy: AccessPolicy | None = None,
     collection_id: str = DEFAULT_COLLECTION_ID,
     progress: ProgressFn | None = None,
     cancelled: Callable[[], bool] | None = None,
-    output_base: Path | None = None,
-    public_url: str | None = None,
     stac_api_url: str | None = None,
 ) -> BatchResult:
     """Mask every product of ``products`` into ``output``, one after another, and publish
@@ -147,9 +144,10 @@ def run_batch(
     report = progress or (lambda _p, _m: None)
     is_cancelled = cancelled or (lambda: False)
     total = len(products)
-    collection = CollectionWriter(output, policy or AccessPolicy.unrestricted(), output_base,
-                                  public_url, collection_id, describe(total, options),
-                                  stac_api=stac_api_url)  # fmt: skip
+    target = OutputTarget.of(output)
+    collection = CollectionWriter(
+        target, collection_id, describe(total, options), stac_api=stac_api_url
+    )
     result = BatchResult(collection=collection.publish(), collection_id=collection_id)
     for index, ref in enumerate(products):
         name = describe_reference(ref)
@@ -162,8 +160,7 @@ def run_batch(
                    f"product {index + 1}/{total} ({name}): {message}")  # fmt: skip
 
         try:
-            run_result = run(ref, output, client, options, product_progress, is_cancelled,
-                             collection.policy, output_base, public_url)  # fmt: skip
+            run_result = run(ref, target, client, options, product_progress, is_cancelled)
         except CancelledError:
             raise
         except KappaMaskError as err:
@@ -183,10 +180,7 @@ class CollectionWriter:
     """The batch's ``collection.json`` over the items linked so far (in the order linked),
     written again, staged and moved in whole, each time an item joins."""
 
-    output: str | Path
-    policy: AccessPolicy
-    output_base: Path | None
-    public_url: str | None
+    target: OutputTarget
     collection_id: str
     description: str
     #: item file name -> the item as linked (with its collection links)
@@ -199,7 +193,7 @@ class CollectionWriter:
     def publish(self, *product_ids: str) -> str:
         """Link the items of ``product_ids`` (published by their runs; those linked already
         are skipped) and write the collection; the collection's href."""
-        with open_sink(self.output, self.policy, self.output_base, self.public_url) as sink:
+        with self.target.open() as sink:
             names = []
             for product_id in product_ids:
                 new_item = output_names(product_id)["item"]
@@ -227,7 +221,7 @@ class CollectionWriter:
         assert self.stac_api is not None
         try:
             stac_api.publish_collection(self.stac_api, collection, hrefs[COLLECTION_FILE],
-                                        self.policy)  # fmt: skip
+                                        self.target.policy)  # fmt: skip
             failed = ""
         except KappaMaskError as err:
             LOGGER.warning("collection %s not published: %s", self.collection_id, err)
@@ -238,7 +232,9 @@ class CollectionWriter:
             self.published[name] = failed
             if not failed:
                 try:
-                    stac_api.publish_item(self.stac_api, self.linked[name], href, self.policy)
+                    stac_api.publish_item(
+                        self.stac_api, self.linked[name], href, self.target.policy
+                    )
                 except KappaMaskError as err:
                     LOGGER.warning("item %s not published: %s", name, err)
                     self.published[name] = str(err)

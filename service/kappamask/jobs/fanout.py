@@ -22,12 +22,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
-from pathlib import Path
 from typing import Any
 
 from pygeoapi.util import JobStatus
 
-from kappamask.access import AccessPolicy
 from kappamask.errors import InternalError
 from kappamask.jobs import queue
 from kappamask.jobs.batch import BatchResult, CollectionWriter, ProductOutcome, outcome_of
@@ -35,6 +33,7 @@ from kappamask.jobs.callbacks import JobSubscriber, deliver
 from kappamask.jobs.failures import message_text
 from kappamask.jobs.reporting import find_job, job_status, now
 from kappamask.sources import ProductRef, describe_reference
+from kappamask.storage.sinks import OutputTarget, service_target
 
 LOGGER = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def _redis() -> Any:
 
     url = queue.broker_url()
     if url is None:
-        raise InternalError(f"no job queue: {queue.BROKER_ENV} is not set")
+        raise InternalError("no job queue: KAPPAMASK_BROKER_URL is not set")
     return redis.Redis.from_url(url)
 
 
@@ -131,7 +130,7 @@ def fan_out(
                     description, finish_task, stac_api=stac_api_url)  # fmt: skip
         _save(plan)  # before any child exists: a second run finds the same children
         if urls and urls[1]:
-            policy = manager.get_processor(task.process_id).settings.policy
+            policy = service_target().policy
             subscriber = JobSubscriber(*urls, batch_id, task.process_id, policy)
             deliver(subscriber.in_progress_uri,
                     subscriber.status_info(JobStatus.running.value, "job started", 0),
@@ -190,16 +189,13 @@ def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
     return outcome
 
 
-def _writer(plan: BatchPlan, settings: Any) -> CollectionWriter:
-    policy: AccessPolicy = settings.policy
-    output: str | Path = plan.output or settings.output_dir
-    return CollectionWriter(output, policy, settings.output_dir, settings.outputs_url,
-                            plan.collection_id, plan.description, plan.linked, plan.stac_api,
-                            plan.published)  # fmt: skip
+def _writer(plan: BatchPlan, service: OutputTarget) -> CollectionWriter:
+    return CollectionWriter(service.at(plan.output), plan.collection_id, plan.description,
+                            plan.linked, plan.stac_api, plan.published)  # fmt: skip
 
 
 def collect(
-    manager: Any, plan: BatchPlan, settings: Any, children: Sequence[str] | None = None
+    manager: Any, plan: BatchPlan, service: OutputTarget, children: Sequence[str] | None = None
 ) -> BatchResult:
     """Look at ``children`` (default: every child not known to have finished), link the
     items of those that have succeeded into the collection (one write of it) and remember
@@ -211,7 +207,7 @@ def collect(
     new = [found for child in looked if (found := _outcome(manager, child, names[child]))]
     for outcome in new:
         plan.done[str(outcome.job)] = outcome.to_json()
-    writer = _writer(plan, settings)
+    writer = _writer(plan, service)
     result = BatchResult(collection="", collection_id=plan.collection_id)
     result.collection = writer.publish(*(str(outcome.product_id) for outcome in new
                                          if outcome.status == "successful"))  # fmt: skip
@@ -237,9 +233,8 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         status = job_status(batch_id, manager)
         if status is None or status in queue.FINISHED:
             return
-        processor = manager.get_processor(plan.task.process_id)
         looked = None if queued or child is None else [child]
-        result = collect(manager, plan, processor.settings, looked)
+        result = collect(manager, plan, service_target(), looked)
         _save(plan)
         finished = len(result.products)
         total = len(plan.children)
@@ -259,7 +254,7 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         _save(plan)
 
 
-def finish(batch_id: str, settings: Any) -> BatchResult:
+def finish(batch_id: str, service: OutputTarget) -> BatchResult:
     """The result of a batch whose children have all finished (its execute, on the
     worker that advanced it last)."""
     plan = load(batch_id)
@@ -267,7 +262,7 @@ def finish(batch_id: str, settings: Any) -> BatchResult:
         raise InternalError(f"batch {batch_id} has no plan on the queue")
     if len(plan.done) < len(plan.children):
         raise InternalError(f"batch {batch_id} finished with products left")
-    writer = _writer(plan, settings)
+    writer = _writer(plan, service)
     result = BatchResult(collection=writer.publish(), collection_id=plan.collection_id,
                          products=[ProductOutcome(**plan.done[c]) for c in plan.children],
                          stac_api=writer.api_report())  # fmt: skip

@@ -42,7 +42,7 @@ from kappamask.jobs.failures import (
     take_failure,
     to_process_error,
 )
-from kappamask.storage.sinks import delete_published
+from kappamask.storage.sinks import delete_published, service_target
 
 LOGGER = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ErrorStatusMixin:
                 p, job_id, data_dict, requested_outputs, subscriber, requested_response
             )
         if isinstance(subscriber, Subscriber):  # bind it to this job
-            policy = getattr(getattr(p, "settings", None), "policy", None)
+            policy = service_target().policy
             process_id = str(p.metadata.get("id", ""))
             subscriber = JobSubscriber.bind(subscriber, job_id, process_id, policy)
         # a document is OGC's results document, recorded as such (kappamask.api.ogc); pygeoapi
@@ -168,24 +168,14 @@ class ErrorStatusMixin:
         }
         super().update_job(job_id, dismissed)  # type: ignore[misc]
         if result is not None:
-            settings = getattr(self._processor_of(job), "settings", None)
-            if settings is not None:
-                deleted = delete_published(result, settings.output_dir, settings.outputs_url,
-                                           settings.policy)  # fmt: skip
-                LOGGER.info("job %s dismissed: %d published file(s) deleted", job_id,
-                            len(deleted))  # fmt: skip
+            deleted = delete_published(result, service_target())
+            LOGGER.info("job %s dismissed: %d published file(s) deleted", job_id, len(deleted))
         location = job.get("location")
         if location:
             Path(str(location)).unlink(missing_ok=True)
         if queue.broker_url() is not None:
             self._dismiss_children(job_id)
         return True
-
-    def _processor_of(self, job: dict[str, Any]) -> Any:
-        try:
-            return self.get_processor(str(job.get("process_id")))  # type: ignore[attr-defined]
-        except Exception:  # a process no longer configured: nothing of ours to delete
-            return None
 
     @staticmethod
     def _result_of(job: dict[str, Any]) -> Any:
@@ -223,10 +213,10 @@ class ErrorStatusMixin:
         data = kwargs.get("data_dict", args[1] if len(args) > 1 else None)
         if process_id is not None:
             processor = self.get_processor(process_id)  # type: ignore[attr-defined]
-            policy = getattr(getattr(processor, "settings", None), "policy", None)
+            policy = service_target().policy
             prepare = getattr(processor, "prepare", None)
             try:
-                if subscriber is not None and policy is not None:
+                if subscriber is not None:
                     check_subscriber(subscriber, policy)
                 if prepare is not None and isinstance(data, dict):
                     prepare(data)

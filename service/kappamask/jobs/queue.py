@@ -22,7 +22,6 @@ worker takes it is acknowledged and dropped.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from functools import cache
@@ -32,6 +31,7 @@ from kombu.exceptions import OperationalError
 from pygeoapi.util import JobStatus, Subscriber
 from redis.exceptions import RedisError
 
+from kappamask import settings
 from kappamask.errors import (
     InferenceUnavailableError,
     InternalError,
@@ -42,23 +42,18 @@ from kappamask.storage.sinks import remove_stale_staging
 
 LOGGER = logging.getLogger(__name__)
 
-BROKER_ENV = "KAPPAMASK_BROKER_URL"
-VISIBILITY_ENV = "KAPPAMASK_QUEUE_VISIBILITY_S"
-DEFAULT_VISIBILITY_S = 3 * 3600
 QUEUE = "kappamask"
 TASK = "kappamask.run_job"
-#: Set in worker processes: there the manager runs jobs instead of enqueueing them.
-WORKER_ENV = "KAPPAMASK_QUEUE_WORKER"
 FINISHED = {JobStatus.successful.value, JobStatus.failed.value, JobStatus.dismissed.value}
 
 
 def broker_url() -> str | None:
     """The broker jobs are queued on, or None (jobs run in the API process's threads)."""
-    return os.environ.get(BROKER_ENV) or None
+    return settings.current().broker_url
 
 
 def in_worker() -> bool:
-    return os.environ.get(WORKER_ENV) == "1"
+    return settings.current().queue_worker
 
 
 def queued() -> bool:
@@ -73,7 +68,7 @@ def app() -> Any:
 
     url = broker_url()
     if url is None:
-        raise InternalError(f"no job queue: {BROKER_ENV} is not set")
+        raise InternalError("no job queue: KAPPAMASK_BROKER_URL is not set")
     # the result backend carries a synchronous job's outcome (its error class) back to the
     # API process that waits for it
     celery = Celery("kappamask", broker=url, backend=url)
@@ -84,9 +79,7 @@ def app() -> Any:
         task_default_queue=QUEUE,
         task_serializer="json",
         accept_content=["json"],
-        broker_transport_options={
-            "visibility_timeout": int(os.environ.get(VISIBILITY_ENV, DEFAULT_VISIBILITY_S))
-        },
+        broker_transport_options={"visibility_timeout": settings.current().queue_visibility_s},
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
@@ -198,9 +191,9 @@ def run_job(*args: Any) -> dict[str, Any]:
             return {"status": JobStatus.running.value}
     elif status == JobStatus.running.value:
         LOGGER.warning("job %s was running on a worker that died: running it again", job_id)
-        settings = getattr(processor, "settings", None)
-        if settings is not None and settings.output_dir.exists():
-            remove_stale_staging(settings.output_dir)  # what the dead worker left half-written
+        output_dir = settings.current().output_dir
+        if output_dir.exists():
+            remove_stale_staging(output_dir)  # what the dead worker left half-written
     processor.set_job_id(job_id)
     _fmt, _outputs, final = manager._execute_handler_sync(
         processor, job_id, job.data, job.requested_outputs, job.subscriber, job.requested_response

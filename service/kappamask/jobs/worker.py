@@ -14,49 +14,35 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
 from contextlib import ExitStack
-from pathlib import Path
 
-from kappamask.access import roots_from_env
 from kappamask.api.process import register_batch
-from kappamask.api.serve import DEFAULT_CONFIG, prepare_environment, set_outputs_url
+from kappamask.api.serve import prepare_pygeoapi
+from kappamask.errors import ConfigurationError
 from kappamask.inference.server import triton_endpoint
 from kappamask.inference.triton import TritonClient
 from kappamask.jobs import queue
+from kappamask.settings import Settings
 
 LOGGER = logging.getLogger(__name__)
 
 
-def work(
-    broker_url: str,
-    triton_url: str | None,
-    protocol: str,
-    output_dir: Path,
-    data_roots: Sequence[Path] | None,
-    repository: Path,
-    public_url: str,
-    config: Path = DEFAULT_CONFIG,
-) -> None:
-    """Take jobs from the queue at ``broker_url`` until stopped; results are named by the
-    API's ``public_url`` (the API serves the shared output folder)."""
-    os.environ[queue.BROKER_ENV] = broker_url
-    os.environ["KAPPAMASK_PUBLIC_URL"] = public_url
-    os.environ[queue.WORKER_ENV] = "1"
-    roots = list(data_roots) if data_roots else (roots_from_env() or [Path(".")])
+def work(config: Settings) -> None:
+    """Take jobs from the queue at ``config.broker_url`` until stopped; results are named by
+    the API's public URL (the API serves the shared output folder)."""
+    if config.broker_url is None:
+        raise ConfigurationError("a worker needs the job queue: KAPPAMASK_BROKER_URL")
     with ExitStack() as stack:
-        triton = triton_endpoint(stack, triton_url, protocol, repository)
-        with TritonClient(triton.url, protocol) as client:
+        triton = triton_endpoint(stack, config)
+        with TritonClient(triton.url, config.triton_protocol) as client:
             client.wait_ready()
-        # the API's settings: its port names the OpenAPI scratch file only
-        prepare_environment(config, triton.url, protocol, output_dir, roots, "0.0.0.0",
-                            os.getpid())  # fmt: skip
-        stack.callback(Path(os.environ["PYGEOAPI_OPENAPI"]).unlink, missing_ok=True)
-        set_outputs_url()
+        # the API's settings, with jobs run here rather than queued
+        config = config.replace(triton_url=triton.url, queue_worker=True)
+        prepare_pygeoapi(stack, config)
         register_batch()  # batches split into child jobs here
         name = f"kappamask-{socket.gethostname()}-{os.getpid()}@%h"
         LOGGER.info("worker %s on the queue at %s (Triton %s)", name,
-                    queue.safe_url(broker_url), triton.url)  # fmt: skip
+                    queue.safe_url(config.broker_url), triton.url)  # fmt: skip
         queue.app().worker_main(["worker", "--pool=solo", "--concurrency=1", "-Q", queue.QUEUE,
                                  "-n", name, "--without-gossip", "--without-mingle",
                                  "--without-heartbeat", "--loglevel=INFO"])  # fmt: skip

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import os
 import selectors
 import socket
 import socketserver
@@ -30,12 +29,14 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from rasterio.env import get_gdal_config, set_gdal_config
+
 from kappamask.access import AccessPolicy, host_matches
 from kappamask.errors import AccessDeniedError, KappaMaskError
 
 LOGGER = logging.getLogger(__name__)
 
-#: The GDAL option (read from the process environment) that routes its HTTP through here.
+#: The GDAL option (process-wide configuration) that routes its HTTP through here.
 PROXY_OPTION = "GDAL_HTTP_PROXY"
 #: Seconds a connection may stay silent (request head, upstream connect, relay).
 IDLE_TIMEOUT_S = 60.0
@@ -245,10 +246,11 @@ def install(policy: AccessPolicy) -> Egress | None:
     with _EGRESS_LOCK:
         if _EGRESS is None:
             _EGRESS = Egress()
-        if os.environ.get(PROXY_OPTION) != _EGRESS.address_text:
-            # process-wide, never undone while policies are installed (see the module
-            # docstring); GDAL reads it from the environment
-            os.environ[PROXY_OPTION] = _EGRESS.address_text
+        if get_gdal_config(PROXY_OPTION) != _EGRESS.address_text:
+            # process-wide (GDAL's global configuration, which every thread's reads consult
+            # after their own), never undone while policies are installed (see the module
+            # docstring)
+            set_gdal_config(PROXY_OPTION, _EGRESS.address_text)
             LOGGER.info("GDAL reaches the network through the policy proxy %s",
                         _EGRESS.address_text)  # fmt: skip
         _EGRESS.add(policy)
@@ -265,5 +267,5 @@ def reset() -> None:
     for the next ``install`` (tests, which try several policies in one process)."""
     if _EGRESS is not None:
         _EGRESS.reset()
-        if os.environ.get(PROXY_OPTION) == _EGRESS.address_text:
-            del os.environ[PROXY_OPTION]
+        if get_gdal_config(PROXY_OPTION) == _EGRESS.address_text:
+            set_gdal_config(PROXY_OPTION, None)

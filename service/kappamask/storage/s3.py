@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,12 +28,6 @@ from kappamask.errors import (
 
 LOGGER = logging.getLogger(__name__)
 
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _flag(value: object) -> bool:
-    return str(value).strip().lower() in _TRUE
-
 
 @dataclass(frozen=True)
 class S3Settings:
@@ -52,36 +45,6 @@ class S3Settings:
     #: ``https://{bucket}.s3.eu-central-1.amazonaws.com/{key}``: STAC hrefs of results in
     #: S3 use it; None: ``s3://bucket/key``.
     public_url: str | None = None
-
-    @classmethod
-    def from_config(
-        cls, config: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-    ) -> S3Settings:
-        """Server config (``s3:`` of the process definition) over the environment.
-
-        Environment: ``KAPPAMASK_S3_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL``, ``AWS_REGION``
-        or ``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-        ``AWS_SESSION_TOKEN``, ``KAPPAMASK_S3_REQUESTER_PAYS``, ``KAPPAMASK_S3_ANONYMOUS``,
-        ``KAPPAMASK_S3_PUBLIC_URL``.
-        """
-        env = os.environ if environ is None else environ
-        conf = {k: v for k, v in (config or {}).items() if v not in (None, "")}
-
-        def pick(key: str, *names: str) -> str | None:
-            if key in conf:
-                return str(conf[key])
-            return next((env[n] for n in names if env.get(n)), None)
-
-        return cls(
-            endpoint_url=pick("endpoint_url", "KAPPAMASK_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
-            region=pick("region", "AWS_REGION", "AWS_DEFAULT_REGION"),
-            access_key_id=pick("access_key_id", "AWS_ACCESS_KEY_ID"),
-            secret_access_key=pick("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
-            session_token=pick("session_token", "AWS_SESSION_TOKEN"),
-            requester_pays=_flag(pick("requester_pays", "KAPPAMASK_S3_REQUESTER_PAYS") or ""),
-            anonymous=_flag(pick("anonymous", "KAPPAMASK_S3_ANONYMOUS") or ""),
-            public_url=pick("public_url", "KAPPAMASK_S3_PUBLIC_URL"),
-        )
 
     def client(self) -> Any:
         """A boto3 S3 client (path-style addressing on custom endpoints, as MinIO needs)."""

@@ -16,12 +16,14 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
 from boto3.s3.transfer import TransferConfig
 
+from kappamask import settings
 from kappamask.access import AccessPolicy
 from kappamask.errors import (
     AccessDeniedError,
@@ -301,27 +303,52 @@ class S3Sink:
 Sink = LocalSink | S3Sink
 
 
-def open_sink(
-    output: str | os.PathLike[str],
-    policy: AccessPolicy,
-    base: Path | None,
-    public_url: str | None = None,
-) -> Sink:
-    """The sink for an output folder or ``s3://bucket/prefix`` allowed by ``policy``.
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where a run's results go and how their files are named.
 
-    ``public_url``: the URL at which ``base`` is served; a folder inside ``base`` is named
-    by URLs under it."""
-    text = str(output)
-    if text.startswith("s3://"):
-        return S3Sink(text, policy.s3)
-    if "://" in text:
-        raise InvalidInputError("output must be a folder or an s3://bucket/prefix URL")
-    folder = policy.local_output(text, base)
-    url = None
-    if public_url and base is not None and folder.resolve().is_relative_to(base.resolve()):
-        relative = folder.resolve().relative_to(base.resolve()).as_posix()
-        url = public_url.rstrip("/") + ("/" + quote(relative) if relative != "." else "")
-    return LocalSink(folder, url)
+    ``location``: a folder or ``s3://bucket/prefix``; ``policy``: what may be written (and,
+    for a run, read); ``base``: the service's output folder, which relative folders are
+    taken from; ``public_url``: the URL at which ``base`` is served, so that a folder inside
+    it is named by URLs under it. A plain folder or URL is the command line's target:
+    unrestricted, named by paths.
+    """
+
+    location: str | os.PathLike[str]
+    policy: AccessPolicy = field(default_factory=AccessPolicy.unrestricted)
+    base: Path | None = None
+    public_url: str | None = None
+
+    @classmethod
+    def of(cls, output: OutputTarget | str | os.PathLike[str]) -> OutputTarget:
+        return output if isinstance(output, OutputTarget) else cls(output)
+
+    def at(self, location: str | os.PathLike[str] | None) -> OutputTarget:
+        """This target with another location (None: this one)."""
+        return self if location is None else replace(self, location=location)
+
+    def open(self) -> Sink:
+        """The sink for this location, once ``policy`` allows it."""
+        text = str(self.location)
+        if text.startswith("s3://"):
+            return S3Sink(text, self.policy.s3)
+        if "://" in text:
+            raise InvalidInputError("output must be a folder or an s3://bucket/prefix URL")
+        folder = self.policy.local_output(text, self.base)
+        url = None
+        base = self.base.resolve() if self.base is not None else None
+        if self.public_url and base is not None and folder.resolve().is_relative_to(base):
+            relative = folder.resolve().relative_to(base).as_posix()
+            url = self.public_url.rstrip("/") + ("/" + quote(relative) if relative != "." else "")
+        return LocalSink(folder, url)
+
+
+def service_target(config: settings.Settings | None = None) -> OutputTarget:
+    """The service's output folder as a target: its access policy, named by the URL it is
+    published at (``config``: this process's settings by default)."""
+    config = config or settings.current()
+    folder = config.output_dir.resolve()
+    return OutputTarget(folder, AccessPolicy.for_server(config), folder, config.results_url)
 
 
 def _result_files(result: Any) -> list[str]:
@@ -361,15 +388,16 @@ def output_names(product_id: str) -> dict[str, str]:
 _RESULT_KEYS = ("mask", "confidence", "probability", "valid", "preview", "item")
 
 
-def delete_published(
-    result: Any, output_dir: Path, outputs_url: str | None, policy: AccessPolicy
-) -> list[str]:
+def delete_published(result: Any, service: OutputTarget) -> list[str]:
     """Delete the files a dismissed job published (``_result_files``): local ones only
-    inside the output roots, S3 objects with the service's S3 settings. The hrefs deleted;
-    what cannot be deleted is logged, never raised (the dismissal stands)."""
+    inside the output roots, S3 objects with the service's S3 settings. ``service``: the
+    service's output folder (``base``) and its URL. The hrefs deleted; what cannot be
+    deleted is logged, never raised (the dismissal stands)."""
     deleted = []
+    policy = service.policy
+    output_dir = service.base or Path(service.location)
     roots = [Path(r).resolve() for r in (policy.output_roots or (output_dir,))]
-    served = outputs_url.rstrip("/") + "/" if outputs_url else None
+    served = service.public_url.rstrip("/") + "/" if service.public_url else None
     client = None
     for href in _result_files(result):
         try:

@@ -18,10 +18,10 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from kappamask import settings
 from kappamask.access import AccessPolicy
 from kappamask.errors import InvalidInputError, StorageError
 
-AUTH_ENV = "KAPPAMASK_STAC_API_AUTH"
 #: Seconds one request may take.
 TIMEOUT_S = 30
 #: Conformance classes of the Transactions extension (items; 1.0.0 and its drafts).
@@ -31,7 +31,7 @@ STATIC_RELS = {"self", "root", "parent", "collection", "item"}
 
 
 def _headers() -> dict[str, str]:
-    auth = os.environ.get(AUTH_ENV)
+    auth = settings.current().stac_api_auth
     return {"Authorization": auth} if auth else {}
 
 
