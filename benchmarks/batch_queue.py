@@ -68,8 +68,13 @@ def make_products(count: int) -> list[Path]:
             for mtd in staging.glob("MTD_MSIL*.xml"):
                 text = mtd.read_text()
                 mtd.unlink()  # a hard link: the original stays as it is
-                mtd.write_text(re.sub(r"<PRODUCT_URI>[^<]*</PRODUCT_URI>",
-                                      f"<PRODUCT_URI>{name}.SAFE</PRODUCT_URI>", text))  # fmt: skip
+                mtd.write_text(
+                    re.sub(
+                        r"<PRODUCT_URI>[^<]*</PRODUCT_URI>",
+                        f"<PRODUCT_URI>{name}.SAFE</PRODUCT_URI>",
+                        text,
+                    )
+                )
             staging.rename(target)
         products.append(target)
     return products
@@ -87,9 +92,13 @@ def _kb(pid: int, field: str) -> int:
 
 def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "kappamask.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "kappamask.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _wait(check: Any, what: str, timeout: float = 120) -> None:
@@ -100,24 +109,46 @@ def _wait(check: Any, what: str, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-def run(workers: int, products: list[Path], triton_url: str, resolution: int,
-        base: Path) -> dict[str, Any]:  # fmt: skip
+def run(
+    workers: int, products: list[Path], triton_url: str, resolution: int, base: Path
+) -> dict[str, Any]:
     """One batch of ``products`` with ``workers`` workers; its measures."""
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     redis_port, api_port = free_port(), free_port()
     broker = f"redis://127.0.0.1:{redis_port}/0"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "service"), "KAPPAMASK_BROKER_URL": broker,
-           "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"),
-           "KAPPAMASK_JOBS_DB": str(base / "jobs.db"),
-           "KAPPAMASK_PUBLIC_URL": f"http://127.0.0.1:{api_port}"}  # fmt: skip
-    shared = ["--triton-url", triton_url, "--output-dir", str(base / "out"), "--data-root",
-              str(CACHE)]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "service"),
+        "KAPPAMASK_BROKER_URL": broker,
+        "KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"),
+        "KAPPAMASK_JOBS_DB": str(base / "jobs.db"),
+        "KAPPAMASK_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
+    }
+    shared = [
+        "--triton-url",
+        triton_url,
+        "--output-dir",
+        str(base / "out"),
+        "--data-root",
+        str(CACHE),
+    ]
     procs: list[subprocess.Popen[bytes]] = []
     with ExitStack() as stack:
-        redis = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
-                                  str(redis_port), "--save", "", "--appendonly", "no",
-                                  "--dir", str(base)], stdout=subprocess.DEVNULL)  # fmt: skip
+        redis = subprocess.Popen(
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(base),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
         stack.callback(lambda: (redis.terminate(), redis.wait()))
 
         def stop_all() -> None:
@@ -143,11 +174,20 @@ def run(workers: int, products: list[Path], triton_url: str, resolution: int,
             logs.append(base / f"worker-{n}.log")
             procs.append(_start(["worker", *shared], logs[-1], env))
         _wait(lambda: all("ready." in log.read_text() for log in logs), "the workers")
-        body = {"inputs": {"products": [str(p) for p in products], "resolution": resolution,
-                           "collection_id": "bench"}}  # fmt: skip
+        body = {
+            "inputs": {
+                "products": [str(p) for p in products],
+                "resolution": resolution,
+                "collection_id": "bench",
+            }
+        }
         started = time.perf_counter()
-        response = requests.post(f"{url}/processes/kappamask-batch/execution", json=body,
-                                 headers={"Prefer": "respond-async"}, timeout=60)  # fmt: skip
+        response = requests.post(
+            f"{url}/processes/kappamask-batch/execution",
+            json=body,
+            headers={"Prefer": "respond-async"},
+            timeout=60,
+        )
         response.raise_for_status()
         job_url = response.headers["Location"]
         # lowest resident memory of each worker in each quarter of the batch
@@ -165,23 +205,35 @@ def run(workers: int, products: list[Path], triton_url: str, resolution: int,
             raise SystemExit(f"the batch ended {job['status']}: {job.get('message')}")
         result = requests.get(f"{job_url}/results", params={"f": "json"}, timeout=30).json()
         hwm = [_kb(p.pid, "VmHWM") for p in procs[1:]]
-        ran = [sum(1 for p in result["products"] if p.get("job") and p["job"] in log.read_text())
-               for log in logs]  # fmt: skip
+        ran = [
+            sum(1 for p in result["products"] if p.get("job") and p["job"] in log.read_text())
+            for log in logs
+        ]
     return {
-        "workers": workers, "products": len(products), "succeeded": result["succeeded"],
-        "seconds": round(seconds, 1), "per_worker_products": ran,
+        "workers": workers,
+        "products": len(products),
+        "succeeded": result["succeeded"],
+        "seconds": round(seconds, 1),
+        "per_worker_products": ran,
         "worker_peak_mb": [round(k / 1024) for k in hwm],
         # per quarter: the highest of the workers' lowest RSS
-        "rss_low_by_quarter_mb": [round(max(k for k in q if k < 10**9) / 1024) if
-                                  any(k < 10**9 for k in q) else None for q in low],
-    }  # fmt: skip
+        "rss_low_by_quarter_mb": [
+            round(max(k for k in q if k < 10**9) / 1024) if any(k < 10**9 for k in q) else None
+            for q in low
+        ],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--products", type=int, default=50)
-    parser.add_argument("--workers", type=int, action="append", default=None,
-                        help="worker counts to compare, the first the reference (1 4)")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        default=None,
+        help="worker counts to compare, the first the reference (1 4)",
+    )
     parser.add_argument("--resolution", type=int, default=60, choices=(10, 20, 60))
     parser.add_argument("--triton-url", default=None, help="a running Triton (default: local)")
     parser.add_argument("--json", type=Path, default=None, help="write the measures here")
@@ -194,22 +246,27 @@ def main() -> None:
         if triton_url is None:
             triton_url = stack.enter_context(LocalTriton(DEFAULT_REPOSITORY)).http_url
         for workers in counts:
-            rows.append(run(workers, products, triton_url, args.resolution,
-                            CACHE / f"run-{workers}"))  # fmt: skip
+            rows.append(
+                run(workers, products, triton_url, args.resolution, CACHE / f"run-{workers}")
+            )
             print(f"{workers} worker(s): {rows[-1]['seconds']} s", flush=True)
     reference = rows[0]["seconds"]
-    print(f"\n{args.products} products at {args.resolution} m, one batch, "
-          f"{os.cpu_count()} CPUs shared by Triton and the workers\n")  # fmt: skip
+    print(
+        f"\n{args.products} products at {args.resolution} m, one batch, "
+        f"{os.cpu_count()} CPUs shared by Triton and the workers\n"
+    )
     print(
         "| workers | seconds | products/min | throughput vs first | products per worker "
         "| worker peak MB | RSS between products by quarter MB |"
     )
     print("|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['workers']} | {row['seconds']} | "
-              f"{60 * row['succeeded'] / row['seconds']:.1f} | "
-              f"{reference / row['seconds']:.2f}x | {row['per_worker_products']} | "
-              f"{row['worker_peak_mb']} | {row['rss_low_by_quarter_mb']} |")  # fmt: skip
+        print(
+            f"| {row['workers']} | {row['seconds']} | "
+            f"{60 * row['succeeded'] / row['seconds']:.1f} | "
+            f"{reference / row['seconds']:.2f}x | {row['per_worker_products']} | "
+            f"{row['worker_peak_mb']} | {row['rss_low_by_quarter_mb']} |"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps({"resolution": args.resolution, "runs": rows}, indent=2))
 

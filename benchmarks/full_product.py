@@ -57,14 +57,30 @@ FILE_PREFIX = "T01LAC_20200717T221941"
 FULL_SIZE = 10980
 #: Native resolution of each L1C band.
 BAND_RES = {
-    "B01": 60, "B02": 10, "B03": 10, "B04": 10, "B05": 20, "B06": 20, "B07": 20,
-    "B08": 10, "B8A": 20, "B09": 60, "B10": 60, "B11": 20, "B12": 20,
-}  # fmt: skip
+    "B01": 60,
+    "B02": 10,
+    "B03": 10,
+    "B04": 10,
+    "B05": 20,
+    "B06": 20,
+    "B07": 20,
+    "B08": 10,
+    "B8A": 20,
+    "B09": 60,
+    "B10": 60,
+    "B11": 20,
+    "B12": 20,
+}
 #: JPEG 2000 as ESA writes it: lossless, 1024 px tiles, 6 resolution levels.
 JP2_OPTIONS = {
-    "QUALITY": "100", "REVERSIBLE": "YES", "YCC": "NO", "BLOCKXSIZE": "1024",
-    "BLOCKYSIZE": "1024", "RESOLUTIONS": "6", "NBITS": "15",
-}  # fmt: skip
+    "QUALITY": "100",
+    "REVERSIBLE": "YES",
+    "YCC": "NO",
+    "BLOCKXSIZE": "1024",
+    "BLOCKYSIZE": "1024",
+    "RESOLUTIONS": "6",
+    "NBITS": "15",
+}
 S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
 UKIS_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
 UKIS_ORDER = ["blue", "green", "red", "nir", "swir16", "swir22"]
@@ -109,18 +125,26 @@ def build_product(size: int, cache: Path) -> Path:
         with rasterio.open(DATA / f"s2_{band}.jp2") as src:
             data = _mirrored(src.read(1), n)
         profile = {
-            "driver": "JP2OpenJPEG", "width": n, "height": n, "count": 1, "dtype": "uint16",
-            "crs": crs.group(1), "nodata": 0,
+            "driver": "JP2OpenJPEG",
+            "width": n,
+            "height": n,
+            "count": 1,
+            "dtype": "uint16",
+            "crs": crs.group(1),
+            "nodata": 0,
             "transform": Affine(res, 0, float(ulx.group(1)), 0, -res, float(uly.group(1))),
-        }  # fmt: skip
+        }
         path = img / f"{FILE_PREFIX}_{band}.jp2"
         with (
             rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"),
             rasterio.open(path, "w", **profile, **JP2_OPTIONS) as dst,
         ):
             dst.write(np.maximum(data, 1), 1)  # DN 0 is no data: the scene has none
-        print(f"  {band}: {n} x {n} px, {path.stat().st_size / 1e6:.0f} MB "
-              f"({time.monotonic() - started:.0f} s)", file=sys.stderr)  # fmt: skip
+        print(
+            f"  {band}: {n} x {n} px, {path.stat().st_size / 1e6:.0f} MB "
+            f"({time.monotonic() - started:.0f} s)",
+            file=sys.stderr,
+        )
     done.touch()
     return safe
 
@@ -135,25 +159,37 @@ def _reflectance_at_10m(safe: Path, bands: tuple[str, ...]) -> tuple[np.ndarray,
     """[H, W, B] float32 TOA reflectance at 10 m, bilinear as those tools' examples do."""
     paths = _band_paths(safe)
     with rasterio.open(paths["B02"]) as ref:
-        profile = {"height": ref.height, "width": ref.width, "crs": ref.crs,
-                   "transform": ref.transform}  # fmt: skip
+        profile = {
+            "height": ref.height,
+            "width": ref.width,
+            "crs": ref.crs,
+            "transform": ref.transform,
+        }
     out = np.empty((profile["height"], profile["width"], len(bands)), np.float32)
     with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
         for i, band in enumerate(bands):
             with rasterio.open(paths[band]) as src:
                 out[..., i] = src.read(
-                    1, out_shape=(profile["height"], profile["width"]),
-                    resampling=Resampling.bilinear, out_dtype="float32",
-                )  # fmt: skip
+                    1,
+                    out_shape=(profile["height"], profile["width"]),
+                    resampling=Resampling.bilinear,
+                    out_dtype="float32",
+                )
     out /= REFLECTANCE_SCALE  # baseline 02.09: no radiometric offset
     return out, profile
 
 
 def _write_mask(mask: np.ndarray, profile: dict[str, Any], path: Path) -> None:
     with rasterio.open(
-        path, "w", driver="GTiff", dtype="uint8", count=1, compress="deflate", tiled=True,
+        path,
+        "w",
+        driver="GTiff",
+        dtype="uint8",
+        count=1,
+        compress="deflate",
+        tiled=True,
         **profile,
-    ) as dst:  # fmt: skip
+    ) as dst:
         dst.write(mask.astype(np.uint8), 1)
 
 
@@ -264,8 +300,11 @@ def work_openvino(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
             group = []
     if group:
         seconds += infer(group)
-    return {"crops": crops, "model_seconds": {precision: seconds},
-            "streams": int(compiled.get_property("NUM_STREAMS"))}  # fmt: skip
+    return {
+        "crops": crops,
+        "model_seconds": {precision: seconds},
+        "streams": int(compiled.get_property("NUM_STREAMS")),
+    }
 
 
 def work_s2cloudless(safe: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -361,10 +400,24 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Run one worker in its own process; wall time, its peak RSS and what it reports."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         report = Path(fh.name)
-    cmd = [sys.executable, __file__, "--worker", tool, "--product", str(safe),
-           "--report", str(report), "--work", args.work, "--floor-crops",
-           str(args.floor_crops), "--repository", str(args.repository),
-           "--overlap", str(args.overlap)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--product",
+        str(safe),
+        "--report",
+        str(report),
+        "--work",
+        args.work,
+        "--floor-crops",
+        str(args.floor_crops),
+        "--repository",
+        str(args.repository),
+        "--overlap",
+        str(args.overlap),
+    ]
     if args.triton_url:
         cmd += ["--triton-url", args.triton_url]
     before = _triton_stats(args.triton_url) if tool == "kappamask" else None
@@ -376,8 +429,12 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
     if code != 0:
         # a tool that dies is a result too (-9: killed, on Linux most often out of memory)
         report.unlink(missing_ok=True)
-        return {"tool": tool, "failed": f"exit {code}", "wall_s": round(wall, 1),
-                "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2)}  # fmt: skip
+        return {
+            "tool": tool,
+            "failed": f"exit {code}",
+            "wall_s": round(wall, 1),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+        }
     result = json.loads(report.read_text())
     report.unlink()
     result.update(
@@ -394,16 +451,20 @@ def measure(tool: str, safe: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(results: list[dict[str, Any]]) -> str:
     ours = next((r["wall_s"] for r in results if r["tool"] == "kappamask"), None)
-    lines = ["| tool | wall (s) | peak RSS (GB) | crops/s | time vs kappamask |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| tool | wall (s) | peak RSS (GB) | crops/s | time vs kappamask |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         label = f"kappamask (overlap {r['overlap']})" if "overlap" in r else r["tool"]
         rows = [(label, r["wall_s"])]
         if r["tool"] in ("onnxruntime", "openvino"):
             rows = [(f"{r['tool']} {k} (model only)", v) for k, v in r["model_seconds"].items()]
         if "failed" in r:
-            lines.append(f"| {r['tool']} | failed ({r['failed']}) after {r['wall_s']:.0f} s "
-                         f"| {r['peak_rss_gb']:.2f} | | |")  # fmt: skip
+            lines.append(
+                f"| {r['tool']} | failed ({r['failed']}) after {r['wall_s']:.0f} s "
+                f"| {r['peak_rss_gb']:.2f} | | |"
+            )
             continue
         for name, wall in rows:
             crops = f"{r['crops'] / wall:.2f}" if r.get("crops") and wall else ""

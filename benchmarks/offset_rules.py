@@ -65,23 +65,36 @@ def main() -> None:
         km, _ = classify(product, args.resolution, OFFSET_KM_PREDICT)
         same = float((trained == km)[valid].mean())
         shares = {}
-        for code in (MaskClass.CLEAR, MaskClass.CLOUD_SHADOW, MaskClass.SEMI_TRANSPARENT_CLOUD,
-                     MaskClass.CLOUD):  # fmt: skip
+        for code in (
+            MaskClass.CLEAR,
+            MaskClass.CLOUD_SHADOW,
+            MaskClass.SEMI_TRANSPARENT_CLOUD,
+            MaskClass.CLOUD,
+        ):
             shares[CLASS_NAMES[code]] = (
                 round(100 * float((trained == code)[valid].mean()), 2),
                 round(100 * float((km == code)[valid].mean()), 2),
             )
-        rows.append({"product": product.name, "level": open_safe(product).level,
-                     "resolution": args.resolution, "pixels": int(valid.sum()),
-                     "same_class": round(same, 4), "class_percent_training_vs_km_predict":
-                     shares})  # fmt: skip
+        rows.append(
+            {
+                "product": product.name,
+                "level": open_safe(product).level,
+                "resolution": args.resolution,
+                "pixels": int(valid.sum()),
+                "same_class": round(same, 4),
+                "class_percent_training_vs_km_predict": shares,
+            }
+        )
     print("| product | level | m | pixels | same class | class % (training / km_predict) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        shares = ", ".join(f"{k} {a} / {b}" for k, (a, b) in
-                           r["class_percent_training_vs_km_predict"].items())  # fmt: skip
-        print(f"| {r['product'][:45]} | {r['level']} | {r['resolution']} | {r['pixels']} | "
-              f"{100 * r['same_class']:.2f} % | {shares} |")  # fmt: skip
+        shares = ", ".join(
+            f"{k} {a} / {b}" for k, (a, b) in r["class_percent_training_vs_km_predict"].items()
+        )
+        print(
+            f"| {r['product'][:45]} | {r['level']} | {r['resolution']} | {r['pixels']} | "
+            f"{100 * r['same_class']:.2f} % | {shares} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -42,8 +42,10 @@ def predict(session: ort.InferenceSession, features: np.ndarray) -> np.ndarray:
 
 def true_colour(features: np.ndarray, level: str) -> np.ndarray:
     names, max_v = DEFAULT_FEATURES[level], DEFAULT_MAX_V[level]
-    rgb = [features[names.index(b)] * max_v[names.index(b)] * 65535 / 10000 for b in
-           ("B04", "B03", "B02")]  # fmt: skip
+    rgb = [
+        features[names.index(b)] * max_v[names.index(b)] * 65535 / 10000
+        for b in ("B04", "B03", "B02")
+    ]
     return np.clip(np.stack(rgb, axis=-1) / 0.3, 0, 1)
 
 
@@ -80,10 +82,12 @@ def main() -> None:
         valid = pred != MaskClass.MISSING
         share = [100 * float((pred[valid] == c).mean()) if valid.any() else 0.0 for c in CLASSES]
         print(f"{scene.name[:70]:<70}" + "".join(f"{s:>23.1f}%" for s in share))
-        for ax, img, title in zip(row, (true_colour(scene.features, args.level),
-                                        lut[scene.labels], lut[pred]),
-                                  (scene.name[-34:], "teachers (red: disagree)", "model"),
-                                  strict=True):  # fmt: skip
+        for ax, img, title in zip(
+            row,
+            (true_colour(scene.features, args.level), lut[scene.labels], lut[pred]),
+            (scene.name[-34:], "teachers (red: disagree)", "model"),
+            strict=True,
+        ):
             ax.imshow(img, interpolation="nearest")
             ax.set_title(title, fontsize=7)
             ax.axis("off")

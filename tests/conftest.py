@@ -131,8 +131,12 @@ class S3Server:
     def denied(self, bucket: str, action: str, resource: str) -> Iterator[None]:
         """A bucket policy denying ``action`` on keys matching ``resource`` (every
         principal), removed afterwards."""
-        statement = {"Effect": "Deny", "Principal": "*", "Action": action,
-                     "Resource": [f"arn:aws:s3:::{bucket}/{resource}"]}  # fmt: skip
+        statement = {
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": action,
+            "Resource": [f"arn:aws:s3:::{bucket}/{resource}"],
+        }
         client = self.client()
         client.put_bucket_policy(
             Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [statement]})
@@ -159,8 +163,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     server = S3Server(f"http://127.0.0.1:{port}", log)
     try:
         deadline = time.monotonic() + 60
@@ -343,8 +348,11 @@ def small_file_system(mount: Path) -> Iterator[Path]:
     """A real 1 MiB file system at ``mount`` (a tmpfs: root may mount one; a machine where
     it may not skips the test), unmounted and removed afterwards."""
     mount.mkdir(parents=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
@@ -407,12 +415,16 @@ def write_keras_deeplab(path: Path, channels: int, seed: int = 0) -> Path:
         if layer.kind == "sep":
             layers[name("separable_conv2d")] = {
                 "depthwise_kernel": rng.normal(0, 0.3, (k, k, width, 1)).astype(np.float32),
-                "pointwise_kernel": rng.normal(0, np.sqrt(2 / width),
-                                               (1, 1, width, filters)).astype(np.float32),
-            }  # fmt: skip
+                "pointwise_kernel": rng.normal(
+                    0, np.sqrt(2 / width), (1, 1, width, filters)
+                ).astype(np.float32),
+            }
         else:
-            arrays = {"kernel": rng.normal(0, np.sqrt(2 / (k * k * width)),
-                                           (k, k, width, filters)).astype(np.float32)}  # fmt: skip
+            arrays = {
+                "kernel": rng.normal(
+                    0, np.sqrt(2 / (k * k * width)), (k, k, width, filters)
+                ).astype(np.float32)
+            }
             if layer.bias:
                 arrays["bias"] = rng.normal(0, 0.1, filters).astype(np.float32)
             layers[name("conv2d")] = arrays

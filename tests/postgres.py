@@ -33,8 +33,10 @@ def _postgres_bin() -> Path:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         postgis = glob.glob("/usr/share/postgresql/*/extension/postgis.control")
     if not found or not postgis:
-        pytest.fail(f"the STAC API tests need PostgreSQL and PostGIS: apt-get install "
-                    f"{' '.join(APT_PACKAGES)}")  # fmt: skip
+        pytest.fail(
+            f"the STAC API tests need PostgreSQL and PostGIS: apt-get install "
+            f"{' '.join(APT_PACKAGES)}"
+        )
     return Path(found[-1]).parent
 
 
@@ -57,15 +59,28 @@ def postgis_cluster() -> Iterator[str]:
         shutil.chown(base, "postgres")
     data = base / "data"
     port = free_port()
-    _as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8"], timeout=120)  # fmt: skip
-    _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l",
-                  str(base / "postgres.log"), "-o",
-                  f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
-                  "start"], timeout=120)  # fmt: skip
+    _as_postgres(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+        timeout=120,
+    )
+    _as_postgres(
+        [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-w",
+            "-t",
+            "60",
+            "-l",
+            str(base / "postgres.log"),
+            "-o",
+            f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        timeout=120,
+    )
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
-                     timeout=120)  # fmt: skip
+        _as_postgres([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], timeout=120)
         shutil.rmtree(base, ignore_errors=True)

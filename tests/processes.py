@@ -30,8 +30,11 @@ def start_serve(
     with log_path.open("a") as log:
         return subprocess.Popen(
             [sys.executable, "-m", "kappamask.cli", "serve", *args],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
 
 
 def apt_install(packages: list[str]) -> None:
@@ -40,8 +43,7 @@ def apt_install(packages: list[str]) -> None:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"],
-                    ["apt-get", "install", "-y", "-qq", *packages]):  # fmt: skip
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *packages]):
         subprocess.run(command, env=env, check=False, capture_output=True, timeout=900)
 
 
@@ -63,8 +65,20 @@ def served(triton_url: str, base: Path, data_root: Path) -> Iterator[str]:
     port = free_port()
     log = base / "serve.log"
     env = {"KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"), "KAPPAMASK_JOBS_DB": str(base / "db")}
-    proc = start_serve(["--port", str(port), "--triton-url", triton_url, "--output-dir",
-                        str(base / "out"), "--data-root", str(data_root)], log, env)  # fmt: skip
+    proc = start_serve(
+        [
+            "--port",
+            str(port),
+            "--triton-url",
+            triton_url,
+            "--output-dir",
+            str(base / "out"),
+            "--data-root",
+            str(data_root),
+        ],
+        log,
+        env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log)
@@ -115,10 +129,13 @@ def alive(pid: int) -> bool:
 def tritonservers_on(port: int) -> list[int]:
     """Live tritonserver processes listening on HTTP ``port``."""
     return [
-        pid for pid in pids()
-        if (cmd := _cmdline(pid)) and cmd[0].endswith(b"tritonserver")
-        and f"--http-port={port}".encode() in cmd and alive(pid)
-    ]  # fmt: skip
+        pid
+        for pid in pids()
+        if (cmd := _cmdline(pid))
+        and cmd[0].endswith(b"tritonserver")
+        and f"--http-port={port}".encode() in cmd
+        and alive(pid)
+    ]
 
 
 def process_group(pgid: int) -> list[int]:
@@ -147,8 +164,12 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, timeout: float
 
 def submit_async(url: str, inputs: dict[str, Any], process: str = "kappamask") -> str:
     """POST an asynchronous job of ``process`` to the service at ``url``; the job's URL."""
-    response = requests.post(f"{url}/processes/{process}/execution", json={"inputs": inputs},
-                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+    response = requests.post(
+        f"{url}/processes/{process}/execution",
+        json={"inputs": inputs},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
     assert response.status_code == 201, response.text
     return str(response.headers["Location"])
 

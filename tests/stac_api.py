@@ -52,21 +52,32 @@ def s2_item(
         epsg = src.crs.to_epsg()
         west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
     ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
-    item.update(id=safe.name.removesuffix(".SAFE").removeprefix("esa_"), collection=collection,
-                bbox=[west, south, east, north],
-                geometry={"type": "Polygon", "coordinates": [ring]}, links=[])  # fmt: skip
+    item.update(
+        id=safe.name.removesuffix(".SAFE").removeprefix("esa_"),
+        collection=collection,
+        bbox=[west, south, east, north],
+        geometry={"type": "Polygon", "coordinates": [ring]},
+        links=[],
+    )
     product_uri = safe.name.removeprefix("esa_")
-    item["properties"].update({
-        "datetime": f"{when[:4]}-{when[4:6]}-{when[6:8]}T{when[9:11]}:{when[11:13]}:{when[13:15]}Z",
-        "platform": f"Sentinel-{platform[1:]}", "s2:product_uri": product_uri,
-        "s2:processing_baseline": f"{major}.{minor}", "s2:mgrs_tile": tile,
-        "proj:epsg": epsg, "eo:cloud_cover": cloud_cover,
-    })  # fmt: skip
+    day, clock = when[:8], when[9:15]
+    item["properties"].update(
+        {
+            "datetime": f"{day[:4]}-{day[4:6]}-{day[6:]}T{clock[:2]}:{clock[2:4]}:{clock[4:]}Z",
+            "platform": f"Sentinel-{platform[1:]}",
+            "s2:product_uri": product_uri,
+            "s2:processing_baseline": f"{major}.{minor}",
+            "s2:mgrs_tile": tile,
+            "proj:epsg": epsg,
+            "eo:cloud_cover": cloud_cover,
+        }
+    )
     # the product's own sun (the template's are another tile's): the shadow check reads them
     sun = open_safe(safe).sun
     assert sun is not None, safe.name
-    item["properties"].update({"s2:mean_solar_azimuth": sun.azimuth,
-                               "s2:mean_solar_zenith": sun.zenith})  # fmt: skip
+    item["properties"].update(
+        {"s2:mean_solar_azimuth": sun.azimuth, "s2:mean_solar_zenith": sun.zenith}
+    )
     for key in list(item["assets"]):
         files = list(r60.glob(f"*_{key}_60m.jp2"))
         if files:
@@ -81,21 +92,34 @@ def landsat_item(like: dict[str, Any]) -> dict[str, Any]:
     """An item that is not Sentinel-2 over the same place (for a search that must refuse it)."""
     item = copy.deepcopy(like)
     item.update(id="LC08_L2SP_204023_20221005_02_T1", collection=OTHER_COLLECTION)
-    item["properties"] = {"datetime": like["properties"]["datetime"], "platform": "landsat-8",
-                          "eo:cloud_cover": 5.0}  # fmt: skip
+    item["properties"] = {
+        "datetime": like["properties"]["datetime"],
+        "platform": "landsat-8",
+        "eo:cloud_cover": 5.0,
+    }
     item["assets"] = {}
     return item
 
 
 def collection_of(collection_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    bbox = [min(i["bbox"][0] for i in items), min(i["bbox"][1] for i in items),
-            max(i["bbox"][2] for i in items), max(i["bbox"][3] for i in items)]  # fmt: skip
+    bbox = [
+        min(i["bbox"][0] for i in items),
+        min(i["bbox"][1] for i in items),
+        max(i["bbox"][2] for i in items),
+        max(i["bbox"][3] for i in items),
+    ]
     return {
-        "type": "Collection", "stac_version": "1.0.0", "id": collection_id,
-        "description": f"{collection_id} (test)", "license": "proprietary", "links": [],
-        "extent": {"spatial": {"bbox": [bbox]},
-                   "temporal": {"interval": [["2015-06-23T00:00:00Z", None]]}},
-    }  # fmt: skip
+        "type": "Collection",
+        "stac_version": "1.0.0",
+        "id": collection_id,
+        "description": f"{collection_id} (test)",
+        "license": "proprietary",
+        "links": [],
+        "extent": {
+            "spatial": {"bbox": [bbox]},
+            "temporal": {"interval": [["2015-06-23T00:00:00Z", None]]},
+        },
+    }
 
 
 @dataclass
@@ -107,13 +131,15 @@ class StacApi:
         response = requests.post(f"{self.url}/collections", json=collection, timeout=30)
         assert response.status_code in (200, 201), response.text
         for item in items:
-            response = requests.post(f"{self.url}/collections/{collection['id']}/items",
-                                     json=item, timeout=30)  # fmt: skip
+            response = requests.post(
+                f"{self.url}/collections/{collection['id']}/items", json=item, timeout=30
+            )
             assert response.status_code in (200, 201), response.text
 
     def items(self, collection_id: str) -> list[dict[str, Any]]:
-        response = requests.get(f"{self.url}/collections/{collection_id}/items",
-                                params={"limit": 100}, timeout=30)  # fmt: skip
+        response = requests.get(
+            f"{self.url}/collections/{collection_id}/items", params={"limit": 100}, timeout=30
+        )
         assert response.status_code == 200, response.text
         return list(response.json()["features"])
 
@@ -123,19 +149,37 @@ def stac_fastapi_pgstac(base: Path) -> Iterator[StacApi]:
     """pgstac migrated into a fresh cluster and stac-fastapi-pgstac serving it."""
     with postgis_cluster() as dsn:
         pypgstac = Path(sys.executable).parent / "pypgstac"
-        subprocess.run([str(pypgstac), "migrate", "--dsn", dsn], check=True,
-                       capture_output=True, timeout=300)  # fmt: skip
+        subprocess.run(
+            [str(pypgstac), "migrate", "--dsn", dsn], check=True, capture_output=True, timeout=300
+        )
         port = free_port()
         host_port = dsn.split("@", 1)[1].split("/", 1)[0]
-        env = {**os.environ, "PGUSER": "postgres", "PGPASSWORD": "unused",
-               "PGHOST": host_port.split(":")[0], "PGPORT": host_port.split(":")[1],
-               "PGDATABASE": "postgres", "ENABLE_TRANSACTIONS_EXTENSIONS": "true"}  # fmt: skip
+        env = {
+            **os.environ,
+            "PGUSER": "postgres",
+            "PGPASSWORD": "unused",
+            "PGHOST": host_port.split(":")[0],
+            "PGPORT": host_port.split(":")[1],
+            "PGDATABASE": "postgres",
+            "ENABLE_TRANSACTIONS_EXTENSIONS": "true",
+        }
         log = (base / "stac-api.log").open("w")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "stac_fastapi.pgstac.app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "stac_fastapi.pgstac.app:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60

@@ -27,8 +27,9 @@ def test_host_patterns() -> None:
 
 
 def test_urls_are_checked() -> None:
-    policy = AccessPolicy(allowed_hosts=("example.org", "127.0.0.1", "localhost"),
-                          allow_private_networks=False)  # fmt: skip
+    policy = AccessPolicy(
+        allowed_hosts=("example.org", "127.0.0.1", "localhost"), allow_private_networks=False
+    )
     for url, error, text in [
         ("ftp://example.org/x.json", InvalidInputError, "only http(s)"),
         ("file:///etc/passwd", InvalidInputError, "file://"),
@@ -92,13 +93,25 @@ def manager(tmp_path: Path) -> object:
     from kappamask.jobs.managers import TinyDBManager
 
     (tmp_path / "jobs").mkdir()
-    return TinyDBManager({"name": "TinyDB", "connection": str(tmp_path / "jobs.db"),
-                          "output_dir": str(tmp_path / "jobs")})  # fmt: skip
+    return TinyDBManager(
+        {
+            "name": "TinyDB",
+            "connection": str(tmp_path / "jobs.db"),
+            "output_dir": str(tmp_path / "jobs"),
+        }
+    )
 
 
 def test_job_progress_and_cancellation_through_a_real_manager(manager: object) -> None:
-    manager.add_job({"identifier": "j1", "status": "accepted", "progress": 5,  # type: ignore[attr-defined]
-                     "type": "process", "process_id": "kappamask"})  # fmt: skip
+    manager.add_job(
+        {
+            "identifier": "j1",
+            "status": "accepted",
+            "progress": 5,  # type: ignore[attr-defined]
+            "type": "process",
+            "process_id": "kappamask",
+        }
+    )
     job = JobReporter("j1", manager)
     job.update(40, "8/16 crops")
     stored = manager.get_job("j1")  # type: ignore[attr-defined]
@@ -116,8 +129,15 @@ def test_job_progress_and_cancellation_through_a_real_manager(manager: object) -
 def test_a_dismissal_is_never_overwritten_by_the_job_s_last_report(manager: object) -> None:
     """The job's end (pygeoapi writes "successful") and its progress arriving after the
     dismissal leave it dismissed: the write itself carries the condition."""
-    manager.add_job({"identifier": "j2", "status": "running", "progress": 40,  # type: ignore[attr-defined]
-                     "type": "process", "process_id": "kappamask"})  # fmt: skip
+    manager.add_job(
+        {
+            "identifier": "j2",
+            "status": "running",
+            "progress": 40,  # type: ignore[attr-defined]
+            "type": "process",
+            "process_id": "kappamask",
+        }
+    )
     assert manager.update_job("j2", {"progress": 60})  # type: ignore[attr-defined]
     manager.delete_job("j2")  # type: ignore[attr-defined]
     assert not manager.update_job("j2", {"status": "successful", "progress": 100})  # type: ignore[attr-defined]
@@ -130,8 +150,15 @@ def test_inference_slots_make_jobs_wait_and_waiting_jobs_can_be_cancelled(
     manager: object,
 ) -> None:
     for name in ("holder", "waiter"):
-        manager.add_job({"identifier": name, "status": "accepted", "progress": 5,  # type: ignore[attr-defined]
-                         "type": "process", "process_id": "kappamask"})  # fmt: skip
+        manager.add_job(
+            {
+                "identifier": name,
+                "status": "accepted",
+                "progress": 5,  # type: ignore[attr-defined]
+                "type": "process",
+                "process_id": "kappamask",
+            }
+        )
     release = threading.Event()
     holding = threading.Event()
 

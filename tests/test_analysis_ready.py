@@ -39,9 +39,12 @@ from kappamask.writers.cog import StripWriter
 from .conftest import T29UNU
 
 CLEAR, SHADOW, SEMI, CLOUD, MISSING = (
-    MaskClass.CLEAR, MaskClass.CLOUD_SHADOW, MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD,
+    MaskClass.CLEAR,
+    MaskClass.CLOUD_SHADOW,
+    MaskClass.SEMI_TRANSPARENT_CLOUD,
+    MaskClass.CLOUD,
     MaskClass.MISSING,
-)  # fmt: skip
+)
 
 
 def _disc(radius: float) -> np.ndarray:
@@ -115,8 +118,9 @@ def test_strips_leave_no_seams(
         StripWriter(tmp_path / "mask.tif", grid) as mask_out,
         StripWriter(tmp_path / "valid.tif", grid, nodata=255) as valid_out,
     ):
-        counts = postprocess.finish_layers(tmp_path / "model.tif", grid, 7.5, 3, mask_out,
-                                           valid_out)  # fmt: skip
+        counts = postprocess.finish_layers(
+            tmp_path / "model.tif", grid, 7.5, 3, mask_out, valid_out
+        )
     with rasterio.open(tmp_path / "mask.tif") as a, rasterio.open(tmp_path / "valid.tif") as v:
         mask, valid = a.read(1), v.read(1)
     expected = _reference(scl_classes, 7.5, 3)
@@ -168,9 +172,14 @@ def test_the_output_folder_is_served_read_only_with_ranges(
         assert part.status_code == 206 and part.data == bytes(range(16, 32))
     with client.head("/outputs/run/a_KAPPAMASK.tif") as head:
         assert head.headers["Content-Length"] == "1024" and head.data == b""
-    for hidden in ("/outputs/.jobs/jobs.tinydb", "/outputs/run/.kappamask-staging-1@h.x/b.tif",
-                   "/outputs/../outputs/run/a_KAPPAMASK.tif", "/outputs/run/nothing.tif",
-                   "/outputs/run", "/outputs/%2e%2e/etc/passwd"):  # fmt: skip
+    for hidden in (
+        "/outputs/.jobs/jobs.tinydb",
+        "/outputs/run/.kappamask-staging-1@h.x/b.tif",
+        "/outputs/../outputs/run/a_KAPPAMASK.tif",
+        "/outputs/run/nothing.tif",
+        "/outputs/run",
+        "/outputs/%2e%2e/etc/passwd",
+    ):
         answer = client.get(hidden)
         assert answer.status_code == 404, hidden
         assert answer.json["code"] == "NotFound"
@@ -258,15 +267,20 @@ def test_cover_is_over_the_aoi(client: TritonClient, tmp_path: Path) -> None:
     would count them from the COG."""
     grid = output_grid(open_safe(T29UNU), 60)
     left, bottom, right, top = grid.bounds
-    ring = [(left + 3000, top - 3000), (right - 9000, top - 6000),
-            (left + 6000, bottom + 4000), (left + 3000, top - 3000)]  # fmt: skip
+    ring = [
+        (left + 3000, top - 3000),
+        (right - 9000, top - 6000),
+        (left + 6000, bottom + 4000),
+        (left + 3000, top - 3000),
+    ]
     aoi = transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
     result = run(str(T29UNU), tmp_path, client, RunOptions(60, aoi=dict(aoi)))
     with rasterio.open(result.mask) as src:
         classes = src.read(1)
         local = transform_geom("EPSG:4326", src.crs, aoi)
-        inside = rasterize([local], out_shape=classes.shape, transform=src.transform,
-                           all_touched=True).astype(bool)  # fmt: skip
+        inside = rasterize(
+            [local], out_shape=classes.shape, transform=src.transform, all_touched=True
+        ).astype(bool)
     assert not (classes[~inside] != MISSING).any()  # outside the triangle: missing
     counts = np.bincount(classes[inside], minlength=5)
     data = counts[1:].sum()

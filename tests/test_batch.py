@@ -28,18 +28,29 @@ def _item(item_id: str, bbox: list[float], when: str, cloud: float) -> dict[str,
     west, south, east, north = bbox
     ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
     return {
-        "type": "Feature", "stac_version": "1.1.0", "stac_extensions": [], "id": item_id,
-        "geometry": {"type": "Polygon", "coordinates": [ring]}, "bbox": bbox,
-        "properties": {"datetime": when, "platform": "sentinel-2a", "eo:cloud_cover": cloud,
-                       "proj:code": "EPSG:32629",
-                       "kappamask:model": {"name": "kappamask_l2a", "version": "v2"}},
-        "links": [{"rel": "self", "href": f"http://example.org/{item_id}.json"}], "assets": {},
-    }  # fmt: skip
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": [],
+        "id": item_id,
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "bbox": bbox,
+        "properties": {
+            "datetime": when,
+            "platform": "sentinel-2a",
+            "eo:cloud_cover": cloud,
+            "proj:code": "EPSG:32629",
+            "kappamask:model": {"name": "kappamask_l2a", "version": "v2"},
+        },
+        "links": [{"rel": "self", "href": f"http://example.org/{item_id}.json"}],
+        "assets": {},
+    }
 
 
 def test_the_collection_spans_its_items_and_links_them_relatively() -> None:
-    items = [_item("a", [-9.0, 52.0, -8.0, 53.0], "2022-10-05T11:54:11Z", 12.5),
-             _item("b", [-8.5, 51.5, -7.0, 52.5], "2022-06-01T11:54:11Z", 80.0)]  # fmt: skip
+    items = [
+        _item("a", [-9.0, 52.0, -8.0, 53.0], "2022-10-05T11:54:11Z", 12.5),
+        _item("b", [-8.5, 51.5, -7.0, 52.5], "2022-06-01T11:54:11Z", 80.0),
+    ]
     collection = create_collection("season", "two products", items, ["./a.json", "./b.json"])
     pystac.validation.validate_dict(collection)
     assert collection["extent"]["spatial"]["bbox"] == [[-9.0, 51.5, -7.0, 53.0]]
@@ -49,8 +60,9 @@ def test_the_collection_spans_its_items_and_links_them_relatively() -> None:
     assert collection["summaries"]["eo:cloud_cover"] == {"minimum": 12.5, "maximum": 80.0}
     assert collection["summaries"]["kappamask:model"] == ["kappamask_l2a v2"]
     assert [link["href"] for link in collection["links"] if link["rel"] == "item"] == [
-        "./a.json", "./b.json"
-    ]  # fmt: skip
+        "./a.json",
+        "./b.json",
+    ]
     linked = link_item(items[0], "season")
     assert linked["collection"] == "season" and "collection" not in items[0]  # a copy
     rels = {link["rel"]: link["href"] for link in linked["links"]}
@@ -97,9 +109,14 @@ def test_one_bad_product_never_fails_the_batch_and_a_rerun_computes_nothing(
     missing = str(DATA / "s2" / "S2A_MSIL2A_20991231T000000_N0500_R001_T01AAA_X.SAFE")
     products = [str(T29UNU), missing, str(T22HBD), str(T29UNU)]
     seen: list[int] = []
-    result = run_batch(products, tmp_path, client, RunOptions(resolution=60),
-                       collection_id="test-season",
-                       progress=lambda p, _m: seen.append(p))  # fmt: skip
+    result = run_batch(
+        products,
+        tmp_path,
+        client,
+        RunOptions(resolution=60),
+        collection_id="test-season",
+        progress=lambda p, _m: seen.append(p),
+    )
     status = [p.status for p in result.products]
     assert status == ["successful", "failed", "successful", "successful"]
     assert "T01AAA" in (result.products[1].message or "")
@@ -113,8 +130,13 @@ def test_one_bad_product_never_fails_the_batch_and_a_rerun_computes_nothing(
     assert collection["id"] == "test-season" and len(collection["summaries"]["proj:code"]) == 2
     assert result.to_json()["failed"] == 1 and result.collection.endswith(COLLECTION_FILE)
 
-    again = run_batch(products[:1] + products[2:3], tmp_path, client, RunOptions(resolution=60),
-                      collection_id="test-season")  # fmt: skip
+    again = run_batch(
+        products[:1] + products[2:3],
+        tmp_path,
+        client,
+        RunOptions(resolution=60),
+        collection_id="test-season",
+    )
     assert [p.reused for p in again.products] == [True, True]
 
 
@@ -132,8 +154,14 @@ def test_a_cancelled_batch_leaves_a_valid_collection_of_what_it_finished(
             done.append(message)
 
     with pytest.raises(CancelledError):
-        run_batch([str(T29UNU), str(T22HBD)], tmp_path, client, RunOptions(resolution=60),
-                  progress=progress, cancelled=cancelled)  # fmt: skip
+        run_batch(
+            [str(T29UNU), str(T22HBD)],
+            tmp_path,
+            client,
+            RunOptions(resolution=60),
+            progress=progress,
+            cancelled=cancelled,
+        )
     items = _open_collection(tmp_path, stac_validator)
     assert [i.properties["kappamask:product_id"] for i in items] == [T29UNU.stem]
     assert not [p for p in tmp_path.iterdir() if "T22HBD" in p.name]  # nothing half-written
@@ -145,13 +173,31 @@ def test_the_batch_command(triton: LocalTriton, tmp_path: Path) -> None:
     listing.write_text(f"# two products, one of them missing\n{T29UNU}\n{tmp_path / 'nope.SAFE'}\n")
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "kappamask.cli", "batch", "--products-file", str(listing),
-         "--out", str(out), "--resolution", "60", "--triton-url", triton.http_url],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kappamask.cli",
+            "batch",
+            "--products-file",
+            str(listing),
+            "--out",
+            str(out),
+            "--resolution",
+            "60",
+            "--triton-url",
+            triton.http_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 1, done.stderr
     assert f"ok      {T29UNU}" in done.stdout and "FAILED" in done.stdout
     assert f"collection: {out / COLLECTION_FILE} (1/2 products)" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "kappamask.cli", "batch", "--out", str(out)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "kappamask.cli", "batch", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode != 0 and "at least one product" in bad.stderr

@@ -79,9 +79,20 @@ def service(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
         "KAPPAMASK_ALLOWED_HOSTS": "127.0.0.1",
         "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "true",
     }
-    proc = start_serve(["--port", str(port), "--triton-url", triton.http_url,
-                        "--output-dir", str(base / "out"), "--data-root", str(DATA)],
-                       log_path, env)  # fmt: skip
+    proc = start_serve(
+        [
+            "--port",
+            str(port),
+            "--triton-url",
+            triton.http_url,
+            "--output-dir",
+            str(base / "out"),
+            "--data-root",
+            str(DATA),
+        ],
+        log_path,
+        env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)
@@ -91,15 +102,20 @@ def service(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 def _subscriber(receiver: Receiver, name: str) -> dict[str, str]:
-    return {"successUri": f"{receiver.url}/{name}/success",
-            "inProgressUri": f"{receiver.url}/{name}/running",
-            "failedUri": f"{receiver.url}/{name}/failed"}  # fmt: skip
+    return {
+        "successUri": f"{receiver.url}/{name}/success",
+        "inProgressUri": f"{receiver.url}/{name}/running",
+        "failedUri": f"{receiver.url}/{name}/failed",
+    }
 
 
 def _submit(url: str, inputs: dict[str, Any], subscriber: dict[str, str]) -> str:
-    response = requests.post(f"{url}/processes/kappamask/execution",
-                             json={"inputs": inputs, "subscriber": subscriber},
-                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+    response = requests.post(
+        f"{url}/processes/kappamask/execution",
+        json={"inputs": inputs, "subscriber": subscriber},
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
     assert response.status_code == 201, response.text
     return str(response.headers["Location"])
 
@@ -108,8 +124,11 @@ def _submit(url: str, inputs: dict[str, Any], subscriber: dict[str, str]) -> str
 def test_an_async_job_calls_back_as_it_starts_and_succeeds(
     service: str, receiver: Receiver
 ) -> None:
-    job_url = _submit(service, {"product": str(T29UNU), "resolution": 60, "output": "cb"},
-                      _subscriber(receiver, "ok"))  # fmt: skip
+    job_url = _submit(
+        service,
+        {"product": str(T29UNU), "resolution": 60, "output": "cb"},
+        _subscriber(receiver, "ok"),
+    )
     job_id = job_url.rstrip("/").rsplit("/", 1)[-1]
     started = receiver.wait_for("/ok/running")
     assert started["jobID"] == job_id and started["status"] == "running"
@@ -156,12 +175,20 @@ def test_a_batch_job_over_http_calls_back_with_its_collection(
     which pystac opens from the URL the service serves it at."""
     missing = str(DATA / "s2" / "S2B_MSIL2A_20991231T000000_N0500_R001_T02BBB_X.SAFE")
     body = {
-        "inputs": {"products": [str(T29UNU), missing], "resolution": 60, "output": "season",
-                   "collection_id": "season-1"},
+        "inputs": {
+            "products": [str(T29UNU), missing],
+            "resolution": 60,
+            "output": "season",
+            "collection_id": "season-1",
+        },
         "subscriber": _subscriber(receiver, "batch"),
-    }  # fmt: skip
-    response = requests.post(f"{service}/processes/kappamask-batch/execution", json=body,
-                             headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+    }
+    response = requests.post(
+        f"{service}/processes/kappamask-batch/execution",
+        json=body,
+        headers={"Prefer": "respond-async"},
+        timeout=30,
+    )
     assert response.status_code == 201, response.text
     result = receiver.wait_for("/batch/success")
     assert result["succeeded"] == 1 and result["failed"] == 1
@@ -173,6 +200,9 @@ def test_a_batch_job_over_http_calls_back_with_its_collection(
     items = list(collection.get_items())
     assert [i.properties["kappamask:product_id"] for i in items] == [T29UNU.stem]
     assert requests.get(items[0].assets["mask"].get_absolute_href(), timeout=10).ok
-    bad = requests.post(f"{service}/processes/kappamask-batch/execution",
-                        json={"inputs": {"products": []}}, timeout=30)  # fmt: skip
+    bad = requests.post(
+        f"{service}/processes/kappamask-batch/execution",
+        json={"inputs": {"products": []}},
+        timeout=30,
+    )
     assert bad.status_code == 400 and "at least one product" in bad.json()["description"]

@@ -84,8 +84,16 @@ def test_an_l1c_product_through_the_l1c_model(
     triton: LocalTriton, tmp_path: Path, l1c_safe: Path, stac_validator: JsonSchemaSTACValidator
 ) -> None:
     """The stand-in L1C product (13 real L1C bands, compact SAFE layout) at 10 m."""
-    done = _run("run", str(l1c_safe), "--out", str(tmp_path / "out"), "--resolution", "10",
-                "--triton-url", triton.http_url)  # fmt: skip
+    done = _run(
+        "run",
+        str(l1c_safe),
+        "--out",
+        str(tmp_path / "out"),
+        "--resolution",
+        "10",
+        "--triton-url",
+        triton.http_url,
+    )
     assert done.returncode == 0, done.stderr
     item = next((tmp_path / "out").glob("*_KAPPAMASK.json"))
     data = check_result(item, l1c_safe, 10, stac_validator)
@@ -149,17 +157,28 @@ def test_run_from_s3_to_s3_with_a_bbox_and_rerun(triton: LocalTriton, s3_server:
     grid = output_grid(open_safe(T29UNU), 60)
     left, _bottom, _right, top = grid.bounds
     bbox = transform_bounds(grid.crs, "EPSG:4326", left, top - 9000, left + 9000, top)
-    args = ["run", f"s3://products/zips/{T29UNU.stem}.zip", "--out", "s3://results/cli",
-            "--resolution", "60", "--bbox", *(f"{v:.6f}" for v in bbox),
-            "--triton-url", triton.http_url]  # fmt: skip
+    args = [
+        "run",
+        f"s3://products/zips/{T29UNU.stem}.zip",
+        "--out",
+        "s3://results/cli",
+        "--resolution",
+        "60",
+        "--bbox",
+        *(f"{v:.6f}" for v in bbox),
+        "--triton-url",
+        triton.http_url,
+    ]
     env = {**os.environ, **s3_server.env}
-    done = subprocess.run([*KAPPAMASK, *args], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)  # fmt: skip
+    done = subprocess.run(
+        [*KAPPAMASK, *args], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert "1/1 crops inferred" in done.stdout
     assert re.search(r"STAC item: +s3://results/cli/", done.stdout)
     assert len(s3_server.keys("results", "cli/")) == len(ASSETS) + 1  # and the item
-    again = subprocess.run([*KAPPAMASK, *args], capture_output=True, text=True, env=env,
-                           timeout=600, check=False)  # fmt: skip
+    again = subprocess.run(
+        [*KAPPAMASK, *args], capture_output=True, text=True, env=env, timeout=600, check=False
+    )
     assert again.returncode == 0 and "not computed again" in again.stdout
     assert S3_SECRET not in done.stderr + done.stdout + again.stderr

@@ -72,11 +72,17 @@ def cpu_model(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
 
 
 def _args(level: str = "kappamask_l2a", **params: str) -> dict[str, Any]:
-    config = {"name": level, "input": [{"dims": [13, 512, 512], "data_type": "TYPE_FP16"}],
-              "output": [{"name": name} for name in OUTPUTS],
-              "parameters": {k: {"string_value": v} for k, v in params.items()}}  # fmt: skip
-    return {"model_config": json.dumps(config), "model_repository": str(DEFAULT_REPOSITORY / level),
-            "model_version": "1"}  # fmt: skip
+    config = {
+        "name": level,
+        "input": [{"dims": [13, 512, 512], "data_type": "TYPE_FP16"}],
+        "output": [{"name": name} for name in OUTPUTS],
+        "parameters": {k: {"string_value": v} for k, v in params.items()},
+    }
+    return {
+        "model_config": json.dumps(config),
+        "model_repository": str(DEFAULT_REPOSITORY / level),
+        "model_version": "1",
+    }
 
 
 def test_openvino_is_the_default_and_says_its_precision(cpu_model: types.ModuleType) -> None:
@@ -131,14 +137,20 @@ def test_an_unknown_precision_is_a_clear_load_error(cpu_model: types.ModuleType)
     ],
 )
 def test_auto_runs_the_fastest_precision_that_keeps_to_fp32(
-    cpu_model: types.ModuleType, cpu_has_bf16: bool, has_int8: bool, bf16: float | None,
-    int8: float | None, expected: str,
-) -> None:  # fmt: skip
+    cpu_model: types.ModuleType,
+    cpu_has_bf16: bool,
+    has_int8: bool,
+    bf16: float | None,
+    int8: float | None,
+    expected: str,
+) -> None:
     assert auto_precision(cpu_has_bf16, has_int8, bf16, int8) == expected
     # the Python backend (which cannot import kappamask) decides the same, on the same bars
     assert cpu_model.auto_precision(cpu_has_bf16, has_int8, bf16, int8) == expected
     assert (cpu_model.MIN_BF16_AGREEMENT, cpu_model.MIN_INT8_AGREEMENT) == (
-        MIN_BF16_AGREEMENT, MIN_INT8_AGREEMENT)  # fmt: skip
+        MIN_BF16_AGREEMENT,
+        MIN_INT8_AGREEMENT,
+    )
 
 
 def test_the_backend_reads_the_agreements_from_its_config(cpu_model: types.ModuleType) -> None:
@@ -216,8 +228,9 @@ def _classes(
     return out
 
 
-def _agreement(a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]],
-               crops: Crops) -> dict[str, float]:  # fmt: skip
+def _agreement(
+    a: dict[str, list[np.ndarray]], b: dict[str, list[np.ndarray]], crops: Crops
+) -> dict[str, float]:
     """Share of equal classes per level, on the pixels with data."""
     out = {}
     for level, items in crops.items():
@@ -252,13 +265,16 @@ def _precision(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
     [
         # the v3 / v4 weights in bfloat16 keep to FP32 on 99.86 % / 99.79 % of the real
         # scenes' pixels: under the 99.9 % that `auto` asks (so it runs INT8), over 99.5 %
-        pytest.param("bf16", MIN_INT8_AGREEMENT, marks=pytest.mark.skipif(
-            not HAS_BF16, reason="this CPU computes no bfloat16")),
+        pytest.param(
+            "bf16",
+            MIN_INT8_AGREEMENT,
+            marks=pytest.mark.skipif(not HAS_BF16, reason="this CPU computes no bfloat16"),
+        ),
         # the INT8 variants as OpenVINO runs them: 99.69 % / 99.65 % of the real scenes'
         # pixels
         ("int8", MIN_INT8_AGREEMENT),
     ],
-)  # fmt: skip
+)
 def test_lower_precisions_agree_with_fp32_on_real_crops(
     crops: Crops, monkeypatch: pytest.MonkeyPatch, precision: str, bar: float
 ) -> None:
@@ -280,16 +296,26 @@ def test_check_precision_records_what_auto_then_runs(
     the pixels in INT8 and ran in FP32, the v4 weights keep 99.98 % and run INT8."""
     shutil.copy(DEFAULT_REPOSITORY / "cpu_model.py", tmp_path)
     version_dir = DEFAULT_REPOSITORY / "kappamask_l2a" / "1"
-    model_dir = install_model(version_dir / "model.onnx", tmp_path,
-                              int8_path=version_dir / "model.int8.onnx")  # fmt: skip
+    model_dir = install_model(
+        version_dir / "model.onnx", tmp_path, int8_path=version_dir / "model.int8.onnx"
+    )
     assert "int8_agreement" not in config_parameters(model_dir / "config.pbtxt")
     _precision(monkeypatch, "auto")
     for data, expected in ((T29UNU, "int8"), (T22HBD, None)):
         report = tmp_path / f"{data.name}.json"
-        done = CliRunner().invoke(main, [
-            "check-precision", "L2A", "--data", str(data), "--repository", str(tmp_path),
-            "--json", str(report),
-        ])  # fmt: skip
+        done = CliRunner().invoke(
+            main,
+            [
+                "check-precision",
+                "L2A",
+                "--data",
+                str(data),
+                "--repository",
+                str(tmp_path),
+                "--json",
+                str(report),
+            ],
+        )
         assert done.exit_code == 0, done.output
         measured = json.loads(report.read_text())
         assert measured["crops"] >= 3 and measured["pixels"] > 0
@@ -301,8 +327,10 @@ def test_check_precision_records_what_auto_then_runs(
         if HAS_BF16:
             assert f"auto runs {expected} on CPUs with bfloat16" in done.output
             with LocalTriton(tmp_path, supervise=False) as triton:
-                assert f"kappamask_l2a: OpenVINO {openvino.__version__.split('-')[0]}, " \
-                       f"{expected}, " in triton.log_tail(200)  # fmt: skip
+                assert (
+                    f"kappamask_l2a: OpenVINO {openvino.__version__.split('-')[0]}, "
+                    f"{expected}, " in triton.log_tail(200)
+                )
 
 
 @pytest.mark.slow

@@ -26,10 +26,31 @@ from .conftest import deeplab_in_widths, write_keras_deeplab, write_keras_h5
 #: that apply to them checked below: Slice and Squeeze axes and Conv weights must be
 #: initializers; Resize modes linear/nearest with half_pixel or asymmetric coordinates.
 TENSORRT_OPERATORS = {
-    "Abs", "Add", "ArgMax", "Cast", "Concat", "Conv", "Div", "Equal", "Expand", "Gather",
-    "GlobalAveragePool", "Max", "MaxPool", "Mul", "ReduceMax", "Relu", "Resize", "Round",
-    "Shape", "Sigmoid", "Slice", "Softmax", "Squeeze", "Where",
-}  # fmt: skip
+    "Abs",
+    "Add",
+    "ArgMax",
+    "Cast",
+    "Concat",
+    "Conv",
+    "Div",
+    "Equal",
+    "Expand",
+    "Gather",
+    "GlobalAveragePool",
+    "Max",
+    "MaxPool",
+    "Mul",
+    "ReduceMax",
+    "Relu",
+    "Resize",
+    "Round",
+    "Shape",
+    "Sigmoid",
+    "Slice",
+    "Softmax",
+    "Squeeze",
+    "Where",
+}
 
 
 def _random_layers(channels: int, seed: int = 0) -> list[deeplab.Folded]:
@@ -54,10 +75,16 @@ def test_symmetric_padding_is_tensorflow_s() -> None:
     graph = deeplab._Graph()
     out = graph.symmetric_pad("x", 3, 5)
     graph.nodes.append(helper.make_node("Identity", [out], ["y"]))
-    model = helper.make_model(helper.make_graph(
-        graph.nodes, "pad", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], graph.inits,
-    ), opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(
+            graph.nodes,
+            "pad",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            graph.inits,
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     x = np.arange(2 * 3 * 7 * 6, dtype=np.float32).reshape(2, 3, 7, 6)
     y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     assert np.array_equal(y, np.pad(x, ((0, 0), (0, 0), (3, 5), (3, 5)), mode="symmetric"))
@@ -101,19 +128,33 @@ def test_every_operator_is_one_tensorrt_builds(graph: onnx.ModelProto) -> None:
 def test_a_file_that_is_not_km_predict_s_deeplab_is_refused(tmp_path: Path) -> None:
     bn = {k: np.ones(32, np.float32) for k in ("gamma", "beta", "moving_mean", "moving_variance")}
     partial = tmp_path / "partial.hdf5"
-    write_keras_h5(partial, {
-        "separable_conv2d": {"depthwise_kernel": np.zeros((3, 3, 13, 1), np.float32),
-                             "pointwise_kernel": np.zeros((1, 1, 13, 32), np.float32)},
-        "batch_normalization": bn,
-        "conv2d": {"kernel": np.zeros((1, 1, 32, 6), np.float32),
-                   "bias": np.zeros(6, np.float32)},
-    })  # fmt: skip
+    write_keras_h5(
+        partial,
+        {
+            "separable_conv2d": {
+                "depthwise_kernel": np.zeros((3, 3, 13, 1), np.float32),
+                "pointwise_kernel": np.zeros((1, 1, 13, 32), np.float32),
+            },
+            "batch_normalization": bn,
+            "conv2d": {
+                "kernel": np.zeros((1, 1, 32, 6), np.float32),
+                "bias": np.zeros(6, np.float32),
+            },
+        },
+    )
     with pytest.raises(InvalidInputError, match="km_predict's DeepLabv3\\+ has"):
         import_keras(partial, "L1C", tmp_path / "m.onnx")
     odd = tmp_path / "odd.hdf5"
-    write_keras_h5(odd, {"separable_conv2d": {"depthwise_kernel": np.zeros((3, 3, 13, 1)),
-                                         "pointwise_kernel": np.zeros((1, 1, 13, 32)),
-                                         "extra": np.zeros(3)}})  # fmt: skip
+    write_keras_h5(
+        odd,
+        {
+            "separable_conv2d": {
+                "depthwise_kernel": np.zeros((3, 3, 13, 1)),
+                "pointwise_kernel": np.zeros((1, 1, 13, 32)),
+                "extra": np.zeros(3),
+            }
+        },
+    )
     with pytest.raises(InvalidInputError, match="not a layer of km_predict's DeepLabv3"):
         import_keras(odd, "L1C", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -154,7 +195,13 @@ def test_the_quantiser_finds_the_layers_it_keeps_in_fp32(tmp_path: Path) -> None
 
     model = import_keras(write_keras_deeplab(tmp_path / "l1c.hdf5", 13), "L1C", tmp_path / "m.onnx")
     names = {i.name for i in model.graph.initializer}
-    assert {"entry1.weight", "middle24.depthwise", "exit2.weight", "aspp6.bias",
-            "decoder3.weight", "head.weight"} <= names  # fmt: skip
+    assert {
+        "entry1.weight",
+        "middle24.depthwise",
+        "exit2.weight",
+        "aspp6.bias",
+        "decoder3.weight",
+        "head.weight",
+    } <= names
     kept = [len(_named(model, ladder)) for ladder in DEEPLAB_FP32_LADDER]
     assert kept == [2, 2 + 3, 2 + 3 + 6]

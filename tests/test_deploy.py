@@ -270,8 +270,11 @@ def test_kubernetes_overlays_validate_against_the_api_schemas(overlay: str) -> N
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     api_pod = _find(docs, "Deployment", "kappamask-api")["spec"]["template"]["spec"]
     for pod in (api_pod, worker_pod):
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
-                  if "persistentVolumeClaim" in v]  # fmt: skip
+        claims = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in pod["volumes"]
+            if "persistentVolumeClaim" in v
+        ]
         assert claims == ["kappamask-results"]
     if overlay == "gpu":
         assert gpu_limit == 1 and inits == ["copy-models", "build-engines"]
@@ -373,11 +376,17 @@ def test_engine_build_checks_and_exact_trtexec_commands(
             "trtexec", path, path.with_name("model.plan"), channels, build_engines.BuildOptions()
         )
         assert command == [
-            "trtexec", f"--onnx={path}", f"--saveEngine={path.with_name('model.plan')}", "--fp16",
-            "--inputIOFormats=fp16:chw", "--minShapes=input:1x13x512x512",
-            "--optShapes=input:8x13x512x512", "--maxShapes=input:16x13x512x512",
-            "--memPoolSize=workspace:4096", "--skipInference",
-        ]  # fmt: skip
+            "trtexec",
+            f"--onnx={path}",
+            f"--saveEngine={path.with_name('model.plan')}",
+            "--fp16",
+            "--inputIOFormats=fp16:chw",
+            "--minShapes=input:1x13x512x512",
+            "--optShapes=input:8x13x512x512",
+            "--maxShapes=input:16x13x512x512",
+            "--memPoolSize=workspace:4096",
+            "--skipInference",
+        ]
     # dry run over a copy of the repository: prints the commands, builds nothing
     repo = tmp_path / "repo"
     target = repo / "kappamask_l2a" / "1"
@@ -428,15 +437,20 @@ def test_api_entry_point_serves_behind_the_guard(triton: LocalTriton, tmp_path: 
     (tmp_path / "jobs").mkdir()
     log = tmp_path / "api.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(["sh", str(DEPLOY / "entrypoint.sh")], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            ["sh", str(DEPLOY / "entrypoint.sh")], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log)
         assert requests.get(f"{url}/health", timeout=10).status_code == 200
         assert requests.get(f"{url}/health/ready", timeout=10).status_code == 200
-        bad = requests.post(f"{url}/processes/kappamask/execution", data="[1, 2, 3]",
-                            headers={"Content-Type": "application/json"}, timeout=10)  # fmt: skip
+        bad = requests.post(
+            f"{url}/processes/kappamask/execution",
+            data="[1, 2, 3]",
+            headers={"Content-Type": "application/json"},
+            timeout=10,
+        )
         assert bad.status_code == 400 and "must be a JSON object" in bad.json()["description"]
         # the OpenAPI document it serves needs no schema server (air-gapped deployments)
         openapi = requests.get(f"{url}/openapi", params={"f": "json"}, timeout=10)

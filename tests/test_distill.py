@@ -61,9 +61,16 @@ def test_l2a_fusion_keeps_scl_where_ukis_does_not_object() -> None:
     ukis = np.array([[B, K, K, B, S, B, K, S, B]], np.uint8)
     op = teachers.Opinions(valid=np.ones(scl.shape, bool), ukis=ukis, scl=scl)
     assert teachers.fuse_l2a(op)[0].tolist() == [
-        C.CLEAR, C.UNDEFINED, C.CLOUD, C.UNDEFINED, C.CLOUD_SHADOW, C.UNDEFINED,
-        C.SEMI_TRANSPARENT_CLOUD, C.UNDEFINED, C.MISSING,
-    ]  # fmt: skip
+        C.CLEAR,
+        C.UNDEFINED,
+        C.CLOUD,
+        C.UNDEFINED,
+        C.CLOUD_SHADOW,
+        C.UNDEFINED,
+        C.SEMI_TRANSPARENT_CLOUD,
+        C.UNDEFINED,
+        C.MISSING,
+    ]
 
 
 def test_fusion_refuses_missing_teachers() -> None:
@@ -74,9 +81,15 @@ def test_fusion_refuses_missing_teachers() -> None:
 
 
 def _write_multiband(path: Path, dn: np.ndarray) -> Path:
-    profile = {"driver": "GTiff", "dtype": "uint16", "width": dn.shape[2], "height": dn.shape[1],
-               "count": dn.shape[0], "crs": "EPSG:32633",
-               "transform": Affine(10, 0, 500000, 0, -10, 5000000)}  # fmt: skip
+    profile = {
+        "driver": "GTiff",
+        "dtype": "uint16",
+        "width": dn.shape[2],
+        "height": dn.shape[1],
+        "count": dn.shape[0],
+        "crs": "EPSG:32633",
+        "transform": Affine(10, 0, 500000, 0, -10, 5000000),
+    }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(dn)
     return path
@@ -95,8 +108,9 @@ def test_features_follow_the_served_formula(tmp_path: Path) -> None:
     assert img.name == "ROIs1970_fall_s2_cloudy_ROIs1970_fall_s2_cloudy_136_p139"
     feats = realdata.features(img, "L1C")
     assert feats.shape == (13, 4, 5)
-    np.testing.assert_allclose(feats[:, 1, 1], 1234 / 65535 / np.asarray(DEFAULT_MAX_V["L1C"]),
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        feats[:, 1, 1], 1234 / 65535 / np.asarray(DEFAULT_MAX_V["L1C"]), rtol=1e-6
+    )
     assert (feats[:, 0, 0] == 0).all()
 
 
@@ -226,8 +240,10 @@ def test_surfaces_are_drawn_for_the_share_of_crops_asked(kind: str) -> None:
     scene = Labelled("s", "s", "L1C", feats, labels, {})
     for share, low, high in ((0.0, 0, 0), (0.2, 20, 60), (1.0, 200, 200)):
         source = ScenesSource([scene], **{kind: share})
-        changed = sum(not np.array_equal(source.train_crop(32, rng)[0], feats[:, :32, :32])
-                      for _ in range(200))  # fmt: skip
+        changed = sum(
+            not np.array_equal(source.train_crop(32, rng)[0], feats[:, :32, :32])
+            for _ in range(200)
+        )
         assert low <= changed <= high, (share, changed)
 
 
@@ -266,10 +282,29 @@ def test_distill_end_to_end_on_real_patches(tmp_path: Path) -> None:
         profile, data = src.profile, src.read()
     with rasterio.open(patches / "ROIs2017_winter_s2_cloudy_84_p1.tif", "w", **profile) as dst:
         dst.write(data[:, ::-1, :])
-    args = ["distill", "--level", "L1C", "--out", str(tmp_path / "run"), "--multiband",
-            str(patches), "--holdout", "ROIs2017_winter_84", "--filters", "4", "--crop", "64",
-            "--batch-size", "2", "--steps-per-epoch", "2", "--epochs", "1",
-            "--version-label", "tiny"]  # fmt: skip
+    args = [
+        "distill",
+        "--level",
+        "L1C",
+        "--out",
+        str(tmp_path / "run"),
+        "--multiband",
+        str(patches),
+        "--holdout",
+        "ROIs2017_winter_84",
+        "--filters",
+        "4",
+        "--crop",
+        "64",
+        "--batch-size",
+        "2",
+        "--steps-per-epoch",
+        "2",
+        "--epochs",
+        "1",
+        "--version-label",
+        "tiny",
+    ]
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 0, done.output
     cached = sorted((tmp_path / "run" / "scenes").glob("L1C_*.npz"))
@@ -277,8 +312,12 @@ def test_distill_end_to_end_on_real_patches(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["holdout_scenes"] == ["patches_ROIs2017_winter_s2_cloudy_84_p1"]
     report = json.loads((tmp_path / "run" / "holdout.json").read_text())
-    assert {"model vs fused labels", "model vs s2cloudless", "s2cloudless vs ukis-csmask",
-            "ukis-csmask vs s2cloudless"} <= set(report)  # fmt: skip
+    assert {
+        "model vs fused labels",
+        "model vs s2cloudless",
+        "s2cloudless vs ukis-csmask",
+        "ukis-csmask vs s2cloudless",
+    } <= set(report)
     # the teachers see the same clouds in the mirrored patch as in the original
     assert report["s2cloudless vs ukis-csmask"]["two_class"]["classes"]["cloud"]["dice"] > 0.6
     spec = spec_from_onnx(tmp_path / "run" / "model.onnx")

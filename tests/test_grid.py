@@ -24,8 +24,10 @@ def test_the_grid_is_the_tiles_at_each_resolution(resolution: int) -> None:
     with rasterio.open(b04) as src:  # the 60 m file covers the tile (a cut of it here)
         assert grid.bounds == pytest.approx(tuple(src.bounds))
         assert grid.crs == src.crs.to_string()
-        assert (grid.width, grid.height) == (src.width * 60 // resolution,
-                                             src.height * 60 // resolution)  # fmt: skip
+        assert (grid.width, grid.height) == (
+            src.width * 60 // resolution,
+            src.height * 60 // resolution,
+        )
     assert grid.resolution == resolution
 
 
@@ -33,9 +35,19 @@ def test_clipping_snaps_outwards_and_masks_the_polygon() -> None:
     grid = output_grid(open_safe(T29UNU), 60)
     left, _bottom, _right, top = grid.bounds
     inner = box(left + 1010, top - 9030, left + 7070, top - 2050)  # not on pixel edges
-    triangle = shape({"type": "Polygon", "coordinates": [[
-        (left + 1010, top - 9030), (left + 7070, top - 9030), (left + 1010, top - 2050),
-        (left + 1010, top - 9030)]]})  # fmt: skip
+    triangle = shape(
+        {
+            "type": "Polygon",
+            "coordinates": [
+                [
+                    (left + 1010, top - 9030),
+                    (left + 7070, top - 9030),
+                    (left + 1010, top - 2050),
+                    (left + 1010, top - 9030),
+                ]
+            ],
+        }
+    )
     area = shape(transform_geom(grid.crs, "EPSG:4326", mapping(triangle)))
     clipped, local = clip_grid(grid, area)
     c_left, _bottom, _right, c_top = clipped.bounds

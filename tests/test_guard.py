@@ -32,9 +32,13 @@ def _call(
     def start_response(status: str, headers: list[tuple[str, str]]) -> None:
         seen["status"], seen["headers"] = int(status.split()[0]), dict(headers)
 
-    environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "wsgi.input": io.BytesIO(body),
-               "CONTENT_LENGTH": str(len(body)) if length is None else length,
-               "wsgi.input_terminated": chunked}  # fmt: skip
+    environ = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "wsgi.input": io.BytesIO(body),
+        "CONTENT_LENGTH": str(len(body)) if length is None else length,
+        "wsgi.input_terminated": chunked,
+    }
     out = b"".join(guard(environ, start_response))
     return seen["status"], json.loads(out)
 
@@ -49,8 +53,9 @@ def _inner(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 @pytest.fixture
 def guard() -> RequestGuard:
     state = {"ready": True}
-    g = RequestGuard(_inner, lambda: state["ready"], max_body_bytes=1000,
-                     job_status=lambda _job: None)  # fmt: skip
+    g = RequestGuard(
+        _inner, lambda: state["ready"], max_body_bytes=1000, job_status=lambda _job: None
+    )
     g.state = state  # type: ignore[attr-defined]
     return g
 
@@ -175,10 +180,22 @@ class _Manager:
 
 
 def test_jobs_left_running_are_failed_at_start_up() -> None:
-    manager = _Manager([{"identifier": i, "status": s} for i, s in
-                        (("a", "running"), ("b", "accepted"), ("c", "successful"),
-                         ("d", "dismissed"))])  # fmt: skip
+    manager = _Manager(
+        [
+            {"identifier": i, "status": s}
+            for i, s in (
+                ("a", "running"),
+                ("b", "accepted"),
+                ("c", "successful"),
+                ("d", "dismissed"),
+            )
+        ]
+    )
     assert fail_interrupted_jobs(manager) == ["a", "b"]
-    assert [manager.jobs[i]["status"] for i in "abcd"] == ["failed", "failed", "successful",
-                                                           "dismissed"]  # fmt: skip
+    assert [manager.jobs[i]["status"] for i in "abcd"] == [
+        "failed",
+        "failed",
+        "successful",
+        "dismissed",
+    ]
     assert manager.jobs["a"]["message"] == INTERRUPTED_MESSAGE

@@ -63,16 +63,24 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
     # no --data-root: KAPPAMASK_DATA_ROOTS decides, not the current folder
     (tmp_path / "here.SAFE").mkdir()
     proc = ps.start_serve(
-        ["--port", str(port), "--output-dir", str(tmp_path / "out")], log,
-        {"KAPPAMASK_DATA_ROOTS": str(DATA), "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
-         "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"), "KAPPAMASK_TRITON_RESTART_DELAY_S": "8"},
+        ["--port", str(port), "--output-dir", str(tmp_path / "out")],
+        log,
+        {
+            "KAPPAMASK_DATA_ROOTS": str(DATA),
+            "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+            "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"),
+            "KAPPAMASK_TRITON_RESTART_DELAY_S": "8",
+        },
         cwd=tmp_path,
-    )  # fmt: skip
+    )
     try:
         ps.wait_for(url, proc, log)
         assert requests.get(f"{url}/health/ready", timeout=10).status_code == 200
-        refused = requests.post(f"{url}/processes/kappamask/execution",
-                                json={"inputs": {"product": "here.SAFE"}}, timeout=60)  # fmt: skip
+        refused = requests.post(
+            f"{url}/processes/kappamask/execution",
+            json={"inputs": {"product": "here.SAFE"}},
+            timeout=60,
+        )
         assert refused.status_code == 403 and "outside the data roots" in refused.text
 
         job_id = _submit(url, {"product": str(T29UNU), "resolution": 10, "overwrite": True})
@@ -104,9 +112,11 @@ def test_killed_triton_is_restarted_and_the_next_job_succeeds(tmp_path: Path) ->
         assert "restarting in 8 s" in log.read_text()
         assert "int() argument" not in log.read_text()  # polling logs nothing
 
-        response = requests.post(f"{url}/processes/kappamask/execution",
-                                 json={"inputs": {"product": str(T29UNU), "resolution": 60}},
-                                 timeout=300)  # fmt: skip
+        response = requests.post(
+            f"{url}/processes/kappamask/execution",
+            json={"inputs": {"product": str(T29UNU), "resolution": 60}},
+            timeout=300,
+        )
         assert response.status_code == 200, response.text
     finally:
         ps.stop(proc)

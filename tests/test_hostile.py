@@ -51,8 +51,9 @@ class Hostile:
     refused: Any
 
     def execute(self, body: Any, timeout: float = 120) -> requests.Response:
-        return requests.post(f"{self.url}/processes/kappamask/execution", json=body,
-                             timeout=timeout)  # fmt: skip
+        return requests.post(
+            f"{self.url}/processes/kappamask/execution", json=body, timeout=timeout
+        )
 
     def local(self, href: str) -> Path:
         prefix = "/outputs/"
@@ -121,17 +122,37 @@ def hostile(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
         "KAPPAMASK_READ_TIMEOUT_S": str(READ_TIMEOUT_S),
     }
     # S3 that cannot be reached: assets there are the storage's fault
-    env.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-                "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
-                "AWS_REGION": "us-east-1"})  # fmt: skip
+    env.update(
+        {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+            "AWS_ACCESS_KEY_ID": "k",
+            "AWS_SECRET_ACCESS_KEY": "s",
+            "AWS_REGION": "us-east-1",
+        }
+    )
     log_path = base / "serve.log"
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
-             "--triton-url", triton.http_url, "--output-dir", str(base / "out"),
-             "--data-root", str(DATA), "--data-root", str(scratch)],
-            stdout=log, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "kappamask.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--triton-url",
+                triton.http_url,
+                "--output-dir",
+                str(base / "out"),
+                "--data-root",
+                str(DATA),
+                "--data-root",
+                str(scratch),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)
@@ -144,7 +165,9 @@ def hostile(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def _is_json_error(response: requests.Response) -> dict[str, Any]:
     assert response.headers.get("Content-Type", "").startswith("application/json"), (
-        response.status_code, response.text[:300])  # fmt: skip
+        response.status_code,
+        response.text[:300],
+    )
     body = response.json()
     assert isinstance(body.get("description"), str), body
     return dict(body)
@@ -188,8 +211,9 @@ def test_product_ids_never_become_paths(hostile: Hostile) -> None:
 def test_outputs_stay_out_of_the_service_s_state(
     hostile: Hostile, output: str, status: int, says: str
 ) -> None:
-    response = hostile.execute({"inputs": {"product": str(T29UNU), "resolution": 60,
-                                           "output": output}})  # fmt: skip
+    response = hostile.execute(
+        {"inputs": {"product": str(T29UNU), "resolution": 60, "output": output}}
+    )
     assert response.status_code == status, response.text
     description = _is_json_error(response)["description"]
     assert says in description and str(hostile.output_dir) not in description
@@ -203,7 +227,10 @@ def test_an_asset_redirected_to_a_refused_host_is_never_fetched(hostile: Hostile
     for key, asset in item["assets"].items():
         asset["href"] = f"{hostile.web.base}/assets/{key}.tif"
         hostile.web.routes[f"/assets/{key}.tif"] = (
-            302, {"Location": f"{hostile.refused.base}/{key}.tif"}, b"")  # fmt: skip
+            302,
+            {"Location": f"{hostile.refused.base}/{key}.tif"},
+            b"",
+        )
     response = hostile.execute({"inputs": {"product": item, "resolution": 60}})
     assert response.status_code == 403, response.text
     assert "led to host localhost" in _is_json_error(response)["description"]
@@ -269,27 +296,49 @@ def _probe_cases(hostile: Hostile) -> list[tuple[str, Any]]:
     p = str(T29UNU)
     return [
         ("bbox too large for a float", {"inputs": {"product": p, "bbox": [10**400, 0, 1, 1]}}),
-        ("aoi too large for a float", {"inputs": {"product": p, "aoi": {
-            "type": "Polygon", "coordinates": [[[0, 0], [10**400, 0], [1, 1], [0, 0]]]}}}),
+        (
+            "aoi too large for a float",
+            {
+                "inputs": {
+                    "product": p,
+                    "aoi": {
+                        "type": "Polygon",
+                        "coordinates": [[[0, 0], [10**400, 0], [1, 1], [0, 0]]],
+                    },
+                }
+            },
+        ),
         ("lone surrogate", {"inputs": {"product": "\ud800"}}),
         ("lone surrogate in an item", {"inputs": {"product": earth_search_item(id="S2\udfff")}}),
         ("NUL in a string", {"inputs": {"product": "a\x00b"}}),
         ("NUL in a key", {"inputs": {"product": p, "a\x00": 1}}),
         ("symlink loop", {"inputs": {"product": str(loop)}}),
         ("STAC item with empty assets", {"inputs": {"product": empty_assets}}),
-        ("proj:epsg not a number",
-         {"inputs": {"product": earth_search_item(properties={"proj:epsg": "abc"})}}),
-        ("sun elevation not a number",
-         {"inputs": {"product": earth_search_item(properties={"view:sun_elevation": "high"})}}),
+        (
+            "proj:epsg not a number",
+            {"inputs": {"product": earth_search_item(properties={"proj:epsg": "abc"})}},
+        ),
+        (
+            "sun elevation not a number",
+            {"inputs": {"product": earth_search_item(properties={"view:sun_elevation": "high"})}},
+        ),
         ("raster scale not a number", {"inputs": {"product": _scaled_item("x")}}),
-        ("junk geometry", {"inputs": {"product": earth_search_item(geometry={"type": "Polygon",
-                                                                 "coordinates": 5})}}),
+        (
+            "junk geometry",
+            {
+                "inputs": {
+                    "product": earth_search_item(geometry={"type": "Polygon", "coordinates": 5})
+                }
+            },
+        ),
         ("geometry a number", {"inputs": {"product": earth_search_item(geometry=7)}}),
         ("properties null", {"inputs": {"product": {**earth_search_item(), "properties": None}}}),
         ("subscriber a number", {"inputs": {"product": p}, "subscriber": 5}),
         ("subscriber a string", {"inputs": {"product": p}, "subscriber": "http://x"}),
-        ("subscriber failedUri only",
-         {"inputs": {"product": p}, "subscriber": {"failedUri": "http://127.0.0.1:9/x"}}),
+        (
+            "subscriber failedUri only",
+            {"inputs": {"product": p}, "subscriber": {"failedUri": "http://127.0.0.1:9/x"}},
+        ),
         ("subscriber URL a list", {"inputs": {"product": p}, "subscriber": {"successUri": [1]}}),
         ("inputs a list", {"inputs": [1, 2]}),
         ("inputs a string", {"inputs": "x"}),
@@ -303,20 +352,38 @@ def _probe_cases(hostile: Hostile) -> list[tuple[str, Any]]:
         ("model a dict", {"inputs": {"product": p, "model": {"name": "x"}}}),
         ("bbox strings", {"inputs": {"product": p, "bbox": ["a", "b", "c", "d"]}}),
         ("bbox object of junk", {"inputs": {"product": p, "bbox": {"bbox": 5, "crs": 7}}}),
-        ("aoi feature of a point", {"inputs": {"product": p, "aoi": {
-            "type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]}}}}),
-        ("aoi rings of junk", {"inputs": {"product": p, "aoi": {
-            "type": "MultiPolygon", "coordinates": [[[["a"]]]]}}}),
+        (
+            "aoi feature of a point",
+            {
+                "inputs": {
+                    "product": p,
+                    "aoi": {
+                        "type": "Feature",
+                        "geometry": {"type": "Point", "coordinates": [0, 0]},
+                    },
+                }
+            },
+        ),
+        (
+            "aoi rings of junk",
+            {"inputs": {"product": p, "aoi": {"type": "MultiPolygon", "coordinates": [[[["a"]]]]}}},
+        ),
         ("product a number", {"inputs": {"product": 5}}),
         ("product a list", {"inputs": {"product": [str(T29UNU)]}}),
-        ("product item URL of a port past 65535",
-         {"inputs": {"product": "http://127.0.0.1:99999/item.json"}}),
+        (
+            "product item URL of a port past 65535",
+            {"inputs": {"product": "http://127.0.0.1:99999/item.json"}},
+        ),
         ("product a device", {"inputs": {"product": "/dev/zero"}}),
-        ("STAC item with a relative asset and no self link",
-         {"inputs": {"product": earth_search_item(assets={"B04": {"href": "B04.tif"}})}}),
-        ("STAC item with a huge gsd",
-         {"inputs": {"product": earth_search_item(assets={"B04": {"href": "x", "gsd": 1e300}})}}),
-    ]  # fmt: skip
+        (
+            "STAC item with a relative asset and no self link",
+            {"inputs": {"product": earth_search_item(assets={"B04": {"href": "B04.tif"}})}},
+        ),
+        (
+            "STAC item with a huge gsd",
+            {"inputs": {"product": earth_search_item(assets={"B04": {"href": "x", "gsd": 1e300}})}},
+        ),
+    ]
 
 
 def _scaled_item(scale: Any) -> dict[str, Any]:
@@ -336,7 +403,10 @@ def test_the_probe_s_inputs_are_4xx_json(hostile: Hostile) -> None:
             timeout=60,
         )
         assert 400 <= response.status_code < 500 or response.status_code == 502, (
-            row, response.status_code, response.text[:300])  # fmt: skip
+            row,
+            response.status_code,
+            response.text[:300],
+        )
         description = _is_json_error(response)["description"]
         assert "Traceback" not in description and str(hostile.output_dir) not in description
     assert _written_outside(hostile) == []
@@ -344,8 +414,9 @@ def test_the_probe_s_inputs_are_4xx_json(hostile: Hostile) -> None:
 
 def test_methods_an_endpoint_does_not_take_are_405_json(hostile: Hostile) -> None:
     for method in ("GET", "PUT", "PATCH", "DELETE"):
-        response = requests.request(method, f"{hostile.url}/processes/kappamask/execution",
-                                    timeout=10)  # fmt: skip
+        response = requests.request(
+            method, f"{hostile.url}/processes/kappamask/execution", timeout=10
+        )
         assert response.status_code == 405 and response.headers["Allow"] == "POST"
         _is_json_error(response)
     for path in ("/nope", "/processes/nope", "/jobs/nope", "/jobs/nope/results"):
@@ -361,10 +432,29 @@ _JSON_SCALARS = st.one_of(
     st.sampled_from([10**400, -(10**400), 1e308, -0.0, 2**63]),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
-    st.sampled_from(["\ud800", "a\x00b", "../../x", "/etc/passwd", "..", ".jobs", "", " ",
-                     "file:///etc/passwd", "http://169.254.169.254/latest", "s3://", "s3://b",
-                     "http://127.0.0.1:1/x.json", "\u202e", "x" * 3000, "L1C", "auto", "lanczos"]),
-)  # fmt: skip
+    st.sampled_from(
+        [
+            "\ud800",
+            "a\x00b",
+            "../../x",
+            "/etc/passwd",
+            "..",
+            ".jobs",
+            "",
+            " ",
+            "file:///etc/passwd",
+            "http://169.254.169.254/latest",
+            "s3://",
+            "s3://b",
+            "http://127.0.0.1:1/x.json",
+            "\u202e",
+            "x" * 3000,
+            "L1C",
+            "auto",
+            "lanczos",
+        ]
+    ),
+)
 _JSON = st.recursive(
     _JSON_SCALARS,
     lambda inner: st.one_of(
@@ -402,11 +492,32 @@ def process_inputs(hostile: Hostile) -> list[str]:
 
 def _items() -> st.SearchStrategy[Any]:
     """STAC items with one field replaced by junk."""
-    fields = st.sampled_from(["id", "geometry", "bbox", "properties", "assets", "links",
-                              "stac_extensions", "type", "collection"])  # fmt: skip
-    props = st.sampled_from(["proj:epsg", "proj:code", "view:sun_elevation", "view:sun_azimuth",
-                             "datetime", "s2:processing_baseline", "platform",
-                             "sentinel:product_id", "s2:mean_solar_zenith"])  # fmt: skip
+    fields = st.sampled_from(
+        [
+            "id",
+            "geometry",
+            "bbox",
+            "properties",
+            "assets",
+            "links",
+            "stac_extensions",
+            "type",
+            "collection",
+        ]
+    )
+    props = st.sampled_from(
+        [
+            "proj:epsg",
+            "proj:code",
+            "view:sun_elevation",
+            "view:sun_azimuth",
+            "datetime",
+            "s2:processing_baseline",
+            "platform",
+            "sentinel:product_id",
+            "s2:mean_solar_zenith",
+        ]
+    )
 
     def mutate(where: str, field: str, prop: str, value: Any) -> dict[str, Any]:
         item = earth_search_item()
@@ -435,11 +546,13 @@ def test_any_execute_request_is_answered_as_json_without_a_500(
     values, near misses and junk), the answer is JSON, never a 5xx but the storage's 502,
     within a bound, and the service still answers. The output is a folder outside the
     roots unless the draw names one, so no draw runs the model."""
-    names = data.draw(st.lists(st.sampled_from([*process_inputs, "colour"]), max_size=5,
-                               unique=True))  # fmt: skip
+    names = data.draw(
+        st.lists(st.sampled_from([*process_inputs, "colour"]), max_size=5, unique=True)
+    )
     inputs = {name: data.draw(_input_values(name)) for name in names}
-    inputs["product"] = data.draw(st.one_of(st.sampled_from([str(T29UNU), str(DATA / "nope")]),
-                                            _items(), _JSON))  # fmt: skip
+    inputs["product"] = data.draw(
+        st.one_of(st.sampled_from([str(T29UNU), str(DATA / "nope")]), _items(), _JSON)
+    )
     inputs.setdefault("output", "/kappamask-no-such-root/x")
     body: dict[str, Any] = {"inputs": inputs}
     if data.draw(st.booleans()):
@@ -454,11 +567,17 @@ def test_any_execute_request_is_answered_as_json_without_a_500(
     if data.draw(st.booleans()):
         body["response"] = data.draw(st.one_of(st.sampled_from(["raw", "document"]), _JSON))
     started = time.monotonic()
-    response = requests.post(f"{hostile.url}/processes/kappamask/execution",
-                             data=json.dumps(body), timeout=120,
-                             headers={"Content-Type": "application/json"})  # fmt: skip
+    response = requests.post(
+        f"{hostile.url}/processes/kappamask/execution",
+        data=json.dumps(body),
+        timeout=120,
+        headers={"Content-Type": "application/json"},
+    )
     assert response.status_code < 500 or response.status_code == 502, (
-        body, response.status_code, response.text[:300])  # fmt: skip
+        body,
+        response.status_code,
+        response.text[:300],
+    )
     if response.status_code >= 400:
         _is_json_error(response)
     else:
@@ -494,8 +613,9 @@ def test_a_fifo_is_refused_and_holds_no_slot(hostile: Hostile) -> None:
         assert response.status_code == 400, response.text
         assert "not a regular file or folder" in _is_json_error(response)["description"]
     # the one inference slot is free: a real job runs
-    response = hostile.execute({"inputs": {"product": str(T29UNU), "resolution": 60,
-                                           "output": "after-fifo"}}, timeout=300)  # fmt: skip
+    response = hostile.execute(
+        {"inputs": {"product": str(T29UNU), "resolution": 60, "output": "after-fifo"}}, timeout=300
+    )
     assert response.status_code == 200, response.text
 
 
@@ -503,11 +623,14 @@ def test_a_fifo_is_refused_and_holds_no_slot(hostile: Hostile) -> None:
 
 
 def _finished_job(hostile: Hostile, output: str) -> tuple[str, dict[str, Any]]:
-    job_url = submit_async(hostile.url, {"product": str(T29UNU), "resolution": 60,
-                                         "output": output, "overwrite": True})  # fmt: skip
+    job_url = submit_async(
+        hostile.url, {"product": str(T29UNU), "resolution": 60, "output": output, "overwrite": True}
+    )
     deadline = time.monotonic() + 300
     while (job := requests.get(job_url, timeout=10).json())["status"] not in (
-            "successful", "failed"):  # fmt: skip
+        "successful",
+        "failed",
+    ):
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
     assert job["status"] == "successful", job

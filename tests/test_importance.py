@@ -28,14 +28,16 @@ def tile() -> fi.LabelledTile:
     from the zeroed feature alone."""
     features = realdata.features(realdata.read_multiband(PATCH), "L1C")
     labels = fi.OnnxClassifier(MODEL)(features)
-    return fi.LabelledTile("p139", features, labels, tuple(DEFAULT_FEATURES["L1C"]),
-                           tuple(DEFAULT_MAX_V["L1C"]))  # fmt: skip
+    return fi.LabelledTile(
+        "p139", features, labels, tuple(DEFAULT_FEATURES["L1C"]), tuple(DEFAULT_MAX_V["L1C"])
+    )
 
 
 def test_features_are_brought_to_the_model_s_order_and_scale(tile: fi.LabelledTile) -> None:
     names = tile.names[::-1]
-    halved = fi.LabelledTile("r", tile.features[::-1] * 2, tile.labels, names,
-                             tuple(v / 2 for v in tile.max_v[::-1]))  # fmt: skip
+    halved = fi.LabelledTile(
+        "r", tile.features[::-1] * 2, tile.labels, names, tuple(v / 2 for v in tile.max_v[::-1])
+    )
     assert np.allclose(fi.adapt(halved, tile.names, tile.max_v), tile.features, atol=1e-6)
     with pytest.raises(InvalidInputError, match="has no AOT"):
         fi.adapt(tile, ("AOT", *tile.names[1:]), tile.max_v)
@@ -58,8 +60,10 @@ def test_zeroing_a_feature_costs_what_the_model_leans_on(tile: fi.LabelledTile) 
 def test_the_command_reports_teacher_labels_as_such(tile: fi.LabelledTile, tmp_path: Path) -> None:
     cache = tmp_path / "labels"
     cache.mkdir()
-    save_scene(realdata.Labelled("p139", "g", "L1C", tile.features, tile.labels, {}),
-               cache / "L1C_p139.npz")  # fmt: skip
+    save_scene(
+        realdata.Labelled("p139", "g", "L1C", tile.features, tile.labels, {}),
+        cache / "L1C_p139.npz",
+    )
     args = [
         "evaluate",
         "--feature-importance",

@@ -84,8 +84,15 @@ def _expected(probs: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     """Classes and confidence by the served head's rule, from Keras' sigmoid outputs;
     and where the top two real classes are an exact tie (float32)."""
     real = probs[:, 1:5]
-    codes = np.array([MaskClass.CLEAR, MaskClass.CLOUD_SHADOW,
-                      MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD], np.uint8)  # fmt: skip
+    codes = np.array(
+        [
+            MaskClass.CLEAR,
+            MaskClass.CLOUD_SHADOW,
+            MaskClass.SEMI_TRANSPARENT_CLOUD,
+            MaskClass.CLOUD,
+        ],
+        np.uint8,
+    )
     no_data = np.abs(x).max(axis=1) == 0
     classes = np.where(no_data, MaskClass.MISSING, codes[real.argmax(axis=1)])
     top = np.where(no_data, probs[:, 5], real.max(axis=1))
@@ -131,10 +138,20 @@ def test_import_matches_keras(
     np.savez(tmp_path / "inputs.npz", x=x)
     weights = tmp_path / f"{level.lower()}_unet.hdf5"
     subprocess.run(
-        [str(keras_python), str(KERAS_SCRIPT), str(weights), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "probs.npz"), "--channels", str(channels), "--filters", str(filters)],
-        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
+        [
+            str(keras_python),
+            str(KERAS_SCRIPT),
+            str(weights),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "probs.npz"),
+            "--channels",
+            str(channels),
+            "--filters",
+            str(filters),
+        ],
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
+    )
     probs = np.load(tmp_path / "probs.npz")["probs"]
     out = tmp_path / "model.onnx"
     model = import_keras(weights, level, out, features=features, max_v=max_v)
@@ -142,8 +159,10 @@ def test_import_matches_keras(
     expected, expected_conf, ties = _expected(probs, x)
     deviation = float(np.abs(onnx_probs - probs).max())
     differing = int((classes != expected).sum())
-    print(f"{level} {filters} filters {channels} features: max |ONNX - Keras| = "
-          f"{deviation:.2e}, {differing} of {classes.size} classes differ (ties)")  # fmt: skip
+    print(
+        f"{level} {filters} filters {channels} features: max |ONNX - Keras| = "
+        f"{deviation:.2e}, {differing} of {classes.size} classes differ (ties)"
+    )
     assert deviation < 1e-4
     # random weights still separate classes: the comparison is not between constants
     assert len(np.unique(expected[expected != MaskClass.MISSING])) >= 2
@@ -167,8 +186,15 @@ def test_files_that_are_not_the_unet_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match="not the KappaMask U-Net"):
         import_keras(bn, "L2A", tmp_path / "m.onnx")
     short = tmp_path / "short.hdf5"
-    write_keras_h5(short, {"conv2d": {"kernel": np.zeros((3, 3, 13, 8), np.float32),
-                                 "bias": np.zeros(6, np.float32)}})  # fmt: skip
+    write_keras_h5(
+        short,
+        {
+            "conv2d": {
+                "kernel": np.zeros((3, 3, 13, 8), np.float32),
+                "bias": np.zeros(6, np.float32),
+            }
+        },
+    )
     with pytest.raises(InvalidInputError, match="has 8 outputs"):
         import_keras(short, "L2A", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
@@ -180,20 +206,52 @@ def test_cli_import_and_install(keras_python: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "inputs.npz", x=x)
     weights = tmp_path / "l2a_unet.hdf5"
     subprocess.run(
-        [str(keras_python), str(KERAS_SCRIPT), str(weights), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "probs.npz"), "--channels", "13", "--filters", "32"],
-        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )  # fmt: skip
+        [
+            str(keras_python),
+            str(KERAS_SCRIPT),
+            str(weights),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "probs.npz"),
+            "--channels",
+            "13",
+            "--filters",
+            "32",
+        ],
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     repo = tmp_path / "repo"
     (repo / "onnx_runtime_model.py").parent.mkdir(parents=True)
     (repo / "onnx_runtime_model.py").write_text("# backend stand-in for the symlink\n")
     runner = CliRunner()
-    wrong = runner.invoke(main, ["import-keras", str(weights), "--level", "L2A", "--filters",
-                                 "64", "--out", str(tmp_path / "m.onnx")])  # fmt: skip
+    wrong = runner.invoke(
+        main,
+        [
+            "import-keras",
+            str(weights),
+            "--level",
+            "L2A",
+            "--filters",
+            "64",
+            "--out",
+            str(tmp_path / "m.onnx"),
+        ],
+    )
     assert wrong.exit_code != 0 and "32 base filters, not 64" in wrong.output
-    done = runner.invoke(main, ["import-keras", str(weights), "--level", "L2A", "--out",
-                                str(tmp_path / "m.onnx"), "--install", "--repository",
-                                str(repo)])  # fmt: skip
+    done = runner.invoke(
+        main,
+        [
+            "import-keras",
+            str(weights),
+            "--level",
+            "L2A",
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--install",
+            "--repository",
+            str(repo),
+        ],
+    )
     assert done.exit_code == 0, done.output
     config = (repo / "kappamask_l2a" / "config.pbtxt").read_text()
     assert "keras-l2a_unet-" in config and ",".join(L2A_FEATURES) in config
@@ -221,11 +279,20 @@ def test_deeplab_import_matches_keras(keras_python: Path, tmp_path: Path, level:
     np.savez(tmp_path / "inputs.npz", x=x)
     weights = tmp_path / f"{level.lower()}_deeplabv3plus.hdf5"
     subprocess.run(
-        [str(keras_python), str(DEEPLAB_SCRIPT), str(weights), str(tmp_path / "inputs.npz"),
-         str(tmp_path / "probs.npz"), "--channels", str(len(features)),
-         "--size", str(DEEPLAB_SIZE)],
-        check=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
+        [
+            str(keras_python),
+            str(DEEPLAB_SCRIPT),
+            str(weights),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "probs.npz"),
+            "--channels",
+            str(len(features)),
+            "--size",
+            str(DEEPLAB_SIZE),
+        ],
+        check=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
+    )
     probs = np.load(tmp_path / "probs.npz")["probs"]
     out = tmp_path / "model.onnx"
     model = import_keras(weights, level, out)
@@ -234,9 +301,11 @@ def test_deeplab_import_matches_keras(keras_python: Path, tmp_path: Path, level:
     ordered = np.sort(probs[:, 1:5], axis=1)
     decided = (ordered[:, -1] - ordered[:, -2]) > 1e-3
     deviation = float(np.abs(onnx_probs - probs).max())
-    print(f"DeepLabv3+ {level}: max |ONNX - Keras| = {deviation:.2e}, "
-          f"{int((classes != expected).sum())} of {classes.size} classes differ, "
-          f"{int((~decided).sum())} pixels within 1e-3 of a tie")  # fmt: skip
+    print(
+        f"DeepLabv3+ {level}: max |ONNX - Keras| = {deviation:.2e}, "
+        f"{int((classes != expected).sum())} of {classes.size} classes differ, "
+        f"{int((~decided).sum())} pixels within 1e-3 of a tie"
+    )
     assert len(np.unique(expected[expected != MaskClass.MISSING])) >= 2
     assert np.ptp(expected_conf[expected != MaskClass.MISSING]) > 10
     assert (classes == expected)[decided].all()

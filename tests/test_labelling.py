@@ -109,10 +109,17 @@ def make_review(root: Path, shapes: list[tuple[int, int]], seed: int = 0) -> Rev
     entries = []
     for i, (h, w) in enumerate(shapes):
         name = f"S2X_MSIL2A_TEST_r{i:02d}_c00"
-        profile = {"driver": "GTiff", "width": w, "height": h, "crs": "EPSG:32629",
-                   "transform": Affine(10, 0, 500000, 0, -10, 6000000 - i * 5120)}  # fmt: skip
-        files = {k: f"tiles/{name}_{k}.{'png' if k in ('rgb', 'overlay') else 'tif'}"
-                 for k in ("bands", "mask", "rgb", "overlay")}  # fmt: skip
+        profile = {
+            "driver": "GTiff",
+            "width": w,
+            "height": h,
+            "crs": "EPSG:32629",
+            "transform": Affine(10, 0, 500000, 0, -10, 6000000 - i * 5120),
+        }
+        files = {
+            k: f"tiles/{name}_{k}.{'png' if k in ('rgb', 'overlay') else 'tif'}"
+            for k in ("bands", "mask", "rgb", "overlay")
+        }
         with rasterio.open(root / files["bands"], "w", **profile, count=3, dtype="float32") as dst:
             dst.write(rng.random((3, h, w), np.float32))
             dst.descriptions = ("B02", "B03", "B04")
@@ -123,8 +130,15 @@ def make_review(root: Path, shapes: list[tuple[int, int]], seed: int = 0) -> Rev
         rgb = rng.integers(0, 255, (4, h, w)).astype(np.uint8)
         write_png(rgb, root / files["rgb"])
         write_png(rgb, root / files["overlay"])
-        entries.append({"rank": i + 1, "name": name, "product_id": "S2X_MSIL2A_TEST",
-                        "unsure": 0.5 - i / 100, "files": files})  # fmt: skip
+        entries.append(
+            {
+                "rank": i + 1,
+                "name": name,
+                "product_id": "S2X_MSIL2A_TEST",
+                "unsure": 0.5 - i / 100,
+                "files": files,
+            }
+        )
     (root / "index.json").write_text(
         json.dumps({"model": "kappamask_l2a test", "sub_tiles": entries})
     )
@@ -205,9 +219,16 @@ def test_fine_tuning_reads_the_exported_weights_back(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = UNet(3, 4, batch_norm=True)
     model.eval()
-    path = export_onnx(model, "L2A", ("B02", "B03", "B04"), (1.0, 1.0, 1.0), "test",
-                       tmp_path / "model.onnx", ORIGIN_FINE_TUNED,
-                       {"kappamask.parent_sha256": "ab" * 32})  # fmt: skip
+    path = export_onnx(
+        model,
+        "L2A",
+        ("B02", "B03", "B04"),
+        (1.0, 1.0, 1.0),
+        "test",
+        tmp_path / "model.onnx",
+        ORIGIN_FINE_TUNED,
+        {"kappamask.parent_sha256": "ab" * 32},
+    )
     loaded, spec = unet_from_onnx(path)
     assert (spec.origin, spec.parent_sha256) == (ORIGIN_FINE_TUNED, "ab" * 32)
     assert spec_from_onnx(path).provenance()["parent_sha256"] == "ab" * 32
@@ -247,15 +268,22 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = side_env("label-studio") / "label-studio"
     data = tmp_path_factory.mktemp("label-studio")
     port = free_port()
-    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data),
-           "LABEL_STUDIO_USERNAME": "labeller@example.org",
-           "LABEL_STUDIO_PASSWORD": "kappamask-labeller", "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
-           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true"}  # fmt: skip
+    env = {
+        **os.environ,
+        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+        "LABEL_STUDIO_USERNAME": "labeller@example.org",
+        "LABEL_STUDIO_PASSWORD": "kappamask-labeller",
+        "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
+        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+    }
     log = data / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([str(binary), "start", "--no-browser", "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [str(binary), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -275,9 +303,14 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def _kappamask(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> str:
-    done = subprocess.run([sys.executable, "-m", "kappamask.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, check=False,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "kappamask.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -307,26 +340,45 @@ def test_review_label_pull_fine_tune_and_serve(
     triton: LocalTriton, label_studio: str, tmp_path: Path
 ) -> None:
     review = tmp_path / "review"
-    _kappamask("review", str(T29UNU), "--out", str(review), "--resolution", "20", "--top", "4",
-               "--triton-url", triton.http_url)  # fmt: skip
+    _kappamask(
+        "review",
+        str(T29UNU),
+        "--out",
+        str(review),
+        "--resolution",
+        "20",
+        "--top",
+        "4",
+        "--triton-url",
+        triton.http_url,
+    )
     folder = ReviewFolder(review)
     legacy = {"Authorization": f"Token {LEGACY_TOKEN}"}
     # a personal access token, as a user copies it from Label Studio's account page
     pat = requests.post(f"{label_studio}/api/token/", headers=legacy, timeout=30).json()["token"]
-    pushed = _kappamask("label", "push", str(review), "--url", label_studio,
-                        env={"LABEL_STUDIO_API_KEY": pat})  # fmt: skip
+    pushed = _kappamask(
+        "label", "push", str(review), "--url", label_studio, env={"LABEL_STUDIO_API_KEY": pat}
+    )
     project = json.loads((review / "labelstudio.json").read_text())["project"]
     assert f"4 tasks in project {project}: {label_studio}/projects/{project}/data" in pushed
-    tasks = requests.get(f"{label_studio}/api/tasks", headers=legacy, timeout=30,
-                         params={"project": project, "fields": "all"}).json()["tasks"]  # fmt: skip
+    tasks = requests.get(
+        f"{label_studio}/api/tasks",
+        headers=legacy,
+        timeout=30,
+        params={"project": project, "fields": "all"},
+    ).json()["tasks"]
     assert len(tasks) == 4
     by_name = {t["data"]["sub_tile"]: t for t in tasks}
     scl = _scl_labels(review)
     for tile in folder.tiles:
         task = by_name[tile.name]
         # the pre-annotation is the model's mask, pixel for pixel
-        predictions = requests.get(f"{label_studio}/api/predictions", headers=legacy,
-                                   params={"task": task["id"]}, timeout=30).json()  # fmt: skip
+        predictions = requests.get(
+            f"{label_studio}/api/predictions",
+            headers=legacy,
+            params={"task": task["id"]},
+            timeout=30,
+        ).json()
         assert len(predictions) == 1 and predictions[0]["model_version"] == folder.model
         assert (rasterise(predictions[0]["result"], tile.shape) == tile.read_mask()).all()
         # and Label Studio serves the image it is drawn over
@@ -335,14 +387,20 @@ def test_review_label_pull_fine_tune_and_serve(
     # a labeller corrects three sub-tiles to Sen2Cor's classes and skips the fourth
     corrected = [t.name for t in folder.tiles[:3]]
     for name in corrected:
-        answer = requests.post(f"{label_studio}/api/tasks/{by_name[name]['id']}/annotations",
-                               headers=legacy, timeout=60,
-                               json={"result": brush_results(scl[name], origin="manual"),
-                                     "lead_time": 42.0})  # fmt: skip
+        answer = requests.post(
+            f"{label_studio}/api/tasks/{by_name[name]['id']}/annotations",
+            headers=legacy,
+            timeout=60,
+            json={"result": brush_results(scl[name], origin="manual"), "lead_time": 42.0},
+        )
         assert answer.status_code == 201, answer.text
     skipped = by_name[folder.tiles[3].name]["id"]
-    requests.post(f"{label_studio}/api/tasks/{skipped}/annotations", headers=legacy, timeout=60,
-                  json={"result": [], "was_cancelled": True}).raise_for_status()  # fmt: skip
+    requests.post(
+        f"{label_studio}/api/tasks/{skipped}/annotations",
+        headers=legacy,
+        timeout=60,
+        json={"result": [], "was_cancelled": True},
+    ).raise_for_status()
     pulled = _kappamask("label", "pull", str(review), env={"LABEL_STUDIO_API_KEY": pat})
     assert "3 labelled sub-tile(s)" in pulled
     assert [t.name for t, _p in folder.labelled()] == corrected
@@ -353,9 +411,21 @@ def test_review_label_pull_fine_tune_and_serve(
     # fine-tune the served L2A model on two of them, the third kept out
     parent = triton.repository / "kappamask_l2a" / "1" / "model.onnx"
     out = tmp_path / "fine-tuned"
-    trained = _kappamask("train", "--labels", f"labelled:{review}", "--parent", str(parent),
-                         "--holdout", corrected[1][-7:], "--epochs", "2",
-                         "--steps-per-epoch", "4", "--out", str(out))  # fmt: skip
+    trained = _kappamask(
+        "train",
+        "--labels",
+        f"labelled:{review}",
+        "--parent",
+        str(parent),
+        "--holdout",
+        corrected[1][-7:],
+        "--epochs",
+        "2",
+        "--steps-per-epoch",
+        "4",
+        "--out",
+        str(out),
+    )
     assert "held_out:" in trained and "train:" in trained
     report = json.loads((out / "holdout.json").read_text())
     assert report["held_out"] == [corrected[1]] and report["parent"]["sha256"] == _sha256(parent)
@@ -367,11 +437,27 @@ def test_review_label_pull_fine_tune_and_serve(
     _kappamask("install-model", str(out / "model.onnx"), "--repository", str(repository))
     with LocalTriton(repository) as served:
         again = tmp_path / "again"
-        _kappamask("review", str(T29UNU), "--out", str(again), "--resolution", "20",
-                   "--triton-url", served.http_url)  # fmt: skip
+        _kappamask(
+            "review",
+            str(T29UNU),
+            "--out",
+            str(again),
+            "--resolution",
+            "20",
+            "--triton-url",
+            served.http_url,
+        )
         result = tmp_path / "result"
-        _kappamask("run", str(T29UNU), "--out", str(result), "--resolution", "20",
-                   "--triton-url", served.http_url)  # fmt: skip
+        _kappamask(
+            "run",
+            str(T29UNU),
+            "--out",
+            str(result),
+            "--resolution",
+            "20",
+            "--triton-url",
+            served.http_url,
+        )
     item = json.loads(next(result.glob("*_KAPPAMASK.json")).read_text())
     lineage: dict[str, Any] = item["properties"]["kappamask:model"]
     assert lineage["origin"] == "fine-tuned" and lineage["parent_sha256"] == _sha256(parent)
@@ -406,20 +492,35 @@ def test_cvat_dataset_is_read_and_written_by_datumaro(tmp_path: Path) -> None:
         "json.dump(out, open(sys.argv[2], 'w'))\n"
         "ds.export(sys.argv[3], 'voc_segmentation', save_media=True, apply_colormap=True,\n"
         "          label_map=sys.argv[1] + '/labelmap.txt')\n"
-    )  # fmt: skip
+    )
     python = side_env("datumaro") / "python"
-    done = subprocess.run([str(python), str(script), str(dataset), str(tmp_path / "read.json"),
-                           str(tmp_path / "by-datumaro")], capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            str(python),
+            str(script),
+            str(dataset),
+            str(tmp_path / "read.json"),
+            str(tmp_path / "by-datumaro"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     read = json.loads((tmp_path / "read.json").read_text())
     names = read["labels"]
     assert names[0] == cvat.BACKGROUND and set(names[1:]) == {
         CLASS_NAMES[c] for c in OUTPUT_CLASSES
     }
-    code_of = {i: (int(MaskClass.UNDEFINED) if n == cvat.BACKGROUND else
-                   next(int(c) for c in OUTPUT_CLASSES if CLASS_NAMES[c] == n))
-               for i, n in enumerate(names)}  # fmt: skip
+    code_of = {
+        i: (
+            int(MaskClass.UNDEFINED)
+            if n == cvat.BACKGROUND
+            else next(int(c) for c in OUTPUT_CLASSES if CLASS_NAMES[c] == n)
+        )
+        for i, n in enumerate(names)
+    }
     for tile, expected in ((first, labels), (second, second.read_mask())):
         codes = np.vectorize(code_of.get)(np.array(read["items"][tile.name]))
         assert (codes == expected).all()
@@ -439,8 +540,19 @@ def test_real_scenes_are_reviewed_labelled_and_fine_tuned(tmp_path: Path) -> Non
     from kappamask.tools import realdata
 
     review = tmp_path / "review"
-    shown = _kappamask("review-scenes", "--multiband", str(SEN12MSCR), "--level", "L1C",
-                       "--out", str(review), "--top", "4", "--rank-by", "disagreement")  # fmt: skip
+    shown = _kappamask(
+        "review-scenes",
+        "--multiband",
+        str(SEN12MSCR),
+        "--level",
+        "L1C",
+        "--out",
+        str(review),
+        "--top",
+        "4",
+        "--rank-by",
+        "disagreement",
+    )
     assert "4 sub-tiles ranked by disagreement" in shown
     index = json.loads((review / "index.json").read_text())["sub_tiles"]
     disagreements = [e["disagreement"] for e in index]
@@ -455,8 +567,17 @@ def test_real_scenes_are_reviewed_labelled_and_fine_tuned(tmp_path: Path) -> Non
         labels = realdata.teacher_labels(img, "L1C")[0]
         folder.write_labels(tile.name, labels, {"source": "teachers"})
     out = tmp_path / "fine-tuned"
-    _kappamask("train", "--labels", f"labelled:{review}", "--epochs", "1",
-               "--steps-per-epoch", "3", "--out", str(out))  # fmt: skip
+    _kappamask(
+        "train",
+        "--labels",
+        f"labelled:{review}",
+        "--epochs",
+        "1",
+        "--steps-per-epoch",
+        "3",
+        "--out",
+        str(out),
+    )
     report = json.loads((out / "holdout.json").read_text())
     assert report["parent"]["name"] == "kappamask_l1c" and len(report["held_out"]) == 1
     assert report["unlabelled_changed"] is not None  # the fourth sub-tile nobody labelled

@@ -45,8 +45,9 @@ def write_keras_unet(path: Path, channels: int, outputs: int = 6, seed: int = 0)
         for i, spec in enumerate(conv_specs(channels, FILTERS, outputs)):
             name = f"conv2d_{i}" if i else "conv2d"
             group = f.create_group(name)
-            kernel = rng.normal(0, 0.1, (spec.kernel, spec.kernel, spec.in_channels,
-                                         spec.out_channels)).astype(np.float32)  # fmt: skip
+            kernel = rng.normal(
+                0, 0.1, (spec.kernel, spec.kernel, spec.in_channels, spec.out_channels)
+            ).astype(np.float32)
             group.create_dataset(f"{name}/kernel:0", data=kernel)
             group.create_dataset(f"{name}/bias:0", data=np.zeros(spec.out_channels, np.float32))
             group.attrs["weight_names"] = [f"{name}/kernel:0".encode(), f"{name}/bias:0".encode()]
@@ -247,25 +248,30 @@ def test_the_default_is_km_predict_s_deeplab_served_end_to_end(
     url, folder = http_folder
     digests = {}
     for level in MODEL_NAMES:
-        path = write_keras_deeplab(folder / f"{level.lower()}_deeplabv3plus.hdf5",
-                                   len(ARCHITECTURE_FEATURES["deeplabv3plus"][level]))  # fmt: skip
+        path = write_keras_deeplab(
+            folder / f"{level.lower()}_deeplabv3plus.hdf5",
+            len(ARCHITECTURE_FEATURES["deeplabv3plus"][level]),
+        )
         digests[level] = hashlib.sha256(path.read_bytes()).hexdigest()
-    done = CliRunner().invoke(main, ["fetch-weights", "--base-url", url, "--repository",
-                                     str(repository)])  # fmt: skip
+    done = CliRunner().invoke(
+        main, ["fetch-weights", "--base-url", url, "--repository", str(repository)]
+    )
     assert done.exit_code == 0, done.output
     for level, digest in digests.items():
         assert f"{level.lower()}_deeplabv3plus.hdf5" in done.output and digest in done.output
         config = (repository / MODEL_NAMES[level] / "config.pbtxt").read_text()
-        for key, value in (("origin", ORIGIN_OFFICIAL), ("architecture", "deeplabv3plus"),
-                           ("weights_sha256", digest)):  # fmt: skip
+        for key, value in (
+            ("origin", ORIGIN_OFFICIAL),
+            ("architecture", "deeplabv3plus"),
+            ("weights_sha256", digest),
+        ):
             assert f'key: "{key}" value: {{ string_value: "{value}" }}' in config
     config = (repository / MODEL_NAMES["L2A"] / "config.pbtxt").read_text()
     assert ",".join(ARCHITECTURE_FEATURES["deeplabv3plus"]["L2A"]) in config
     with LocalTriton(repository) as triton, TritonClient(triton.http_url) as client:
         result = run(T29UNU, tmp_path / "out", client, RunOptions(resolution=60))
     provenance = result.model_provenance
-    assert (provenance["origin"], provenance["architecture"]) == (ORIGIN_OFFICIAL,
-                                                                  "deeplabv3plus")  # fmt: skip
+    assert (provenance["origin"], provenance["architecture"]) == (ORIGIN_OFFICIAL, "deeplabv3plus")
     assert provenance["weights_sha256"] == digests["L2A"]
     item = json.loads((tmp_path / "out" / Path(result.item).name).read_text())
     assert "KappaMask DeepLabv3+ (km_predict's)" in item["properties"]["processing:lineage"]

@@ -42,18 +42,23 @@ class OGCSchemas:
 
     def __init__(self, folder: Path) -> None:
         resources = [
-            (SCHEMA_BASE + path.name,
-             Resource.from_contents(yaml.safe_load(path.read_text()),
-                                    default_specification=DRAFT202012))
+            (
+                SCHEMA_BASE + path.name,
+                Resource.from_contents(
+                    yaml.safe_load(path.read_text()), default_specification=DRAFT202012
+                ),
+            )
             for path in sorted(folder.glob("*.yaml"))
-        ]  # fmt: skip
+        ]
         self.registry: Registry[Any] = Registry().with_resources(resources)
 
     def check(self, name: str, document: Any) -> None:
         """Fail with every violation of ``name`` (e.g. ``statusInfo.yaml``)."""
         validator = Draft202012Validator({"$ref": SCHEMA_BASE + name}, registry=self.registry)
-        errors = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-                  for e in validator.iter_errors(document)]  # fmt: skip
+        errors = [
+            f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+            for e in validator.iter_errors(document)
+        ]
         assert not errors, f"{name}:\n" + "\n".join(errors[:20])
 
 
@@ -152,8 +157,13 @@ def _poll(job_url: str, timeout: float = 180) -> dict[str, Any]:
 
 def _link(document: dict[str, Any], rel: str) -> str:
     """The JSON representation's href of a link relation (HTML ones are listed too)."""
-    return str(next(link["href"] for link in document["links"]
-                    if link["rel"] == rel and link.get("type") == "application/json"))  # fmt: skip
+    return str(
+        next(
+            link["href"]
+            for link in document["links"]
+            if link["rel"] == rel and link.get("type") == "application/json"
+        )
+    )
 
 
 #: What a result says of its own run rather than of the published files.
@@ -199,8 +209,12 @@ def test_sync_results_have_one_shape_per_response(api: str, schemas: OGCSchemas)
     again = document.json()["result"]["value"]
     assert again["reused"] and _same(again, result)  # the same result, found this time
     for response in ("raw", "document"):
-        created = requests.post(url, json={"inputs": INPUTS, "response": response},
-                                headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+        created = requests.post(
+            url,
+            json={"inputs": INPUTS, "response": response},
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )
         assert created.status_code == 201, created.text
         status = created.json()
         schemas.check("statusInfo.yaml", status)
@@ -226,8 +240,11 @@ def test_job_list_and_failures_validate(api: str, schemas: OGCSchemas) -> None:
     missing = requests.get(f"{api}/jobs/no-such-job", params={"f": "json"}, timeout=30)
     assert missing.status_code == 404
     schemas.check("exception.yaml", missing.json())
-    bad = requests.post(f"{api}/processes/kappamask/execution",
-                        json={"inputs": {"product": "/nowhere.SAFE"}}, timeout=30)  # fmt: skip
+    bad = requests.post(
+        f"{api}/processes/kappamask/execution",
+        json={"inputs": {"product": "/nowhere.SAFE"}},
+        timeout=30,
+    )
     assert 400 <= bad.status_code < 500
     schemas.check("exception.yaml", bad.json())
 
@@ -257,14 +274,33 @@ def test_schemathesis_finds_nothing_against_the_openapi_document(api: str, tmp_p
     5xx, every status and content type documented, every body valid against its schema,
     each within 10 s. The document is self-contained: nothing is fetched from the OGC."""
     cli = Path(sys.executable).parent / "schemathesis"
-    checks = ("not_a_server_error,status_code_conformance,response_schema_conformance,"
-              "content_type_conformance")  # fmt: skip
+    checks = (
+        "not_a_server_error,status_code_conformance,response_schema_conformance,"
+        "content_type_conformance"
+    )
     done = subprocess.run(
-        [str(cli), "run", f"{api}/openapi?f=json", "--url", api, "--checks", checks,
-         "--max-response-time", "10", "--max-examples", "25", "--seed", "1",
-         "--request-timeout", "30"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+        [
+            str(cli),
+            "run",
+            f"{api}/openapi?f=json",
+            "--url",
+            api,
+            "--checks",
+            checks,
+            "--max-response-time",
+            "10",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "NO_COLOR": "1"},
         cwd=tmp_path,  # its cache
-    )  # fmt: skip
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "Errored" not in done.stdout, done.stdout[-3000:]

@@ -27,14 +27,19 @@ def test_the_process_describes_the_contracts_defaults() -> None:
 
 
 def test_inputs_map_onto_options() -> None:
-    _product, output, options = parse_inputs({
-        "product": "x.SAFE", "resolution": 20, "level": "auto", "output": " out ",
-        "bbox": {"bbox": [1, 2, 3, 4], "crs": "http://www.opengis.net/def/crs/OGC/1.3/CRS84"},
-        "cloud_buffer": 100, "overwrite": True,
-    })  # fmt: skip
+    _product, output, options = parse_inputs(
+        {
+            "product": "x.SAFE",
+            "resolution": 20,
+            "level": "auto",
+            "output": " out ",
+            "bbox": {"bbox": [1, 2, 3, 4], "crs": "http://www.opengis.net/def/crs/OGC/1.3/CRS84"},
+            "cloud_buffer": 100,
+            "overwrite": True,
+        }
+    )
     assert output == "out"
-    assert options == RunOptions(20, bbox=(1.0, 2.0, 3.0, 4.0), cloud_buffer=100.0,
-                                 overwrite=True)  # fmt: skip
+    assert options == RunOptions(20, bbox=(1.0, 2.0, 3.0, 4.0), cloud_buffer=100.0, overwrite=True)
     assert options.level is None and options.area is not None
     assert options.area.bounds == (1.0, 2.0, 3.0, 4.0)
 
@@ -67,10 +72,13 @@ def test_each_option_is_checked_once_with_a_message_naming_it(
 
 def test_a_feature_collection_is_the_union_of_its_polygons() -> None:
     other = {"type": "Polygon", "coordinates": [[[2, 0], [3, 0], [3, 1], [2, 1], [2, 0]]]}
-    collection = {"type": "FeatureCollection", "features": [
-        {"type": "Feature", "geometry": SQUARE, "properties": {}},
-        {"type": "Feature", "geometry": other, "properties": {"name": "field 2"}},
-    ]}  # fmt: skip
+    collection = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "geometry": SQUARE, "properties": {}},
+            {"type": "Feature", "geometry": other, "properties": {"name": "field 2"}},
+        ],
+    }
     options = RunOptions(aoi=collection)
     assert options.area is not None and options.area.area == pytest.approx(2.0)
     assert options.area.bounds == (0.0, 0.0, 3.0, 1.0)
@@ -83,8 +91,9 @@ def test_the_cli_gives_the_process_message(tmp_path: Any) -> None:
     class's code for bad input), before starting Triton."""
     aoi = tmp_path / "aoi.geojson"
     aoi.write_text('{"type": "Point", "coordinates": [0, 0]}')
-    done = CliRunner().invoke(main, ["run", str(T29UNU), "--out", str(tmp_path / "o"),
-                                     "--aoi", str(aoi)])  # fmt: skip
+    done = CliRunner().invoke(
+        main, ["run", str(T29UNU), "--out", str(tmp_path / "o"), "--aoi", str(aoi)]
+    )
     assert done.exit_code == 2, done.output
     assert "input 'aoi' must be a GeoJSON Polygon or MultiPolygon" in done.output
     assert not (tmp_path / "o").exists()
@@ -102,8 +111,9 @@ def test_a_tool_without_its_extra_says_which_to_install(
         monkeypatch.delitem(sys.modules, name)
     weights = tmp_path / "l2a_unet.hdf5"
     weights.write_bytes(b"")
-    done = CliRunner().invoke(main, ["import-keras", str(weights), "--level", "L2A",
-                                     "--out", str(tmp_path / "m.onnx")])  # fmt: skip
+    done = CliRunner().invoke(
+        main, ["import-keras", str(weights), "--level", "L2A", "--out", str(tmp_path / "m.onnx")]
+    )
     assert done.exit_code == 1, done.output
     assert "needs h5py: pip install 'kappamask[tools]'" in done.output
 

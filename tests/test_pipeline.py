@@ -39,8 +39,14 @@ def test_t29unu_at_60m(
     assert progress[0] == 5 and progress[-1] == 95 and progress == sorted(progress)
     item = check_result(result.item, T29UNU, 60, stac_validator)
     assert item["properties"]["kappamask:substituted_bands"] == {"B08": "B8A"}
-    hrefs = (result.mask, result.confidence, result.probability, result.valid, result.preview,
-             result.item)  # fmt: skip
+    hrefs = (
+        result.mask,
+        result.confidence,
+        result.probability,
+        result.valid,
+        result.preview,
+        result.item,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in hrefs)
 
 
@@ -138,9 +144,14 @@ def test_chunks_outside_the_aoi_are_neither_read_nor_sent(
     left, bottom, right, top = grid.bounds
     arm = 4000.0  # metres: 400 px along the west and north edges
     ring = [
-        (left, top), (right, top), (right, top - arm), (left + arm, top - arm),
-        (left + arm, bottom), (left, bottom), (left, top),
-    ]  # fmt: skip
+        (left, top),
+        (right, top),
+        (right, top - arm),
+        (left + arm, top - arm),
+        (left + arm, bottom),
+        (left, bottom),
+        (left, top),
+    ]
     aoi = transform_geom(grid.crs, "EPSG:4326", {"type": "Polygon", "coordinates": [ring]})
     windows: list[Window] = []
     original = BandReader.read
@@ -190,8 +201,9 @@ def test_the_mask_does_not_depend_on_where_crops_are_cut(
 
     masks = []
     for overlap in (64, 96):
-        result = run(str(T29UNU), tmp_path / str(overlap), client, RunOptions(resolution=20),
-                     overlap=overlap)  # fmt: skip
+        result = run(
+            str(T29UNU), tmp_path / str(overlap), client, RunOptions(resolution=20), overlap=overlap
+        )
         with rasterio.open(result.mask) as src:
             masks.append(src.read(1))
     data = masks[0] != 0

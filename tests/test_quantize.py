@@ -76,9 +76,21 @@ def test_int8_below_the_bar_is_refused_and_not_written(
     out = tmp_path / "model.int8.onnx"
     result = CliRunner().invoke(
         main,
-        ["quantize", str(FP32_L2A), "--product", str(T29UNU), "--resolution", "20",
-         "--out", str(out), "--max-crops", "8", "--json", str(tmp_path / "r.json")],
-    )  # fmt: skip
+        [
+            "quantize",
+            str(FP32_L2A),
+            "--product",
+            str(T29UNU),
+            "--resolution",
+            "20",
+            "--out",
+            str(out),
+            "--max-crops",
+            "8",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "INT8 variant refused" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "r.json"]
@@ -122,7 +134,9 @@ def test_compare_counts_only_pixels_with_data() -> None:
     crop = np.zeros((13, 512, 512), np.float32)
     crop[:, :100, :50] = np.random.default_rng(3).uniform(0.05, 0.6, (13, 100, 50))
     pixels, agreement, _t32, _t8 = q.compare(FP32_L2A, int8, [crop], timing_repeats=1)
-    a, b = (ort.InferenceSession(str(m)).run(["classes"], {"input": crop[None]})[0][0, :100, :50]
-            for m in (FP32_L2A, int8))  # fmt: skip
+    a, b = (
+        ort.InferenceSession(str(m)).run(["classes"], {"input": crop[None]})[0][0, :100, :50]
+        for m in (FP32_L2A, int8)
+    )
     assert pixels == 100 * 50
     assert agreement == pytest.approx((a == b).mean())

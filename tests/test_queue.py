@@ -44,10 +44,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("redis")
     redis = debian_binary("redis-server", ["redis-server"])
     proc = subprocess.Popen(
-        [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(folder)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            redis,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
     while not _redis_answers(port):
         assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
@@ -73,9 +85,11 @@ class Queue:
         with log.open("w") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "kappamask.cli", "worker", *self.worker_args],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
                 start_new_session=True,  # its own process group, as a container would be
-            )  # fmt: skip
+            )
         self.workers.append((proc, log))
         deadline = time.monotonic() + 90
         while "ready." not in log.read_text():
@@ -110,8 +124,14 @@ def running_queue(
         "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "true",
         **(manager or {}),
     }
-    shared = ["--triton-url", triton.http_url, "--output-dir", str(base / "out"),
-              "--data-root", str(DATA)]  # fmt: skip
+    shared = [
+        "--triton-url",
+        triton.http_url,
+        "--output-dir",
+        str(base / "out"),
+        "--data-root",
+        str(DATA),
+    ]
     started = []
     running = Queue(f"http://127.0.0.1:{ports[0]}", base / "out", env, shared, base)
     try:
@@ -160,8 +180,9 @@ def _worker_of(queue: Queue, job_id: str) -> tuple[subprocess.Popen[bytes], Path
 
 @pytest.mark.slow
 def test_the_api_enqueues_and_workers_run_the_jobs(queue: Queue) -> None:
-    job_url = submit_async(queue.url, {"product": str(T29UNU), "resolution": 60,
-                                       "output": "queued"})  # fmt: skip
+    job_url = submit_async(
+        queue.url, {"product": str(T29UNU), "resolution": 60, "output": "queued"}
+    )
     job = _poll(job_url, {"successful", "failed"})
     assert job["status"] == "successful", job
     job_id = job_url.rstrip("/").rsplit("/", 1)[-1]
@@ -180,8 +201,9 @@ def test_the_api_enqueues_and_workers_run_the_jobs(queue: Queue) -> None:
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_job_leaves_the_job_to_another_and_one_result(queue: Queue) -> None:
-    job_url = submit_async(queue.url, {"product": str(T29UNU), "resolution": 20,
-                                       "output": "killed"})  # fmt: skip
+    job_url = submit_async(
+        queue.url, {"product": str(T29UNU), "resolution": 20, "output": "killed"}
+    )
     job_id = job_url.rstrip("/").rsplit("/", 1)[-1]
     deadline = time.monotonic() + 120
     while (job := requests.get(job_url, timeout=10).json())["progress"] < 20:
@@ -223,8 +245,9 @@ def test_an_unreachable_broker_is_a_503() -> None:
 def test_dismissing_a_queued_job_stops_it_wherever_it_is(queue: Queue) -> None:
     """DELETE /jobs/{id}: a worker that has not taken the job drops it, one that runs it
     stops between strips (it reads the shared job record); nothing is published."""
-    job_url = submit_async(queue.url, {"product": str(T29UNU), "resolution": 20,
-                                       "output": "dismissed"})  # fmt: skip
+    job_url = submit_async(
+        queue.url, {"product": str(T29UNU), "resolution": 20, "output": "dismissed"}
+    )
     deleted = requests.delete(job_url, timeout=30)
     assert deleted.status_code == 200, deleted.text
     job = _poll(job_url, {"dismissed", "successful", "failed"})
@@ -243,14 +266,23 @@ def _logged_by(queue: Queue, job_id: str) -> list[int]:
 @pytest.mark.slow
 def test_a_batch_on_the_queue_runs_each_product_as_its_own_job(queue: Queue) -> None:
     missing = str(DATA / "s2" / "S2B_MSIL1C_20991231T000000_N0500_R001_T01AAA_X.SAFE")
-    inputs = {"products": [str(T29UNU), missing, str(T22HBD)], "resolution": 60,
-              "output": "season", "collection_id": "season"}  # fmt: skip
+    inputs = {
+        "products": [str(T29UNU), missing, str(T22HBD)],
+        "resolution": 60,
+        "output": "season",
+        "collection_id": "season",
+    }
     with Receiver() as receiver:
-        subscriber = {"successUri": f"{receiver.url}/success",
-                      "inProgressUri": f"{receiver.url}/running"}  # fmt: skip
-        response = requests.post(f"{queue.url}/processes/kappamask-batch/execution",
-                                 json={"inputs": inputs, "subscriber": subscriber},
-                                 headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+        subscriber = {
+            "successUri": f"{receiver.url}/success",
+            "inProgressUri": f"{receiver.url}/running",
+        }
+        response = requests.post(
+            f"{queue.url}/processes/kappamask-batch/execution",
+            json={"inputs": inputs, "subscriber": subscriber},
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )
         assert response.status_code == 201, response.text
         batch_url = response.headers["Location"]
         batch = _poll(batch_url, {"successful", "failed", "dismissed"})
@@ -279,16 +311,25 @@ def test_a_batch_on_the_queue_runs_each_product_as_its_own_job(queue: Queue) -> 
 
 @pytest.mark.slow
 def test_dismissing_a_queued_batch_dismisses_its_products(queue: Queue) -> None:
-    batch_url = submit_async(queue.url, {"products": [str(T29UNU), str(T22HBD), str(T29UNU)],
-                                         "resolution": 20, "output": "dismissed-season"},
-                             "kappamask-batch")  # fmt: skip
+    batch_url = submit_async(
+        queue.url,
+        {
+            "products": [str(T29UNU), str(T22HBD), str(T29UNU)],
+            "resolution": 20,
+            "output": "dismissed-season",
+        },
+        "kappamask-batch",
+    )
     _poll(batch_url, {"running"}, timeout=120)  # its products are queued as their own jobs
     assert requests.delete(batch_url, timeout=30).status_code == 200
     assert _poll(batch_url, {"dismissed", "successful", "failed"})["status"] == "dismissed"
     jobs = requests.get(f"{queue.url}/jobs", params={"f": "json", "limit": 1000}, timeout=10)
     batch_id = batch_url.rstrip("/").rsplit("/", 1)[-1]
-    children = [j for j in jobs.json()["jobs"] if f"of batch {batch_id}" in str(j.get("message"))
-                or j["jobID"] in _children_of(batch_id)]  # fmt: skip
+    children = [
+        j
+        for j in jobs.json()["jobs"]
+        if f"of batch {batch_id}" in str(j.get("message")) or j["jobID"] in _children_of(batch_id)
+    ]
     assert len(children) == 3
     for child in children:  # every product's job ends dismissed, none left to run
         done = _poll(f"{queue.url}/jobs/{child['jobID']}", {"dismissed", "successful", "failed"})
@@ -308,10 +349,18 @@ def _children_of(batch_id: str) -> list[str]:
 def test_a_searched_batch_on_the_queue_publishes_to_the_stac_api(
     queue: Queue, stac_api: StacApi
 ) -> None:
-    search = {"url": stac_api.url, "collections": [S2_COLLECTION],
-              "query": {"eo:cloud_cover": {"lt": 50}}}  # fmt: skip
-    inputs = {"search": search, "stac_api": stac_api.url, "resolution": 60,
-              "output": "searched", "collection_id": "masks-queue"}  # fmt: skip
+    search = {
+        "url": stac_api.url,
+        "collections": [S2_COLLECTION],
+        "query": {"eo:cloud_cover": {"lt": 50}},
+    }
+    inputs = {
+        "search": search,
+        "stac_api": stac_api.url,
+        "resolution": 60,
+        "output": "searched",
+        "collection_id": "masks-queue",
+    }
     batch_url = submit_async(queue.url, inputs, "kappamask-batch")
     assert _poll(batch_url, {"successful", "failed", "dismissed"})["status"] == "successful"
     result = requests.get(f"{batch_url}/results", params={"f": "json"}, timeout=10).json()
@@ -346,15 +395,19 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
     with postgis_cluster() as dsn:
         with psycopg2.connect(dsn) as conn, conn.cursor() as cursor:
             cursor.execute((DATA.parents[1] / "deploy" / "postgres" / "init-jobs.sql").read_text())
-        manager = {"KAPPAMASK_JOB_MANAGER": "kappamask.jobs.managers.PostgreSQLManager",
-                   "KAPPAMASK_JOBS_DB": dsn}  # fmt: skip
+        manager = {
+            "KAPPAMASK_JOB_MANAGER": "kappamask.jobs.managers.PostgreSQLManager",
+            "KAPPAMASK_JOBS_DB": dsn,
+        }
         # a Redis database of its own: the workers of the module's queue share the server
         own_db = redis_url.rsplit("/", 1)[0] + "/1"
         with running_queue(triton, own_db, tmp_path, manager, apis=2) as queue:
             first, second = queue.apis
-            batch_url = submit_async(first, {"products": [str(T29UNU), str(T22HBD)],
-                                             "resolution": 60, "output": "pg"},
-                                     "kappamask-batch")  # fmt: skip
+            batch_url = submit_async(
+                first,
+                {"products": [str(T29UNU), str(T22HBD)], "resolution": 60, "output": "pg"},
+                "kappamask-batch",
+            )
             other = f"{second}/jobs/{batch_url.rstrip('/').rsplit('/', 1)[-1]}"
             batch = _poll(other, {"successful", "failed", "dismissed"})
             assert batch["status"] == "successful", batch
@@ -365,8 +418,9 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
                 assert job["status"] == "successful" and job["processID"] == "kappamask"
                 assert _logged_by(queue, outcome["job"])
             # a dismissal through one API is seen by the other
-            single = submit_async(second, {"product": str(T29UNU), "resolution": 20,
-                                           "output": "pg-dismissed"})  # fmt: skip
+            single = submit_async(
+                second, {"product": str(T29UNU), "resolution": 20, "output": "pg-dismissed"}
+            )
             single_id = single.rstrip("/").rsplit("/", 1)[-1]
             deleted = requests.delete(f"{first}/jobs/{single_id}", timeout=30)
             assert deleted.status_code == 200, deleted.text
@@ -378,9 +432,11 @@ def test_api_pods_and_workers_share_jobs_in_postgresql(
 def test_a_worker_killed_inside_a_batch_leaves_one_result_per_product(queue: Queue) -> None:
     from kappamask.jobs.fanout import child_id
 
-    batch_url = submit_async(queue.url, {"products": [str(T29UNU), str(T22HBD)],
-                                         "resolution": 20, "output": "killed-season"},
-                             "kappamask-batch")  # fmt: skip
+    batch_url = submit_async(
+        queue.url,
+        {"products": [str(T29UNU), str(T22HBD)], "resolution": 20, "output": "killed-season"},
+        "kappamask-batch",
+    )
     batch_id = batch_url.rstrip("/").rsplit("/", 1)[-1]
     first = f"{queue.url}/jobs/{child_id(batch_id, 0)}"
     deadline = time.monotonic() + 120

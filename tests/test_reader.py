@@ -243,7 +243,7 @@ def test_block_rows_decode_each_tile_once_as_windows_reach_it(tmp_path: Path) ->
         crs="EPSG:32629",
         transform=Affine(10, 0, 500000, 0, -10, 6000000),
     ) as dst:
-        dst.write(data, 1)  # fmt: skip
+        dst.write(data, 1)
     with rasterio.open(path) as src:
         rows = BlockRows(src)
         calls: list[tuple[int, int, int, int]] = []
@@ -326,5 +326,6 @@ def test_the_offset_rule_is_the_served_model_s(level: str, tmp_path: Path) -> No
             expected = dn / 65535 / max_v[i]
         else:
             expected = (dn - 1000) / (65535 * max_v[i] - 1000)
-        np.testing.assert_allclose(read[OFFSET_KM_PREDICT][i][bright], expected[bright],
-                                   rtol=1e-5, err_msg=band)  # fmt: skip
+        np.testing.assert_allclose(
+            read[OFFSET_KM_PREDICT][i][bright], expected[bright], rtol=1e-5, err_msg=band
+        )

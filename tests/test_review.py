@@ -36,10 +36,26 @@ def test_uncertainty_is_the_top_two_margin_over_the_pixels_with_data() -> None:
 def test_review_ranks_the_sub_tiles_of_a_real_product(triton: LocalTriton, tmp_path: Path) -> None:
     out = tmp_path / "review"
     done = subprocess.run(
-        [sys.executable, "-m", "kappamask.cli", "review", str(T29UNU), "--out", str(out),
-         "--resolution", "20", "--top", "3", "--triton-url", triton.http_url],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kappamask.cli",
+            "review",
+            str(T29UNU),
+            "--out",
+            str(out),
+            "--resolution",
+            "20",
+            "--top",
+            "3",
+            "--triton-url",
+            triton.http_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "3 sub-tiles ranked" in done.stdout
     index = json.loads((out / "index.json").read_text())

@@ -70,8 +70,14 @@ def test_s3_product_to_s3_output(
     result = run(url, OutputTarget(f"s3://results/{prefix}", policy), client, OPTIONS)
     assert result.item.startswith(f"s3://results/{prefix}/") and not result.reused
     keys = s3_server.keys("results", prefix)
-    hrefs = (result.mask, result.confidence, result.probability, result.valid, result.preview,
-             result.item)  # fmt: skip
+    hrefs = (
+        result.mask,
+        result.confidence,
+        result.probability,
+        result.valid,
+        result.preview,
+        result.item,
+    )
     assert [k.rsplit("/", 1)[-1] for k in keys] == sorted(Path(h).name for h in hrefs)
     _check_published(s3_server, result.item, tmp_path, stac_validator)
 
@@ -177,9 +183,10 @@ def test_multipart_upload_and_https_hrefs(
         assert asset["href"].startswith(f"{s3_server.endpoint}/results/multipart/")
         # the https href really serves the object
         assert requests.get(asset["href"], timeout=10).content == (
-            _download(s3_server, "s3://results/multipart/" + asset["href"].rsplit("/", 1)[1],
-                      tmp_path).read_bytes()
-        )  # fmt: skip
+            _download(
+                s3_server, "s3://results/multipart/" + asset["href"].rsplit("/", 1)[1], tmp_path
+            ).read_bytes()
+        )
     self_link = next(link for link in item["links"] if link["rel"] == "self")
     assert self_link["href"] == f"{s3_server.endpoint}/results/multipart/" + Path(result.item).name
     check_result(tmp_path / Path(result.item).name, T29UNU, 60, stac_validator)

@@ -171,8 +171,15 @@ class _Server:
 def cog(tmp_path: Path) -> bytes:
     path = tmp_path / "b.tif"
     transform = rasterio.Affine(60, 0, 300000, 0, -60, 2000040)
-    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint16",
-               "crs": "EPSG:32628", "transform": transform}  # fmt: skip
+    profile = {
+        "driver": "GTiff",
+        "width": 64,
+        "height": 64,
+        "count": 1,
+        "dtype": "uint16",
+        "crs": "EPSG:32628",
+        "transform": transform,
+    }
     with rasterio.open(path, "w", **profile) as out:
         out.write(np.full((1, 64, 64), 1000, np.uint16))
     return path.read_bytes()
@@ -211,8 +218,9 @@ def test_the_policy_proxy_refuses_a_tunnel_to_a_refused_host() -> None:
 
     target = _Server({"/": (200, {}, b"secret")})
     try:
-        installed = egress.install(AccessPolicy(allowed_hosts=("example.org",),
-                                                allow_private_networks=False))  # fmt: skip
+        installed = egress.install(
+            AccessPolicy(allowed_hosts=("example.org",), allow_private_networks=False)
+        )
         proxy = get_gdal_config("GDAL_HTTP_PROXY")
         assert installed is not None and proxy == installed.address_text
         host, port = installed.address_text.split(":")
@@ -235,8 +243,11 @@ def test_an_unreachable_storage_is_the_storage_s_fault() -> None:
     from kappamask.storage.s3 import S3Settings
 
     dead = f"http://127.0.0.1:{_free_port()}"
-    policy = AccessPolicy(s3=S3Settings(endpoint_url=dead, access_key_id="k",
-                                        secret_access_key="s", region="us-east-1"))  # fmt: skip
+    policy = AccessPolicy(
+        s3=S3Settings(
+            endpoint_url=dead, access_key_id="k", secret_access_key="s", region="us-east-1"
+        )
+    )
     item = earth_search_item()
     for key, asset in item["assets"].items():
         asset["href"] = f"s3://bucket/{key}.tif"
@@ -384,8 +395,15 @@ def test_a_full_disk_is_507_and_names_no_path(small_disk: Path) -> None:
         sink.path("big.bin").write_bytes(b"x" * 4 * 2**20)
     assert info.value.http_status == 507 and str(small_disk) not in str(info.value)
     # GDAL's writers fail without an errno ("Write failed"): the free space tells
-    profile = {"driver": "GTiff", "width": 2048, "height": 2048, "count": 1, "dtype": "uint8",
-               "crs": "EPSG:32628", "transform": rasterio.Affine(10, 0, 0, 0, -10, 0)}  # fmt: skip
+    profile = {
+        "driver": "GTiff",
+        "width": 2048,
+        "height": 2048,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": "EPSG:32628",
+        "transform": rasterio.Affine(10, 0, 0, 0, -10, 0),
+    }
     with pytest.raises(StorageFullError), LocalSink(small_disk / "out") as sink:
         noise = np.random.default_rng(0).integers(0, 255, (1, 2048, 2048), dtype=np.uint8)
         with rasterio.open(sink.path("m.tif"), "w", **profile) as out:
@@ -407,16 +425,30 @@ def test_a_read_only_output_is_503_and_names_no_path(small_disk: Path) -> None:
 def test_dismissal_deletes_only_the_job_s_own_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     (out / "a").mkdir(parents=True)
-    names = [f"P_KAPPAMASK{s}" for s in (".tif", "_CONFIDENCE.tif", "_PROBABILITY.tif",
-                                         "_VALID.tif", "_PREVIEW.png", ".json")]  # fmt: skip
+    names = [
+        f"P_KAPPAMASK{s}"
+        for s in (
+            ".tif",
+            "_CONFIDENCE.tif",
+            "_PROBABILITY.tif",
+            "_VALID.tif",
+            "_PREVIEW.png",
+            ".json",
+        )
+    ]
     for name in names:
         (out / "a" / name).write_bytes(b"x")
     (out / "a" / "other.tif").write_bytes(b"x")
     outside = tmp_path / "keep.tif"
     outside.write_bytes(b"x")
     url = "http://h/outputs"
-    result = dict(zip(("mask", "confidence", "probability", "valid", "preview", "item"),
-                      (f"{url}/a/{n}" for n in names), strict=True))  # fmt: skip
+    result = dict(
+        zip(
+            ("mask", "confidence", "probability", "valid", "preview", "item"),
+            (f"{url}/a/{n}" for n in names),
+            strict=True,
+        )
+    )
     policy = AccessPolicy(data_roots=(tmp_path,), output_roots=(out,))
     service = OutputTarget(out, policy, out, url)
     assert delete_published({**result, "reused": True}, service) == []
@@ -428,17 +460,22 @@ def test_dismissal_deletes_only_the_job_s_own_files(tmp_path: Path) -> None:
     # a batch: each product it made itself
     for name in names:
         (out / "a" / name).write_bytes(b"x")
-    batch = {"collection": f"{url}/a/collection.json",
-             "products": [{"item": f"{url}/a/P_KAPPAMASK.json", "status": "successful"},
-                          {"item": f"{url}/a/Q_KAPPAMASK.json", "reused": True}]}  # fmt: skip
+    batch = {
+        "collection": f"{url}/a/collection.json",
+        "products": [
+            {"item": f"{url}/a/P_KAPPAMASK.json", "status": "successful"},
+            {"item": f"{url}/a/Q_KAPPAMASK.json", "reused": True},
+        ],
+    }
     delete_published(batch, service)
     assert [p.name for p in (out / "a").iterdir()] == ["other.tif"]
 
 
 def test_requests_answer_within_bounds_of_the_guard_for_odd_methods(guarded: str) -> None:
     for method in ("GET", "PUT", "DELETE"):
-        answer = requests.request(method, f"http://{guarded}/processes/kappamask/execution",
-                                  timeout=10)  # fmt: skip
+        answer = requests.request(
+            method, f"http://{guarded}/processes/kappamask/execution", timeout=10
+        )
         assert answer.status_code == 405 and answer.headers["Allow"] == "POST"
         assert answer.json()["code"] == "InvalidParameterValue"
 

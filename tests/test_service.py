@@ -100,16 +100,32 @@ def service(
     log_path = base / "serve.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kappamask.cli", "serve", "--port", str(port),
-         "--triton-url", triton.http_url,
-         "--output-dir", str(base / "out"), "--data-root", str(DATA), "--data-root", str(scratch)],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "kappamask.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--triton-url",
+            triton.http_url,
+            "--output-dir",
+            str(base / "out"),
+            "--data-root",
+            str(DATA),
+            "--data-root",
+            str(scratch),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)
-        yield Service(url, base / "out", scratch, log_path, base / "jobs.db",
-                      f"http://localhost:{port}")  # fmt: skip
+        yield Service(
+            url, base / "out", scratch, log_path, base / "jobs.db", f"http://localhost:{port}"
+        )
     finally:
         stop(proc)
         log.close()
@@ -356,14 +372,26 @@ _BODY_CASES = [
     ("malformed JSON", '{"inputs": {"product": ', 400, "request body is not valid JSON"),
     ("body not an object", "[1, 2, 3]", 400, "must be a JSON object, not list"),
     ("body nested too deep", "[" * 100_000 + "]" * 100_000, 400, "nested deeper than 32"),
-    ("body over the size limit", '{"inputs": "' + "x" * 2_000_000 + '"}', 413,
-     "over this server's limit of 1048576 bytes"),
+    (
+        "body over the size limit",
+        '{"inputs": "' + "x" * 2_000_000 + '"}',
+        413,
+        "over this server's limit of 1048576 bytes",
+    ),
     ("empty body", "", 400, "request body is empty"),
-    ("lone surrogate in a string", '{"inputs": {"product": "\\ud800"}}', 400,
-     "input 'product' holds a lone UTF-16 surrogate"),
-    ("subscriber not an object", '{"inputs": {}, "subscriber": 5}', 400,
-     "'subscriber' must be a JSON object"),
-]  # fmt: skip
+    (
+        "lone surrogate in a string",
+        '{"inputs": {"product": "\\ud800"}}',
+        400,
+        "input 'product' holds a lone UTF-16 surrogate",
+    ),
+    (
+        "subscriber not an object",
+        '{"inputs": {}, "subscriber": 5}',
+        400,
+        "'subscriber' must be a JSON object",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -425,9 +453,12 @@ def test_callback_urls_pass_the_url_policy_at_submission(service: Service) -> No
         ({"successUri": "http://127.0.0.1:9/done"}, 403, "loopback or private"),
         ({"successUri": "ftp://example.org/done"}, 400, "only http"),
     ):
-        response = requests.post(f"{service.url}/processes/kappamask/execution",
-                                 json={"inputs": inputs, "subscriber": subscriber},
-                                 headers={"Prefer": "respond-async"}, timeout=30)  # fmt: skip
+        response = requests.post(
+            f"{service.url}/processes/kappamask/execution",
+            json={"inputs": inputs, "subscriber": subscriber},
+            headers={"Prefer": "respond-async"},
+            timeout=30,
+        )
         assert response.status_code == status, response.text
         assert says in response.json()["description"]
     after = requests.get(f"{service.url}/jobs", params={"f": "json"}, timeout=10).json()["jobs"]
@@ -454,8 +485,15 @@ def test_cancel_and_the_bound_on_concurrent_jobs(service: Service) -> None:
     stops the first between batches and leaves no output; then the second runs."""
 
     def submit(product: Path, resolution: int, output: str) -> str:
-        return submit_async(service.url, {"product": str(product), "resolution": resolution,
-                                          "output": output, "overwrite": True})  # fmt: skip
+        return submit_async(
+            service.url,
+            {
+                "product": str(product),
+                "resolution": resolution,
+                "output": output,
+                "overwrite": True,
+            },
+        )
 
     first = submit(T29UNU, 10, "cancelled")
     _poll(service, first, {"running"}, timeout=120)
@@ -519,9 +557,15 @@ def test_owslib_client(service: Service) -> None:
 def test_s3_in_and_out_over_http_without_leaking_credentials(
     service: Service, s3_server: S3Server
 ) -> None:
-    response = service.execute({"inputs": {
-        "product": f"s3://products/zips/{T29UNU.stem}.zip", "resolution": 60,
-        "output": "s3://results/http"}})  # fmt: skip
+    response = service.execute(
+        {
+            "inputs": {
+                "product": f"s3://products/zips/{T29UNU.stem}.zip",
+                "resolution": 60,
+                "output": "s3://results/http",
+            }
+        }
+    )
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["item"].startswith("s3://results/http/")
@@ -538,8 +582,9 @@ def _async_failure(url: str, inputs: dict[str, Any]) -> str:
     job_url = submit_async(url, inputs)
     deadline = time.monotonic() + 120
     while (job := requests.get(job_url, timeout=10).json())["status"] in (
-        "accepted", "running",
-    ):  # fmt: skip
+        "accepted",
+        "running",
+    ):
         assert time.monotonic() < deadline, job
         time.sleep(0.2)
     assert job["status"] == "failed", job
@@ -559,12 +604,25 @@ def test_external_triton_down_is_a_503_and_not_ready(tmp_path: Path) -> None:
         for name, triton_url in (("up", triton.http_url), ("down", dead)):
             port = free_port()
             log = tmp_path / f"{name}.log"
-            procs.append(start_serve(
-                ["--port", str(port), "--triton-url", triton_url, "--output-dir",
-                 str(tmp_path / name), "--data-root", str(DATA)], log,
-                {"KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / name / "jobs"),
-                 "KAPPAMASK_JOBS_DB": str(tmp_path / f"{name}.db")},
-            ))  # fmt: skip
+            procs.append(
+                start_serve(
+                    [
+                        "--port",
+                        str(port),
+                        "--triton-url",
+                        triton_url,
+                        "--output-dir",
+                        str(tmp_path / name),
+                        "--data-root",
+                        str(DATA),
+                    ],
+                    log,
+                    {
+                        "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / name / "jobs"),
+                        "KAPPAMASK_JOBS_DB": str(tmp_path / f"{name}.db"),
+                    },
+                )
+            )
             urls.append(f"http://127.0.0.1:{port}")
             wait_for(urls[-1], procs[-1], log)
         assert requests.get(f"{urls[0]}/health/ready", timeout=10).status_code == 200
@@ -602,9 +660,12 @@ def test_stopping_the_service_stops_its_local_triton(
     log_path = tmp_path / "serve.log"
     proc = start_serve(
         ["--port", str(port), "--output-dir", str(tmp_path / "out"), "--data-root", str(DATA)],
-        log_path, {"KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
-                   "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db")},
-    )  # fmt: skip
+        log_path,
+        {
+            "KAPPAMASK_JOB_OUTPUT_DIR": str(tmp_path / "jobs"),
+            "KAPPAMASK_JOBS_DB": str(tmp_path / "jobs.db"),
+        },
+    )
     deadline = time.monotonic() + 90
     while "KappaMask service on" not in log_path.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()

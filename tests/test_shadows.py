@@ -104,9 +104,16 @@ def test_the_service_check_removes_shadow_no_cloud_can_cast(
             StripWriter(tmp_path / "valid.tif", grid, nodata=255) as valid_out,
         ):
             counts = postprocess.finish_layers(
-                tmp_path / "model.tif", grid, 0, 0, mask_out, valid_out, None, check,
+                tmp_path / "model.tif",
+                grid,
+                0,
+                0,
+                mask_out,
+                valid_out,
+                None,
+                check,
                 Sun(180.0, 30.0),
-            )  # fmt: skip
+            )
         with rasterio.open(tmp_path / "mask.tif") as src:
             mask = src.read(1)
         assert counts.classes[C.CLOUD_SHADOW] == expected_shadow
@@ -175,5 +182,4 @@ def test_thin_cloud_is_what_ukis_calls_cloud_and_s2cloudless_doubts() -> None:
         ukis=np.full(shape, teachers.UKIS_CLOUD, np.uint8),
         cirrus=np.zeros(shape, np.float32),
     )
-    assert teachers.fuse_l1c(op)[:, 0].tolist() == [C.UNDEFINED, C.SEMI_TRANSPARENT_CLOUD,
-                                                     C.CLOUD]  # fmt: skip
+    assert teachers.fuse_l1c(op)[:, 0].tolist() == [C.UNDEFINED, C.SEMI_TRANSPARENT_CLOUD, C.CLOUD]

@@ -39,8 +39,9 @@ def test_a_search_finds_the_sentinel2_items_it_names(stac_api: StacApi) -> None:
     t29unu = next(item for item in everything if item["id"] == T29UNU_ID)
     west, south = t29unu["bbox"][:2]
     inside = [west + 0.1, south + 0.1, west + 0.2, south + 0.2]
-    assert _ids(search_items({"url": url, "collections": S2_COLLECTION, "bbox": inside},
-                             LOCAL, 500)) == [T29UNU_ID]  # fmt: skip
+    assert _ids(
+        search_items({"url": url, "collections": S2_COLLECTION, "bbox": inside}, LOCAL, 500)
+    ) == [T29UNU_ID]
     in_2021 = {"url": url, "collections": [S2_COLLECTION], "datetime": "2021-01-01/2021-12-31"}
     assert _ids(search_items(in_2021, LOCAL, 500)) == [T22HBD_ID]
     clear = {"url": url, "collections": [S2_COLLECTION], "query": {"eo:cloud_cover": {"lt": 20}}}
@@ -54,8 +55,9 @@ def test_a_search_that_cannot_make_a_batch_is_refused(stac_api: StacApi) -> None
     with pytest.raises(InvalidInputError, match="more than 1 items"):
         search_items({"url": url, "collections": [S2_COLLECTION], "max_items": 1}, LOCAL, 500)
     with pytest.raises(InvalidInputError, match="matched no items"):
-        search_items({"url": url, "collections": [S2_COLLECTION], "datetime": "2030-01-01/.."},
-                     LOCAL, 500)  # fmt: skip
+        search_items(
+            {"url": url, "collections": [S2_COLLECTION], "datetime": "2030-01-01/.."}, LOCAL, 500
+        )
     with pytest.raises(ProductError, match=r"not Sentinel-2 .*LC08"):
         search_items({"url": url, "collections": [OTHER_COLLECTION]}, LOCAL, 500)
     with pytest.raises(ProductError, match=r"1 item.* not Sentinel-2"):  # all collections
@@ -79,9 +81,14 @@ def test_the_api_must_offer_transactions(stac_api: StacApi) -> None:
 
 
 def test_published_documents_lose_static_links_and_keep_absolute_hrefs() -> None:
-    item = {"id": "a", "links": [{"rel": "self", "href": "./a.json"},
-                                 {"rel": "derived_from", "href": "https://x/y.json"}],
-            "assets": {"mask": {"href": "./a.tif"}, "s3": {"href": "s3://b/k.tif"}}}  # fmt: skip
+    item = {
+        "id": "a",
+        "links": [
+            {"rel": "self", "href": "./a.json"},
+            {"rel": "derived_from", "href": "https://x/y.json"},
+        ],
+        "assets": {"mask": {"href": "./a.tif"}, "s3": {"href": "s3://b/k.tif"}},
+    }
     out = for_api(item, "/data/out/a.json")
     assert [link["rel"] for link in out["links"]] == ["derived_from"]
     assert out["assets"]["mask"]["href"] == "/data/out/a.tif"
@@ -91,10 +98,12 @@ def test_published_documents_lose_static_links_and_keep_absolute_hrefs() -> None
 
 def _batch(args: list[str], triton: LocalTriton) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kappamask.cli", "batch", *args, "--triton-url",
-         triton.http_url],
-        capture_output=True, text=True, timeout=900, env={**os.environ},
-    )  # fmt: skip
+        [sys.executable, "-m", "kappamask.cli", "batch", *args, "--triton-url", triton.http_url],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ},
+    )
 
 
 def test_a_searched_batch_publishes_its_masks_to_the_stac_api(
@@ -102,8 +111,18 @@ def test_a_searched_batch_publishes_its_masks_to_the_stac_api(
 ) -> None:
     search = {"url": stac_api.url, "collections": [S2_COLLECTION], "max_items": 10}
     out = tmp_path / "masks"
-    args = ["--search", json.dumps(search), "--stac-api", stac_api.url, "--out", str(out),
-            "--resolution", "60", "--collection-id", "masks-cli"]  # fmt: skip
+    args = [
+        "--search",
+        json.dumps(search),
+        "--stac-api",
+        stac_api.url,
+        "--out",
+        str(out),
+        "--resolution",
+        "60",
+        "--collection-id",
+        "masks-cli",
+    ]
     done = _batch(args, triton)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "(2 items published)" in done.stdout, done.stdout

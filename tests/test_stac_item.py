@@ -40,8 +40,15 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 544, 544)
     counts = np.bincount(np.array([0, 1, 1, 4], dtype=np.uint8), minlength=256)
     files = {k: WrittenFile(f"./{k}.tif", 100, "1220" + "0" * 64) for k in ASSETS}
-    model = ModelSpec("kappamask_l2a", "L2A", ("AOT",), (1.0,), "bootstrap-test",
-                      runtime="openvino", precision="bf16")  # fmt: skip
+    model = ModelSpec(
+        "kappamask_l2a",
+        "L2A",
+        ("AOT",),
+        (1.0,),
+        "bootstrap-test",
+        runtime="openvino",
+        precision="bf16",
+    )
     item = create_item(
         product,
         grid,
@@ -60,9 +67,13 @@ def test_item_validates_and_carries_the_source(stac_validator: JsonSchemaSTACVal
     assert props["kappamask:missing_percentage"] == 25.0
     assert props["processing:software"]["kappamask_l2a"] == "bootstrap-test"
     assert props["processing:software"]["triton-runtime"] == "openvino, bf16"  # how it ran
-    assert props["kappamask:model"] == {"name": "kappamask_l2a", "version": "bootstrap-test",
-                                        "origin": "unknown", "architecture": "unet",
-                                        "onnx_sha256": ""}  # fmt: skip
+    assert props["kappamask:model"] == {
+        "name": "kappamask_l2a",
+        "version": "bootstrap-test",
+        "origin": "unknown",
+        "architecture": "unet",
+        "onnx_sha256": "",
+    }
     assert "weights of unrecorded origin" in props["processing:lineage"]
     assert props["kappamask:substituted_bands"] == {"B08": "B8A"}
     classes = data["assets"]["mask"]["classification:classes"]
@@ -111,9 +122,19 @@ def test_read_item_gives_back_what_create_item_wrote() -> None:
     counts[:5] = [7, 40, 10, 10, 20]
     stats = class_statistics(counts, area_pixels=90)
     parameters = {"resolution": 60, "cloud_buffer": 120.0}
-    item = create_item(product, grid, stats, files, model, {}, extra_properties={
-        "kappamask:parameters": parameters, "kappamask:product_id": product.product_id,
-        "kappamask:crops": {"total": 4, "inferred": 3}})  # fmt: skip
+    item = create_item(
+        product,
+        grid,
+        stats,
+        files,
+        model,
+        {},
+        extra_properties={
+            "kappamask:parameters": parameters,
+            "kappamask:product_id": product.product_id,
+            "kappamask:crops": {"total": 4, "inferred": 3},
+        },
+    )
     recorded = read_item(json.dumps(item.to_dict(include_self_link=False)))
     assert recorded is not None
     assert recorded.statistics == pytest.approx(stats)

@@ -61,17 +61,25 @@ def _publish(folder: Path, parameters: dict[str, object]) -> dict[str, str]:
     counts[:5] = [10, 50, 10, 10, 20]
     grid = Grid("EPSG:32629", Affine(60, 0, 538380, 0, -60, 5869320), 10, 10)
     files = {k: WrittenFile(f"./{names[k]}", 1, "1220" + "0" * 64) for k in ASSETS}
-    extra = {"kappamask:parameters": parameters, "kappamask:product_id": product.product_id,
-             "kappamask:crops": {"total": 4, "inferred": 3}}  # fmt: skip
-    item = create_item(product, grid, class_statistics(counts), files, MODEL, {},
-                       extra_properties=extra)  # fmt: skip
+    extra = {
+        "kappamask:parameters": parameters,
+        "kappamask:product_id": product.product_id,
+        "kappamask:crops": {"total": 4, "inferred": 3},
+    }
+    item = create_item(
+        product, grid, class_statistics(counts), files, MODEL, {}, extra_properties=extra
+    )
     (folder / names["item"]).write_text(json.dumps(item.to_dict(include_self_link=False)))
     return names
 
 
 def test_reuse_returns_a_complete_result_with_the_same_parameters(tmp_path: Path) -> None:
-    parameters = {"resolution": 60, "cloud_buffer": 0.0, "model": "kappamask_l2a",
-                  "model_version": "v3"}  # fmt: skip
+    parameters = {
+        "resolution": 60,
+        "cloud_buffer": 0.0,
+        "model": "kappamask_l2a",
+        "model_version": "v3",
+    }
     names = _publish(tmp_path, parameters)
     with LocalSink(tmp_path) as sink:
         reused = _reuse(sink, names, parameters, time.monotonic())

@@ -33,8 +33,9 @@ def test_composites_have_exact_plausible_labels(l1c_scene: Scene) -> None:
     rng = np.random.default_rng(4)
     feats, valid = l1c_scene.features, l1c_scene.valid
     config = CompositeConfig(thick_cover=(0.3, 0.3), thin_cover=(0.3, 0.3))
-    out, labels = compose(feats, valid, L1C_FEATURES, L1C_MAX_V, rng, config,
-                          sun_azimuth=90.0, sun_zenith=45.0)  # fmt: skip
+    out, labels = compose(
+        feats, valid, L1C_FEATURES, L1C_MAX_V, rng, config, sun_azimuth=90.0, sun_zenith=45.0
+    )
     present = set(np.unique(labels[valid]).tolist())
     assert present == {1, 2, 3, 4}, present
     assert out.shape == feats.shape and labels.shape == valid.shape
@@ -65,8 +66,16 @@ def test_shadows_fall_away_from_the_sun() -> None:
     feats = np.full((13, h, w), 0.3, np.float32)
     rng = np.random.default_rng(0)
     config = CompositeConfig(thick_cover=(0.1, 0.1), thin_cover=(0.0, 0.0))
-    _, labels = compose(feats, np.ones((h, w), bool), L1C_FEATURES, L1C_MAX_V, rng, config,
-                        sun_azimuth=90.0, sun_zenith=60.0)  # fmt: skip
+    _, labels = compose(
+        feats,
+        np.ones((h, w), bool),
+        L1C_FEATURES,
+        L1C_MAX_V,
+        rng,
+        config,
+        sun_azimuth=90.0,
+        sun_zenith=60.0,
+    )
     cols = np.nonzero(labels >= MaskClass.SEMI_TRANSPARENT_CLOUD)[1]
     shadow_cols = np.nonzero(labels == MaskClass.CLOUD_SHADOW)[1]
     assert cols.size and shadow_cols.size
@@ -110,9 +119,17 @@ def test_kappaset_folder(tmp_path: Path) -> None:
 
 
 def _write_mask(path: Path, data: np.ndarray, origin: tuple[float, float] = (500000, 6000000)):
-    with rasterio.open(path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0],
-                       count=1, dtype="uint8", crs="EPSG:32629",
-                       transform=Affine(60, 0, origin[0], 0, -60, origin[1])) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[1],
+        height=data.shape[0],
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32629",
+        transform=Affine(60, 0, origin[0], 0, -60, origin[1]),
+    ) as dst:
         dst.write(data, 1)
 
 
@@ -120,9 +137,17 @@ def test_label_raster_on_the_product_grid(tmp_path: Path) -> None:
     scene = Scene.load(T29UNU, L2A_FEATURES, L2A_MAX_V, 60)
     labels = np.full((scene.grid.height, scene.grid.width), MaskClass.CLOUD, np.uint8)
     path = tmp_path / "labels.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=scene.grid.width,
-                       height=scene.grid.height, count=1, dtype="uint8", crs=scene.grid.crs,
-                       transform=scene.grid.transform) as dst:  # fmt: skip
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=scene.grid.width,
+        height=scene.grid.height,
+        count=1,
+        dtype="uint8",
+        crs=scene.grid.crs,
+        transform=scene.grid.transform,
+    ) as dst:
         dst.write(labels, 1)
     read = read_label_raster(path, scene.grid)
     source = SceneSource(scene, read, 0.2, "labels")
@@ -143,9 +168,20 @@ def test_evaluate_tables_json_and_png(tmp_path: Path) -> None:
     table = format_table(result)
     assert "overall accuracy" in table and " 50.00" in table and "Confusion matrix" in table
     runner = CliRunner()
-    done = runner.invoke(main, ["evaluate", "--pred", str(tmp_path / "pred.tif"), "--ref",
-                                str(tmp_path / "ref.tif"), "--json", str(tmp_path / "r.json"),
-                                "--png", str(tmp_path / "r.png")])  # fmt: skip
+    done = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--pred",
+            str(tmp_path / "pred.tif"),
+            "--ref",
+            str(tmp_path / "ref.tif"),
+            "--json",
+            str(tmp_path / "r.json"),
+            "--png",
+            str(tmp_path / "r.png"),
+        ],
+    )
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "r.json").read_text())["kappamask"]["pixels"] == 6
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -163,9 +199,17 @@ def test_evaluate_with_the_sen2cor_column(tmp_path: Path) -> None:
     product = open_safe(T29UNU)
     grid = output_grid(product, 60)
     scl = read_scl_labels(product, grid)
-    with rasterio.open(tmp_path / "ref.tif", "w", driver="GTiff", width=grid.width,
-                       height=grid.height, count=1, dtype="uint8", crs=grid.crs,
-                       transform=grid.transform) as dst:  # fmt: skip
+    with rasterio.open(
+        tmp_path / "ref.tif",
+        "w",
+        driver="GTiff",
+        width=grid.width,
+        height=grid.height,
+        count=1,
+        dtype="uint8",
+        crs=grid.crs,
+        transform=grid.transform,
+    ) as dst:
         dst.write(scl, 1)
     result = evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"], scl_products=[T29UNU])
     assert result["sen2cor"]["overall_accuracy"] == 1.0
@@ -191,8 +235,18 @@ def test_evaluate_a_kappaset_folder_with_a_model(tmp_path: Path) -> None:
         model.layer("head.conv2").bias.copy_(torch.tensor([0.0, -5, -5, -5, 5, -5]))
     onnx_path = export_onnx(model, "L2A", L2A_FEATURES, L2A_MAX_V, "t", tmp_path / "m.onnx")
     runner = CliRunner()
-    done = runner.invoke(main, ["evaluate", "--kappaset", str(folder), "--model",
-                                str(onnx_path), "--json", str(tmp_path / "k.json")])  # fmt: skip
+    done = runner.invoke(
+        main,
+        [
+            "evaluate",
+            "--kappaset",
+            str(folder),
+            "--model",
+            str(onnx_path),
+            "--json",
+            str(tmp_path / "k.json"),
+        ],
+    )
     assert done.exit_code == 0, done.output
     result = json.loads((tmp_path / "k.json").read_text())["kappamask"]
     parts = []
@@ -215,12 +269,19 @@ def test_evaluate_with_the_s2cloudless_column(tmp_path: Path) -> None:
     safe = make_l1c_safe(tmp_path)
     grid = output_grid(open_safe(safe), 10)
     ref = np.full((grid.height, grid.width), MaskClass.CLEAR, np.uint8)
-    with rasterio.open(tmp_path / "ref.tif", "w", driver="GTiff", width=grid.width,
-                       height=grid.height, count=1, dtype="uint8", crs=grid.crs,
-                       transform=grid.transform) as dst:  # fmt: skip
+    with rasterio.open(
+        tmp_path / "ref.tif",
+        "w",
+        driver="GTiff",
+        width=grid.width,
+        height=grid.height,
+        count=1,
+        dtype="uint8",
+        crs=grid.crs,
+        transform=grid.transform,
+    ) as dst:
         dst.write(ref, 1)
-    result = evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"],
-                      s2cloudless_products=[safe])  # fmt: skip
+    result = evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"], s2cloudless_products=[safe])
     clear = result["s2cloudless"]["two_class"]["classes"]["clear"]
     assert clear["recall"] > 0.9, result["s2cloudless"]["two_class"]
     with pytest.raises(ProductError, match="L1C products only"):
@@ -256,17 +317,37 @@ def test_side_by_side_on_a_real_l2a_product(tmp_path: Path) -> None:
     grid = output_grid(product, 60)
     scl = read_scl_labels(product, grid)
     scl[scl == MaskClass.UNDEFINED] = MaskClass.CLEAR  # a mask has no UNDEFINED
-    with rasterio.open(tmp_path / "mask.tif", "w", driver="GTiff", width=grid.width,
-                       height=grid.height, count=1, dtype="uint8", crs=grid.crs,
-                       transform=grid.transform) as dst:  # fmt: skip
+    with rasterio.open(
+        tmp_path / "mask.tif",
+        "w",
+        driver="GTiff",
+        width=grid.width,
+        height=grid.height,
+        count=1,
+        dtype="uint8",
+        crs=grid.crs,
+        transform=grid.transform,
+    ) as dst:
         dst.write(scl, 1)
-    args = ["evaluate", "--side-by-side", str(T29UNU), str(tmp_path / "mask.tif"),
-            "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png")]  # fmt: skip
+    args = [
+        "evaluate",
+        "--side-by-side",
+        str(T29UNU),
+        str(tmp_path / "mask.tif"),
+        "--json",
+        str(tmp_path / "r.json"),
+        "--png",
+        str(tmp_path / "r.png"),
+    ]
     done = CliRunner().invoke(main, args)
     assert done.exit_code == 0, done.output
     result = json.loads((tmp_path / "r.json").read_text())
-    assert set(result) == {"kappamask vs ukis-csmask", "kappamask vs sen2cor",
-                           "ukis-csmask vs sen2cor", "trust"}  # fmt: skip
+    assert set(result) == {
+        "kappamask vs ukis-csmask",
+        "kappamask vs sen2cor",
+        "ukis-csmask vs sen2cor",
+        "trust",
+    }
     assert result["kappamask vs sen2cor"]["overall_accuracy"] == 1.0
     # the mask is SCL itself: SCL's cloud all found, its water all clear, three classes equal
     trust = result["trust"]

@@ -70,8 +70,11 @@ def test_a_triton_that_cannot_open_the_region_gets_the_crops_in_the_body(
     # what a Triton on another host sees: a key it cannot open (here the region exists
     # under another key)
     create = shm.create_shared_memory_region
-    monkeypatch.setattr(shm, "create_shared_memory_region",
-                        lambda name, key, size: create(name, f"{key}-elsewhere", size))  # fmt: skip
+    monkeypatch.setattr(
+        shm,
+        "create_shared_memory_region",
+        lambda name, key, size: create(name, f"{key}-elsewhere", size),
+    )
     with TritonClient(triton.http_url) as client:
         answers = _answers(client, _crops(13))
         assert not client.shared_memory  # refused once, then the body

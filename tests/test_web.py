@@ -42,9 +42,14 @@ def browser() -> Iterator[Any]:
 
     options = Options()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                 "--window-size=1400,900", "--enable-unsafe-swiftshader",
-                 "--use-angle=swiftshader"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+        "--enable-unsafe-swiftshader",
+        "--use-angle=swiftshader",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_script_timeout(60)
@@ -101,8 +106,10 @@ def test_a_person_submits_a_product_and_sees_its_mask_on_the_map(
         shutil.copyfile(screenshot, os.environ["KAPPAMASK_SCREENSHOT"])
     assert _foreign_resources(browser, site) == []
     # every link of the result opens: the COGs, the preview, the STAC item
-    links = {a.get_attribute("data-asset"): a.get_attribute("href")
-             for a in browser.find_elements(By.CSS_SELECTOR, "#links a")}  # fmt: skip
+    links = {
+        a.get_attribute("data-asset"): a.get_attribute("href")
+        for a in browser.find_elements(By.CSS_SELECTOR, "#links a")
+    }
     assert set(links) == {"mask", "confidence", "probability", "valid", "preview", "item"}
     for href in links.values():
         assert requests.get(href, timeout=30).status_code == 200, href
@@ -124,8 +131,14 @@ def test_every_html_page_works_offline(site: str, browser: Any) -> None:
     """The pages pygeoapi renders, Swagger UI included, load nothing from a CDN."""
     from selenium.webdriver.common.by import By
 
-    for path in ("/?f=html", "/processes?f=html", "/processes/kappamask?f=html",
-                 "/jobs?f=html", "/conformance?f=html", "/map"):  # fmt: skip
+    for path in (
+        "/?f=html",
+        "/processes?f=html",
+        "/processes/kappamask?f=html",
+        "/jobs?f=html",
+        "/conformance?f=html",
+        "/map",
+    ):
         browser.get(f"{site}{path}")
         assert _foreign_resources(browser, site) == [], path
         sheets = browser.execute_script("return document.styleSheets.length")

@@ -48,8 +48,9 @@ def safe_name(name: str, what: str, kind: str = "a name", longest: int = MAX_PRO
     (``product_name``; a batch's collection id), else InvalidInputError."""
     shown = repr(name[:80]) + ("..." if len(name) > 80 else "")
     if len(name) > longest:
-        raise InvalidInputError(f"{what} is {len(name)} characters long; at most {longest} "
-                                "can name files")  # fmt: skip
+        raise InvalidInputError(
+            f"{what} is {len(name)} characters long; at most {longest} can name files"
+        )
     if not _PRODUCT_ID.fullmatch(name) or ".." in name:
         raise InvalidInputError(
             f"{what} {shown} is not {kind} (ASCII letters, digits, '_', '-' and '.', "
@@ -107,8 +108,10 @@ def _refuse_special(path: Path, what: str) -> None:
     except OSError:
         return  # absent: the caller says "does not exist" in its own words
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise InvalidInputError(f"{what} is not a regular file or folder (a FIFO, device or "
-                                "socket), which this service never reads")  # fmt: skip
+        raise InvalidInputError(
+            f"{what} is not a regular file or folder (a FIFO, device or "
+            "socket), which this service never reads"
+        )
 
 
 #: Public STAC APIs and their asset hosts, allowed when the server config names none.
@@ -195,9 +198,11 @@ class AccessPolicy:
                 if hidden:
                     # the job database (.jobs) and running jobs' staging folders live there,
                     # and /outputs never serves them
-                    raise AccessDeniedError(f"output folder {href} names a hidden folder "
-                                            f"({hidden[0]}), which holds the service's own "
-                                            "state")  # fmt: skip
+                    raise AccessDeniedError(
+                        f"output folder {href} names a hidden folder "
+                        f"({hidden[0]}), which holds the service's own "
+                        "state"
+                    )
         return folder
 
     def url(self, url: str) -> str:

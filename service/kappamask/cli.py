@@ -39,9 +39,16 @@ if TYPE_CHECKING:  # the pipeline's imports (rasterio, tritonclient) wait for a 
 LOGGER = logging.getLogger(__name__)
 
 #: The extra that brings each optional package a command may need.
-_EXTRAS = {"h5py": "tools", "onnxruntime": "tools", "torch": "train", "matplotlib": "train",
-           "s2cloudless": "compare", "ukis_csmask": "compare", "cv2": "compare",
-           "openvino": "triton"}  # fmt: skip
+_EXTRAS = {
+    "h5py": "tools",
+    "onnxruntime": "tools",
+    "torch": "train",
+    "matplotlib": "train",
+    "s2cloudless": "compare",
+    "ukis_csmask": "compare",
+    "cv2": "compare",
+    "openvino": "triton",
+}
 
 
 class _Main(click.Group):
@@ -135,11 +142,14 @@ def run_command(product: str, output: str, **flags: Any) -> None:
         click.echo(f"{'STAC item:' if key == 'item' else key + ':':<12} {summary[key]}")
     where = " inside the bbox/aoi" if options.area is not None else ""
     denominator = "the area's" if where else "all"
-    click.echo(f"classes (% of pixels with data{where}): "
-               + json.dumps(summary["class_percentages"]))  # fmt: skip
-    click.echo(f"cloud cover: {summary['cloud_cover']} % of pixels with data{where}; "
-               f"missing: {summary['missing_percentage']} % of "
-               f"{denominator} pixels")  # fmt: skip
+    click.echo(
+        f"classes (% of pixels with data{where}): " + json.dumps(summary["class_percentages"])
+    )
+    click.echo(
+        f"cloud cover: {summary['cloud_cover']} % of pixels with data{where}; "
+        f"missing: {summary['missing_percentage']} % of "
+        f"{denominator} pixels"
+    )
     if result.reused:
         click.echo("an identical result was already there: not computed again (--overwrite)")
     else:
@@ -208,19 +218,30 @@ def batch_command(
     stac_api = check_api(stac_api, policy) if stac_api else None
     options = RunOptions.from_flags(flags)
     with _triton_and_progress(flags, "kappamask batch") as (client, progress):
-        result = run_batch(listed, output, client, options, collection_id=collection_id,
-                           progress=progress, stac_api_url=stac_api)  # fmt: skip
+        result = run_batch(
+            listed,
+            output,
+            client,
+            options,
+            collection_id=collection_id,
+            progress=progress,
+            stac_api_url=stac_api,
+        )
     for outcome in result.products:
         if outcome.status == "successful":
             again = " (already there)" if outcome.reused else ""
-            click.echo(f"ok      {outcome.product}: {outcome.item}, cloud cover "
-                       f"{outcome.cloud_cover} %{again}")  # fmt: skip
+            click.echo(
+                f"ok      {outcome.product}: {outcome.item}, cloud cover "
+                f"{outcome.cloud_cover} %{again}"
+            )
         else:
             click.echo(f"FAILED  {outcome.product}: {outcome.message}")
     click.echo(f"collection: {result.collection} ({result.succeeded}/{len(listed)} products)")
     if result.stac_api is not None:
-        click.echo(f"STAC API: {result.stac_api['collection']} "
-                   f"({result.stac_api['published']} items published)")  # fmt: skip
+        click.echo(
+            f"STAC API: {result.stac_api['collection']} "
+            f"({result.stac_api['published']} items published)"
+        )
         for name, why in result.stac_api["errors"].items():
             click.echo(f"NOT PUBLISHED  {name}: {why}")
     if result.succeeded < len(listed):
@@ -229,10 +250,19 @@ def batch_command(
 
 @main.command("review")
 @click.argument("products", nargs=-1, required=True)
-@click.option("--out", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the ranked sub-tiles, index.json and index.html.")  # fmt: skip
-@click.option("--top", type=click.IntRange(min=1), default=None,
-              help="Keep the N most unsure sub-tiles (default: all).")  # fmt: skip
+@click.option(
+    "--out",
+    "output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the ranked sub-tiles, index.json and index.html.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep the N most unsure sub-tiles (default: all).",
+)
 @product_options
 def review_command(products: tuple[str, ...], output: Path, top: int | None, **flags: Any) -> None:
     """Rank the 512 px sub-tiles of PRODUCTS by how unsure the served model is (small
@@ -248,8 +278,9 @@ def review_command(products: tuple[str, ...], output: Path, top: int | None, **f
         kept = review(opened, output, client, options, top, progress)
     click.echo(f"{len(kept)} sub-tiles ranked, most unsure first: {output / 'index.html'}")
     for tile in kept[:10]:
-        click.echo(f"  {tile.unsure:.3f}  {tile.name}  low confidence "
-                   f"{100 * tile.low_confidence:.0f} %")  # fmt: skip
+        click.echo(
+            f"  {tile.unsure:.3f}  {tile.name}  low confidence {100 * tile.low_confidence:.0f} %"
+        )
 
 
 def _read_json_option(value: str, option: str) -> Any:
@@ -269,13 +300,21 @@ def service_options(command: F) -> F:
         triton_url_option,
         protocol_option,
         repository_option,
-        click.option("--output-dir", type=click.Path(path_type=Path), default=None,
-                     help="Where results are written (KAPPAMASK_OUTPUT_DIR; default: "
-                     "kappamask-results)."),
-        click.option("--data-root", "data_roots", type=click.Path(path_type=Path),
-                     multiple=True, help="Folder whose products may be processed (repeatable; "
-                     "KAPPAMASK_DATA_ROOTS; default: the current folder)."),
-    ]  # fmt: skip
+        click.option(
+            "--output-dir",
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Where results are written (KAPPAMASK_OUTPUT_DIR; default: kappamask-results).",
+        ),
+        click.option(
+            "--data-root",
+            "data_roots",
+            type=click.Path(path_type=Path),
+            multiple=True,
+            help="Folder whose products may be processed (repeatable; "
+            "KAPPAMASK_DATA_ROOTS; default: the current folder).",
+        ),
+    ]
     for decorator in reversed(decorators):
         command = decorator(command)
     return command

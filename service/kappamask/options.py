@@ -46,8 +46,9 @@ def text_input(data: Mapping[str, Any], name: str, what: str) -> str | None:
         raise InvalidInputError(f"input '{name}' must be {what}")
     value = value.strip()
     if len(value) > MAX_TEXT:
-        raise InvalidInputError(f"input '{name}' is {len(value)} characters long; at most "
-                                f"{MAX_TEXT} are accepted")  # fmt: skip
+        raise InvalidInputError(
+            f"input '{name}' is {len(value)} characters long; at most {MAX_TEXT} are accepted"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidInputError(f"input '{name}' holds control characters")
     if has_lone_surrogate(value):
@@ -323,6 +324,11 @@ def input_schema() -> dict[str, dict[str, Any]]:
         )
         if default is not None:
             schema["default"] = default
-        inputs[name] = {"title": declared.title, "description": declared.description,
-                        "schema": schema, "minOccurs": 0, "maxOccurs": 1}  # fmt: skip
+        inputs[name] = {
+            "title": declared.title,
+            "description": declared.description,
+            "schema": schema,
+            "minOccurs": 0,
+            "maxOccurs": 1,
+        }
     return inputs

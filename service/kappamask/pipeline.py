@@ -233,9 +233,14 @@ def _infer_all(
     pending: tuple[int, np.ndarray, list[tuple[int, Future[CropOutputs]]]] | None = None
     in_flight: list[Future[CropOutputs]] = []
     with BandReader(
-        product, model.features, model.max_v, grid, options.resampling, dtype=np.float16,
+        product,
+        model.features,
+        model.max_v,
+        grid,
+        options.resampling,
+        dtype=np.float16,
         offset_rule=model.offset_rule,
-    ) as reader:  # fmt: skip
+    ) as reader:
         substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
         for row, y in enumerate(crops.rows):
             top, bottom = y.clip(grid.height)
@@ -250,8 +255,9 @@ def _infer_all(
                 t1 = time.monotonic()
                 hooks.add("inference_wait", t1 - t0)
                 block = block_of(crops, chunk)
-                window = Window(block.left, block.top, block.right - block.left,
-                                block.bottom - block.top)  # fmt: skip
+                window = Window(
+                    block.left, block.top, block.right - block.left, block.bottom - block.top
+                )
                 in_area = None if local_area is None else area_mask(grid, local_area, window)
                 if in_area is not None and not in_area.any():
                     continue  # outside the AOI: not read, not sent, MISSING in the mask
@@ -378,8 +384,15 @@ def plan(
     if options.area is not None:
         grid, local_area = clip_grid(grid, options.area)
     crops = CropGrid(grid.height, grid.width, overlap=overlap)
-    return Plan(product, model, grid, local_area, crops, output_names(product.product_id),
-                options.parameters(model))  # fmt: skip
+    return Plan(
+        product,
+        model,
+        grid,
+        local_area,
+        crops,
+        output_names(product.product_id),
+        options.parameters(model),
+    )
 
 
 def infer(
@@ -412,11 +425,17 @@ def infer(
             scratch["valid"], grid, nodata=VALID_NODATA, overviews=OVERVIEWS["valid"]
         ) as valid_out,
     ):
-        counts = finish_layers(scratch["model_classes"], grid,
-                               options.cloud_buffer / grid.resolution,
-                               options.shadow_buffer / grid.resolution,
-                               mask_out, valid_out, planned.local_area,
-                               options.shadow_check, planned.product.sun)  # fmt: skip
+        counts = finish_layers(
+            scratch["model_classes"],
+            grid,
+            options.cloud_buffer / grid.resolution,
+            options.shadow_buffer / grid.resolution,
+            mask_out,
+            valid_out,
+            planned.local_area,
+            options.shadow_check,
+            planned.product.sun,
+        )
     hooks.timings["postprocess"] = time.monotonic() - t0
     return Inferred(counts, inferred, substitutions)
 
@@ -515,11 +534,19 @@ def run(
             if reused is not None:
                 progress(PROGRESS_END, "an identical result exists: returned as is")
                 return reused
-        progress(PROGRESS_START, f"{product.product_id}: {grid.width}x{grid.height} px, "
-                                 f"{len(planned.crops)} crops")  # fmt: skip
-        LOGGER.info("%s (%s) -> %s, %d crops at %d m -> %s", product.product_id, product.level,
-                    model.name, len(planned.crops), options.resolution,
-                    sink.location)  # fmt: skip
+        progress(
+            PROGRESS_START,
+            f"{product.product_id}: {grid.width}x{grid.height} px, {len(planned.crops)} crops",
+        )
+        LOGGER.info(
+            "%s (%s) -> %s, %d crops at %d m -> %s",
+            product.product_id,
+            product.level,
+            model.name,
+            len(planned.crops),
+            options.resolution,
+            sink.location,
+        )
         inferred = infer(planned, options, client, sink, hooks)
         final, statistics = publish(planned, options, inferred, sink, hooks)
     progress(PROGRESS_END, "done")

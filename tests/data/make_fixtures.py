@@ -53,11 +53,17 @@ def write_jp2_crop(
         window = window_of(src)
         data = src.read(1, window=window)
         profile = {
-            "driver": "JP2OpenJPEG", "width": data.shape[1], "height": data.shape[0],
-            "count": 1, "dtype": data.dtype, "crs": src.crs,
-            "transform": src.window_transform(window), "QUALITY": 100, "REVERSIBLE": "YES",
+            "driver": "JP2OpenJPEG",
+            "width": data.shape[1],
+            "height": data.shape[0],
+            "count": 1,
+            "dtype": data.dtype,
+            "crs": src.crs,
+            "transform": src.window_transform(window),
+            "QUALITY": 100,
+            "REVERSIBLE": "YES",
             **options,
-        }  # fmt: skip
+        }
     with rasterio.open(dst_path, "w", **profile) as dst:
         dst.write(data, 1)
     for aux in dst_path.parent.glob("*.aux.xml"):

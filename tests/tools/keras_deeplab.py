@@ -49,8 +49,9 @@ def sep_bn(x: tf.Tensor, filters: int) -> tf.Tensor:
     return layers.BatchNormalization()(x)
 
 
-def block(x: tf.Tensor, filters: int, kernel: int = 3, dilation: int = 1,
-          bias: bool = False) -> tf.Tensor:  # fmt: skip
+def block(
+    x: tf.Tensor, filters: int, kernel: int = 3, dilation: int = 1, bias: bool = False
+) -> tf.Tensor:
     x = SymmetricSamePad(kernel, 1, dilation)(x)
     x = layers.Conv2D(filters, kernel, dilation_rate=dilation, use_bias=bias)(x)
     return tf.nn.relu(layers.BatchNormalization()(x))

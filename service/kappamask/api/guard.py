@@ -62,8 +62,11 @@ _RESULTS = re.compile(r"/jobs/([^/]+)/results")
 _JSON_TYPES = ("application/json", "application/problem+json", "application/geo+json")
 
 #: Media types of the files of a result (STAC items are GeoJSON).
-_MEDIA_TYPES = {".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
-                ".json": "application/geo+json", ".png": "image/png"}  # fmt: skip
+_MEDIA_TYPES = {
+    ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+    ".json": "application/geo+json",
+    ".png": "image/png",
+}
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -89,8 +92,9 @@ def _error(
     description: str,
     headers: Iterable[tuple[str, str]] = (),
 ) -> list[bytes]:
-    return _answer(start_response, status, {"type": code, "code": code,
-                                            "description": description}, headers)  # fmt: skip
+    return _answer(
+        start_response, status, {"type": code, "code": code, "description": description}, headers
+    )
 
 
 #: Close the connection after an answer given before the body was read to its end: what
@@ -113,8 +117,9 @@ def _walk(value: Any) -> Iterator[tuple[tuple[str | int, ...], Any]]:
 
 def json_depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value (scalars 0)."""
-    return max((len(path) + 1 for path, item in _walk(value) if isinstance(item, dict | list)),
-               default=0)  # fmt: skip
+    return max(
+        (len(path) + 1 for path, item in _walk(value) if isinstance(item, dict | list)), default=0
+    )
 
 
 def _where(path: tuple[str | int, ...]) -> str:
@@ -144,11 +149,15 @@ class RequestGuard:
     ``job_status``: a job's status by id (None: no such job), for the results of dismissed
     jobs; default: pygeoapi's job manager of this server."""
 
-    def __init__(self, app: WSGIApp, triton_ready: Callable[[], bool],
-                 max_body_bytes: int = _DEFAULTS.max_request_bytes,
-                 outputs: Path | None = None,
-                 read_timeout_s: float = _DEFAULTS.read_timeout_s,
-                 job_status: Callable[[str], str | None] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        app: WSGIApp,
+        triton_ready: Callable[[], bool],
+        max_body_bytes: int = _DEFAULTS.max_request_bytes,
+        outputs: Path | None = None,
+        read_timeout_s: float = _DEFAULTS.read_timeout_s,
+        job_status: Callable[[str], str | None] | None = None,
+    ) -> None:
         self.app = app
         self.triton_ready = triton_ready
         self.max_body_bytes = max_body_bytes
@@ -168,23 +177,37 @@ class RequestGuard:
         if method == "GET" and path == "/health/ready":
             if self.triton_ready():
                 return _answer(start_response, HTTPStatus.OK, {"status": "ready"})
-            return _answer(start_response, HTTPStatus.SERVICE_UNAVAILABLE,
-                           {"status": "unavailable", "reason": "Triton is not ready"})  # fmt: skip
+            return _answer(
+                start_response,
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                {"status": "unavailable", "reason": "Triton is not ready"},
+            )
         if self.outputs is not None and (path + "/").startswith(OUTPUTS_ROUTE + "/"):
             return self._output_file(environ, start_response, path[len(OUTPUTS_ROUTE) :])
         if site.serves(path):
             if method not in ("GET", "HEAD"):
-                return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
-                              "InvalidParameterValue", "the web page is read only: GET or HEAD",
-                              (("Allow", "GET, HEAD"),))  # fmt: skip
-            return site.answer(environ, start_response, path,
-                               lambda why: _error(start_response, HTTPStatus.NOT_FOUND,
-                                                  "NotFound", why))  # fmt: skip
+                return _error(
+                    start_response,
+                    HTTPStatus.METHOD_NOT_ALLOWED,
+                    "InvalidParameterValue",
+                    "the web page is read only: GET or HEAD",
+                    (("Allow", "GET, HEAD"),),
+                )
+            return site.answer(
+                environ,
+                start_response,
+                path,
+                lambda why: _error(start_response, HTTPStatus.NOT_FOUND, "NotFound", why),
+            )
         execution = path.startswith("/processes/") and path.endswith("/execution")
         if execution and method != "POST":
-            return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED, "InvalidParameterValue",
-                          f"{method} is not allowed on an execution endpoint: POST an execute "
-                          "request", (("Allow", "POST"),))  # fmt: skip
+            return _error(
+                start_response,
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "InvalidParameterValue",
+                f"{method} is not allowed on an execution endpoint: POST an execute request",
+                (("Allow", "POST"),),
+            )
         results = _RESULTS.fullmatch(path)
         if results and method in ("GET", "HEAD"):
             return self._job_results(environ, start_response, results.group(1))
@@ -195,14 +218,18 @@ class RequestGuard:
             status, description = refusal
             return _error(start_response, status, "InvalidParameterValue", description, _CLOSE)
         if not body and method == "POST":
-            return _error(start_response, HTTPStatus.BAD_REQUEST, "MissingParameterValue",
-                          "request body is empty: POST a JSON object (an execute request has "
-                          "'inputs')")  # fmt: skip
+            return _error(
+                start_response,
+                HTTPStatus.BAD_REQUEST,
+                "MissingParameterValue",
+                "request body is empty: POST a JSON object (an execute request has 'inputs')",
+            )
         if body:
             problem = _json_problem(body, execution)
             if problem:
-                return _error(start_response, HTTPStatus.BAD_REQUEST, "InvalidParameterValue",
-                              problem)  # fmt: skip
+                return _error(
+                    start_response, HTTPStatus.BAD_REQUEST, "InvalidParameterValue", problem
+                )
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         return self._json_errors(environ, start_response)
@@ -226,15 +253,18 @@ class RequestGuard:
             if length < 0:
                 return b"", (HTTPStatus.BAD_REQUEST, "malformed Content-Length header")
             if length > self.max_body_bytes:
-                return b"", (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                             f"request body of {length} bytes is over this server's limit of "
-                             f"{self.max_body_bytes} bytes")  # fmt: skip
+                return b"", (
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"request body of {length} bytes is over this server's limit of "
+                    f"{self.max_body_bytes} bytes",
+                )
             limit = length
         body, timed_out = self._read_within_deadline(environ, limit)
         if len(body) > self.max_body_bytes:
-            return b"", (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                         f"request body is over this server's limit of {self.max_body_bytes} "
-                         "bytes")  # fmt: skip
+            return b"", (
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"request body is over this server's limit of {self.max_body_bytes} bytes",
+            )
         if timed_out:
             return b"", (
                 HTTPStatus.REQUEST_TIMEOUT,
@@ -290,8 +320,11 @@ class RequestGuard:
         def gone(_status: int) -> tuple[HTTPStatus, str, str] | None:
             state = self.job_status(job_id)
             if state == "dismissed":
-                return (HTTPStatus.GONE, "NoSuchJob",
-                        f"job {job_id} was dismissed: its results are deleted")  # fmt: skip
+                return (
+                    HTTPStatus.GONE,
+                    "NoSuchJob",
+                    f"job {job_id} was dismissed: its results are deleted",
+                )
             if state is None:
                 return HTTPStatus.NOT_FOUND, "NoSuchJob", f"no job {job_id}"
             return None
@@ -339,13 +372,21 @@ class RequestGuard:
         """A published file of the output folder (see the module docstring)."""
         assert self.outputs is not None
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
-            return _error(start_response, HTTPStatus.METHOD_NOT_ALLOWED, "InvalidParameterValue",
-                          "results are read only: GET or HEAD")  # fmt: skip
+            return _error(
+                start_response,
+                HTTPStatus.METHOD_NOT_ALLOWED,
+                "InvalidParameterValue",
+                "results are read only: GET or HEAD",
+            )
         parts = [p for p in relative.split("/") if p]
         found = safe_join(str(self.outputs), *parts) if parts else None
         if found is None or any(p.startswith(".") for p in parts) or not Path(found).is_file():
-            return _error(start_response, HTTPStatus.NOT_FOUND, "NotFound",
-                          f"no published result at {OUTPUTS_ROUTE}{relative}")  # fmt: skip
+            return _error(
+                start_response,
+                HTTPStatus.NOT_FOUND,
+                "NotFound",
+                f"no published result at {OUTPUTS_ROUTE}{relative}",
+            )
         media = _MEDIA_TYPES.get(Path(found).suffix.lower()) or (
             mimetypes.guess_type(found)[0] or "application/octet-stream"
         )
@@ -363,8 +404,11 @@ def _page_error(code: int) -> tuple[HTTPStatus, str, str]:
     except ValueError:
         status = HTTPStatus.INTERNAL_SERVER_ERROR
     if status >= 500:
-        return (status, "NoApplicableCode",
-                "internal error of the service; it is logged on the server")  # fmt: skip
+        return (
+            status,
+            "NoApplicableCode",
+            "internal error of the service; it is logged on the server",
+        )
     if status == HTTPStatus.NOT_FOUND:
         return status, "NotFound", "no such resource"
     if status == HTTPStatus.METHOD_NOT_ALLOWED:

@@ -57,8 +57,10 @@ OGC_OPENAPI = Path(__file__).parent / "ogcapi-processes-1.0"
 PROCESSES_OPENAPI_URL = "https://schemas.opengis.net/ogcapi/processes/part1/1.0/openapi/"
 #: The OGC API - Features responses pygeoapi refers to, and the Processes response of the
 #: same name and meaning that stands for each.
-_FEATURES_RESPONSES = ("https://schemas.opengis.net/ogcapi/features/part1/1.0/openapi/"
-                       "ogcapi-features-1.yaml#/components/responses/")  # fmt: skip
+_FEATURES_RESPONSES = (
+    "https://schemas.opengis.net/ogcapi/features/part1/1.0/openapi/"
+    "ogcapi-features-1.yaml#/components/responses/"
+)
 _STANDS_FOR = {
     f"{_FEATURES_RESPONSES}{name}": f"responses/{name}.yaml"
     for name in ("InvalidParameter", "LandingPage", "ServerError", "NotFound")
@@ -140,8 +142,11 @@ class OGCAnswers:
         finally:
             if hasattr(body, "close"):
                 body.close()
-        headers = [(k, v) for k, v in seen["headers"]
-                   if k.lower() not in ("content-type", "content-length")]  # fmt: skip
+        headers = [
+            (k, v)
+            for k, v in seen["headers"]
+            if k.lower() not in ("content-type", "content-length")
+        ]
         payload = json.dumps(rewrite({"body": text, "environ": environ}, headers)).encode()
         headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
         start_response(seen["status"], headers)
@@ -154,8 +159,13 @@ class OGCAnswers:
     def _job_status(self, environ: dict[str, Any], job_id: str) -> dict[str, Any]:
         """What ``GET /jobs/{job_id}`` answers on this server (JSON), without nulls."""
         inner = {k: v for k, v in environ.items() if not k.startswith(("HTTP_", "CONTENT_"))}
-        inner.update(REQUEST_METHOD="GET", PATH_INFO=f"/jobs/{job_id}", QUERY_STRING="f=json",
-                     HTTP_ACCEPT="application/json", **{"wsgi.input": io.BytesIO(b"")})  # fmt: skip
+        inner.update(
+            REQUEST_METHOD="GET",
+            PATH_INFO=f"/jobs/{job_id}",
+            QUERY_STRING="f=json",
+            HTTP_ACCEPT="application/json",
+            **{"wsgi.input": io.BytesIO(b"")},
+        )
         status: list[str] = []
 
         def collect(code: str, _headers: list[tuple[str, str]], _exc: Any = None) -> Any:
@@ -188,12 +198,20 @@ class OGCAnswers:
             href = f"{self.base_url}/jobs/{job['jobID']}"
             links = [link for link in job.get("links", []) if link.get("rel") != "self"]
             job["links"] = [
-                {"href": f"{href}?f=json", "rel": "self", "type": "application/json",
-                 "title": "this job's status"},
-                {"href": f"{href}?f=html", "rel": "alternate", "type": "text/html",
-                 "title": "this job's status as HTML"},
+                {
+                    "href": f"{href}?f=json",
+                    "rel": "self",
+                    "type": "application/json",
+                    "title": "this job's status",
+                },
+                {
+                    "href": f"{href}?f=html",
+                    "rel": "alternate",
+                    "type": "text/html",
+                    "title": "this job's status as HTML",
+                },
                 *links,
-            ]  # fmt: skip
+            ]
         return document
 
 
@@ -230,8 +248,10 @@ _SUCCESS = (
 )
 #: Formats every page is also served in (the ``f`` parameter): HTML, and JSON-LD where
 #: pygeoapi has it.
-_ALSO_SERVED = {"text/html": {"schema": {"type": "string"}},
-                "application/ld+json": {"schema": {"type": "object"}}}  # fmt: skip
+_ALSO_SERVED = {
+    "text/html": {"schema": {"type": "string"}},
+    "application/ld+json": {"schema": {"type": "object"}},
+}
 
 
 def _official_response(name: str) -> dict[str, Any]:
@@ -249,11 +269,16 @@ def documented(document: dict[str, Any]) -> dict[str, Any]:
     of a page, and every other status as an OGC exception document (``default``: every
     error here is one, ``kappamask.api.guard``). Refers to the OGC's files by their published
     URL; ``self_contained`` brings them in."""
-    exception = {"description": "An error: the status says which (OGC exception document; "
-                                "an HTML page where the client asked for HTML).",
-                 "content": {"application/json": {"schema": {
-                     "$ref": PROCESSES_OPENAPI_URL + "schemas/exception.yaml"}},
-                     "text/html": {"schema": {"type": "string"}}}}  # fmt: skip
+    exception = {
+        "description": "An error: the status says which (OGC exception document; "
+        "an HTML page where the client asked for HTML).",
+        "content": {
+            "application/json": {
+                "schema": {"$ref": PROCESSES_OPENAPI_URL + "schemas/exception.yaml"}
+            },
+            "text/html": {"schema": {"type": "string"}},
+        },
+    }
     for path, operations in document.get("paths", {}).items():
         for method, operation in operations.items():
             if not isinstance(operation, dict) or "responses" not in operation:
@@ -305,8 +330,11 @@ def self_contained(document: dict[str, Any]) -> dict[str, Any]:
     def rewritten(node: Any, kind: str | None) -> Any:
         if isinstance(node, dict):
             # examples kept elsewhere in the OGC's repository (not vendored) are left out
-            out = {k: rewritten(v, kind) for k, v in node.items()
-                   if not (k == "examples" and "externalValue" in json.dumps(v))}  # fmt: skip
+            out = {
+                k: rewritten(v, kind)
+                for k, v in node.items()
+                if not (k == "examples" and "externalValue" in json.dumps(v))
+            }
             if isinstance(node.get("$ref"), str):
                 out["$ref"] = target(node["$ref"], kind)
             return out

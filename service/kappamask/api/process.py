@@ -117,18 +117,22 @@ def _batch_metadata() -> dict[str, Any]:
     of ``product``, and the collection's id."""
     meta = copy.deepcopy(PROCESS_METADATA)
     single = meta["inputs"].pop("product")
-    meta.update({
-        "id": "kappamask-batch",
-        "title": {"en": "KappaMask batch: cloud masks of many Sentinel-2 products"},
-        "description": {"en": "Masks every product of a list, or every Sentinel-2 item a STAC "
-                        "API search finds, as the kappamask process does, into one output, "
-                        "and publishes a STAC Collection (collection.json) over the results, "
-                        "optionally to a STAC API as well. On a job queue each product is its "
-                        "own kappamask job on any worker. A product that fails is listed with "
-                        "its error; the others go on. Dismissing the batch stops its products; "
-                        "the collection keeps those finished by then."},
-        "jobControlOptions": ["async-execute", "sync-execute"],
-    })  # fmt: skip
+    meta.update(
+        {
+            "id": "kappamask-batch",
+            "title": {"en": "KappaMask batch: cloud masks of many Sentinel-2 products"},
+            "description": {
+                "en": "Masks every product of a list, or every Sentinel-2 item a STAC "
+                "API search finds, as the kappamask process does, into one output, "
+                "and publishes a STAC Collection (collection.json) over the results, "
+                "optionally to a STAC API as well. On a job queue each product is its "
+                "own kappamask job on any worker. A product that fails is listed with "
+                "its error; the others go on. Dismissing the batch stops its products; "
+                "the collection keeps those finished by then."
+            },
+            "jobControlOptions": ["async-execute", "sync-execute"],
+        }
+    )
     meta["inputs"] = {
         "products": {
             "title": "Sentinel-2 products",
@@ -185,8 +189,13 @@ def _batch_metadata() -> dict[str, Any]:
             "schema": {"type": "object", "contentMediaType": "application/json"},
         }
     }
-    meta["example"] = {"inputs": {"products": [PROCESS_METADATA["example"]["inputs"]["product"]],
-                                  "resolution": 60, "collection_id": "example"}}  # fmt: skip
+    meta["example"] = {
+        "inputs": {
+            "products": [PROCESS_METADATA["example"]["inputs"]["product"]],
+            "resolution": 60,
+            "collection_id": "example",
+        }
+    }
     return meta
 
 
@@ -279,8 +288,9 @@ class KappaMaskProcessor(BaseProcessor):
             raise to_process_error(err) from err
         except Exception as err:  # a bug here, never the client's fault
             LOGGER.exception("job %s failed on an internal error", self.job_id)
-            internal = InternalError(f"internal error of the {self.metadata['id']} process: "
-                                     f"{type(err).__name__}: {err}")  # fmt: skip
+            internal = InternalError(
+                f"internal error of the {self.metadata['id']} process: {type(err).__name__}: {err}"
+            )
             record_failure(self.job_id, internal)
             raise to_process_error(internal) from err
         return "application/json", result
@@ -292,8 +302,14 @@ class KappaMaskProcessor(BaseProcessor):
         product = open_product(reference, self.settings.policy)
         job.subject = self.subject = describe_reference(product)
         with self._client(job, PROGRESS_START, "inference") as client:
-            result = run(product, self.settings.target(output), client, options,
-                         progress=job.update, cancelled=job.cancelled)  # fmt: skip
+            result = run(
+                product,
+                self.settings.target(output),
+                client,
+                options,
+                progress=job.update,
+                cancelled=job.cancelled,
+            )
         return result.to_json()
 
     @contextmanager
@@ -332,8 +348,9 @@ def parse_batch_inputs(data: Any) -> BatchInputs:
         raise InvalidInputError("input 'search' was not resolved into products")
     listed = data.get("products")
     if not isinstance(listed, list):
-        raise InvalidInputError("input 'products' or 'search' is required: a list of products "
-                                "or a STAC API search")  # fmt: skip
+        raise InvalidInputError(
+            "input 'products' or 'search' is required: a list of products or a STAC API search"
+        )
     products: list[ProductRef] = []
     for index, product in enumerate(listed):
         if isinstance(product, dict):
@@ -392,9 +409,17 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
             batch = parse_batch_inputs(data)
         except KappaMaskError:
             return True  # execute raises it again and the job fails by its cause
-        fanout.fan_out(manager, job_id, batch.products, child_inputs(data), batch.output,
-                       batch.collection_id, describe(len(batch.products), batch.options), job,
-                       batch.stac_api)  # fmt: skip
+        fanout.fan_out(
+            manager,
+            job_id,
+            batch.products,
+            child_inputs(data),
+            batch.output,
+            batch.collection_id,
+            describe(len(batch.products), batch.options),
+            job,
+            batch.stac_api,
+        )
         return False
 
     def _run(self, data: dict[str, Any], job: JobReporter) -> dict[str, Any]:
@@ -403,9 +428,16 @@ class KappaMaskBatchProcessor(KappaMaskProcessor):
             # every child has finished (fan_out): the collection and their outcomes
             return fanout.finish(self.job_id, self.settings.service).to_json()
         with self._client(job, 1, f"{len(batch.products)} products") as client:
-            result = run_batch(batch.products, self.settings.target(batch.output), client,
-                               batch.options, batch.collection_id, progress=job.update,
-                               cancelled=job.cancelled, stac_api_url=batch.stac_api)  # fmt: skip
+            result = run_batch(
+                batch.products,
+                self.settings.target(batch.output),
+                client,
+                batch.options,
+                batch.collection_id,
+                progress=job.update,
+                cancelled=job.cancelled,
+                stac_api_url=batch.stac_api,
+            )
         return result.to_json()
 
     def __repr__(self) -> str:

@@ -57,8 +57,11 @@ def render_config(template: Path, config: Settings) -> dict[str, Any]:
     server = document.setdefault("server", {})
     server["bind"] = {"host": config.host, "port": config.port}
     server["url"] = config.api_url
-    server["manager"] = {"name": config.job_manager, "connection": config.jobs_database,
-                         "output_dir": f"{config.jobs_folder}/"}  # fmt: skip
+    server["manager"] = {
+        "name": config.job_manager,
+        "connection": config.jobs_database,
+        "output_dir": f"{config.jobs_folder}/",
+    }
     document.setdefault("logging", {})["level"] = config.log_level
     return document
 
@@ -98,15 +101,20 @@ def log_served_models(client: TritonClient) -> None:
             continue
         LOGGER.info(
             "%s: %s %s, %s weights, ONNX sha256 %s, runs on %s",
-            level, spec.name, spec.version_label, spec.origin, spec.sha256 or "unrecorded",
+            level,
+            spec.name,
+            spec.version_label,
+            spec.origin,
+            spec.sha256 or "unrecorded",
             spec.runtime_description() or "a runtime its config does not name",
-        )  # fmt: skip
+        )
         if spec.origin != ORIGIN_OFFICIAL:
             LOGGER.warning(
                 "%s masks come from %s weights, not KappaZeta's published ones: run "
                 "`kappamask fetch-weights` where the internet is reachable",
-                level, spec.origin,
-            )  # fmt: skip
+                level,
+                spec.origin,
+            )
 
 
 def recover(output_dir: Path) -> None:
@@ -169,8 +177,13 @@ def guarded_app(triton_ready: Callable[[], bool]) -> Any:
 
     if not isinstance(APP.wsgi_app, RequestGuard):
         ogc = OGCAnswers(APP.wsgi_app, CONFIG["server"]["url"])
-        APP.wsgi_app = RequestGuard(ogc, triton_ready, config.max_request_bytes,
-                                    config.served_outputs, config.read_timeout_s)  # fmt: skip
+        APP.wsgi_app = RequestGuard(
+            ogc,
+            triton_ready,
+            config.max_request_bytes,
+            config.served_outputs,
+            config.read_timeout_s,
+        )
     return APP
 
 
@@ -199,10 +212,17 @@ def serve(config: Settings) -> None:
             # after this, instead of holding its thread (the guard bounds the body)
             timeout = config.read_timeout_s
 
-        LOGGER.info("KappaMask service on http://%s:%d (Triton %s)", config.host, config.port,
-                    triton.url)  # fmt: skip
+        LOGGER.info(
+            "KappaMask service on http://%s:%d (Triton %s)", config.host, config.port, triton.url
+        )
         try:
-            run_simple(config.host, config.port, app, threaded=True, use_reloader=False,
-                       request_handler=TimedHandler)  # fmt: skip
+            run_simple(
+                config.host,
+                config.port,
+                app,
+                threaded=True,
+                use_reloader=False,
+                request_handler=TimedHandler,
+            )
         except KeyboardInterrupt:
             LOGGER.info("stopping")

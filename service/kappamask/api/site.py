@@ -39,10 +39,14 @@ _MEDIA_TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/htm
 def classes() -> list[dict[str, Any]]:
     """Each class with data: its code, name and colour (RGB 0-255, alpha 0-1)."""
     return [
-        {"code": int(code), "name": CLASS_NAMES[MaskClass(code)],
-         "color": [*CLASS_COLORS[code][:3], round(CLASS_COLORS[code][3] / 255, 3)]}
-        for code in CLASS_COLORS if code in CLASS_NAMES and CLASS_COLORS[code][3] > 0
-    ]  # fmt: skip
+        {
+            "code": int(code),
+            "name": CLASS_NAMES[MaskClass(code)],
+            "color": [*CLASS_COLORS[code][:3], round(CLASS_COLORS[code][3] / 255, 3)],
+        }
+        for code in CLASS_COLORS
+        if code in CLASS_NAMES and CLASS_COLORS[code][3] > 0
+    ]
 
 
 def serves(path: str) -> bool:

@@ -101,8 +101,9 @@ class ShadowCheck:
             cloudy = (block == MaskClass.CLOUD) | (block == MaskClass.SEMI_TRANSPARENT_CLOUD)
             clouds.append(coarsen(cloudy, k, False))
             unknown.append(coarsen(block == MaskClass.MISSING, k, True))
-        cast, unsure = coarse_reach(np.concatenate(clouds), np.concatenate(unknown), sun,
-                                    grid.resolution, k)  # fmt: skip
+        cast, unsure = coarse_reach(
+            np.concatenate(clouds), np.concatenate(unknown), sun, grid.resolution, k
+        )
         self.possible = cast | unsure
 
     def apply(self, block: np.ndarray, top: int) -> np.ndarray:
@@ -112,8 +113,9 @@ class ShadowCheck:
             return block
         k = self.k
         first, last = top // k, (top + block.shape[0] - 1) // k + 1
-        possible = upsample(self.possible[first:last], k, (last - first) * k,
-                            self.possible.shape[1] * k)  # fmt: skip
+        possible = upsample(
+            self.possible[first:last], k, (last - first) * k, self.possible.shape[1] * k
+        )
         possible = possible[top - first * k : top - first * k + block.shape[0], : block.shape[1]]
         out = block.copy()
         out[shadow & ~possible] = MaskClass.CLEAR

@@ -59,11 +59,22 @@ def solar_position(lat: float, lon: float, when: datetime) -> Sun:
     day = when.timetuple().tm_yday
     hours = when.hour + when.minute / 60 + when.second / 3600
     g = 2 * math.pi / 365 * (day - 1 + (hours - 12) / 24)
-    eq_time = 229.18 * (0.000075 + 0.001868 * math.cos(g) - 0.032077 * math.sin(g)
-                        - 0.014615 * math.cos(2 * g) - 0.040849 * math.sin(2 * g))  # fmt: skip
-    decl = (0.006918 - 0.399912 * math.cos(g) + 0.070257 * math.sin(g)
-            - 0.006758 * math.cos(2 * g) + 0.000907 * math.sin(2 * g)
-            - 0.002697 * math.cos(3 * g) + 0.00148 * math.sin(3 * g))  # fmt: skip
+    eq_time = 229.18 * (
+        0.000075
+        + 0.001868 * math.cos(g)
+        - 0.032077 * math.sin(g)
+        - 0.014615 * math.cos(2 * g)
+        - 0.040849 * math.sin(2 * g)
+    )
+    decl = (
+        0.006918
+        - 0.399912 * math.cos(g)
+        + 0.070257 * math.sin(g)
+        - 0.006758 * math.cos(2 * g)
+        + 0.000907 * math.sin(2 * g)
+        - 0.002697 * math.cos(3 * g)
+        + 0.00148 * math.sin(3 * g)
+    )
     solar_minutes = hours * 60 + eq_time + 4 * lon
     hour_angle = math.radians(solar_minutes / 4 - 180)
     phi = math.radians(lat)
@@ -103,8 +114,13 @@ def _ray_offsets(
     for azimuth in np.linspace(sun.azimuth - sun.spread, sun.azimuth + sun.spread, rays):
         # image rows grow southwards: north is -row, east is +column
         dy, dx = -math.cos(math.radians(azimuth)), math.sin(math.radians(azimuth))
-        pairs.update(zip(np.rint(steps * dy).astype(int).tolist(),
-                         np.rint(steps * dx).astype(int).tolist(), strict=True))  # fmt: skip
+        pairs.update(
+            zip(
+                np.rint(steps * dy).astype(int).tolist(),
+                np.rint(steps * dx).astype(int).tolist(),
+                strict=True,
+            )
+        )
     return sorted(pairs)
 
 
@@ -184,8 +200,9 @@ def cloud_reach(
     shadow is possible), and where the up-sun ray crosses ``unknown`` pixels or leaves the
     raster instead (a cloud might lie there). ``sun`` None looks in every direction."""
     k = reach_factor(sun, resolution, heights)
-    cast, unsure = coarse_reach(coarsen(cloud, k, False), coarsen(unknown, k, True), sun,
-                                resolution, k, heights)  # fmt: skip
+    cast, unsure = coarse_reach(
+        coarsen(cloud, k, False), coarsen(unknown, k, True), sun, resolution, k, heights
+    )
     h, w = cloud.shape
     return upsample(cast, k, h, w), upsample(unsure, k, h, w)
 

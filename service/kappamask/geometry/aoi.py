@@ -55,8 +55,10 @@ def parse_area(bbox: Sequence[float] | None, aoi: Mapping[str, Any] | None) -> B
         raise InvalidInputError("input 'aoi' is empty or not a valid polygon (self-intersecting?)")
     west, south, east, north = area.bounds
     if not (-180 <= west <= east <= 180 and -90 <= south <= north <= 90):
-        raise InvalidInputError("input 'aoi' must lie within longitudes -180..180 and "
-                                "latitudes -90..90 (EPSG:4326 degrees)")  # fmt: skip
+        raise InvalidInputError(
+            "input 'aoi' must lie within longitudes -180..180 and "
+            "latitudes -90..90 (EPSG:4326 degrees)"
+        )
     return area
 
 
@@ -69,6 +71,13 @@ def _polygon(aoi: Any) -> BaseGeometry:
         raise InvalidInputError("input 'aoi' must be a GeoJSON Polygon or MultiPolygon")
     try:
         return shape(geometry)
-    except (GEOSException, ValueError, TypeError, KeyError, IndexError, OverflowError,
-            AttributeError) as err:  # fmt: skip
+    except (
+        GEOSException,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        AttributeError,
+    ) as err:
         raise InvalidInputError(f"input 'aoi' is not a valid GeoJSON geometry: {err}") from err

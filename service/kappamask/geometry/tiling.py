@@ -143,8 +143,10 @@ def with_context(data: np.ndarray, block: Block, crops: Sequence[Crop]) -> np.nd
     """``data`` [..., h, w] read for ``block``, extended to the crops' whole extent by
     mirroring it at the raster's edges (symmetric: the edge pixel repeats once)."""
     y, first, last = crops[0].y, crops[0].x, crops[-1].x
-    pad = [(block.top - y.start, y.stop - block.bottom), (block.left - first.start,
-                                                          last.stop - block.right)]  # fmt: skip
+    pad = [
+        (block.top - y.start, y.stop - block.bottom),
+        (block.left - first.start, last.stop - block.right),
+    ]
     if not any(a or b for a, b in pad):
         return data
     out: np.ndarray = np.pad(data, [(0, 0)] * (data.ndim - 2) + pad, mode="symmetric")
@@ -248,8 +250,15 @@ class Blender:
     def add(self, crop: Crop, scores: np.ndarray) -> None:
         """One crop's scores [classes, size, size] (uint8, x 255)."""
         lo, hi = crop.x.clip(self.grid.width)
-        _accumulate(self.sums, self.weights, np.ascontiguousarray(scores), self.grid.profile,
-                    lo, hi, lo - crop.x.start)  # fmt: skip
+        _accumulate(
+            self.sums,
+            self.weights,
+            np.ascontiguousarray(scores),
+            self.grid.profile,
+            lo,
+            hi,
+            lo - crop.x.start,
+        )
 
     def finish(self, row: int, valid: np.ndarray, valid_top: int) -> Finished:
         """Decide the rows row ``row`` finishes; ``valid``: whether pixels have data, for
@@ -262,8 +271,15 @@ class Blender:
         a, b = top - y.start, stop - y.start
         out = np.empty((3, b - a, grid.width), np.uint8)
         rows = valid[top - valid_top : stop - valid_top]
-        _decide_into(self.sums[:, a:b], self.weights[a:b], rows, self.codes, out,
-                     int(MaskClass.MISSING), PROBABILITY_NODATA)  # fmt: skip
+        _decide_into(
+            self.sums[:, a:b],
+            self.weights[a:b],
+            rows,
+            self.codes,
+            out,
+            int(MaskClass.MISSING),
+            PROBABILITY_NODATA,
+        )
         if not last:
             # the rows the next crop row also reaches move to the top, the rest is cleared
             step = grid.rows[row + 1].start - y.start

@@ -62,9 +62,13 @@ def announce_host_runtime() -> str:
     results; the description."""
     runtime, precision = host_runtime()
     flags = sorted(_cpu_flags() & set(BF16_FLAGS)) or ["no native bfloat16"]
-    LOGGER.info("CPU models run with %s; floating point in %s (%s), INT8 variants where "
-                "their measured agreement allows", runtime, precision,
-                ", ".join(flags))  # fmt: skip
+    LOGGER.info(
+        "CPU models run with %s; floating point in %s (%s), INT8 variants where "
+        "their measured agreement allows",
+        runtime,
+        precision,
+        ", ".join(flags),
+    )
     global _HOST
     _HOST = runtime, precision
     return f"{runtime}, {precision}"

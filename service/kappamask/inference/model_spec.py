@@ -52,8 +52,12 @@ OUTPUT_PROBABILITY = "cloud_probability"
 OUTPUT_SCORES = "scores"
 OUTPUTS = (OUTPUT_CLASSES, OUTPUT_CONFIDENCE, OUTPUT_PROBABILITY, OUTPUT_SCORES)
 #: The classes of ``scores``, in order (the network's outputs a pixel with data may take).
-SCORE_CLASSES = (MaskClass.CLEAR, MaskClass.CLOUD_SHADOW, MaskClass.SEMI_TRANSPARENT_CLOUD,
-                 MaskClass.CLOUD)  # fmt: skip
+SCORE_CLASSES = (
+    MaskClass.CLEAR,
+    MaskClass.CLOUD_SHADOW,
+    MaskClass.SEMI_TRANSPARENT_CLOUD,
+    MaskClass.CLOUD,
+)
 #: The probability's value where the input has no data.
 PROBABILITY_NODATA = 255
 
@@ -68,8 +72,9 @@ def decide(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     classes = codes[winner]
     confidence = np.rint(np.max(scores, axis=0)).astype(np.uint8)
     index = {c: i for i, c in enumerate(SCORE_CLASSES)}
-    cloudy = np.maximum(scores[index[MaskClass.SEMI_TRANSPARENT_CLOUD]],
-                        scores[index[MaskClass.CLOUD]]).astype(np.float32)  # fmt: skip
+    cloudy = np.maximum(
+        scores[index[MaskClass.SEMI_TRANSPARENT_CLOUD]], scores[index[MaskClass.CLOUD]]
+    ).astype(np.float32)
     free = np.maximum(scores[index[MaskClass.CLEAR]], scores[index[MaskClass.CLOUD_SHADOW]])
     total = np.maximum(cloudy + free, 1e-6)
     probability = np.rint(100.0 * cloudy / total).astype(np.uint8)
@@ -112,8 +117,13 @@ class ModelSpec:
 
     def provenance(self) -> dict[str, str]:
         """What a result says of the weights that made it."""
-        found = {"name": self.name, "version": self.version_label, "origin": self.origin,
-                 "architecture": self.architecture, "onnx_sha256": self.sha256}  # fmt: skip
+        found = {
+            "name": self.name,
+            "version": self.version_label,
+            "origin": self.origin,
+            "architecture": self.architecture,
+            "onnx_sha256": self.sha256,
+        }
         if self.weights_sha256:
             found["weights_sha256"] = self.weights_sha256
         if self.parent_sha256:

@@ -159,20 +159,22 @@ class LocalTriton:
             "--model-control-mode=explicit",
             *(f"--load-model={m}" for m in self.models),
             "--strict-readiness=true",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            "--http-address=127.0.0.1",
+            f"--http-port={self.http_port}",
+            "--grpc-address=127.0.0.1",
+            f"--grpc-port={self.grpc_port}",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             "--pinned-memory-pool-byte-size=0",
             "--exit-timeout-secs=5",
-        ]  # fmt: skip
+        ]
         return cmd
 
     @property
     def ready(self) -> bool:
         """Whether Triton is up and was ready when last looked at (false while restarting)."""
-        return (self._ready.is_set() and self.process is not None
-                and self.process.poll() is None)  # fmt: skip
+        return self._ready.is_set() and self.process is not None and self.process.poll() is None
 
     def start(self) -> LocalTriton:
         """Launch tritonserver, wait until it reports ready, then supervise it."""
@@ -243,16 +245,22 @@ class LocalTriton:
                 LOGGER.critical(
                     "Triton exited with code %s and %d restarts failed: inference stays "
                     "unavailable until the service is restarted\n%s",
-                    process.returncode, self.restarts, tail,
-                )  # fmt: skip
+                    process.returncode,
+                    self.restarts,
+                    tail,
+                )
                 return
             first = settings.current().triton_restart_delay_s
             delay = first * 2**self.restarts
             self.restarts += 1
             LOGGER.error(
                 "Triton exited with code %s; restarting in %.0f s (attempt %d of %d)\n%s",
-                process.returncode, delay, self.restarts, MAX_RESTARTS, tail,
-            )  # fmt: skip
+                process.returncode,
+                delay,
+                self.restarts,
+                MAX_RESTARTS,
+                tail,
+            )
             if self._stopping.wait(delay):
                 return
             try:

@@ -257,8 +257,12 @@ class TritonClient:
                 f"{name} does not declare its features and max_v parameters"
             ) from err
         agreements = _agreements(name, params)
-        runtime, precision = resolve(params.get("runtime", ""), params.get("precision", ""),
-                                     bool(params.get("int8_file")), *agreements)  # fmt: skip
+        runtime, precision = resolve(
+            params.get("runtime", ""),
+            params.get("precision", ""),
+            bool(params.get("int8_file")),
+            *agreements,
+        )
         first_input = config["input"][0]
         dtype = str(first_input.get("data_type", first_input.get("dataType", "TYPE_FP16")))
         dtype = dtype.removeprefix("TYPE_")
@@ -282,8 +286,9 @@ class TritonClient:
             offset_rule=params.get("offset_rule") or OFFSET_TRAINING,
         )
         if spec.offset_rule not in OFFSET_RULES:
-            raise NoModelError(f"{name} declares the offset rule {spec.offset_rule!r}, not one "
-                               f"of {OFFSET_RULES}")  # fmt: skip
+            raise NoModelError(
+                f"{name} declares the offset rule {spec.offset_rule!r}, not one of {OFFSET_RULES}"
+            )
         self._input_dtypes[name] = dtype
         declared = {str(o.get("name")) for o in config.get("output", [])}
         if not set(OUTPUTS) <= declared:
@@ -326,8 +331,12 @@ class TritonClient:
             client.register_system_shared_memory(name, f"/{name}", nbytes)
         except (InferenceServerException, *_CONNECTION_ERRORS) as err:
             self.shared_memory = False
-            LOGGER.info("Triton at %s cannot read this host's shared memory (%s): crops go "
-                        "in the request body", self.url, err)  # fmt: skip
+            LOGGER.info(
+                "Triton at %s cannot read this host's shared memory (%s): crops go "
+                "in the request body",
+                self.url,
+                err,
+            )
             return None
         self._local.region = (name, handle, nbytes, client)
         return self._local.region

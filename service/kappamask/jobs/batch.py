@@ -110,16 +110,23 @@ def resolve_search(
 
 def describe(total: int, options: RunOptions) -> str:
     """The collection's description."""
-    return (f"Cloud masks of {total} Sentinel-2 product(s) by KappaMask "
-            f"(Domnich et al. 2021) at {options.resolution} m")  # fmt: skip
+    return (
+        f"Cloud masks of {total} Sentinel-2 product(s) by KappaMask "
+        f"(Domnich et al. 2021) at {options.resolution} m"
+    )
 
 
 def outcome_of(name: str, result: dict[str, Any]) -> ProductOutcome:
     """A successful product's outcome from its run's result (``RunResult.to_json``)."""
     cover = result.get("cloud_cover")
-    return ProductOutcome(name, "successful", product_id=str(result["product_id"]),
-                          item=str(result["item"]), reused=bool(result.get("reused")),
-                          cloud_cover=None if cover is None else float(cover))  # fmt: skip
+    return ProductOutcome(
+        name,
+        "successful",
+        product_id=str(result["product_id"]),
+        item=str(result["item"]),
+        reused=bool(result.get("reused")),
+        cloud_cover=None if cover is None else float(cover),
+    )
 
 
 def run_batch(
@@ -154,10 +161,12 @@ def run_batch(
         if is_cancelled():
             raise CancelledError(f"batch cancelled after {index} of {total} products")
 
-        def product_progress(percent: int, message: str, index: int = index,
-                             name: str = name) -> None:  # fmt: skip
-            report((100 * index + percent) // total,
-                   f"product {index + 1}/{total} ({name}): {message}")  # fmt: skip
+        def product_progress(
+            percent: int, message: str, index: int = index, name: str = name
+        ) -> None:
+            report(
+                (100 * index + percent) // total, f"product {index + 1}/{total} ({name}): {message}"
+            )
 
         try:
             run_result = run(ref, target, client, options, product_progress, is_cancelled)
@@ -205,9 +214,12 @@ class CollectionWriter:
                 self.linked[new_item] = link_item(json.loads(raw), self.collection_id)
                 sink.path(new_item).write_text(json.dumps(self.linked[new_item], indent=2))
                 names.append(new_item)
-            collection = create_collection(self.collection_id, self.description,
-                                           list(self.linked.values()),
-                                           [f"./{name}" for name in self.linked])  # fmt: skip
+            collection = create_collection(
+                self.collection_id,
+                self.description,
+                list(self.linked.values()),
+                [f"./{name}" for name in self.linked],
+            )
             sink.path(COLLECTION_FILE).write_text(json.dumps(collection, indent=2))
             names.append(COLLECTION_FILE)
             hrefs = sink.commit(names)
@@ -220,8 +232,9 @@ class CollectionWriter:
         remembered per item (``api_report``), never raised."""
         assert self.stac_api is not None
         try:
-            stac_api.publish_collection(self.stac_api, collection, hrefs[COLLECTION_FILE],
-                                        self.target.policy)  # fmt: skip
+            stac_api.publish_collection(
+                self.stac_api, collection, hrefs[COLLECTION_FILE], self.target.policy
+            )
             failed = ""
         except KappaMaskError as err:
             LOGGER.warning("collection %s not published: %s", self.collection_id, err)
@@ -244,6 +257,9 @@ class CollectionWriter:
         if self.stac_api is None:
             return None
         errors = {name: why for name, why in self.published.items() if why}
-        return {"url": self.stac_api, "collection": f"{self.stac_api}/collections/"
-                f"{self.collection_id}", "published": len(self.published) - len(errors),
-                "errors": errors}  # fmt: skip
+        return {
+            "url": self.stac_api,
+            "collection": f"{self.stac_api}/collections/{self.collection_id}",
+            "published": len(self.published) - len(errors),
+            "errors": errors,
+        }

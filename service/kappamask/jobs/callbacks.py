@@ -66,8 +66,14 @@ class JobSubscriber(Subscriber):
     def bind(
         cls, subscriber: Subscriber, job_id: str, process_id: str, policy: AccessPolicy | None
     ) -> JobSubscriber:
-        return cls(subscriber.success_uri, subscriber.in_progress_uri, subscriber.failed_uri,
-                   job_id, process_id, policy)  # fmt: skip
+        return cls(
+            subscriber.success_uri,
+            subscriber.in_progress_uri,
+            subscriber.failed_uri,
+            job_id,
+            process_id,
+            policy,
+        )
 
     def status_info(self, status: str, message: str, progress: int | None = None) -> dict[str, Any]:
         """The job's OGC statusInfo document."""
@@ -94,8 +100,9 @@ def deliver(url: str | None, payload: Any, policy: AccessPolicy | None) -> bool:
                 policy.url(url)
             # the receiver's answer is never read, only its status: a huge or endless
             # body cannot hold the job (stream, then close)
-            response = requests.post(url, json=payload, timeout=TIMEOUT_S, allow_redirects=False,
-                                     stream=True)  # fmt: skip
+            response = requests.post(
+                url, json=payload, timeout=TIMEOUT_S, allow_redirects=False, stream=True
+            )
             response.close()
         except KappaMaskError as err:
             LOGGER.warning("callback to %s not sent: %s", url, err)

@@ -125,29 +125,47 @@ def fan_out(
         # one is sent now, as the batch starts
         urls = task.subscriber_urls
         finish_task = replace(task, subscriber_urls=[urls[0], None, urls[2]] if urls else None)
-        plan = BatchPlan(batch_id, [child_id(batch_id, i) for i in range(len(products))],
-                    [describe_reference(p) for p in products], output, collection_id,
-                    description, finish_task, stac_api=stac_api_url)  # fmt: skip
+        plan = BatchPlan(
+            batch_id,
+            [child_id(batch_id, i) for i in range(len(products))],
+            [describe_reference(p) for p in products],
+            output,
+            collection_id,
+            description,
+            finish_task,
+            stac_api=stac_api_url,
+        )
         _save(plan)  # before any child exists: a second run finds the same children
         if urls and urls[1]:
             policy = service_target().policy
             subscriber = JobSubscriber(*urls, batch_id, task.process_id, policy)
-            deliver(subscriber.in_progress_uri,
-                    subscriber.status_info(JobStatus.running.value, "job started", 0),
-                    subscriber.policy)  # fmt: skip
+            deliver(
+                subscriber.in_progress_uri,
+                subscriber.status_info(JobStatus.running.value, "job started", 0),
+                subscriber.policy,
+            )
     total = len(plan.children)
     queued = 0
     for index, (child, product) in enumerate(zip(plan.children, products, strict=True)):
         if find_job(child, manager) is not None:
             continue  # queued by a previous run of this batch
         stamp = now()
-        manager.add_job({
-            "type": "process", "identifier": child, "process_id": CHILD_PROCESS,
-            "created": stamp, "started": stamp, "updated": stamp, "finished": None,
-            "status": JobStatus.accepted.value, "location": None,
-            "mimetype": "application/octet-stream", "progress": 0,
-            "message": f"product {index + 1}/{total} of batch {batch_id}: queued",
-        })  # fmt: skip
+        manager.add_job(
+            {
+                "type": "process",
+                "identifier": child,
+                "process_id": CHILD_PROCESS,
+                "created": stamp,
+                "started": stamp,
+                "updated": stamp,
+                "finished": None,
+                "status": JobStatus.accepted.value,
+                "location": None,
+                "mimetype": "application/octet-stream",
+                "progress": 0,
+                "message": f"product {index + 1}/{total} of batch {batch_id}: queued",
+            }
+        )
         child_job = queue.QueuedJob(
             CHILD_PROCESS,
             child,
@@ -161,8 +179,15 @@ def fan_out(
         queued += 1
     if queued:
         message = f"{total} products queued as child jobs"
-        manager.update_job(batch_id, {"status": JobStatus.running.value, "updated": now(),
-                                      "progress": 1, "message": message})  # fmt: skip
+        manager.update_job(
+            batch_id,
+            {
+                "status": JobStatus.running.value,
+                "updated": now(),
+                "progress": 1,
+                "message": message,
+            },
+        )
         LOGGER.info("batch %s: %d of its %d child jobs queued", batch_id, queued, total)
     if str(manager.get_job(batch_id).get("status")) == JobStatus.dismissed.value:
         dismiss_children(manager, batch_id)  # dismissed while its children were queued
@@ -181,8 +206,9 @@ def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
         _mimetype, result = manager.get_job_result(child)
         outcome = outcome_of(name, result if isinstance(result, dict) else json.loads(result))
     elif status in (JobStatus.failed.value, JobStatus.dismissed.value):
-        outcome = ProductOutcome(name, "failed", message=message_text(str(job.get("message")
-                                                                           or status)))  # fmt: skip
+        outcome = ProductOutcome(
+            name, "failed", message=message_text(str(job.get("message") or status))
+        )
     else:
         return None
     outcome.job = child
@@ -190,8 +216,14 @@ def _outcome(manager: Any, child: str, name: str) -> ProductOutcome | None:
 
 
 def _writer(plan: BatchPlan, service: OutputTarget) -> CollectionWriter:
-    return CollectionWriter(service.at(plan.output), plan.collection_id, plan.description,
-                            plan.linked, plan.stac_api, plan.published)  # fmt: skip
+    return CollectionWriter(
+        service.at(plan.output),
+        plan.collection_id,
+        plan.description,
+        plan.linked,
+        plan.stac_api,
+        plan.published,
+    )
 
 
 def collect(
@@ -209,8 +241,9 @@ def collect(
         plan.done[str(outcome.job)] = outcome.to_json()
     writer = _writer(plan, service)
     result = BatchResult(collection="", collection_id=plan.collection_id)
-    result.collection = writer.publish(*(str(outcome.product_id) for outcome in new
-                                         if outcome.status == "successful"))  # fmt: skip
+    result.collection = writer.publish(
+        *(str(outcome.product_id) for outcome in new if outcome.status == "successful")
+    )
     result.products = [ProductOutcome(**plan.done[c]) for c in plan.children if c in plan.done]
     plan.linked, plan.published = writer.linked, writer.published
     result.stac_api = writer.api_report()
@@ -221,8 +254,9 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
     """``child`` of ``batch_id`` has finished (or, with ``queued``, the last child has been
     queued: every child is looked at): link its item, report the batch's progress and
     finish the batch when no child is left (see the module docstring)."""
-    lock = _redis().lock(f"{_key(batch_id)}:lock", timeout=LOCK_TIMEOUT_S,
-                         blocking_timeout=LOCK_WAIT_S)  # fmt: skip
+    lock = _redis().lock(
+        f"{_key(batch_id)}:lock", timeout=LOCK_TIMEOUT_S, blocking_timeout=LOCK_WAIT_S
+    )
     with lock:
         plan = load(batch_id)
         if plan is None or plan.finished:
@@ -239,12 +273,16 @@ def advance(manager: Any, batch_id: str, child: str | None = None, queued: bool 
         finished = len(result.products)
         total = len(plan.children)
         if finished < total:
-            manager.update_job(batch_id, {
-                "status": JobStatus.running.value, "updated": now(),
-                "progress": 1 + 98 * finished // total,
-                "message": f"{finished}/{total} products finished, "
-                           f"{finished - result.succeeded} failed",
-            })  # fmt: skip
+            manager.update_job(
+                batch_id,
+                {
+                    "status": JobStatus.running.value,
+                    "updated": now(),
+                    "progress": 1 + 98 * finished // total,
+                    "message": f"{finished}/{total} products finished, "
+                    f"{finished - result.succeeded} failed",
+                },
+            )
             return
         LOGGER.info("batch %s: every product finished, finishing the batch", batch_id)
         plan.finishing = True
@@ -263,9 +301,12 @@ def finish(batch_id: str, service: OutputTarget) -> BatchResult:
     if len(plan.done) < len(plan.children):
         raise InternalError(f"batch {batch_id} finished with products left")
     writer = _writer(plan, service)
-    result = BatchResult(collection=writer.publish(), collection_id=plan.collection_id,
-                         products=[ProductOutcome(**plan.done[c]) for c in plan.children],
-                         stac_api=writer.api_report())  # fmt: skip
+    result = BatchResult(
+        collection=writer.publish(),
+        collection_id=plan.collection_id,
+        products=[ProductOutcome(**plan.done[c]) for c in plan.children],
+        stac_api=writer.api_report(),
+    )
     return result
 
 

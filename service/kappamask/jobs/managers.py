@@ -77,8 +77,15 @@ class ErrorStatusMixin:
             return queue.enqueue(job)
         except KappaMaskError as err:
             now = get_current_datetime()
-            self.update_job(job_id, {"status": JobStatus.failed.value, "updated": now,
-                                     "finished": now, "message": failure_message(err)})  # fmt: skip
+            self.update_job(
+                job_id,
+                {
+                    "status": JobStatus.failed.value,
+                    "updated": now,
+                    "finished": now,
+                    "message": failure_message(err),
+                },
+            )
             raise to_process_error(err) from err
 
     def _wait_for_queued(self, p: Any, job_id: str, *args: Any, **kwargs: Any) -> Any:
@@ -94,9 +101,11 @@ class ErrorStatusMixin:
             return mimetype, outputs, JobStatus.successful
         err = error_from(outcome, job)
         record_failure(job_id, err)
-        return ("application/json",
-                {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)},
-                JobStatus.failed)  # fmt: skip
+        return (
+            "application/json",
+            {"type": err.ogc_code, "code": err.ogc_code, "description": str(err)},
+            JobStatus.failed,
+        )
 
     def _execute_handler_sync(
         self,
@@ -119,9 +128,13 @@ class ErrorStatusMixin:
         # itself would record and answer {"outputs": [...]}
         runs = DocumentedProcessor(p) if requested_response == DOCUMENT else p
         jfmt, outputs, status = super()._execute_handler_sync(  # type: ignore[misc]
-            runs, job_id, data_dict, requested_outputs, subscriber=subscriber,
+            runs,
+            job_id,
+            data_dict,
+            requested_outputs,
+            subscriber=subscriber,
             requested_response=RAW,
-        )  # fmt: skip
+        )
         subject = getattr(p, "subject", None)
         if status == JobStatus.successful and subject:  # pygeoapi wrote "Job complete"
             self.update_job(job_id, {"message": f"{subject}: done"})

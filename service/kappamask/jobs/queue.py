@@ -147,9 +147,12 @@ def enqueue(job: QueuedJob) -> Any:
     """Put a recorded job on the queue (its Celery AsyncResult).
     InferenceUnavailableError (503) when the broker cannot be reached."""
     try:
-        return app().send_task(TASK, args=job.args(), task_id=job.job_id,
-                               retry_policy={"max_retries": 1, "interval_start": 0,
-                                             "interval_step": 0.5})  # fmt: skip
+        return app().send_task(
+            TASK,
+            args=job.args(),
+            task_id=job.job_id,
+            retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+        )
     except (OperationalError, RedisError, OSError, RuntimeError) as err:
         # kombu's error for the broker, redis-py's (or a refused socket, or Celery's
         # RuntimeError) for the result backend on the same server

@@ -94,9 +94,8 @@ class JobReporter:
         try:
             self.manager.update_job(
                 self.job_id,
-                {"status": status, "progress": int(percent), "message": message,
-                 "updated": now()},
-            )  # fmt: skip
+                {"status": status, "progress": int(percent), "message": message, "updated": now()},
+            )
         except Exception as err:  # progress must never fail a job
             LOGGER.warning("cannot update job %s: %s", self.job_id, err)
 
@@ -122,12 +121,22 @@ def fail_interrupted_jobs(manager: Any) -> list[str]:
     for job in manager.get_jobs().get("jobs", []):
         if str(job.get("status")) in ("accepted", "running"):
             job_id = str(job["identifier"])
-            manager.update_job(job_id, {"status": "failed", "message": INTERRUPTED_MESSAGE,
-                                        "updated": now(), "finished": now()})  # fmt: skip
+            manager.update_job(
+                job_id,
+                {
+                    "status": "failed",
+                    "message": INTERRUPTED_MESSAGE,
+                    "updated": now(),
+                    "finished": now(),
+                },
+            )
             interrupted.append(job_id)
     if interrupted:
-        LOGGER.warning("%d job(s) interrupted by the last shutdown marked failed: %s",
-                       len(interrupted), ", ".join(interrupted))  # fmt: skip
+        LOGGER.warning(
+            "%d job(s) interrupted by the last shutdown marked failed: %s",
+            len(interrupted),
+            ", ".join(interrupted),
+        )
     return interrupted
 
 

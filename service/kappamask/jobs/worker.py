@@ -41,8 +41,24 @@ def work(config: Settings) -> None:
         prepare_pygeoapi(stack, config)
         register_batch()  # batches split into child jobs here
         name = f"kappamask-{socket.gethostname()}-{os.getpid()}@%h"
-        LOGGER.info("worker %s on the queue at %s (Triton %s)", name,
-                    queue.safe_url(config.broker_url), triton.url)  # fmt: skip
-        queue.app().worker_main(["worker", "--pool=solo", "--concurrency=1", "-Q", queue.QUEUE,
-                                 "-n", name, "--without-gossip", "--without-mingle",
-                                 "--without-heartbeat", "--loglevel=INFO"])  # fmt: skip
+        LOGGER.info(
+            "worker %s on the queue at %s (Triton %s)",
+            name,
+            queue.safe_url(config.broker_url),
+            triton.url,
+        )
+        queue.app().worker_main(
+            [
+                "worker",
+                "--pool=solo",
+                "--concurrency=1",
+                "-Q",
+                queue.QUEUE,
+                "-n",
+                name,
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel=INFO",
+            ]
+        )

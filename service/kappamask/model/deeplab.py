@@ -70,15 +70,18 @@ def layout(classes: int) -> tuple[Layer, ...]:
     the order of their automatic names' numbers), the unused exit-flow layers left out."""
     entry = [Layer("conv", 3, 32, 2), Layer("conv", 3, 64)]
     for filters in (128, 256, 728):
-        entry += [Layer("sep", 3, filters), Layer("sep", 3, filters),
-                  Layer("conv", 1, filters, 2)]  # fmt: skip
+        entry += [Layer("sep", 3, filters), Layer("sep", 3, filters), Layer("conv", 1, filters, 2)]
     middle = [Layer("sep", 3, 728)] * 24
     exit_ = [Layer("sep", 3, 728), Layer("sep", 3, 1024)]
     aspp = [Layer("conv", 1, 256, bias=True), Layer("conv", 1, 256)]
     aspp += [Layer("conv", 3, 256, dilation=rate) for rate in (6, 12, 18)]
     aspp += [Layer("conv", 1, 256)]
-    decoder = [Layer("conv", 1, 48), Layer("conv", 3, 256), Layer("conv", 3, 256),
-               Layer("conv", 1, classes, bias=True)]  # fmt: skip
+    decoder = [
+        Layer("conv", 1, 48),
+        Layer("conv", 3, 256),
+        Layer("conv", 3, 256),
+        Layer("conv", 1, classes, bias=True),
+    ]
     return (*entry, *middle, *exit_, *aspp, *decoder)
 
 
@@ -173,15 +176,31 @@ class _Graph:
     def conv(self, x: str, layer: Layer, weights: Folded, activation: str | None, name: str) -> str:
         before, after = _same_pads(layer.kernel, layer.stride, layer.dilation)
         x = self.symmetric_pad(x, before, after)
-        args = dict(kernel_shape=[layer.kernel] * 2, strides=[layer.stride] * 2,
-                    dilations=[layer.dilation] * 2)  # fmt: skip
+        args = dict(
+            kernel_shape=[layer.kernel] * 2,
+            strides=[layer.stride] * 2,
+            dilations=[layer.dilation] * 2,
+        )
         if weights.depthwise is not None:
             channels = weights.depthwise.shape[0]
-            x = self.op("Conv", [x, self.named(f"{name}.depthwise", weights.depthwise)],
-                        "depthwise", group=channels, **args)  # fmt: skip
+            x = self.op(
+                "Conv",
+                [x, self.named(f"{name}.depthwise", weights.depthwise)],
+                "depthwise",
+                group=channels,
+                **args,
+            )
             args = dict(kernel_shape=[1, 1])
-        x = self.op("Conv", [x, self.named(f"{name}.weight", weights.weight),
-                             self.named(f"{name}.bias", weights.bias)], "conv", **args)  # fmt: skip
+        x = self.op(
+            "Conv",
+            [
+                x,
+                self.named(f"{name}.weight", weights.weight),
+                self.named(f"{name}.bias", weights.bias),
+            ],
+            "conv",
+            **args,
+        )
         return self.op("Relu", [x]) if activation == "relu" else x
 
     def max_pool(self, x: str) -> str:
@@ -191,8 +210,13 @@ class _Graph:
 
     def upsample4(self, x: str) -> str:
         scales = self.const("scales", np.array([1, 1, 4, 4], np.float32))
-        return self.op("Resize", [x, "", scales], "up", mode="linear",
-                       coordinate_transformation_mode="half_pixel")  # fmt: skip
+        return self.op(
+            "Resize",
+            [x, "", scales],
+            "up",
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        )
 
 
 #: Where each part of the layout begins (layout order) and its name's stem.

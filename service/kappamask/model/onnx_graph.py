@@ -66,10 +66,13 @@ def build_model(
         out = f"{name}.out"
         nodes.append(
             helper.make_node(
-                "Conv", [x, f"{name}.weight", f"{name}.bias"], [out + "_pre"],
-                kernel_shape=[spec.kernel, spec.kernel], pads=_same_pads(spec.kernel),
+                "Conv",
+                [x, f"{name}.weight", f"{name}.bias"],
+                [out + "_pre"],
+                kernel_shape=[spec.kernel, spec.kernel],
+                pads=_same_pads(spec.kernel),
             )
-        )  # fmt: skip
+        )
         op = "Relu" if spec.activation == "relu" else "Sigmoid"
         nodes.append(helper.make_node(op, [out + "_pre"], [out]))
         return out
@@ -91,9 +94,15 @@ def build_model(
     for level in range(LEVELS - 1, 0, -1):
         up = f"upsample{level}"
         nodes.append(
-            helper.make_node("Resize", [x, "", "up_scales"], [up], mode="nearest",
-                             coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-        )  # fmt: skip
+            helper.make_node(
+                "Resize",
+                [x, "", "up_scales"],
+                [up],
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+            )
+        )
         x = conv(f"up{level}.conv", up)
         cat = f"concat{level}"
         nodes.append(helper.make_node("Concat", [skips[level - 1], x], [cat], axis=1))
@@ -129,11 +138,12 @@ def finish_model(
             helper.make_tensor_value_info(OUTPUT_CLASSES, TensorProto.UINT8, plane),
             helper.make_tensor_value_info(OUTPUT_CONFIDENCE, TensorProto.UINT8, plane),
             helper.make_tensor_value_info(OUTPUT_PROBABILITY, TensorProto.UINT8, plane),
-            helper.make_tensor_value_info(OUTPUT_SCORES, TensorProto.UINT8,
-                                          [plane[0], len(SCORE_CLASSES), *plane[1:]]),
+            helper.make_tensor_value_info(
+                OUTPUT_SCORES, TensorProto.UINT8, [plane[0], len(SCORE_CLASSES), *plane[1:]]
+            ),
         ],
         inits,
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8  # readable by the ONNX Runtime and TensorRT versions of 2023 on
     model.producer_name = "kappamask"
@@ -208,9 +218,9 @@ def _probability_nodes(
         index = order.index(cls)
         inits.append(numpy_helper.from_array(np.array([index], np.int64), f"{name}_start"))
         inits.append(numpy_helper.from_array(np.array([index + 1], np.int64), f"{name}_end"))
-        nodes.append(helper.make_node(
-            "Slice", [probs, f"{name}_start", f"{name}_end", "head_axis"], [name]
-        ))  # fmt: skip
+        nodes.append(
+            helper.make_node("Slice", [probs, f"{name}_start", f"{name}_end", "head_axis"], [name])
+        )
         return name
 
     inits += [
@@ -219,10 +229,19 @@ def _probability_nodes(
         numpy_helper.from_array(np.array(PROBABILITY_NODATA, np.uint8), "prob_nodata"),
     ]
     nodes += [
-        helper.make_node("Max", [channel("p_semi", MaskClass.SEMI_TRANSPARENT_CLOUD),
-                                 channel("p_cloud", MaskClass.CLOUD)], ["p_cloudy"]),
-        helper.make_node("Max", [channel("p_clear", MaskClass.CLEAR),
-                                 channel("p_shadow", MaskClass.CLOUD_SHADOW)], ["p_free"]),
+        helper.make_node(
+            "Max",
+            [
+                channel("p_semi", MaskClass.SEMI_TRANSPARENT_CLOUD),
+                channel("p_cloud", MaskClass.CLOUD),
+            ],
+            ["p_cloudy"],
+        ),
+        helper.make_node(
+            "Max",
+            [channel("p_clear", MaskClass.CLEAR), channel("p_shadow", MaskClass.CLOUD_SHADOW)],
+            ["p_free"],
+        ),
         helper.make_node("Add", ["p_cloudy", "p_free"], ["p_sum"]),
         helper.make_node("Max", ["p_sum", "prob_eps"], ["p_den"]),
         helper.make_node("Div", ["p_cloudy", "p_den"], ["p_odds"]),
@@ -231,7 +250,7 @@ def _probability_nodes(
         helper.make_node("Round", ["p_percent"], ["p_round"]),
         helper.make_node("Cast", ["p_round"], ["p_uint8"], to=TensorProto.UINT8),
         helper.make_node("Where", ["no_data", "prob_nodata", "p_uint8"], [OUTPUT_PROBABILITY]),
-    ]  # fmt: skip
+    ]
 
 
 def _score_nodes(nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> None:

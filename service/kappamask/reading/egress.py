@@ -251,8 +251,9 @@ def install(policy: AccessPolicy) -> Egress | None:
             # after their own), never undone while policies are installed (see the module
             # docstring)
             set_gdal_config(PROXY_OPTION, _EGRESS.address_text)
-            LOGGER.info("GDAL reaches the network through the policy proxy %s",
-                        _EGRESS.address_text)  # fmt: skip
+            LOGGER.info(
+                "GDAL reaches the network through the policy proxy %s", _EGRESS.address_text
+            )
         _EGRESS.add(policy)
         return _EGRESS
 

@@ -80,6 +80,7 @@ def product_errors(what: str) -> Iterator[None]:
         if status and status.group(1) == "404":
             raise ProductNotFoundError(f"cannot {what}: the storage has no such file") from err
         if _UNREACHABLE.search(text):
-            raise StorageError(f"cannot {what}: the storage failed or cannot be reached "
-                               f"({text[:200]})") from err  # fmt: skip
+            raise StorageError(
+                f"cannot {what}: the storage failed or cannot be reached ({text[:200]})"
+            ) from err
         raise ProductError(f"cannot {what}: {err}") from err

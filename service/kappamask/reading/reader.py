@@ -253,10 +253,21 @@ def open_layer(stack: ExitStack, path: str, grid: Grid, resampling: str) -> Laye
     factor = alignment(src, grid)
     if factor:
         return AlignedLayer(src, factor, resampling)
-    return WarpedLayer(stack.enter_context(WarpedVRT(
-        src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-        resampling=RESAMPLING[resampling], src_nodata=0, nodata=np.nan, dtype="float32",
-    )))  # fmt: skip
+    return WarpedLayer(
+        stack.enter_context(
+            WarpedVRT(
+                src,
+                crs=grid.crs,
+                transform=grid.transform,
+                width=grid.width,
+                height=grid.height,
+                resampling=RESAMPLING[resampling],
+                src_nodata=0,
+                nodata=np.nan,
+                dtype="float32",
+            )
+        )
+    )
 
 
 class BandReader:
@@ -300,8 +311,7 @@ class BandReader:
             for layer in dict.fromkeys(self.layers.values()):
                 with product_errors(f"open {layer} of {self.product.product_id}"):
                     path, _res = self.product.band_path(layer, int(self.grid.resolution))
-                    self.sources[layer] = open_layer(self._stack, path, self.grid,
-                                                     self.resampling)  # fmt: skip
+                    self.sources[layer] = open_layer(self._stack, path, self.grid, self.resampling)
         except BaseException:
             self._stack.close()
             raise
@@ -326,8 +336,9 @@ class BandReader:
         for i, (feature, max_v) in enumerate(zip(self.features, self.max_v, strict=True)):
             layer = self.layers[feature]
             if layer not in cache:
-                with product_errors(f"decode {layer} of {self.product.product_id} "
-                                    "(corrupt or truncated file?)"):  # fmt: skip
+                with product_errors(
+                    f"decode {layer} of {self.product.product_id} (corrupt or truncated file?)"
+                ):
                     cache[layer] = self.sources[layer].read(window)
             uses[layer] -= 1
             data = cache.pop(layer) if uses[layer] == 0 else cache[layer]
@@ -340,8 +351,14 @@ class BandReader:
                     offset = 0.0
                 else:
                     max_v = max_v + offset / DN_SCALE
-            normalise(data, offset, max_v, out=out[i], gain=self.product.gains.get(layer, 1.0),
-                      valid=None if aux else valid)  # fmt: skip
+            normalise(
+                data,
+                offset,
+                max_v,
+                out=out[i],
+                gain=self.product.gains.get(layer, 1.0),
+                valid=None if aux else valid,
+            )
         if not valid.all():
             out[:, ~valid] = 0.0
         return out, valid

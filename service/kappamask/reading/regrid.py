@@ -123,8 +123,9 @@ def upsample(
     first, weights = _phase_weights(factor, kernel)
     valid = ~np.isnan(source)
     all_valid = bool(valid.all())
-    values = np.ascontiguousarray(source if all_valid else np.where(valid, source, 0.0),
-                                  dtype=np.float32)  # fmt: skip
+    values = np.ascontiguousarray(
+        source if all_valid else np.where(valid, source, 0.0), dtype=np.float32
+    )
     row0, col0 = rows[0] - origin[0] * factor, cols[0] - origin[1] * factor
     shape = (rows[1] - rows[0], cols[1] - cols[0])
 

@@ -45,8 +45,10 @@ def capped(data: bytes, name: str) -> bytes:
     """``data`` read with one byte more than ``MAX_METADATA_BYTES`` allows, refused when
     that byte came."""
     if len(data) > MAX_METADATA_BYTES:
-        raise ProductError(f"{PurePosixPath(name).name} is larger than {MAX_METADATA_BYTES} "
-                           "bytes: not Sentinel-2 metadata")  # fmt: skip
+        raise ProductError(
+            f"{PurePosixPath(name).name} is larger than {MAX_METADATA_BYTES} "
+            "bytes: not Sentinel-2 metadata"
+        )
     return data
 
 
@@ -79,8 +81,15 @@ def _list_folder(root: Path, policy: AccessPolicy) -> SafeFiles:
 
 #: What a corrupt or hostile zip raises: an encrypted member (RuntimeError), a compression
 #: Python lacks (NotImplementedError), a stream that does not inflate (zlib.error).
-_ZIP_ERRORS = (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError,
-               ValueError, zlib.error)  # fmt: skip
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    ValueError,
+    zlib.error,
+)
 
 
 def list_zip(source: str | Path | IO[bytes], where: str, gdal_path: str) -> SafeFiles:

@@ -22,8 +22,16 @@ from kappamask.sources.stac import is_sentinel2
 LOGGER = logging.getLogger(__name__)
 
 #: The keys of a ``search`` object, as pystac-client names them.
-SEARCH_KEYS = ("url", "collections", "bbox", "intersects", "datetime", "query", "filter",
-               "max_items")  # fmt: skip
+SEARCH_KEYS = (
+    "url",
+    "collections",
+    "bbox",
+    "intersects",
+    "datetime",
+    "query",
+    "filter",
+    "max_items",
+)
 #: Items a search may find when ``max_items`` is not given.
 DEFAULT_MAX_ITEMS = 100
 #: Seconds one request to the STAC API may take.
@@ -38,8 +46,9 @@ def check_search(search: Any, limit: int) -> tuple[str, dict[str, Any], int]:
         raise InvalidInputError("input 'search' must be an object with at least 'url'")
     unknown = sorted(set(search) - set(SEARCH_KEYS))
     if unknown:
-        raise InvalidInputError(f"search: unknown key(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(SEARCH_KEYS)}")  # fmt: skip
+        raise InvalidInputError(
+            f"search: unknown key(s) {', '.join(unknown)}; known: {', '.join(SEARCH_KEYS)}"
+        )
     url = search.get("url")
     if not isinstance(url, str) or not url.strip():
         raise InvalidInputError("search: 'url' (the STAC API's landing page) is required")

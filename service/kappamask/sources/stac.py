@@ -193,8 +193,10 @@ def product_from_item(item: pystac.Item, policy: AccessPolicy, href: str = "") -
     try:
         return _product_from_item(item, policy, href)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as err:
-        raise ProductError(f"STAC item {str(item.id)[:80]!r} has malformed metadata: "
-                           f"{type(err).__name__}: {str(err)[:200]}") from err  # fmt: skip
+        raise ProductError(
+            f"STAC item {str(item.id)[:80]!r} has malformed metadata: "
+            f"{type(err).__name__}: {str(err)[:200]}"
+        ) from err
 
 
 def _number(value: Any, name: str) -> float:
@@ -262,8 +264,10 @@ def _product_from_item(item: pystac.Item, policy: AccessPolicy, href: str) -> Pr
     geometry = item.geometry or {}
     footprint = None
     if geometry.get("type") == "Polygon":
-        footprint = tuple((_number(x, "geometry"), _number(y, "geometry"))
-                          for x, y, *_ in geometry["coordinates"][0])  # fmt: skip
+        footprint = tuple(
+            (_number(x, "geometry"), _number(y, "geometry"))
+            for x, y, *_ in geometry["coordinates"][0]
+        )
     sensing = item.datetime or datetime.fromisoformat(
         str(props.get("start_datetime", "1970-01-01T00:00:00Z")).replace("Z", "+00:00")
     )

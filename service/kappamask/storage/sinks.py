@@ -45,8 +45,14 @@ def file_name(name: str) -> str:
     """``name`` when it is one plain file name, else AccessDeniedError: what a sink writes
     stays inside its folder or prefix, whatever reached it (the product id is checked
     before, by kappamask.access.product_name; this is the last line)."""
-    if (not name or name in {".", ".."} or name.startswith(".") or "/" in name
-            or "\\" in name or "\0" in name):  # fmt: skip
+    if (
+        not name
+        or name in {".", ".."}
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+    ):
         raise AccessDeniedError(f"{name[:80]!r} would be written outside the output folder")
     return name
 
@@ -85,8 +91,9 @@ def remove_stale_staging(root: Path) -> list[Path]:
                 shutil.rmtree(Path(folder) / name, ignore_errors=True)
                 removed.append(Path(folder) / name)
     if removed:
-        LOGGER.warning("removed %d staging folder(s) of interrupted jobs under %s",
-                       len(removed), root)  # fmt: skip
+        LOGGER.warning(
+            "removed %d staging folder(s) of interrupted jobs under %s", len(removed), root
+        )
     return removed
 
 
@@ -106,8 +113,9 @@ def output_error(err: BaseException, folder: Path) -> KappaMaskError | None:
     if code in _FULL:
         return StorageFullError("the output storage is full: no result was written")
     if code in _REFUSED:
-        return OutputStorageError(f"the output storage cannot be written "
-                                  f"({os.strerror(code)}): no result was written")  # fmt: skip
+        return OutputStorageError(
+            f"the output storage cannot be written ({os.strerror(code)}): no result was written"
+        )
     if code in {errno.EEXIST, errno.ENOTDIR}:
         return InvalidInputError("output names a file, not a folder")
     if code is None:
@@ -407,8 +415,11 @@ def delete_published(result: Any, service: OutputTarget) -> list[str]:
                 with s3_errors(href):
                     client.delete_object(Bucket=bucket, Key=key)
             else:
-                local = Path(unquote(href[len(served) :])) if served and href.startswith(
-                    served) else Path(href)  # fmt: skip
+                local = (
+                    Path(unquote(href[len(served) :]))
+                    if served and href.startswith(served)
+                    else Path(href)
+                )
                 path = (output_dir / local).resolve()
                 if not any(path.is_relative_to(root) for root in roots):
                     LOGGER.warning("not deleting %s: outside the output roots", href)

@@ -136,9 +136,15 @@ def quantize_command(
 
     spec = spec_from_onnx(onnx_file)
     report = quantize_and_check(
-        onnx_file, out_path, products, int(resolution), spec.features, spec.max_v,
-        max_crops, composites=composites,
-    )  # fmt: skip
+        onnx_file,
+        out_path,
+        products,
+        int(resolution),
+        spec.features,
+        spec.max_v,
+        max_crops,
+        composites=composites,
+    )
     result = report.to_json()
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2))
@@ -204,28 +210,36 @@ def check_precision_command(
 
     model_dir = (repository or DEFAULT_REPOSITORY) / MODEL_NAMES[level]
     report = precision.measure(
-        model_dir, paths, int(resolution),
+        model_dir,
+        paths,
+        int(resolution),
         progress=lambda n: click.echo(f"{n} crops", err=True) if n % 25 == 0 else None,
         pseudo_l2a=pseudo_l2a,
-    )  # fmt: skip
+    )
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2))
 
     def pct(value: float | None) -> str:
         return "not measured" if value is None else f"{value:.3%}"
 
-    click.echo(f"{report.model}: {report.crops} crops, {report.pixels} px with data; agreement "
-               f"with FP32: bf16 {pct(report.bf16_agreement)}, INT8 "
-               f"{pct(report.int8_agreement)}")  # fmt: skip
+    click.echo(
+        f"{report.model}: {report.crops} crops, {report.pixels} px with data; agreement "
+        f"with FP32: bf16 {pct(report.bf16_agreement)}, INT8 "
+        f"{pct(report.int8_agreement)}"
+    )
     speeds = ", ".join(f"{p} {s:.3f}" for p, s in report.seconds_per_crop.items())
     click.echo(f"seconds per crop, one request at a time: {speeds}")
     if record:
         spec = precision.record(model_dir, report)
         has_int8 = "int8" in report.seconds_per_crop
-        chosen = {cpu: auto_precision(cpu == "bf16", has_int8, spec.bf16_agreement,
-                                      spec.int8_agreement) for cpu in ("bf16", "f32")}  # fmt: skip
-        click.echo(f"recorded in {model_dir}: precision auto runs {chosen['bf16']} on CPUs "
-                   f"with bfloat16, {chosen['f32']} elsewhere")  # fmt: skip
+        chosen = {
+            cpu: auto_precision(cpu == "bf16", has_int8, spec.bf16_agreement, spec.int8_agreement)
+            for cpu in ("bf16", "f32")
+        }
+        click.echo(
+            f"recorded in {model_dir}: precision auto runs {chosen['bf16']} on CPUs "
+            f"with bfloat16, {chosen['f32']} elsewhere"
+        )
 
 
 @tools.command("import-keras")
@@ -363,8 +377,7 @@ def evaluate_command(
     from kappamask.tools import evaluate as ev
 
     if feature_importance:
-        _feature_importance(model_path, level, kappaset, labels_cache, only, json_path,
-                            png_path)  # fmt: skip
+        _feature_importance(model_path, level, kappaset, labels_cache, only, json_path, png_path)
         return
     if seams_mask is not None:
         result = ev.seam_report(seams_mask)
@@ -405,8 +418,10 @@ def _feature_importance(
     from kappamask.tools import importance as fi
 
     if model_path is None or (kappaset is None) == (labels_cache is None):
-        raise click.UsageError("--feature-importance needs --model and one of --kappaset "
-                               "(human labels) or --labels-cache (teachers' labels)")  # fmt: skip
+        raise click.UsageError(
+            "--feature-importance needs --model and one of --kappaset "
+            "(human labels) or --labels-cache (teachers' labels)"
+        )
     classify = fi.OnnxClassifier(model_path, level)
     if kappaset is not None:
         tiles, source = fi.kappaset_tiles(kappaset, classify.spec), fi.HUMAN_LABELS
@@ -822,23 +837,41 @@ def distill_command(
     from kappamask.tools.train import FitConfig
 
     inputs = DataInputs(
-        multiband=list(multiband), band_folders=list(band_folders),
-        safes=[(int(r), p) for r, p in safes], npy=list(npy), mat=list(mat),
-    )  # fmt: skip
+        multiband=list(multiband),
+        band_folders=list(band_folders),
+        safes=[(int(r), p) for r, p in safes],
+        npy=list(npy),
+        mat=list(mat),
+    )
     config = DistillConfig(
-        level=level, holdout=holdout, base_filters=base_filters, pseudo_l2a=not no_pseudo_l2a,
-        fit=FitConfig(crop=crop, batch_size=batch_size, steps_per_epoch=steps_per_epoch,
-                      max_epochs=max_epochs, max_minutes=max_minutes, loss="ce+bce",
-                      learning_rate=learning_rate, patience=8, lr_patience=3, val_batches=6,
-                      seed=seed, bf16=True, grad_clip=1.0),
-    )  # fmt: skip
+        level=level,
+        holdout=holdout,
+        base_filters=base_filters,
+        pseudo_l2a=not no_pseudo_l2a,
+        fit=FitConfig(
+            crop=crop,
+            batch_size=batch_size,
+            steps_per_epoch=steps_per_epoch,
+            max_epochs=max_epochs,
+            max_minutes=max_minutes,
+            loss="ce+bce",
+            learning_rate=learning_rate,
+            patience=8,
+            lr_patience=3,
+            val_batches=6,
+            seed=seed,
+            bf16=True,
+            grad_clip=1.0,
+        ),
+    )
     if bare_ground is not None:
         config.bare_ground = bare_ground
     if open_water is not None:
         config.open_water = open_water
     model, report = distill(inputs, config, out_dir, labels_cache)
     label = version_label or f"bootstrap-distilled-{level.lower()}"
-    path = export_onnx(model, level, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], label,
-                       out_dir / "model.onnx")  # fmt: skip
+    path = export_onnx(
+        model, level, DEFAULT_FEATURES[level], DEFAULT_MAX_V[level], label, out_dir / "model.onnx"
+    )
     click.echo(json.dumps(without_nan(report), indent=2))
     click.echo(f"model: {path}")

@@ -21,16 +21,36 @@ from kappamask.bands import AUX_BANDS, DN_SCALE, MaskClass
 
 #: Reflectance of a thick cloud top per band (B10: high tops only).
 THICK_CLOUD = {
-    "B01": 0.62, "B02": 0.60, "B03": 0.58, "B04": 0.58, "B05": 0.59, "B06": 0.60,
-    "B07": 0.61, "B08": 0.61, "B8A": 0.60, "B09": 0.28, "B10": 0.10, "B11": 0.38,
+    "B01": 0.62,
+    "B02": 0.60,
+    "B03": 0.58,
+    "B04": 0.58,
+    "B05": 0.59,
+    "B06": 0.60,
+    "B07": 0.61,
+    "B08": 0.61,
+    "B8A": 0.60,
+    "B09": 0.28,
+    "B10": 0.10,
+    "B11": 0.38,
     "B12": 0.24,
-}  # fmt: skip
+}
 #: Reflectance a thin cirrus sheet adds at full opacity (B10 is where it shows).
 CIRRUS = {
-    "B01": 0.10, "B02": 0.09, "B03": 0.09, "B04": 0.09, "B05": 0.09, "B06": 0.09,
-    "B07": 0.09, "B08": 0.09, "B8A": 0.09, "B09": 0.07, "B10": 0.09, "B11": 0.07,
+    "B01": 0.10,
+    "B02": 0.09,
+    "B03": 0.09,
+    "B04": 0.09,
+    "B05": 0.09,
+    "B06": 0.09,
+    "B07": 0.09,
+    "B08": 0.09,
+    "B8A": 0.09,
+    "B09": 0.07,
+    "B10": 0.09,
+    "B11": 0.07,
     "B12": 0.05,
-}  # fmt: skip
+}
 #: Reflectance units of the normalised features: value * max_v * SCALE = reflectance.
 _TO_REFLECTANCE = DN_SCALE / 10000.0
 

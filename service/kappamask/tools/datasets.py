@@ -91,10 +91,19 @@ def _random_window(rows: slice, width: int, crop: int, rng: np.random.Generator)
 
 def read_label_raster(path: Path, grid: Grid) -> np.ndarray:
     """A mask-code GeoTIFF on ``grid`` (nearest neighbour), e.g. a hand-made label."""
-    with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src, WarpedVRT(
-        src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-        resampling=Resampling.nearest, nodata=MaskClass.MISSING,
-    ) as vrt:  # fmt: skip
+    with (
+        rasterio.Env(**GDAL_ENV),
+        rasterio.open(path) as src,
+        WarpedVRT(
+            src,
+            crs=grid.crs,
+            transform=grid.transform,
+            width=grid.width,
+            height=grid.height,
+            resampling=Resampling.nearest,
+            nodata=MaskClass.MISSING,
+        ) as vrt,
+    ):
         labels: np.ndarray = vrt.read(1)
     if labels.max() > MaskClass.UNDEFINED:
         raise ProductError(f"{path} holds values above {int(MaskClass.UNDEFINED)}: not mask codes")
@@ -180,9 +189,14 @@ class CompositeSource(_SplitSource):
             if valid.mean() > 0.1:
                 break
         feats, labels = compose(
-            s.features[:, y0 : y0 + crop, x0 : x0 + crop], valid, s.feature_names, s.max_v,
-            rng, sun_azimuth=s.product.sun_azimuth, sun_zenith=s.product.sun_zenith,
-        )  # fmt: skip
+            s.features[:, y0 : y0 + crop, x0 : x0 + crop],
+            valid,
+            s.feature_names,
+            s.max_v,
+            rng,
+            sun_azimuth=s.product.sun_azimuth,
+            sun_zenith=s.product.sun_zenith,
+        )
         if base is not None:
             cloudy_below = valid & (base != MaskClass.CLEAR)
             keep_own = cloudy_below & (labels == MaskClass.CLEAR)
@@ -232,5 +246,6 @@ class KappaSetSource(_SplitSource):
         feats, labels = self.read(files[int(rng.integers(0, len(files)))])
         _c, h, w = feats.shape
         y0, x0 = int(rng.integers(0, h - crop + 1)), int(rng.integers(0, w - crop + 1))
-        return augment(feats[:, y0 : y0 + crop, x0 : x0 + crop],
-                       labels[y0 : y0 + crop, x0 : x0 + crop], rng)  # fmt: skip
+        return augment(
+            feats[:, y0 : y0 + crop, x0 : x0 + crop], labels[y0 : y0 + crop, x0 : x0 + crop], rng
+        )

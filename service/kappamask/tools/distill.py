@@ -80,16 +80,32 @@ class DistillConfig:
     #: Share of training crops whose clear ground becomes open water
     #: (realdata.open_water_crop): little open sea in the real scenes, none at 20 m in L2A.
     open_water: float = 0.15
-    fit: FitConfig = field(default_factory=lambda: FitConfig(
-        crop=128, batch_size=8, steps_per_epoch=200, max_epochs=200, max_minutes=35.0,
-        learning_rate=1e-3, loss="ce+bce", patience=8, lr_patience=3, val_batches=6,
-        bf16=True, grad_clip=1.0))  # fmt: skip
+    fit: FitConfig = field(
+        default_factory=lambda: FitConfig(
+            crop=128,
+            batch_size=8,
+            steps_per_epoch=200,
+            max_epochs=200,
+            max_minutes=35.0,
+            learning_rate=1e-3,
+            loss="ce+bce",
+            patience=8,
+            lr_patience=3,
+            val_batches=6,
+            bf16=True,
+            grad_clip=1.0,
+        )
+    )
 
 
 def save_scene(scene: Labelled, path: Path) -> None:
-    np.savez_compressed(path, features=scene.features, labels=scene.labels,
-                        meta=json.dumps([scene.name, scene.group, scene.level]),
-                        **{f"teacher_{k}": v for k, v in scene.teacher_masks.items()})  # fmt: skip
+    np.savez_compressed(
+        path,
+        features=scene.features,
+        labels=scene.labels,
+        meta=json.dumps([scene.name, scene.group, scene.level]),
+        **{f"teacher_{k}": v for k, v in scene.teacher_masks.items()},
+    )
 
 
 def load_scene(path: Path) -> Labelled:
@@ -118,8 +134,11 @@ def labelled_scenes(
             if not pseudo_l2a:
                 continue
             l1c_path = cache / f"L1C_{img.name}.npz"  # the same clouds: reuse their labels
-            l1c_labels = (load_scene(l1c_path).labels if l1c_path.exists()
-                          else realdata.teacher_labels(img, "L1C")[0])  # fmt: skip
+            l1c_labels = (
+                load_scene(l1c_path).labels
+                if l1c_path.exists()
+                else realdata.teacher_labels(img, "L1C")[0]
+            )
             scene = realdata.label(realdata.pseudo_l2a(img, rng), "L2A", l1c_labels)
         elif level == "L2A" and img.scl is None:
             LOGGER.warning("%s: L2A without SCL, left out", img.name)
@@ -193,8 +212,9 @@ def split(
     scenes: Sequence[Labelled], holdout: Sequence[str]
 ) -> tuple[list[Labelled], list[Labelled]]:
     """(training, held-out) by whole scene: held out where name or group matches."""
-    held = [s for s in scenes if realdata.matches(s.name, holdout)
-            or realdata.matches(s.group, holdout)]  # fmt: skip
+    held = [
+        s for s in scenes if realdata.matches(s.name, holdout) or realdata.matches(s.group, holdout)
+    ]
     train = [s for s in scenes if s not in held]
     held_groups = {s.group for s in held}
     leaked = [s.name for s in train if s.group in held_groups]
@@ -231,8 +251,10 @@ def holdout_report(
                     )
     report: dict[str, Any] = {"scenes": [s.name for s in held]}
     for key, pairs in columns.items():
-        report[key] = agreement(np.concatenate([p.ravel() for p, _ in pairs]),
-                                np.concatenate([r.ravel() for _, r in pairs]))  # fmt: skip
+        report[key] = agreement(
+            np.concatenate([p.ravel() for p, _ in pairs]),
+            np.concatenate([r.ravel() for _, r in pairs]),
+        )
     report["trust"] = trust.report()
     return report
 
@@ -244,16 +266,29 @@ def distill(
     both levels may share one), split, fit; writes config.json, holdout.json and the
     fitting outputs."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    scenes = labelled_scenes(inputs, config.level, cache or out_dir / "scenes",
-                             config.pseudo_l2a, config.fit.seed)  # fmt: skip
+    scenes = labelled_scenes(
+        inputs, config.level, cache or out_dir / "scenes", config.pseudo_l2a, config.fit.seed
+    )
     train_scenes, held = split(scenes, config.holdout)
-    (out_dir / "config.json").write_text(json.dumps({
-        **asdict(config), "train_scenes": [s.name for s in train_scenes],
-        "holdout_scenes": [s.name for s in held]}, indent=2, default=str))  # fmt: skip
+    (out_dir / "config.json").write_text(
+        json.dumps(
+            {
+                **asdict(config),
+                "train_scenes": [s.name for s in train_scenes],
+                "holdout_scenes": [s.name for s in held],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     LOGGER.info("%d training scenes, %d held out", len(train_scenes), len(held))
     torch.manual_seed(config.fit.seed)
-    model = UNet(len(DEFAULT_FEATURES[config.level]), config.base_filters, batch_norm=True,
-                 head_channels=config.head_channels)  # fmt: skip
+    model = UNet(
+        len(DEFAULT_FEATURES[config.level]),
+        config.base_filters,
+        batch_norm=True,
+        head_channels=config.head_channels,
+    )
     source = ScenesSource(train_scenes, config.bare_ground, config.open_water)
     fit(model, [source], config.fit, out_dir)
     report = holdout_report(held, lambda f: predict(model, f)) if held else {}

@@ -97,8 +97,9 @@ def s2cloudless_on_grid(product_path: Path, grid: Grid) -> np.ndarray:
         raise ProductError("s2cloudless works on L1C products only")
     reflectance, valid = reflectance_on_grid(product_path, S2CLOUDLESS_BANDS, grid)
     stack = np.stack([reflectance[b] for b in S2CLOUDLESS_BANDS], axis=-1)
-    detector = S2PixelCloudDetector(threshold=S2CLOUDLESS_THRESHOLD, average_over=4,
-                                    dilation_size=2, all_bands=False)  # fmt: skip
+    detector = S2PixelCloudDetector(
+        threshold=S2CLOUDLESS_THRESHOLD, average_over=4, dilation_size=2, all_bands=False
+    )
     mask = detector.get_cloud_masks(stack[None])[0]
     out = np.where(mask > 0, MaskClass.CLOUD, MaskClass.CLEAR).astype(np.uint8)
     out[~valid] = MaskClass.MISSING
@@ -179,8 +180,7 @@ def plot_side_by_side(
         colours[code] = np.asarray(rgba, np.float32) / 255.0
     colours[MaskClass.CLEAR, 3] = 0.0
     colours[[MaskClass.CLOUD_SHADOW, MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD], 3] = 0.6
-    fig, axes = plt.subplots(1, len(masks) + 1, figsize=(4 * (len(masks) + 1), 4.4),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(1, len(masks) + 1, figsize=(4 * (len(masks) + 1), 4.4), squeeze=False)
     axes[0][0].imshow(base)
     axes[0][0].set_title("true colour")
     for ax, (tool, mask) in zip(axes[0][1:], masks.items(), strict=True):
@@ -263,8 +263,11 @@ def format_table(result: Mapping[str, Any]) -> str:
         for code, row in zip(CLASSES, result[n]["confusion"], strict=True):
             lines.append(f"{CLASS_NAMES[code]:<24}" + "".join(f"{v:>24}" for v in row))
     if "trust" in result:
-        lines += ["", "What a user sees (metrics.TrustCounts)",
-                  json.dumps(without_nan(result["trust"]), indent=2)]  # fmt: skip
+        lines += [
+            "",
+            "What a user sees (metrics.TrustCounts)",
+            json.dumps(without_nan(result["trust"]), indent=2),
+        ]
     return "\n".join(lines)
 
 
@@ -285,8 +288,15 @@ def plot_confusion(result: Mapping[str, Any], path: Path) -> Path:
         ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
         for i in range(4):
             for j in range(4):
-                ax.text(j, i, f"{100 * norm[i, j]:.1f}", ha="center", va="center",
-                        color="white" if norm[i, j] > 0.5 else "black", fontsize=9)  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * norm[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    color="white" if norm[i, j] > 0.5 else "black",
+                    fontsize=9,
+                )
         ax.set_xticks(range(4), labels, rotation=30)
         ax.set_yticks(range(4), labels)
         ax.set_xlabel("predicted")
@@ -322,11 +332,15 @@ def evaluate(
             columns.setdefault("s2cloudless", []).append(
                 (s2cloudless_on_grid(s2cloudless_products[i], grid), ref)
             )
-    return report({
-        key: (np.concatenate([p.ravel() for p, _r in pairs]),
-              np.concatenate([r.ravel() for _p, r in pairs]))
-        for key, pairs in columns.items()
-    })  # fmt: skip
+    return report(
+        {
+            key: (
+                np.concatenate([p.ravel() for p, _r in pairs]),
+                np.concatenate([r.ravel() for _p, r in pairs]),
+            )
+            for key, pairs in columns.items()
+        }
+    )
 
 
 def seam_report(mask_path: Path) -> dict[str, Any]:
@@ -344,13 +358,14 @@ def seam_report(mask_path: Path) -> dict[str, Any]:
 
 def format_seams(result: Mapping[str, Any]) -> str:
     """The seam report as a terminal table."""
-    lines = [f"{'':<10}{'median change':>15}{'worst (at)':>18}{'worst at crops':>16}"
-             f"{'outer':>16}"]  # fmt: skip
+    lines = [f"{'':<10}{'median change':>15}{'worst (at)':>18}{'worst at crops':>16}{'outer':>16}"]
     for axis, r in result.items():
         outer = " / ".join(f"{v:.2f}" for v in r["outer_ratios"])
-        lines.append(f"{axis:<10}{100 * r['median_change_rate']:>14.3f}%"
-                     f"{r['worst_ratio']:>10.2f} ({r['worst_boundary']:>5})"
-                     f"{r['worst_crop_ratio']:>16.2f}{outer:>16}")  # fmt: skip
+        lines.append(
+            f"{axis:<10}{100 * r['median_change_rate']:>14.3f}%"
+            f"{r['worst_ratio']:>10.2f} ({r['worst_boundary']:>5})"
+            f"{r['worst_crop_ratio']:>16.2f}{outer:>16}"
+        )
     return "\n".join(lines)
 
 

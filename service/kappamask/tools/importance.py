@@ -49,8 +49,10 @@ def adapt(tile: LabelledTile, names: Sequence[str], max_v: Sequence[float]) -> n
     if missing:
         raise InvalidInputError(f"{tile.name} has no {', '.join(missing)} for this model")
     index = {n: i for i, n in enumerate(tile.names)}
-    planes = [tile.features[index[n]] * (tile.max_v[index[n]] / mv) for n, mv in
-              zip(names, max_v, strict=True)]  # fmt: skip
+    planes = [
+        tile.features[index[n]] * (tile.max_v[index[n]] / mv)
+        for n, mv in zip(names, max_v, strict=True)
+    ]
     stacked: np.ndarray = np.stack(planes).astype(np.float32)
     return stacked
 
@@ -69,8 +71,13 @@ def cached_tiles(folder: Path, level: str, only: Sequence[str] = ()) -> Iterator
         scene = load_scene(path)
         if only and not (matches(scene.name, only) or matches(scene.group, only)):
             continue
-        yield LabelledTile(scene.name, scene.features, scene.labels,
-                           tuple(DEFAULT_FEATURES[level]), tuple(DEFAULT_MAX_V[level]))  # fmt: skip
+        yield LabelledTile(
+            scene.name,
+            scene.features,
+            scene.labels,
+            tuple(DEFAULT_FEATURES[level]),
+            tuple(DEFAULT_MAX_V[level]),
+        )
 
 
 def kappaset_tiles(folder: Path, spec: Any) -> Iterator[LabelledTile]:
@@ -80,8 +87,9 @@ def kappaset_tiles(folder: Path, spec: Any) -> Iterator[LabelledTile]:
     source = KappaSetSource(folder, spec.features, spec.max_v, 0.0, 0)
     for path in source.train_part:
         features, labels = source.read(path)
-        yield LabelledTile(Path(path).stem, features, labels, tuple(spec.features),
-                           tuple(spec.max_v))  # fmt: skip
+        yield LabelledTile(
+            Path(path).stem, features, labels, tuple(spec.features), tuple(spec.max_v)
+        )
 
 
 class OnnxClassifier:
@@ -96,8 +104,9 @@ class OnnxClassifier:
         # a file exported before the scores output existed gains it here, as on install
         model = onnx.load(str(model_path))
         add_missing_outputs(model)
-        self.session = ort.InferenceSession(model.SerializeToString(),
-                                            providers=["CPUExecutionProvider"])  # fmt: skip
+        self.session = ort.InferenceSession(
+            model.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
 
     def crop_outputs(self, crop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(classes [512, 512], class scores [4, 512, 512]) of one 512 px crop."""
@@ -150,25 +159,39 @@ def feature_importance(
     rows: list[dict[str, Any]] = []
     for name in names:
         errors = _errors(zeroed[name])
-        rows.append({"feature": name, "errors": errors, "sum": _total(errors),
-                     "increase": _total(errors) - base_sum})  # fmt: skip
+        rows.append(
+            {
+                "feature": name,
+                "errors": errors,
+                "sum": _total(errors),
+                "increase": _total(errors) - base_sum,
+            }
+        )
     rows.sort(key=lambda r: -float(r["sum"]))
-    return {"model": classify.spec.name, "version": classify.spec.version_label,
-            "level": classify.spec.level, "labels": label_source, "scenes": count,
-            "pixels": int(base.sum()),
-            "baseline": {"errors": baseline, "sum": base_sum},
-            "features": rows}  # fmt: skip
+    return {
+        "model": classify.spec.name,
+        "version": classify.spec.version_label,
+        "level": classify.spec.level,
+        "labels": label_source,
+        "scenes": count,
+        "pixels": int(base.sum()),
+        "baseline": {"errors": baseline, "sum": base_sum},
+        "features": rows,
+    }
 
 
 def format_importance(result: dict[str, Any]) -> str:
     """The terminal table, most important feature first."""
     classes = [CLASS_NAMES[c] for c in CLASSES]
-    lines = [f"Permutation feature importance of {result['model']} {result['version']} "
-             f"({result['level']}), each feature zeroed in turn; 1 - dice per class over "
-             f"{result['pixels']} labelled pixels of {result['scenes']} scenes",
-             f"labels: {result['labels']}",
-             f"{'feature':<10}" + "".join(f"{c[:14]:>16}" for c in classes)
-             + f"{'sum':>10}{'increase':>10}"]  # fmt: skip
+    lines = [
+        f"Permutation feature importance of {result['model']} {result['version']} "
+        f"({result['level']}), each feature zeroed in turn; 1 - dice per class over "
+        f"{result['pixels']} labelled pixels of {result['scenes']} scenes",
+        f"labels: {result['labels']}",
+        f"{'feature':<10}"
+        + "".join(f"{c[:14]:>16}" for c in classes)
+        + f"{'sum':>10}{'increase':>10}",
+    ]
 
     def row(name: str, errors: dict[str, float], total: float, increase: str) -> str:
         cells = "".join(f"{errors[c]:16.3f}" for c in classes)
@@ -197,11 +220,23 @@ def plot_importance(result: dict[str, Any], path: Path) -> Path:
         name = CLASS_NAMES[cls]
         values = np.nan_to_num([r["errors"][name] for r in rows])
         colour = np.array(CLASS_COLORS[cls][:3]) / 255
-        ax.barh([r["feature"] for r in rows], values, left=left, label=name,
-                color=colour, edgecolor="black", linewidth=0.5)  # fmt: skip
+        ax.barh(
+            [r["feature"] for r in rows],
+            values,
+            left=left,
+            label=name,
+            color=colour,
+            edgecolor="black",
+            linewidth=0.5,
+        )
         left += values
-    ax.axvline(result["baseline"]["sum"], color="black", linestyle="--", linewidth=1,
-               label="no feature zeroed")  # fmt: skip
+    ax.axvline(
+        result["baseline"]["sum"],
+        color="black",
+        linestyle="--",
+        linewidth=1,
+        label="no feature zeroed",
+    )
     ax.invert_yaxis()
     ax.set_xlabel("sum of 1 - dice over the four classes (each feature zeroed)")
     ax.set_title(f"{result['model']} {result['version']}: feature importance")

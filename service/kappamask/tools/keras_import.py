@@ -77,9 +77,15 @@ def read_keras_layers(path: Path) -> list[tuple[str, dict[str, np.ndarray]]]:
             weight_names = [_text(w) for w in group.attrs.get("weight_names", [])]
             if not weight_names:
                 continue  # pooling, upsampling, dropout, concatenate, padding, input
-            found.append((layer_name, {
-                w.rsplit("/", 1)[-1].split(":")[0]: np.asarray(group[w]) for w in weight_names
-            }))  # fmt: skip
+            found.append(
+                (
+                    layer_name,
+                    {
+                        w.rsplit("/", 1)[-1].split(":")[0]: np.asarray(group[w])
+                        for w in weight_names
+                    },
+                )
+            )
     return found
 
 
@@ -126,12 +132,22 @@ def deeplab_layers(
     kinds: dict[str, list[tuple[str, dict[str, np.ndarray]]]] = {"conv": [], "sep": [], "bn": []}
     for name, arrays in layers:
         keys = set(arrays)
-        kind = ("sep" if {"depthwise_kernel", "pointwise_kernel"} <= keys <= {
-            "depthwise_kernel", "pointwise_kernel", "bias"} else "bn" if keys == _BN_KEYS
-            else "conv" if "kernel" in keys and keys <= {"kernel", "bias"} else None)  # fmt: skip
+        kind = (
+            "sep"
+            if {"depthwise_kernel", "pointwise_kernel"}
+            <= keys
+            <= {"depthwise_kernel", "pointwise_kernel", "bias"}
+            else "bn"
+            if keys == _BN_KEYS
+            else "conv"
+            if "kernel" in keys and keys <= {"kernel", "bias"}
+            else None
+        )
         if kind is None:
-            raise InvalidInputError(f"layer {name} of {where} holds {sorted(keys)}: not a layer "
-                                    "of km_predict's DeepLabv3+")  # fmt: skip
+            raise InvalidInputError(
+                f"layer {name} of {where} holds {sorted(keys)}: not a layer "
+                "of km_predict's DeepLabv3+"
+            )
         kinds[kind].append((name, arrays))
     created = {k: [v[i] for i in _creation_order(v)] for k, v in kinds.items()}
     ordered = {k: iter(v) for k, v in created.items()}
@@ -159,14 +175,20 @@ def deeplab_layers(
         bn = None if index == len(spec) - 1 else next(ordered["bn"])[1]
         if layer.kind == "sep":
             depthwise, kernel = arrays["depthwise_kernel"], arrays["pointwise_kernel"]
-            shape_ok = depthwise.shape[:2] == (layer.kernel, layer.kernel) and kernel.shape[
-                :2] == (1, 1) and depthwise.shape[2] == kernel.shape[2]  # fmt: skip
+            shape_ok = (
+                depthwise.shape[:2] == (layer.kernel, layer.kernel)
+                and kernel.shape[:2] == (1, 1)
+                and depthwise.shape[2] == kernel.shape[2]
+            )
         else:
             depthwise, kernel = None, arrays["kernel"]
             shape_ok = kernel.shape[:2] == (layer.kernel, layer.kernel)
-        shape_ok = shape_ok and kernel.shape[3] == layer.filters and (
-            "bias" in arrays) == layer.bias and (bn is None or bn["gamma"].shape == (
-            layer.filters,))  # fmt: skip
+        shape_ok = (
+            shape_ok
+            and kernel.shape[3] == layer.filters
+            and ("bias" in arrays) == layer.bias
+            and (bn is None or bn["gamma"].shape == (layer.filters,))
+        )
         if not shape_ok:
             raise InvalidInputError(
                 f"layer {name} of {where} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())}"
@@ -250,10 +272,12 @@ def import_keras(
         raise InvalidInputError(f"{len(features)} features but {len(max_v)} max_v values")
     digest = hashlib.sha256(weights_file.read_bytes()).hexdigest()
     label = version or f"keras-{weights_file.stem}-{digest[:12]}"
-    metadata = {**model_metadata(level, features, max_v, label, origin),
-                "kappamask.architecture": architecture,
-                "kappamask.weights_sha256": digest,
-                "kappamask.offset_rule": offset_rule}  # fmt: skip
+    metadata = {
+        **model_metadata(level, features, max_v, label, origin),
+        "kappamask.architecture": architecture,
+        "kappamask.weights_sha256": digest,
+        "kappamask.offset_rule": offset_rule,
+    }
     if architecture == ARCHITECTURE_DEEPLAB:
         if base_filters is not None:
             raise InvalidInputError("--filters is a U-Net's; this file is a DeepLabv3+")
@@ -262,15 +286,23 @@ def import_keras(
         model = deeplab.build_deeplab(folded, in_channels, metadata)
         detail = "DeepLabv3+ (km_predict)"
     else:
-        weights, in_channels, filters = keras_to_weights(read_keras_convs(weights_file),
-                                                         base_filters)  # fmt: skip
+        weights, in_channels, filters = keras_to_weights(
+            read_keras_convs(weights_file), base_filters
+        )
         _check_features(in_channels, features, level, "U-Net")
         model = build_model(weights, in_channels, filters, metadata)
         detail = f"U-Net, {filters} base filters"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_path))
-    LOGGER.info("imported %s: %s %s, %d features -> %s (%s)", weights_file.name, level, detail,
-                in_channels, out_path, label)  # fmt: skip
+    LOGGER.info(
+        "imported %s: %s %s, %d features -> %s (%s)",
+        weights_file.name,
+        level,
+        detail,
+        in_channels,
+        out_path,
+        label,
+    )
     return model
 
 

@@ -36,9 +36,17 @@ def read_scl(product: Product, grid: Grid) -> np.ndarray:
     if not product.has_band("SCL"):
         raise ProductError(f"{product.product_id} has no SCL layer (an L2A product is needed)")
     path, _res = product.band_path("SCL", int(grid.resolution))
-    with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src, WarpedVRT(
-        src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-        resampling=Resampling.nearest,
-    ) as vrt:  # fmt: skip
+    with (
+        rasterio.Env(**GDAL_ENV),
+        rasterio.open(path) as src,
+        WarpedVRT(
+            src,
+            crs=grid.crs,
+            transform=grid.transform,
+            width=grid.width,
+            height=grid.height,
+            resampling=Resampling.nearest,
+        ) as vrt,
+    ):
         codes: np.ndarray = vrt.read(1)
         return codes

@@ -21,8 +21,10 @@ CLASSES = (
     MaskClass.SEMI_TRANSPARENT_CLOUD,
     MaskClass.CLOUD,
 )
-TWO_CLASS = {"clear": (MaskClass.CLEAR, MaskClass.CLOUD_SHADOW),
-             "cloud": (MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD)}  # fmt: skip
+TWO_CLASS = {
+    "clear": (MaskClass.CLEAR, MaskClass.CLOUD_SHADOW),
+    "cloud": (MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD),
+}
 
 
 def confusion_matrix(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -118,11 +120,13 @@ def agreement(pred: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
     matrix = confusion_matrix(pred, ref)
     four = scores(matrix)
     two = two_class_matrix(matrix)
-    result: dict[str, Any] = without_nan({
-        **four,
-        "confusion": matrix.tolist(),
-        "two_class": {**two_class_scores(two), "confusion": two.tolist()},
-    })  # fmt: skip
+    result: dict[str, Any] = without_nan(
+        {
+            **four,
+            "confusion": matrix.tolist(),
+            "two_class": {**two_class_scores(two), "confusion": two.tolist()},
+        }
+    )
     return result
 
 

@@ -122,10 +122,17 @@ def download(
                     have = 0
                 length = response.headers.get("Content-Length")
                 total = have + int(length) if length is not None else None
-                with part.open("ab" if resumed else "wb") as fh, tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True,
-                    desc=dest.name, leave=False,
-                ) as bar:  # fmt: skip
+                with (
+                    part.open("ab" if resumed else "wb") as fh,
+                    tqdm(
+                        total=total,
+                        initial=have,
+                        unit="B",
+                        unit_scale=True,
+                        desc=dest.name,
+                        leave=False,
+                    ) as bar,
+                ):
                     for chunk in response.iter_content(CHUNK):
                         fh.write(chunk)
                         bar.update(len(chunk))
@@ -215,10 +222,17 @@ def fetch(levels: Sequence[str], release: Release, work_dir: Path) -> list[Fetch
             raise InvalidInputError(f"{url} is not the KappaMask {level} {network}: {err}") from err
         version = f"{OFFICIAL_RELEASE}-{digest[:12]}"
         onnx_path = work_dir / f"{level.lower()}_{architecture}.onnx"
-        import_keras(weights, level, onnx_path, version=version, origin=ORIGIN_OFFICIAL,
-                     offset_rule=release.offset_rule)  # fmt: skip
-        fetched.append(FetchedModel(level, url, weights, digest, onnx_path, version, architecture,
-                                    detail))  # fmt: skip
+        import_keras(
+            weights,
+            level,
+            onnx_path,
+            version=version,
+            origin=ORIGIN_OFFICIAL,
+            offset_rule=release.offset_rule,
+        )
+        fetched.append(
+            FetchedModel(level, url, weights, digest, onnx_path, version, architecture, detail)
+        )
         LOGGER.info("%s: sha256 %s, %s", url, digest, detail)
     return fetched
 

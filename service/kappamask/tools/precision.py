@@ -178,8 +178,14 @@ def measure(
     def share(p: str) -> float | None:
         return equal[p] / pixels if p in equal else None
 
-    return PrecisionReport(spec.name, count, pixels, share("bf16"), share("int8"),
-                           {p: s / count for p, s in seconds.items()})  # fmt: skip
+    return PrecisionReport(
+        spec.name,
+        count,
+        pixels,
+        share("bf16"),
+        share("int8"),
+        {p: s / count for p, s in seconds.items()},
+    )
 
 
 def record(model_dir: Path, report: PrecisionReport) -> ModelSpec:

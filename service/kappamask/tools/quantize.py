@@ -104,8 +104,11 @@ def real_crops(
             for row in range(len(crops.rows)):
                 row_crops = crops.row_crops(row)
                 block = block_of(crops, row_crops)
-                strip, valid = reader.read(Window(block.left, block.top, block.right - block.left,
-                                                  block.bottom - block.top))  # fmt: skip
+                strip, valid = reader.read(
+                    Window(
+                        block.left, block.top, block.right - block.left, block.bottom - block.top
+                    )
+                )
                 extended = with_context(strip, block, row_crops)
                 for crop in row_crops:
                     if has_data(valid, block, crop):
@@ -271,8 +274,9 @@ def quantize_and_check(
     reference = _classes(fp32, check)
     t32 = _seconds_per_crop(fp32, check, timing_repeats)
     report = None
-    meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False)
-            .metadata_props}  # fmt: skip
+    meta = {
+        p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props
+    }
     deeplab = meta.get("kappamask.architecture") == ARCHITECTURE_DEEPLAB
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
         for fp32_layers in DEEPLAB_FP32_LADDER if deeplab else FP32_LADDER:
@@ -285,8 +289,11 @@ def quantize_and_check(
             )
             LOGGER.info(
                 "INT8 with %s in FP32: agreement %.4f, %.3f s -> %.3f s per crop",
-                ",".join(fp32_layers), agreement, t32, t8,
-            )  # fmt: skip
+                ",".join(fp32_layers),
+                agreement,
+                t32,
+                t8,
+            )
             if report.accepted:
                 staged.replace(out_path)
                 break

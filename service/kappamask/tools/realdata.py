@@ -56,9 +56,19 @@ QUANTIFICATION = 10000.0
 #: Largest atmospheric path reflectance a dark-object subtraction may remove per band
 #: (Rayleigh scattering at a moderate sun angle: most in the blue, little past 1 µm).
 MAX_PATH_REFLECTANCE = {
-    "B01": 0.09, "B02": 0.065, "B03": 0.04, "B04": 0.025, "B05": 0.018, "B06": 0.012,
-    "B07": 0.01, "B08": 0.008, "B8A": 0.007, "B09": 0.005, "B11": 0.002, "B12": 0.001,
-}  # fmt: skip
+    "B01": 0.09,
+    "B02": 0.065,
+    "B03": 0.04,
+    "B04": 0.025,
+    "B05": 0.018,
+    "B06": 0.012,
+    "B07": 0.01,
+    "B08": 0.008,
+    "B8A": 0.007,
+    "B09": 0.005,
+    "B11": 0.002,
+    "B12": 0.001,
+}
 #: Ranges of Sen2Cor's AOT and WVP digital numbers (x 1000) drawn for pseudo-L2A scenes.
 AOT_DN_RANGE = (60.0, 300.0)
 WVP_DN_RANGE = (300.0, 4000.0)
@@ -126,28 +136,92 @@ def reflectance_scale(level: str) -> np.ndarray:
 #: gravel and rock, dry red soil). What they share and clouds do not: red well above
 #: blue, SWIR above NIR.
 BARE_GROUND = {
-    "sand": {"B01": .17, "B02": .20, "B03": .29, "B04": .40, "B05": .45, "B06": .48, "B07": .50,
-             "B08": .51, "B8A": .53, "B11": .62, "B12": .58},
-    "rock": {"B01": .13, "B02": .15, "B03": .19, "B04": .24, "B05": .27, "B06": .29, "B07": .30,
-             "B08": .31, "B8A": .32, "B11": .40, "B12": .37},
-    "red soil": {"B01": .06, "B02": .07, "B03": .10, "B04": .17, "B05": .22, "B06": .25,
-                 "B07": .27, "B08": .28, "B8A": .29, "B11": .38, "B12": .33},
-}  # fmt: skip
+    "sand": {
+        "B01": 0.17,
+        "B02": 0.20,
+        "B03": 0.29,
+        "B04": 0.40,
+        "B05": 0.45,
+        "B06": 0.48,
+        "B07": 0.50,
+        "B08": 0.51,
+        "B8A": 0.53,
+        "B11": 0.62,
+        "B12": 0.58,
+    },
+    "rock": {
+        "B01": 0.13,
+        "B02": 0.15,
+        "B03": 0.19,
+        "B04": 0.24,
+        "B05": 0.27,
+        "B06": 0.29,
+        "B07": 0.30,
+        "B08": 0.31,
+        "B8A": 0.32,
+        "B11": 0.40,
+        "B12": 0.37,
+    },
+    "red soil": {
+        "B01": 0.06,
+        "B02": 0.07,
+        "B03": 0.10,
+        "B04": 0.17,
+        "B05": 0.22,
+        "B06": 0.25,
+        "B07": 0.27,
+        "B08": 0.28,
+        "B8A": 0.29,
+        "B11": 0.38,
+        "B12": 0.33,
+    },
+}
 
 
 #: Surface reflectance of open water at the Sentinel-2 bands (typical shapes: clear
 #: oligotrophic sea, sediment-laden coastal water, a eutrophic lake). What they share and
 #: clouds do not: dark everywhere past 700 nm, darkest in the SWIR.
 OPEN_WATER = {
-    "clear sea": {"B01": .050, "B02": .045, "B03": .030, "B04": .012, "B05": .008, "B06": .005,
-                  "B07": .004, "B08": .004, "B8A": .004, "B11": .002, "B12": .001},
-    "turbid coast": {"B01": .060, "B02": .065, "B03": .085, "B04": .070, "B05": .055,
-                     "B06": .025, "B07": .020, "B08": .018, "B8A": .015, "B11": .005,
-                     "B12": .003},
-    "green lake": {"B01": .035, "B02": .035, "B03": .060, "B04": .030, "B05": .030,
-                   "B06": .015, "B07": .012, "B08": .010, "B8A": .009, "B11": .003,
-                   "B12": .002},
-}  # fmt: skip
+    "clear sea": {
+        "B01": 0.050,
+        "B02": 0.045,
+        "B03": 0.030,
+        "B04": 0.012,
+        "B05": 0.008,
+        "B06": 0.005,
+        "B07": 0.004,
+        "B08": 0.004,
+        "B8A": 0.004,
+        "B11": 0.002,
+        "B12": 0.001,
+    },
+    "turbid coast": {
+        "B01": 0.060,
+        "B02": 0.065,
+        "B03": 0.085,
+        "B04": 0.070,
+        "B05": 0.055,
+        "B06": 0.025,
+        "B07": 0.020,
+        "B08": 0.018,
+        "B8A": 0.015,
+        "B11": 0.005,
+        "B12": 0.003,
+    },
+    "green lake": {
+        "B01": 0.035,
+        "B02": 0.035,
+        "B03": 0.060,
+        "B04": 0.030,
+        "B05": 0.030,
+        "B06": 0.015,
+        "B07": 0.012,
+        "B08": 0.010,
+        "B8A": 0.009,
+        "B11": 0.003,
+        "B12": 0.002,
+    },
+}
 #: Largest sun glint added to open water (a flat reflectance in every band).
 MAX_GLINT = 0.03
 
@@ -211,8 +285,9 @@ def open_water_crop(
 def _surface_region(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Where a crop's surface may be replaced: its CLEAR pixels (and, in a crop without
     any cloud or shadow label, its unlabelled ones too), within a smooth random blob."""
-    cloudy = np.isin(labels, (MaskClass.CLOUD, MaskClass.SEMI_TRANSPARENT_CLOUD,
-                              MaskClass.CLOUD_SHADOW)).any()  # fmt: skip
+    cloudy = np.isin(
+        labels, (MaskClass.CLOUD, MaskClass.SEMI_TRANSPARENT_CLOUD, MaskClass.CLOUD_SHADOW)
+    ).any()
     region: np.ndarray = labels == MaskClass.CLEAR
     if not cloudy:
         region |= labels == MaskClass.UNDEFINED
@@ -247,8 +322,9 @@ def surface_crop(
     for name, i in band.items():
         if name not in shapes:
             continue  # B09 below; B10, AOT, WVP kept
-        surface = sum(w * spectra[name] for w, spectra in zip(weights, library.values(),
-                                                               strict=True))  # fmt: skip
+        surface = sum(
+            w * spectra[name] for w, spectra in zip(weights, library.values(), strict=True)
+        )
         refl = surface * brightness + glint
         if level == "L1C":
             refl = refl * transmittance + path * MAX_PATH_REFLECTANCE[name]
@@ -274,10 +350,22 @@ def pseudo_l2a(img: Imagery, rng: np.random.Generator) -> Imagery:
         dark = float(np.percentile(values[img.valid], 0.5)) if img.valid.any() else 0.0
         refl[band] = np.maximum(values - min(max(dark, 0.0), cap), 0.0)
     h, w = img.shape
-    aux = {"AOT": np.full((h, w), rng.uniform(*AOT_DN_RANGE), np.float32),
-           "WVP": np.full((h, w), rng.uniform(*WVP_DN_RANGE), np.float32)}  # fmt: skip
-    return Imagery(img.name, img.group, "L2A", img.resolution, refl, img.valid, aux,
-                   pseudo=True, sun=img.sun, cloud_free=img.cloud_free)  # fmt: skip
+    aux = {
+        "AOT": np.full((h, w), rng.uniform(*AOT_DN_RANGE), np.float32),
+        "WVP": np.full((h, w), rng.uniform(*WVP_DN_RANGE), np.float32),
+    }
+    return Imagery(
+        img.name,
+        img.group,
+        "L2A",
+        img.resolution,
+        refl,
+        img.valid,
+        aux,
+        pseudo=True,
+        sun=img.sun,
+        cloud_free=img.cloud_free,
+    )
 
 
 def _sen12_group(path: Path) -> str:
@@ -291,8 +379,12 @@ def _sen12_group(path: Path) -> str:
 
 #: SEN12MS(-CR) patches name their season only: the middle of each season of its year of
 #: acquisitions (December 2016 to November 2017).
-SEN12MS_SEASON_DAYS = {"winter": datetime(2017, 1, 15), "spring": datetime(2017, 4, 15),
-                       "summer": datetime(2017, 7, 15), "fall": datetime(2017, 10, 15)}  # fmt: skip
+SEN12MS_SEASON_DAYS = {
+    "winter": datetime(2017, 1, 15),
+    "spring": datetime(2017, 4, 15),
+    "summer": datetime(2017, 7, 15),
+    "fall": datetime(2017, 10, 15),
+}
 
 
 def _acquisition_day(path: Path) -> datetime | None:
@@ -325,8 +417,18 @@ def read_multiband(path: Path) -> Imagery:
     refl = {b: dn[i] / QUANTIFICATION for i, b in enumerate(SPECTRAL_BANDS)}
     # the same patch name stands in a clear and a cloudy folder: the folder is part of it
     name = f"{path.parent.name}_{path.stem}"
-    return Imagery(name, _sen12_group(path), "L1C", res, refl, (dn > 0).all(axis=0), sun=sun,
-                   cloud_free=_published_clear(path), crs=where[0], transform=where[1])  # fmt: skip
+    return Imagery(
+        name,
+        _sen12_group(path),
+        "L1C",
+        res,
+        refl,
+        (dn > 0).all(axis=0),
+        sun=sun,
+        cloud_free=_published_clear(path),
+        crs=where[0],
+        transform=where[1],
+    )
 
 
 def _published_clear(path: Path) -> bool:
@@ -359,8 +461,11 @@ def read_band_folder(folder: Path, level: str, name: str | None = None) -> Image
     for band, path in files.items():
         nearest = band == "SCL"
         with rasterio.open(path) as src:
-            data = src.read(1, out_shape=shape, resampling=Resampling.nearest if nearest
-                            else Resampling.bilinear).astype(np.float32)  # fmt: skip
+            data = src.read(
+                1,
+                out_shape=shape,
+                resampling=Resampling.nearest if nearest else Resampling.bilinear,
+            ).astype(np.float32)
         if band == "SCL":
             scl = scl_to_mask(data.astype(np.uint8))
         elif band in AUX_BANDS:
@@ -368,8 +473,18 @@ def read_band_folder(folder: Path, level: str, name: str | None = None) -> Image
         else:
             refl[band] = data / QUANTIFICATION
             valid &= data > 0
-    return Imagery(name or folder.name, name or folder.name, level, res, refl, valid, aux, scl,
-                   crs=where[0], transform=where[1])  # fmt: skip
+    return Imagery(
+        name or folder.name,
+        name or folder.name,
+        level,
+        res,
+        refl,
+        valid,
+        aux,
+        scl,
+        crs=where[0],
+        transform=where[1],
+    )
 
 
 def _resolution(path: Path) -> float:
@@ -395,8 +510,17 @@ def read_safe(path: Path, resolution: int) -> Imagery:
     refl = {b: v / product.quantification for b, v in dn.items() if b not in AUX_BANDS}
     aux = {b: v for b, v in dn.items() if b in AUX_BANDS}
     scl = read_scl_labels(product, grid) if product.has_band("SCL") else None
-    return Imagery(product.product_id, product.product_id, product.level, float(resolution),
-                   refl, valid, aux, scl, sun=product.sun)  # fmt: skip
+    return Imagery(
+        product.product_id,
+        product.product_id,
+        product.level,
+        float(resolution),
+        refl,
+        valid,
+        aux,
+        scl,
+        sun=product.sun,
+    )
 
 
 def read_npy_scenes(path: Path) -> Iterator[Imagery]:
@@ -455,22 +579,32 @@ def teacher_labels(img: Imagery, level: str) -> tuple[np.ndarray, dict[str, np.n
     masks["ukis-csmask"] = teachers.ukis_as_mask(ukis, valid)
     nir = refl.get("B8A", refl.get("B08"))
     if img.level == "L1C-noB10":
-        labels = np.where(ukis == teachers.UKIS_BACKGROUND, MaskClass.CLEAR,
-                          MaskClass.UNDEFINED).astype(np.uint8)  # fmt: skip
+        labels = np.where(
+            ukis == teachers.UKIS_BACKGROUND, MaskClass.CLEAR, MaskClass.UNDEFINED
+        ).astype(np.uint8)
     elif level == "L1C":
         prob = teachers.s2cloudless_probability(refl)
         masks["s2cloudless"] = teachers.s2cloudless_as_mask(prob, valid)
         # any teacher's cloud may cast a shadow: the generous union keeps real shadows
         cast, unsure = _shadow_reach(img, (prob >= 0.4) | (ukis == teachers.UKIS_CLOUD))
-        op = teachers.Opinions(valid, s2cloudless=prob, ukis=ukis, cirrus=refl["B10"], nir=nir,
-                               cast=cast, unsure=unsure, cloud_free=img.cloud_free)  # fmt: skip
+        op = teachers.Opinions(
+            valid,
+            s2cloudless=prob,
+            ukis=ukis,
+            cirrus=refl["B10"],
+            nir=nir,
+            cast=cast,
+            unsure=unsure,
+            cloud_free=img.cloud_free,
+        )
         labels = teachers.fuse_l1c(op)
     elif img.scl is not None:
         masks["sen2cor"] = img.scl
         cloudy = np.isin(img.scl, (MaskClass.CLOUD, MaskClass.SEMI_TRANSPARENT_CLOUD))
         cast, unsure = _shadow_reach(img, cloudy | (ukis == teachers.UKIS_CLOUD))
-        labels = teachers.fuse_l2a(teachers.Opinions(valid, ukis=ukis, scl=img.scl, cast=cast,
-                                                     unsure=unsure))  # fmt: skip
+        labels = teachers.fuse_l2a(
+            teachers.Opinions(valid, ukis=ukis, scl=img.scl, cast=cast, unsure=unsure)
+        )
     else:
         raise InvalidInputError(f"{img.name}: no teacher can label an L2A scene without SCL")
     labels[~valid] = MaskClass.MISSING

@@ -122,8 +122,9 @@ def _padded(features: np.ndarray) -> np.ndarray:
     _c, h, w = features.shape
     if (h, w) == (TILE_SIZE, TILE_SIZE):
         return features
-    padded: np.ndarray = np.pad(features, ((0, 0), (0, TILE_SIZE - h), (0, TILE_SIZE - w)),
-                                mode="symmetric")  # fmt: skip
+    padded: np.ndarray = np.pad(
+        features, ((0, 0), (0, TILE_SIZE - h), (0, TILE_SIZE - w)), mode="symmetric"
+    )
     return padded
 
 
@@ -140,18 +141,36 @@ def _write_tile(
     band stack names its features and carries the model's level, max_v and digest as
     tags: fine-tuning checks that its parent reads the same inputs."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"bands": f"{name}_bands.tif", "mask": f"{name}_mask.tif",
-             "rgb": f"{name}_rgb.png", "overlay": f"{name}_overlay.png"}  # fmt: skip
-    with rasterio.open(folder / files["bands"], "w", **profile, count=len(model.features),
-                       dtype="float32", compress="deflate") as dst:  # fmt: skip
+    files = {
+        "bands": f"{name}_bands.tif",
+        "mask": f"{name}_mask.tif",
+        "rgb": f"{name}_rgb.png",
+        "overlay": f"{name}_overlay.png",
+    }
+    with rasterio.open(
+        folder / files["bands"],
+        "w",
+        **profile,
+        count=len(model.features),
+        dtype="float32",
+        compress="deflate",
+    ) as dst:
         dst.write(features.astype(np.float32))
         dst.descriptions = tuple(model.features)
         dst.update_tags(**band_tags(model))
-    with rasterio.open(folder / files["mask"], "w", **profile, count=1, dtype="uint8",
-                       compress="deflate", nodata=int(MaskClass.MISSING)) as dst:  # fmt: skip
+    with rasterio.open(
+        folder / files["mask"],
+        "w",
+        **profile,
+        count=1,
+        dtype="uint8",
+        compress="deflate",
+        nodata=int(MaskClass.MISSING),
+    ) as dst:
         dst.write(classes[None])
-    write_png(np.concatenate([rgb, np.full((1, *rgb.shape[1:]), 255, np.uint8)]),
-              folder / files["rgb"])  # fmt: skip
+    write_png(
+        np.concatenate([rgb, np.full((1, *rgb.shape[1:]), 255, np.uint8)]), folder / files["rgb"]
+    )
     write_png(render(classes, rgb), folder / files["overlay"])
     return {k: f"{folder.name}/{v}" for k, v in files.items()}
 
@@ -180,8 +199,14 @@ def _read_sub_tiles(
     model sees them and answered by it."""
     product, model, grid = planned.product, planned.model, planned.grid
     crops = [c for c in planned.crops if wanted is None or (c.row, c.col) in wanted]
-    with BandReader(product, model.features, model.max_v, grid, options.resampling,
-                    offset_rule=model.offset_rule) as reader:  # fmt: skip
+    with BandReader(
+        product,
+        model.features,
+        model.max_v,
+        grid,
+        options.resampling,
+        offset_rule=model.offset_rule,
+    ) as reader:
         for number, crop in enumerate(crops, 1):
             if progress:
                 progress(100 * number // len(crops), f"sub-tile {number}/{len(crops)}")
@@ -197,8 +222,9 @@ def _read_sub_tiles(
             h, w = bottom - top, right - left
             classes = outputs.classes[:h, :w].copy()
             classes[~valid] = MaskClass.MISSING
-            yield _Read(crop.row, crop.col, window, features, valid, classes,
-                        outputs.scores[:, :h, :w])  # fmt: skip
+            yield _Read(
+                crop.row, crop.col, window, features, valid, classes, outputs.scores[:, :h, :w]
+            )
 
 
 def score_product(
@@ -206,8 +232,10 @@ def score_product(
 ) -> list[SubTile]:
     """Every sub-tile of one product with data, scored (no files yet)."""
     grid, product_id = planned.grid, planned.product.product_id
-    return [_scored(product_id, read, str(grid.crs), grid.resolution)
-            for read in _read_sub_tiles(planned, client, options, progress=progress)]  # fmt: skip
+    return [
+        _scored(product_id, read, str(grid.crs), grid.resolution)
+        for read in _read_sub_tiles(planned, client, options, progress=progress)
+    ]
 
 
 def _scored(
@@ -226,10 +254,21 @@ def _scored(
         known = read.valid & ~np.isin(teachers, (MaskClass.UNDEFINED, MaskClass.MISSING))
         disagreement = float((read.classes != teachers)[known].mean()) if known.any() else 0.0
     w = read.window
-    return SubTile(product_id, read.row, read.col,
-                   (int(w.col_off), int(w.row_off), int(w.width), int(w.height)), crs,
-                   resolution, unsure, margin, low, float(read.valid.mean()), shares, {},
-                   disagreement)  # fmt: skip
+    return SubTile(
+        product_id,
+        read.row,
+        read.col,
+        (int(w.col_off), int(w.row_off), int(w.width), int(w.height)),
+        crs,
+        resolution,
+        unsure,
+        margin,
+        low,
+        float(read.valid.mean()),
+        shares,
+        {},
+        disagreement,
+    )
 
 
 def write_sub_tiles(
@@ -242,8 +281,17 @@ def write_sub_tiles(
     """``tiles`` (of this product) with their files written under ``out/tiles``."""
     by_place = {(t.row, t.col): t for t in tiles}
     reads = _read_sub_tiles(planned, client, options, set(by_place))
-    return [_written(by_place[(r.row, r.col)], r, out, planned.model, planned.grid.crs,
-                     planned.grid.transform) for r in reads]  # fmt: skip
+    return [
+        _written(
+            by_place[(r.row, r.col)],
+            r,
+            out,
+            planned.model,
+            planned.grid.crs,
+            planned.grid.transform,
+        )
+        for r in reads
+    ]
 
 
 def _written(
@@ -251,13 +299,16 @@ def _written(
 ) -> SubTile:
     """``tile`` with its files written under ``out/tiles`` (``crs`` and ``transform``: of
     the raster the sub-tile was cut from)."""
-    profile = {"driver": "GTiff", "width": int(read.window.width),
-               "height": int(read.window.height), "crs": crs,
-               "transform": window_transform(read.window, transform)}  # fmt: skip
+    profile = {
+        "driver": "GTiff",
+        "width": int(read.window.width),
+        "height": int(read.window.height),
+        "crs": crs,
+        "transform": window_transform(read.window, transform),
+    }
     rgb = true_colour(read.features, model.features, model.max_v)
     rgb[:, ~read.valid] = 0
-    files = _write_tile(out / "tiles", tile.name, read.features, read.classes, rgb, profile,
-                        model)  # fmt: skip
+    files = _write_tile(out / "tiles", tile.name, read.features, read.classes, rgb, profile, model)
     return replace(tile, files=files)
 
 
@@ -281,8 +332,11 @@ def write_index(ranked: Sequence[SubTile], out: Path, model: str) -> tuple[Path,
     contact sheet: true colour and mask side by side, most unsure first)."""
     entries = [{"rank": i, "name": t.name, **asdict(t)} for i, t in enumerate(ranked, 1)]
     index = out / "index.json"
-    index.write_text(json.dumps({"model": model, "low_confidence_below": LOW_CONFIDENCE,
-                                 "sub_tiles": entries}, indent=2))  # fmt: skip
+    index.write_text(
+        json.dumps(
+            {"model": model, "low_confidence_below": LOW_CONFIDENCE, "sub_tiles": entries}, indent=2
+        )
+    )
     cards = []
     for e in entries:
         shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in e["classes"].items() if v > 0)
@@ -338,8 +392,9 @@ def review(
     for planned in plans:
         mine = [t for t in ranked if t.product_id == planned.product.product_id]
         if mine:
-            written.update((t.name, t) for t in write_sub_tiles(planned, mine, out, client,
-                                                                  options))  # fmt: skip
+            written.update(
+                (t.name, t) for t in write_sub_tiles(planned, mine, out, client, options)
+            )
     kept = [written[t.name] for t in ranked if t.name in written]
     models = sorted({f"{p.model.name} {p.model.version_label}" for p in plans})
     write_index(kept, out, ", ".join(models))
@@ -368,8 +423,7 @@ def _scene_sub_tiles(
             classes, scores = classify.crop_outputs(_padded(part))
             classes = classes[:h, :w].copy()
             classes[~valid] = MaskClass.MISSING
-            yield _Read(row, col, Window(left, top, w, h), part, valid, classes,
-                        scores[:, :h, :w])  # fmt: skip
+            yield _Read(row, col, Window(left, top, w, h), part, valid, classes, scores[:, :h, :w])
 
 
 def _teacher_labels(img: Imagery, level: str) -> np.ndarray | None:
@@ -423,8 +477,9 @@ def review_scenes(
     for img in scenes():
         wanted = {(r, c) for p, r, c in keep if p == img.name}
         for read in _scene_sub_tiles(img, classify, wanted) if wanted else ():
-            tile = _written(keep[(img.name, read.row, read.col)], read, out, spec, img.crs,
-                            img.transform)  # fmt: skip
+            tile = _written(
+                keep[(img.name, read.row, read.col)], read, out, spec, img.crs, img.transform
+            )
             written[tile.name] = tile
     kept = [written[t.name] for t in ranked if t.name in written]
     write_index(kept, out, f"{spec.name} {spec.version_label}")

@@ -31,8 +31,14 @@ from kappamask.errors import InvalidInputError
 #: Bands s2cloudless reads (its ``all_bands=False`` order).
 S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
 #: ukis-csmask's six-band model: its band names for our bands.
-UKIS_BANDS = {"B02": "blue", "B03": "green", "B04": "red", "B8A": "nir", "B11": "swir16",
-              "B12": "swir22"}  # fmt: skip
+UKIS_BANDS = {
+    "B02": "blue",
+    "B03": "green",
+    "B04": "red",
+    "B8A": "nir",
+    "B11": "swir16",
+    "B12": "swir22",
+}
 #: ukis-csmask classes.
 UKIS_BACKGROUND, UKIS_CLOUD, UKIS_SHADOW = 0, 1, 2
 #: ukis-csmask was trained near 30 m; it is run at the closest integer factor of the input.
@@ -94,8 +100,7 @@ def s2cloudless_probability(reflectance: dict[str, np.ndarray]) -> np.ndarray:
     from s2cloudless.cloud_detector import S2PixelCloudDetector
 
     stack = _band_stack(reflectance, S2CLOUDLESS_BANDS)
-    detector = S2PixelCloudDetector(threshold=0.4, average_over=1, dilation_size=0,
-                                    all_bands=False)  # fmt: skip
+    detector = S2PixelCloudDetector(threshold=0.4, average_over=1, dilation_size=0, all_bands=False)
     probability: np.ndarray = detector.get_cloud_probability_maps(stack[None])[0]
     return probability.astype(np.float32)
 
@@ -120,10 +125,13 @@ def ukis_classes(reflectance: dict[str, np.ndarray], level: str, resolution: flo
     padded = np.pad(small, ((0, ph), (0, pw), (0, 0)), mode="reflect") if ph or pw else small
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mask = CSmask(np.ascontiguousarray(padded, np.float32),
-                      band_order=[UKIS_BANDS[b] for b in UKIS_BANDS],
-                      product_level=level.lower(), intra_op_num_threads=1,
-                      inter_op_num_threads=1).csm[..., 0]  # fmt: skip
+        mask = CSmask(
+            np.ascontiguousarray(padded, np.float32),
+            band_order=[UKIS_BANDS[b] for b in UKIS_BANDS],
+            product_level=level.lower(),
+            intra_op_num_threads=1,
+            inter_op_num_threads=1,
+        ).csm[..., 0]
     mask = mask[: small.shape[0], : small.shape[1]]
     if k > 1:
         mask = np.repeat(np.repeat(mask, k, axis=0), k, axis=1)

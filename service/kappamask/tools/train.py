@@ -87,8 +87,11 @@ def build_sources(config: TrainConfig) -> list[Source]:
     """The sources ``config.labels`` names, on ``config.product`` (a SAFE or a folder)."""
     features, max_v = DEFAULT_FEATURES[config.level], DEFAULT_MAX_V[config.level]
     if config.labels == "kappaset":
-        return [KappaSetSource(Path(config.product), features, max_v,
-                               config.holdout_fraction, config.fit.seed)]  # fmt: skip
+        return [
+            KappaSetSource(
+                Path(config.product), features, max_v, config.holdout_fraction, config.fit.seed
+            )
+        ]
     if config.labels not in LABEL_SOURCES and not config.labels.startswith("labels:"):
         raise InvalidInputError(f"labels must be one of {LABEL_SOURCES} or labels:PATH")
     scene = Scene.load(config.product, features, max_v, config.resolution)
@@ -243,8 +246,9 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
         dice = _epoch_dice(model, val_batches)
         alive = _head_alive(model, val_batches)
         if alive < 1.0:
-            LOGGER.warning("epoch %d: %.0f %% of the head's ReLU channels are dead", epoch,
-                           100 * (1 - alive))  # fmt: skip
+            LOGGER.warning(
+                "epoch %d: %.0f %% of the head's ReLU channels are dead", epoch, 100 * (1 - alive)
+            )
         scheduler.step(val)
         row = {
             "epoch": epoch,
@@ -261,9 +265,10 @@ def fit(model: UNet, sources: Sequence[Source], fit_config: FitConfig, out_dir: 
                 writer.writeheader()
             writer.writerow(row)
         epochs.set_postfix(
-            loss=f"{row['train_loss']:.3f}", val=f"{val:.3f}",
+            loss=f"{row['train_loss']:.3f}",
+            val=f"{val:.3f}",
             dice=" ".join(f"{v:.2f}" for v in dice.values()),
-        )  # fmt: skip
+        )
         if val < best:
             best, stale = val, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}

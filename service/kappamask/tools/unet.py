@@ -105,8 +105,9 @@ class UNet(nn.Module):
     def numpy_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Weights as numpy arrays keyed by ConvSpec name: (kernel [O, I, kh, kw], bias)."""
         out = {}
-        for spec in conv_specs(self.in_channels, self.base_filters,
-                               head_channels=self.head_channels):  # fmt: skip
+        for spec in conv_specs(
+            self.in_channels, self.base_filters, head_channels=self.head_channels
+        ):
             conv = self.layer(spec.name)
             assert conv.bias is not None
             weight, bias = conv.weight.detach().double(), conv.bias.detach().double()

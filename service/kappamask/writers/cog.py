@@ -86,8 +86,14 @@ def _pick(a: Any, b: Any, c: Any, d: Any, nodata: Any, rule: int) -> Any:
         mean = int((total + n // 2) * _INVERSE[n])  # exact for these small integers
         return mean if n else nodata
     # each value's count among the cell's values with data, then the highest (count, value)
-    ab, ac, ad, bc, bd, cd = int(a == b), int(a == c), int(a == d), int(b == c), int(b == d), \
-        int(c == d)  # fmt: skip
+    ab, ac, ad, bc, bd, cd = (
+        int(a == b),
+        int(a == c),
+        int(a == d),
+        int(b == c),
+        int(b == d),
+        int(c == d),
+    )
     ka = (va * (1 + ab * vb + ac * vc + ad * vd)) * 256 + int(a)
     kb = (vb * (1 + ab * va + bc * vc + bd * vd)) * 256 + int(b)
     kc = (vc * (1 + ac * va + bc * vb + cd * vd)) * 256 + int(c)
@@ -147,10 +153,21 @@ class StripWriter:
         # the overview's pixels are ``factor`` times larger, from the same corner
         transform = self.grid.transform @ Affine.scale(factor)
         return rasterio.open(
-            path, "w", driver="GTiff", width=width, height=height, count=1, dtype="uint8",
-            crs=self.grid.crs, transform=transform, nodata=self.nodata, tiled=True,
-            blockxsize=BLOCK, blockysize=BLOCK, **SCRATCH_OPTIONS,
-        )  # fmt: skip
+            path,
+            "w",
+            driver="GTiff",
+            width=width,
+            height=height,
+            count=1,
+            dtype="uint8",
+            crs=self.grid.crs,
+            transform=transform,
+            nodata=self.nodata,
+            tiled=True,
+            blockxsize=BLOCK,
+            blockysize=BLOCK,
+            **SCRATCH_OPTIONS,
+        )
 
     def __enter__(self) -> StripWriter:
         width, height = self.grid.width, self.grid.height
@@ -161,8 +178,9 @@ class StripWriter:
         if self.overviews is not None:
             for factor in overview_factors(width, height):
                 path = overview_path(self.path, factor)
-                self._levels.append(self._open(path, -(-width // factor), -(-height // factor),
-                                               factor))  # fmt: skip
+                self._levels.append(
+                    self._open(path, -(-width // factor), -(-height // factor), factor)
+                )
             self._carry = [
                 np.empty((0, -(-width // 2**k)), np.uint8) for k in range(len(self._levels))
             ]
@@ -176,8 +194,10 @@ class StripWriter:
         if not self._levels:
             return
         if row_start != self._next[0]:
-            raise ValueError(f"overviews are built from rows in order: row {self._next[0]} "
-                             f"expected, not {row_start}")  # fmt: skip
+            raise ValueError(
+                f"overviews are built from rows in order: row {self._next[0]} "
+                f"expected, not {row_start}"
+            )
         self._next[0] += rows.shape[0]
         self._halve_into(0, rows, last=self._next[0] == self.grid.height)
 
@@ -223,8 +243,11 @@ def to_cog(
             vrt = src.with_suffix(".vrt")
             vrt.write_text(_vrt(ds, src, levels, tags or {}))
         try:
-            options = {"OVERVIEWS": "FORCE_USE_EXISTING"} if levels else \
-                {"OVERVIEW_RESAMPLING": overviews.upper()}  # fmt: skip
+            options = (
+                {"OVERVIEWS": "FORCE_USE_EXISTING"}
+                if levels
+                else {"OVERVIEW_RESAMPLING": overviews.upper()}
+            )
             copy(vrt, dst, driver="COG", **options, **COG_OPTIONS)
         finally:
             vrt.unlink()
@@ -254,8 +277,9 @@ def _vrt(
         table = ET.SubElement(band, "ColorTable")
         for index in range(max(colours) + 1):
             rgba = colours.get(index, (0, 0, 0, 0))
-            ET.SubElement(table, "Entry", c1=str(rgba[0]), c2=str(rgba[1]), c3=str(rgba[2]),
-                          c4=str(rgba[3]))  # fmt: skip
+            ET.SubElement(
+                table, "Entry", c1=str(rgba[0]), c2=str(rgba[1]), c3=str(rgba[2]), c4=str(rgba[3])
+            )
 
     def source(parent: ET.Element, tag: str, file: Path) -> None:
         element = ET.SubElement(parent, tag)

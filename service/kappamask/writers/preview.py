@@ -57,8 +57,12 @@ def true_colour(
                 # the coarsest file: a decimated read of a JPEG 2000 decodes a reduced level
                 path, _res = product.band_path(band, 60)
                 with open_band(path) as src:
-                    dn = src.read(1, window=src.window(*bounds), out_shape=shape,
-                                  resampling=Resampling.average).astype(np.float32)  # fmt: skip
+                    dn = src.read(
+                        1,
+                        window=src.window(*bounds),
+                        out_shape=shape,
+                        resampling=Resampling.average,
+                    ).astype(np.float32)
                 nodata |= dn == 0
                 dn *= product.gains.get(band, 1.0)
                 reflectance = (dn + product.offsets.get(band, 0.0)) / product.quantification
@@ -118,6 +122,13 @@ def write_png(image: np.ndarray, dst: Path) -> None:
     georeferencing (which would need a sidecar file)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.open(dst, "w", driver="PNG", width=image.shape[2], height=image.shape[1],
-                           count=image.shape[0], dtype="uint8") as out:  # fmt: skip
+        with rasterio.open(
+            dst,
+            "w",
+            driver="PNG",
+            width=image.shape[2],
+            height=image.shape[1],
+            count=image.shape[0],
+            dtype="uint8",
+        ) as out:
             out.write(image)

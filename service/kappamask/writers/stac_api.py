@@ -38,8 +38,9 @@ def _headers() -> dict[str, str]:
 def _request(method: str, url: str, policy: AccessPolicy, body: Any = None) -> requests.Response:
     policy.url(url)
     try:
-        return requests.request(method, url, json=body, headers=_headers(), timeout=TIMEOUT_S,
-                                allow_redirects=False)  # fmt: skip
+        return requests.request(
+            method, url, json=body, headers=_headers(), timeout=TIMEOUT_S, allow_redirects=False
+        )
     except requests.RequestException as err:
         raise StorageError(f"the STAC API at {url} cannot be reached: {err}") from err
 
@@ -51,8 +52,9 @@ def check_api(url: str, policy: AccessPolicy) -> str:
     if response.status_code >= 500:
         raise StorageError(f"the STAC API at {root} answered {response.status_code}")
     if response.status_code != 200:
-        raise InvalidInputError(f"{root} is not a STAC API (GET /conformance: "
-                                f"{response.status_code})")  # fmt: skip
+        raise InvalidInputError(
+            f"{root} is not a STAC API (GET /conformance: {response.status_code})"
+        )
     try:
         classes = response.json().get("conformsTo", [])
     except ValueError as err:
@@ -91,13 +93,16 @@ def _upsert(root: str, path: str, document: dict[str, Any], policy: AccessPolicy
         response = _request("PUT", f"{root}{path}/{document['id']}", policy, document)
     if response.status_code >= 300:
         what = "refused" if response.status_code < 500 else "failed on"
-        raise StorageError(f"the STAC API at {root} {what} {document.get('type', 'document')} "
-                           f"{document['id']}: {response.status_code} "
-                           f"{response.text[:300]}")  # fmt: skip
+        raise StorageError(
+            f"the STAC API at {root} {what} {document.get('type', 'document')} "
+            f"{document['id']}: {response.status_code} "
+            f"{response.text[:300]}"
+        )
 
 
-def publish_collection(root: str, collection: dict[str, Any], href: str,
-                       policy: AccessPolicy) -> None:  # fmt: skip
+def publish_collection(
+    root: str, collection: dict[str, Any], href: str, policy: AccessPolicy
+) -> None:
     """Create or replace the collection (its extent grows with the batch)."""
     _upsert(root, "/collections", for_api(collection, href), policy)
 

@@ -61,16 +61,26 @@ def create_collection(
         raise ValueError("one href per item")
     bboxes = [item["bbox"] for item in items if item.get("bbox")]
     if bboxes:
-        bbox = [min(b[0] for b in bboxes), min(b[1] for b in bboxes),
-                max(b[2] for b in bboxes), max(b[3] for b in bboxes)]  # fmt: skip
+        bbox = [
+            min(b[0] for b in bboxes),
+            min(b[1] for b in bboxes),
+            max(b[2] for b in bboxes),
+            max(b[3] for b in bboxes),
+        ]
     else:
         bbox = [-180.0, -90.0, 180.0, 90.0]
     times = sorted(str(item["properties"]["datetime"]) for item in items)
     interval = [times[0], times[-1]] if times else [None, None]
     props = [item["properties"] for item in items]
     summaries: dict[str, Any] = {}
-    for key in ("platform", "constellation", "instruments", "proj:code",
-                "kappamask:source_level", "kappamask:processing_baseline"):  # fmt: skip
+    for key in (
+        "platform",
+        "constellation",
+        "instruments",
+        "proj:code",
+        "kappamask:source_level",
+        "kappamask:processing_baseline",
+    ):
         values: list[Any] = []
         for p in props:
             value = p.get(key)
@@ -83,8 +93,13 @@ def create_collection(
         numbers = [float(p[key]) for p in props if isinstance(p.get(key), (int, float))]
         if numbers:
             summaries[key] = _range(numbers)
-    models = sorted({f"{m.get('name')} {m.get('version')}" for p in props
-                     if isinstance(m := p.get("kappamask:model"), dict)})  # fmt: skip
+    models = sorted(
+        {
+            f"{m.get('name')} {m.get('version')}"
+            for p in props
+            if isinstance(m := p.get("kappamask:model"), dict)
+        }
+    )
     if models:
         summaries["kappamask:model"] = models
     links: list[dict[str, Any]] = [
@@ -92,8 +107,14 @@ def create_collection(
         LICENSE_LINK,
     ]
     for item, href in zip(items, item_hrefs, strict=True):
-        links.append({"rel": "item", "href": href, "type": "application/geo+json",
-                      "title": str(item.get("id", ""))})  # fmt: skip
+        links.append(
+            {
+                "rel": "item",
+                "href": href,
+                "type": "application/geo+json",
+                "title": str(item.get("id", "")),
+            }
+        )
     collection = {
         "type": "Collection",
         "stac_version": pystac.get_stac_version(),

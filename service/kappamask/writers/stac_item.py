@@ -237,9 +237,19 @@ def create_item(
         "max(sigmoid clear, sigmoid shadow); above 50 where the mask says cloud",
         COG_MEDIA_TYPE,
         ["data", "cloud"],
-        {"raster:bands": [{**band, "nodata": PROBABILITY_NODATA, "sampling": "area",
-                           "scale": 0.01, "offset": 0.0, "unit": "1"}]},
-    )  # fmt: skip
+        {
+            "raster:bands": [
+                {
+                    **band,
+                    "nodata": PROBABILITY_NODATA,
+                    "sampling": "area",
+                    "scale": 0.01,
+                    "offset": 0.0,
+                    "unit": "1",
+                }
+            ]
+        },
+    )
     add(
         "valid",
         "Usable pixels: 1 clear, 0 cloud, shadow or a buffer around them",
@@ -248,15 +258,27 @@ def create_item(
         {
             "raster:bands": [{**band, "nodata": VALID_NODATA}],
             "classification:classes": [
-                {"value": VALID_CLEAR, "name": "usable", "color_hint": "2EA043",
-                 "description": "Clear, outside every cloud and shadow buffer"},
-                {"value": VALID_UNUSABLE, "name": "unusable", "color_hint": "000000",
-                 "description": "Cloud, semi-transparent cloud, shadow or their buffers"},
-                {"value": VALID_NODATA, "name": "no_data", "nodata": True,
-                 "description": "No data, or outside the bbox/aoi"},
+                {
+                    "value": VALID_CLEAR,
+                    "name": "usable",
+                    "color_hint": "2EA043",
+                    "description": "Clear, outside every cloud and shadow buffer",
+                },
+                {
+                    "value": VALID_UNUSABLE,
+                    "name": "unusable",
+                    "color_hint": "000000",
+                    "description": "Cloud, semi-transparent cloud, shadow or their buffers",
+                },
+                {
+                    "value": VALID_NODATA,
+                    "name": "no_data",
+                    "nodata": True,
+                    "description": "No data, or outside the bbox/aoi",
+                },
             ],
         },
-    )  # fmt: skip
+    )
     add("preview", "Mask over a true-colour quicklook", "image/png", ["overview"], {})
     # the product it was made from: a URL anyone can follow; a path only where the item
     # is read on the machine that made it (served over HTTP or on S3, a server path would
