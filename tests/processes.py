@@ -37,6 +37,13 @@ def start_serve(
         )
 
 
+def service_args(triton_url: str, output_dir: Path, *data_roots: Path) -> list[str]:
+    """The flags `kappamask serve` and `kappamask worker` share: a running Triton, the
+    output folder, the data roots."""
+    roots = [arg for root in data_roots for arg in ("--data-root", str(root))]
+    return ["--triton-url", triton_url, "--output-dir", str(output_dir), *roots]
+
+
 def apt_install(packages: list[str]) -> None:
     """Install Debian ``packages`` where that is allowed (root with apt-get, as in CI:
     .ci/run installs them before the tests); elsewhere nothing."""
@@ -65,20 +72,8 @@ def served(triton_url: str, base: Path, data_root: Path) -> Iterator[str]:
     port = free_port()
     log = base / "serve.log"
     env = {"KAPPAMASK_JOB_OUTPUT_DIR": str(base / "jobs"), "KAPPAMASK_JOBS_DB": str(base / "db")}
-    proc = start_serve(
-        [
-            "--port",
-            str(port),
-            "--triton-url",
-            triton_url,
-            "--output-dir",
-            str(base / "out"),
-            "--data-root",
-            str(data_root),
-        ],
-        log,
-        env,
-    )
+    args = ["--port", str(port), *service_args(triton_url, base / "out", data_root)]
+    proc = start_serve(args, log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log)

@@ -20,7 +20,7 @@ from kappamask.jobs import callbacks
 from kappamask.jobs.callbacks import check_subscriber, deliver
 
 from .conftest import DATA, T29UNU
-from .processes import Receiver, start_serve, stop, wait_for
+from .processes import Receiver, service_args, start_serve, stop, wait_for
 
 
 @pytest.fixture
@@ -79,20 +79,8 @@ def service(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
         "KAPPAMASK_ALLOWED_HOSTS": "127.0.0.1",
         "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "true",
     }
-    proc = start_serve(
-        [
-            "--port",
-            str(port),
-            "--triton-url",
-            triton.http_url,
-            "--output-dir",
-            str(base / "out"),
-            "--data-root",
-            str(DATA),
-        ],
-        log_path,
-        env,
-    )
+    args = ["--port", str(port), *service_args(triton.http_url, base / "out", DATA)]
+    proc = start_serve(args, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)

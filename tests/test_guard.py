@@ -144,7 +144,7 @@ def test_a_run_that_fails_leaves_no_folder_it_made(tmp_path: Path) -> None:
     assert list((tmp_path / "kept").iterdir()) == []
     with LocalSink(tmp_path / "new") as sink:  # a committed result stays
         sink.path("x.tif").write_bytes(b"1")
-        sink.commit(["x.tif"])
+        sink.commit({"x": "x.tif"})
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["x.tif"]
 
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from hypothesis import strategies as st
 from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T29UNU, earth_search_item, small_file_system
-from .processes import stop, submit_async, wait_for
+from .processes import service_args, start_serve, stop, submit_async, wait_for
 
 #: Seconds a request body may take here (KAPPAMASK_READ_TIMEOUT_S of the service).
 READ_TIMEOUT_S = 2
@@ -131,28 +130,8 @@ def hostile(triton: LocalTriton, tmp_path_factory: pytest.TempPathFactory) -> It
         }
     )
     log_path = base / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kappamask.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--triton-url",
-                triton.http_url,
-                "--output-dir",
-                str(base / "out"),
-                "--data-root",
-                str(DATA),
-                "--data-root",
-                str(scratch),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+    args = ["--port", str(port), *service_args(triton.http_url, base / "out", DATA, scratch)]
+    proc = start_serve(args, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)

@@ -3,15 +3,17 @@ same messages; the process description shows the contract's defaults and choices
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from kappamask.api.process import PROCESS_METADATA, parse_inputs
+from kappamask.api.process import PROCESS_METADATA, KappaMaskBatchProcessor, parse_inputs
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError
-from kappamask.options import RESAMPLING_METHODS, RunOptions
+from kappamask.options import RESAMPLING_METHODS, RunOptions, declarations
+from kappamask.reading.reader import RESAMPLING
 
 from .conftest import DATA, T29UNU
 
@@ -24,6 +26,24 @@ def test_the_process_describes_the_contracts_defaults() -> None:
     for name in ("resolution", "resampling", "overwrite", "cloud_buffer", "shadow_buffer"):
         assert inputs[name]["schema"]["default"] == getattr(defaults, name), name
     assert inputs["resampling"]["schema"]["enum"] == list(RESAMPLING_METHODS)
+    assert set(RESAMPLING) == set(RESAMPLING_METHODS)  # what the reader maps is what is allowed
+
+
+def test_the_input_schema_and_the_flags_come_from_one_declaration() -> None:
+    """Every declared option is an input of both processes and a flag of `run` and
+    `batch`, with the declaration's texts: adding an option touches RunOptions only."""
+    names = [name for name, _declared in declarations()]
+    assert names == [f.name for f in fields(RunOptions) if f.init]
+    batch = KappaMaskBatchProcessor.METADATA["inputs"]
+    for name, declared in declarations():
+        for inputs in (PROCESS_METADATA["inputs"], batch):
+            assert inputs[name]["title"] == declared.title
+            assert inputs[name]["description"] == declared.description
+    for command in ("run", "batch"):
+        shown = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        for name, declared in declarations():
+            assert "--" + name.replace("_", "-") in shown, (command, name)
+            assert " ".join(declared.help.split()) in shown, (command, name)
 
 
 def test_inputs_map_onto_options() -> None:

@@ -24,7 +24,15 @@ from kappamask.inference.server import LocalTriton, free_port
 
 from .conftest import DATA, T22HBD, T29UNU
 from .postgres import postgis_cluster
-from .processes import Receiver, debian_binary, start_serve, stop, submit_async, wait_for
+from .processes import (
+    Receiver,
+    debian_binary,
+    service_args,
+    start_serve,
+    stop,
+    submit_async,
+    wait_for,
+)
 from .stac_api import S2_COLLECTION, StacApi
 
 
@@ -124,14 +132,7 @@ def running_queue(
         "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "true",
         **(manager or {}),
     }
-    shared = [
-        "--triton-url",
-        triton.http_url,
-        "--output-dir",
-        str(base / "out"),
-        "--data-root",
-        str(DATA),
-    ]
+    shared = service_args(triton.http_url, base / "out", DATA)
     started = []
     running = Queue(f"http://127.0.0.1:{ports[0]}", base / "out", env, shared, base)
     try:

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -41,6 +39,7 @@ from .conftest import (
 from .processes import (
     alive,
     process_group,
+    service_args,
     start_serve,
     stop,
     submit_async,
@@ -98,28 +97,8 @@ def service(
         "KAPPAMASK_ALLOW_PRIVATE_NETWORKS": "false",
     }
     log_path = base / "serve.log"
-    log = log_path.open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kappamask.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--triton-url",
-            triton.http_url,
-            "--output-dir",
-            str(base / "out"),
-            "--data-root",
-            str(DATA),
-            "--data-root",
-            str(scratch),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    args = ["--port", str(port), *service_args(triton.http_url, base / "out", DATA, scratch)]
+    proc = start_serve(args, log_path, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(url, proc, log_path)
@@ -128,7 +107,6 @@ def service(
         )
     finally:
         stop(proc)
-        log.close()
 
 
 def test_process_is_listed_and_described(service: Service) -> None:

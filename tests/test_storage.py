@@ -30,7 +30,7 @@ def test_a_local_sink_publishes_all_or_nothing(tmp_path: Path) -> None:
     with LocalSink(out) as sink:
         sink.path("x.tif").write_bytes(b"1")
         assert not sink.exists("x.tif")  # staged, not published
-        assert sink.commit(["x.tif"]) == [str(out / "x.tif")]
+        assert sink.commit({"mask": "x.tif"}) == {"mask": str(out / "x.tif")}
         assert sink.exists("x.tif") and sink.href("x.tif") == "./x.tif"
     assert [p.name for p in out.iterdir()] == ["x.tif"]  # the staging folder is gone
     with pytest.raises(RuntimeError), LocalSink(tmp_path / "c" / "d") as sink:

@@ -16,11 +16,18 @@ from click.testing import CliRunner
 from kappamask.bands import L1C_FEATURES, L1C_MAX_V, L2A_FEATURES, L2A_MAX_V, MaskClass
 from kappamask.cli import main
 from kappamask.errors import InvalidInputError, ProductError
+from kappamask.geometry.grid import Grid
 from kappamask.tools.composites import THICK_CLOUD, CompositeConfig, compose, fractal_field
 from kappamask.tools.datasets import KappaSetSource, Scene, SceneSource, read_label_raster
 from kappamask.tools.evaluate import evaluate, format_table
 
 from .conftest import T29UNU, make_l1c_safe
+
+
+def _write_labels(path: Path, grid: Grid, labels: np.ndarray) -> None:
+    """A one-band uint8 GeoTIFF of ``labels`` on ``grid``."""
+    with rasterio.open(path, "w", driver="GTiff", count=1, dtype="uint8", **grid.warp) as dst:
+        dst.write(labels, 1)
 
 
 @pytest.fixture(scope="module")
@@ -199,18 +206,7 @@ def test_evaluate_with_the_sen2cor_column(tmp_path: Path) -> None:
     product = open_safe(T29UNU)
     grid = output_grid(product, 60)
     scl = read_scl_labels(product, grid)
-    with rasterio.open(
-        tmp_path / "ref.tif",
-        "w",
-        driver="GTiff",
-        width=grid.width,
-        height=grid.height,
-        count=1,
-        dtype="uint8",
-        crs=grid.crs,
-        transform=grid.transform,
-    ) as dst:
-        dst.write(scl, 1)
+    _write_labels(tmp_path / "ref.tif", grid, scl)
     result = evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"], scl_products=[T29UNU])
     assert result["sen2cor"]["overall_accuracy"] == 1.0
     assert result["sen2cor"]["confusion"] == result["kappamask"]["confusion"]
@@ -269,18 +265,7 @@ def test_evaluate_with_the_s2cloudless_column(tmp_path: Path) -> None:
     safe = make_l1c_safe(tmp_path)
     grid = output_grid(open_safe(safe), 10)
     ref = np.full((grid.height, grid.width), MaskClass.CLEAR, np.uint8)
-    with rasterio.open(
-        tmp_path / "ref.tif",
-        "w",
-        driver="GTiff",
-        width=grid.width,
-        height=grid.height,
-        count=1,
-        dtype="uint8",
-        crs=grid.crs,
-        transform=grid.transform,
-    ) as dst:
-        dst.write(ref, 1)
+    _write_labels(tmp_path / "ref.tif", grid, ref)
     result = evaluate([tmp_path / "ref.tif"], [tmp_path / "ref.tif"], s2cloudless_products=[safe])
     clear = result["s2cloudless"]["two_class"]["classes"]["clear"]
     assert clear["recall"] > 0.9, result["s2cloudless"]["two_class"]
@@ -317,18 +302,7 @@ def test_side_by_side_on_a_real_l2a_product(tmp_path: Path) -> None:
     grid = output_grid(product, 60)
     scl = read_scl_labels(product, grid)
     scl[scl == MaskClass.UNDEFINED] = MaskClass.CLEAR  # a mask has no UNDEFINED
-    with rasterio.open(
-        tmp_path / "mask.tif",
-        "w",
-        driver="GTiff",
-        width=grid.width,
-        height=grid.height,
-        count=1,
-        dtype="uint8",
-        crs=grid.crs,
-        transform=grid.transform,
-    ) as dst:
-        dst.write(scl, 1)
+    _write_labels(tmp_path / "mask.tif", grid, scl)
     args = [
         "evaluate",
         "--side-by-side",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,9 +145,15 @@ OVERVIEWS: dict[str, OverviewResampling] = {
 }
 
 
-def _hrefs(hrefs: Sequence[str]) -> dict[str, Any]:
-    """RunResult's href fields from the hrefs of ASSETS and the item, in that order."""
-    return dict(zip((*ASSETS, "item"), hrefs, strict=True))
+def _published(names: Mapping[str, str]) -> dict[str, str]:
+    """The files a result publishes, by key (RunResult's href fields): ASSETS, then the
+    STAC item, which is committed last."""
+    return {key: names[key] for key in (*ASSETS, "item")}
+
+
+def _href_fields(hrefs: Mapping[str, str]) -> dict[str, Any]:
+    """RunResult's href fields (mask, ..., item) from the published hrefs by key."""
+    return {key: hrefs[key] for key in (*ASSETS, "item")}
 
 
 def _noop_progress(_percent: int, _message: str) -> None:
@@ -319,7 +325,7 @@ def _reuse(
         level=recorded.level,
         model=parameters["model"],
         model_version=parameters["model_version"],
-        **_hrefs([sink.final_href(names[key]) for key in (*ASSETS, "item")]),
+        **_href_fields({k: sink.final_href(name) for k, name in _published(names).items()}),
         statistics=recorded.statistics,
         crops_total=recorded.crops_total,
         crops_inferred=0,
@@ -446,7 +452,7 @@ def publish(
     inferred: Inferred,
     sink: Sink,
     hooks: RunHooks,
-) -> tuple[list[str], dict[str, float]]:
+) -> tuple[dict[str, str], dict[str, float]]:
     """Stage 3: COGs, preview and STAC item, committed to the sink (the item last); the
     published hrefs (ASSETS, then the item) and the class statistics."""
     names, model, scratch = planned.names, planned.model, _scratch(sink)
@@ -499,7 +505,7 @@ def publish(
     )
     hooks.timings["stac"] = time.monotonic() - t0
     t0 = time.monotonic()
-    final = sink.commit([names[key] for key in (*ASSETS, "item")])
+    final = sink.commit(_published(names))
     hooks.timings["publish"] = time.monotonic() - t0
     return final, statistics
 
@@ -555,7 +561,7 @@ def run(
         level=product.level,
         model=model.name,
         model_version=model.version_label,
-        **_hrefs(final),
+        **_href_fields(final),
         statistics=statistics,
         crops_total=len(planned.crops),
         crops_inferred=inferred.crops_inferred,

@@ -18,8 +18,7 @@ from rasterio.windows import Window
 from shapely.geometry import mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from kappamask.bands import RESOLUTIONS
-from kappamask.errors import InvalidInputError, ProductError
+from kappamask.errors import ProductError
 from kappamask.reading.gdal import GDAL_ENV, open_band, product_errors
 from kappamask.sources.product import Product
 
@@ -38,6 +37,16 @@ class Grid:
         return float(self.transform.a)
 
     @property
+    def warp(self) -> dict[str, Any]:
+        """This grid as the target of a ``WarpedVRT`` (or ``rasterio.warp.reproject``)."""
+        return {
+            "crs": self.crs,
+            "transform": self.transform,
+            "width": self.width,
+            "height": self.height,
+        }
+
+    @property
     def bounds(self) -> tuple[float, float, float, float]:
         left, top = self.transform.c, self.transform.f
         return (
@@ -49,9 +58,8 @@ class Grid:
 
 
 def output_grid(product: Product, resolution: int) -> Grid:
-    """The grid at ``resolution`` metres covering the product's tile."""
-    if resolution not in RESOLUTIONS:
-        raise InvalidInputError(f"resolution must be one of {RESOLUTIONS}, not {resolution}")
+    """The grid at ``resolution`` metres (one of RESOLUTIONS, as RunOptions checks)
+    covering the product's band files."""
     band = next((b for b in ("B02", "B04", "B8A", "B01") if product.has_band(b)), None)
     if band is None:
         raise ProductError(f"{product.product_id} has no spectral band files")

@@ -222,10 +222,10 @@ class CollectionWriter:
             )
             sink.path(COLLECTION_FILE).write_text(json.dumps(collection, indent=2))
             names.append(COLLECTION_FILE)
-            hrefs = sink.commit(names)
+            hrefs = sink.commit({name: name for name in names})
         if self.stac_api is not None:
-            self._to_api(collection, dict(zip(names, hrefs, strict=True)))
-        return hrefs[-1]
+            self._to_api(collection, hrefs)
+        return hrefs[COLLECTION_FILE]
 
     def _to_api(self, collection: dict[str, Any], hrefs: dict[str, str]) -> None:
         """The collection and the items just linked, to the STAC API; what it refuses is

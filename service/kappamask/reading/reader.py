@@ -34,7 +34,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from kappamask.bands import AUX_BANDS, BAND_SUBSTITUTES, DN_SCALE
-from kappamask.errors import InvalidInputError, ProductError
+from kappamask.errors import ProductError
 from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import OFFSET_KM_PREDICT, OFFSET_TRAINING
 from kappamask.reading.compiled import inline_kernel, kernel
@@ -44,6 +44,8 @@ from kappamask.sources.product import Product
 
 LOGGER = logging.getLogger(__name__)
 
+#: rasterio's resampling of each of RunOptions' methods (kappamask.options.RESAMPLING_METHODS,
+#: which checks the user's choice).
 RESAMPLING = {"lanczos": Resampling.lanczos, "bilinear": Resampling.bilinear}
 
 
@@ -257,10 +259,7 @@ def open_layer(stack: ExitStack, path: str, grid: Grid, resampling: str) -> Laye
         stack.enter_context(
             WarpedVRT(
                 src,
-                crs=grid.crs,
-                transform=grid.transform,
-                width=grid.width,
-                height=grid.height,
+                **grid.warp,
                 resampling=RESAMPLING[resampling],
                 src_nodata=0,
                 nodata=np.nan,
@@ -290,8 +289,6 @@ class BandReader:
         dtype: type[np.floating] = np.float32,
         offset_rule: str = OFFSET_TRAINING,
     ) -> None:
-        if resampling not in RESAMPLING:
-            raise InvalidInputError(f"resampling must be one of {sorted(RESAMPLING)}")
         if len(features) != len(max_v):
             raise ValueError("features and max_v differ in length")
         self.product = product

@@ -38,8 +38,9 @@ class TileMetadata:
     mgrs_tile: str
     sensing_time: datetime
     crs: str
-    #: resolution -> (ulx, uly, xdim, ydim, ncols, nrows)
-    geocoding: dict[int, tuple[float, float, float, float, int, int]]
+    # The tile's Geoposition/Size are not kept: the output grid comes from the band files,
+    # which are what is read (a product whose bands were cut, as the T29UNU test fixture's
+    # are, still names the whole tile here).
     sun_zenith: float | None
     sun_azimuth: float | None
 
@@ -148,21 +149,6 @@ def parse_tile_metadata(data: bytes, name: str = "MTD_TL.xml") -> TileMetadata:
     root = _parse_xml(data, name)
     tile_id = _text(root, "TILE_ID", name)
     match = re.search(r"_T(\d{2}[A-Z]{3})_", tile_id + "_")
-    geocoding: dict[int, tuple[float, float, float, float, int, int]] = {}
-    sizes = {int(el.get("resolution", "0")): el for el in _iter(root, "Size")}
-    for pos in _iter(root, "Geoposition"):
-        res = int(pos.get("resolution", "0"))
-        size = sizes.get(res)
-        if size is None:
-            continue
-        geocoding[res] = (
-            float(_text(pos, "ULX", name)),
-            float(_text(pos, "ULY", name)),
-            float(_text(pos, "XDIM", name)),
-            float(_text(pos, "YDIM", name)),
-            int(_text(size, "NCOLS", name)),
-            int(_text(size, "NROWS", name)),
-        )
     sun = _iter(root, "Mean_Sun_Angle")
     zenith = azimuth = None
     if sun:
@@ -173,7 +159,6 @@ def parse_tile_metadata(data: bytes, name: str = "MTD_TL.xml") -> TileMetadata:
         mgrs_tile=match.group(1) if match else "",
         sensing_time=parse_datetime(_text(root, "SENSING_TIME", name)),
         crs=_text(root, "HORIZONTAL_CS_CODE", name),
-        geocoding=geocoding,
         sun_zenith=zenith,
         sun_azimuth=azimuth,
     )

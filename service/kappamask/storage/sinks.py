@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -184,12 +184,13 @@ class LocalSink:
         except OSError:
             return None
 
-    def commit(self, names: Sequence[str]) -> list[str]:
-        """Move ``names`` to their final place, in order (put the STAC item last)."""
-        final = []
-        for name in names:
+    def commit(self, files: Mapping[str, str]) -> dict[str, str]:
+        """Move ``files`` (key -> file name) to their final place, in order (put the STAC
+        item last); each key's final href."""
+        final = {}
+        for key, name in files.items():
             os.replace(self.staging / file_name(name), self.out_dir / name)
-            final.append(self.final_href(name))
+            final[key] = self.final_href(name)
         return final
 
     def __exit__(self, _type: object, exc: BaseException | None, _tb: object) -> None:
@@ -273,7 +274,10 @@ class S3Sink:
         except Exception:  # absent or unreadable: compute it again
             return None
 
-    def commit(self, names: Sequence[str]) -> list[str]:
+    def commit(self, files: Mapping[str, str]) -> dict[str, str]:
+        """Upload ``files`` (key -> file name) under the staging prefix, then copy them to
+        their final keys in order (put the STAC item last); each key's final href."""
+        names = list(files.values())
         for name in names:
             key = self.staging_prefix + name
             with s3_errors(f"uploading {name} to s3://{self.bucket}"):
@@ -293,7 +297,7 @@ class S3Sink:
         except BaseException:
             self._delete(written)
             raise
-        return [self.final_href(name) for name in names]
+        return {key: self.final_href(name) for key, name in files.items()}
 
     def _delete(self, keys: Sequence[str]) -> None:
         for key in keys:

@@ -96,10 +96,7 @@ def read_label_raster(path: Path, grid: Grid) -> np.ndarray:
         rasterio.open(path) as src,
         WarpedVRT(
             src,
-            crs=grid.crs,
-            transform=grid.transform,
-            width=grid.width,
-            height=grid.height,
+            **grid.warp,
             resampling=Resampling.nearest,
             nodata=MaskClass.MISSING,
         ) as vrt,

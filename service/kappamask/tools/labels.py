@@ -41,10 +41,7 @@ def read_scl(product: Product, grid: Grid) -> np.ndarray:
         rasterio.open(path) as src,
         WarpedVRT(
             src,
-            crs=grid.crs,
-            transform=grid.transform,
-            width=grid.width,
-            height=grid.height,
+            **grid.warp,
             resampling=Resampling.nearest,
         ) as vrt,
     ):
