@@ -55,6 +55,14 @@ def _one_access_policy_per_test() -> Iterator[None]:
     egress.reset()
 
 
+def use_settings(monkeypatch: pytest.MonkeyPatch, **values: Any) -> Settings:
+    """Settings with ``values`` installed for the rest of the test (what a launcher's flags
+    would set; the environment is read once, so changing it mid-test would not)."""
+    installed = Settings(**values)
+    monkeypatch.setattr(settings, "_CURRENT", installed)
+    return installed
+
+
 @pytest.fixture(autouse=True)
 def _settings_read_per_test() -> Iterator[None]:
     """Each test's in-process code reads the settings afresh (from the environment, unless

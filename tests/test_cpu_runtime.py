@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kappamask import settings
 from kappamask.bands import MODEL_NAMES
 from kappamask.cli import main
 from kappamask.inference import cpu
@@ -38,7 +37,7 @@ from kappamask.inference.server import LocalTriton
 from kappamask.inference.triton import TritonClient
 from kappamask.tools import precision
 
-from .conftest import DATA, T22HBD, T29UNU
+from .conftest import DATA, T22HBD, T29UNU, use_settings
 
 openvino = pytest.importorskip("openvino")
 HAS_BF16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -216,7 +215,7 @@ def _classes(
 ) -> dict[str, list[np.ndarray]]:
     """Classes of ``crops`` through a real Triton whose CPU models run in ``precision``
     (int8: the served INT8 variants)."""
-    _precision(monkeypatch, precision)
+    use_settings(monkeypatch, cpu_precision=precision)
     out: dict[str, list[np.ndarray]] = {}
     with LocalTriton(DEFAULT_REPOSITORY, supervise=False) as triton:
         assert f", {precision}, " in triton.log_tail(200)
@@ -251,11 +250,6 @@ def crops() -> Crops:
 def keep_host_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     # what the session's Triton announced comes back after the test
     monkeypatch.setattr(cpu, "_HOST", cpu._HOST)
-
-
-def _precision(monkeypatch: pytest.MonkeyPatch, precision: str) -> None:
-    """This process's settings and the Triton it starts force ``precision``."""
-    monkeypatch.setattr(settings, "_CURRENT", settings.Settings(cpu_precision=precision))
 
 
 @pytest.mark.slow
@@ -300,7 +294,7 @@ def test_check_precision_records_what_auto_then_runs(
         version_dir / "model.onnx", tmp_path, int8_path=version_dir / "model.int8.onnx"
     )
     assert "int8_agreement" not in config_parameters(model_dir / "config.pbtxt")
-    _precision(monkeypatch, "auto")
+    use_settings(monkeypatch, cpu_precision="auto")
     for data, expected in ((T29UNU, "int8"), (T22HBD, None)):
         report = tmp_path / f"{data.name}.json"
         done = CliRunner().invoke(
@@ -343,7 +337,7 @@ def test_a_model_declaring_fp32_input_gets_fp32(
     model_dir = install_model(DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / "model.onnx", tmp_path)
     config = model_dir / "config.pbtxt"
     config.write_text(config.read_text().replace("TYPE_FP16", "TYPE_FP32"))
-    _precision(monkeypatch, "f32")
+    use_settings(monkeypatch, cpu_precision="f32")
     features, data = crops["L2A"][0]
     with LocalTriton(tmp_path, supervise=False) as triton, TritonClient(triton.http_url) as client:
         spec = client.model("L2A")

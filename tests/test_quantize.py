@@ -27,7 +27,7 @@ from kappamask.options import RunOptions
 from kappamask.pipeline import run
 from kappamask.tools import quantize as q
 
-from .conftest import T29UNU
+from .conftest import T29UNU, use_settings
 
 FP32_L2A = DEFAULT_REPOSITORY / "kappamask_l2a" / "1" / FP32_FILE
 
@@ -109,7 +109,7 @@ def test_served_int8_gives_the_fp32_mask(
     assert "int8" not in (model_dir / "configs" / "gpu.pbtxt").read_text()
     masks = []
     for precision in ("f32", "int8"):  # what a CPU without bfloat16 serves: the INT8 file
-        monkeypatch.setenv("KAPPAMASK_CPU_PRECISION", precision)
+        use_settings(monkeypatch, cpu_precision=precision)
         with LocalTriton(repo, supervise=False) as server, TritonClient(server.http_url) as client:
             assert f", {precision}, " in server.log_tail(200)
             result = run(T29UNU, tmp_path / precision, client, RunOptions(resolution=60))

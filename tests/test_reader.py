@@ -12,7 +12,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from kappamask.bands import L2A_FEATURES, L2A_MAX_V
-from kappamask.errors import InvalidInputError, ProductError
+from kappamask.errors import ProductError
 from kappamask.geometry.grid import Grid, output_grid
 from kappamask.reading import reader as reader_module
 from kappamask.reading.reader import AlignedLayer, BandReader, BlockRows, WarpedLayer, normalise
@@ -67,8 +67,7 @@ def test_grid_of_the_product_at_each_resolution() -> None:
     assert (grid.width, grid.height) == (544, 544)
     assert grid.transform.c == 538380.0 and grid.transform.f == 5869320.0
     assert (output_grid(product, 10).width, output_grid(product, 20).width) == (3264, 1632)
-    with pytest.raises(InvalidInputError):
-        output_grid(product, 30)
+    # a resolution of no Sentinel-2 band is refused by RunOptions (tests/test_options.py)
 
 
 def test_read_at_native_resolution_applies_offsets_by_band_name() -> None:

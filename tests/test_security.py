@@ -234,6 +234,9 @@ def test_the_policy_proxy_refuses_a_tunnel_to_a_refused_host() -> None:
                 answer = conn.recv(4096).decode()
             assert answer.startswith("HTTP/1.1 403"), answer
         assert target.seen == []
+        # and GDAL goes direct again once no policy is installed (no proxy named "None")
+        egress.reset()
+        assert get_gdal_config("GDAL_HTTP_PROXY", normalize=False) is None
     finally:
         target.close()
 

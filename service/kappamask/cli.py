@@ -19,9 +19,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from kappamask import __version__
 from kappamask.bands import LEVELS
 from kappamask.cli_options import (
+    REVIEW_OUT_HELP,
     F,
     existing_file_option,
     install_repository_option,
+    out_option,
     protocol_option,
     repository_option,
     run_option_flags,
@@ -250,13 +252,7 @@ def batch_command(
 
 @main.command("review")
 @click.argument("products", nargs=-1, required=True)
-@click.option(
-    "--out",
-    "output",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the ranked sub-tiles, index.json and index.html.",
-)
+@out_option(REVIEW_OUT_HELP)
 @click.option(
     "--top",
     type=click.IntRange(min=1),
@@ -264,7 +260,7 @@ def batch_command(
     help="Keep the N most unsure sub-tiles (default: all).",
 )
 @product_options
-def review_command(products: tuple[str, ...], output: Path, top: int | None, **flags: Any) -> None:
+def review_command(products: tuple[str, ...], out_dir: Path, top: int | None, **flags: Any) -> None:
     """Rank the 512 px sub-tiles of PRODUCTS by how unsure the served model is (small
     top-2 margins, low confidence) and write, for each, the band stack it saw, its mask,
     a true-colour PNG and the mask over it; index.json and index.html rank them. What to
@@ -275,8 +271,8 @@ def review_command(products: tuple[str, ...], output: Path, top: int | None, **f
     options = RunOptions.from_flags(flags)
     opened = [open_product(p) for p in products]  # unreadable ones end here, before Triton
     with _triton_and_progress(flags, "review") as (client, progress):
-        kept = review(opened, output, client, options, top, progress)
-    click.echo(f"{len(kept)} sub-tiles ranked, most unsure first: {output / 'index.html'}")
+        kept = review(opened, out_dir, client, options, top, progress)
+    click.echo(f"{len(kept)} sub-tiles ranked, most unsure first: {out_dir / 'index.html'}")
     for tile in kept[:10]:
         click.echo(
             f"  {tile.unsure:.3f}  {tile.name}  low confidence {100 * tile.low_confidence:.0f} %"

@@ -84,6 +84,10 @@ def run_option_flags() -> list[Callable[[F], F]]:
     return flags
 
 
+#: ``--out`` of `review` and `review-scenes`.
+REVIEW_OUT_HELP = "Folder for the ranked sub-tiles, index.json and index.html."
+
+
 def out_option(help_text: str) -> Callable[[F], F]:
     return click.option(
         "--out", "out_dir", type=click.Path(path_type=Path), required=True, help=help_text

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+# rasterio's public API sets and reads GDAL options; unsetting one is in its _env module
+from rasterio._env import del_gdal_config
 from rasterio.env import get_gdal_config, set_gdal_config
 
 from kappamask.access import AccessPolicy, host_matches
@@ -246,7 +248,7 @@ def install(policy: AccessPolicy) -> Egress | None:
     with _EGRESS_LOCK:
         if _EGRESS is None:
             _EGRESS = Egress()
-        if get_gdal_config(PROXY_OPTION) != _EGRESS.address_text:
+        if get_gdal_config(PROXY_OPTION, normalize=False) != _EGRESS.address_text:
             # process-wide (GDAL's global configuration, which every thread's reads consult
             # after their own), never undone while policies are installed (see the module
             # docstring)
@@ -268,5 +270,5 @@ def reset() -> None:
     for the next ``install`` (tests, which try several policies in one process)."""
     if _EGRESS is not None:
         _EGRESS.reset()
-        if get_gdal_config(PROXY_OPTION) == _EGRESS.address_text:
-            set_gdal_config(PROXY_OPTION, None)
+        if get_gdal_config(PROXY_OPTION, normalize=False) == _EGRESS.address_text:
+            del_gdal_config(PROXY_OPTION)

@@ -13,6 +13,7 @@ import click
 
 from kappamask.bands import LEVELS, MODEL_NAMES, RESOLUTIONS
 from kappamask.cli_options import (
+    REVIEW_OUT_HELP,
     existing_file_option,
     install_repository_option,
     out_file_option,
@@ -602,13 +603,7 @@ def _fine_tune(
     "--model", "model_path", "ONNX model [default: the repository's model of --level]."
 )
 @click.option("--level", type=click.Choice(LEVELS), required=True, help="Level of the model.")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the ranked sub-tiles, index.json and index.html.",
-)
+@out_option(REVIEW_OUT_HELP)
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Keep the N first.")
 @click.option(
     "--rank-by",
