@@ -51,6 +51,8 @@ def test_values_parse_from_the_environment_and_defaults_fill_the_rest(tmp_path: 
         ("KAPPAMASK_PORT", "eighty"),
         ("KAPPAMASK_SERVE_OUTPUTS", "maybe"),
         ("KAPPAMASK_READ_TIMEOUT_S", "30s"),
+        ("KAPPAMASK_TRITON_PROTOCOL", "ftp"),
+        ("KAPPAMASK_CPU_PRECISION", "fp8"),
     ],
 )
 def test_a_value_that_does_not_parse_names_its_variable(name: str, value: str) -> None:

@@ -49,6 +49,15 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip() not in choices:
+            raise ValueError(f"not one of {', '.join(choices)}")
+        return text.strip()
+
+    return parse
+
+
 def _path(text: str) -> Path | None:
     return Path(text) if text.strip() else None
 
@@ -80,7 +89,10 @@ class Settings:
         "(the deployment's API containers need it)",
     )
     triton_protocol: str = _setting(
-        "KAPPAMASK_TRITON_PROTOCOL", "http", str.strip, "protocol to Triton: http or grpc"
+        "KAPPAMASK_TRITON_PROTOCOL",
+        "http",
+        _one_of("http", "grpc"),
+        "protocol to Triton: http or grpc",
     )
     model_repository: Path | None = _setting(
         "KAPPAMASK_MODEL_REPOSITORY",
@@ -104,13 +116,13 @@ class Settings:
     cpu_runtime: str | None = _setting(
         "KAPPAMASK_CPU_RUNTIME",
         None,
-        _text,
+        _one_of("openvino", "onnxruntime"),
         "force the CPU models' runtime (openvino, onnxruntime); unset: OpenVINO if installed",
     )
     cpu_precision: str = _setting(
         "KAPPAMASK_CPU_PRECISION",
         "auto",
-        str.strip,
+        _one_of("auto", "bf16", "f32", "int8"),
         "force the CPU models' precision (bf16, f32, int8); auto: the fastest that keeps to "
         "FP32's classes",
     )
