@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,26 @@ def test_the_environment_is_read_only_in_the_settings_and_the_launchers() -> Non
 def test_the_readme_lists_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     assert settings.markdown_table() in readme, "run `kappamask settings --markdown`"
+
+
+def test_a_killed_launcher_s_pygeoapi_scratch_is_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    from kappamask.api.serve import SCRATCH_PREFIX, remove_stale_scratch
+
+    probe = [sys.executable, "-c", "import os; print(os.getpid())"]
+    dead = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    temp = Path(tempfile.gettempdir())
+    stale = temp / f"{SCRATCH_PREFIX}{dead}-abc"
+    mine = temp / f"{SCRATCH_PREFIX}{os.getpid()}-abc"
+    for folder in (stale, mine):
+        folder.mkdir(exist_ok=True)
+        (folder / "openapi.yml").write_text("x")
+    try:
+        remove_stale_scratch()
+        assert not stale.exists() and mine.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)

@@ -66,6 +66,25 @@ def render_config(template: Path, config: Settings) -> dict[str, Any]:
     return document
 
 
+#: Scratch folders of pygeoapi's configuration: ``kappamask-pygeoapi-PID-*`` in the
+#: temporary folder.
+SCRATCH_PREFIX = "kappamask-pygeoapi-"
+
+
+def remove_stale_scratch() -> None:
+    """Remove the scratch folders of launchers that died without cleaning up (killed)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX).partition("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def write_config(folder: Path, config: Settings, template: Path | None = None) -> Path:
     """pygeoapi's configuration for ``config`` (``render_config`` of ``template``, default
     the settings' own) written into ``folder``; its path."""
@@ -81,7 +100,8 @@ def prepare_pygeoapi(stack: ExitStack, config: Settings) -> None:
     them: it reads both paths from the environment, and only there."""
     settings.use(config)
     config.jobs_folder.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="kappamask-pygeoapi-"))
+    remove_stale_scratch()
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     stack.callback(shutil.rmtree, scratch, ignore_errors=True)
     resolved = write_config(scratch, config)
     openapi = scratch / "openapi.yml"
