@@ -39,14 +39,7 @@ def test_t29unu_at_60m(
     assert progress[0] == 5 and progress[-1] == 95 and progress == sorted(progress)
     item = check_result(result.item, T29UNU, 60, stac_validator)
     assert item["properties"]["kappamask:substituted_bands"] == {"B08": "B8A"}
-    hrefs = (
-        result.mask,
-        result.confidence,
-        result.probability,
-        result.valid,
-        result.preview,
-        result.item,
-    )
+    hrefs = result.files.values()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(p).name for p in hrefs)
 
 

@@ -70,14 +70,7 @@ def test_s3_product_to_s3_output(
     result = run(url, OutputTarget(f"s3://results/{prefix}", policy), client, OPTIONS)
     assert result.item.startswith(f"s3://results/{prefix}/") and not result.reused
     keys = s3_server.keys("results", prefix)
-    hrefs = (
-        result.mask,
-        result.confidence,
-        result.probability,
-        result.valid,
-        result.preview,
-        result.item,
-    )
+    hrefs = result.files.values()
     assert [k.rsplit("/", 1)[-1] for k in keys] == sorted(Path(h).name for h in hrefs)
     _check_published(s3_server, result.item, tmp_path, stac_validator)
 

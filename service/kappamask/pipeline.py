@@ -102,6 +102,11 @@ class RunResult:
     #: Which weights made the mask (ModelSpec.provenance: origin, version, ONNX SHA-256).
     model_provenance: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def files(self) -> dict[str, str]:
+        """The published files' hrefs by key: ASSETS, then the STAC item."""
+        return {key: getattr(self, key) for key in (*ASSETS, "item")}
+
     def to_json(self) -> dict[str, object]:
         return {
             "product_id": self.product_id,
@@ -109,12 +114,7 @@ class RunResult:
             "model": self.model,
             "model_version": self.model_version,
             "model_provenance": self.model_provenance,
-            "mask": self.mask,
-            "confidence": self.confidence,
-            "probability": self.probability,
-            "valid": self.valid,
-            "preview": self.preview,
-            "item": self.item,
+            **self.files,
             # one denominator per figure (README "Outputs"): the four classes and the cloud
             # cover are shares of the pixels with data (inside the bbox/aoi when there is
             # one), missing of every pixel of the mask (of the area's pixels)
@@ -227,26 +227,13 @@ def _infer_all(
     mosaic: _Mosaic,
     hooks: RunHooks,
 ) -> tuple[int, dict[str, str]]:
-    product, model, grid, local_area = (
-        planned.product,
-        planned.model,
-        planned.grid,
-        planned.local_area,
-    )
+    model, grid, local_area = planned.model, planned.grid, planned.local_area
     crops = mosaic.crops
     total = len(crops)
     inferred = done = 0
     pending: tuple[int, np.ndarray, list[tuple[int, Future[CropOutputs]]]] | None = None
     in_flight: list[Future[CropOutputs]] = []
-    with BandReader(
-        product,
-        model.features,
-        model.max_v,
-        grid,
-        options.resampling,
-        dtype=np.float16,
-        offset_rule=model.offset_rule,
-    ) as reader:
+    with planned.reader(options.resampling, np.float16) as reader:
         substitutions = {f: layer for f, layer in reader.layers.items() if f != layer}
         for row, y in enumerate(crops.rows):
             top, bottom = y.clip(grid.height)
@@ -349,6 +336,19 @@ class Plan:
     crops: CropGrid
     names: dict[str, str]
     parameters: dict[str, Any]
+
+    def reader(self, resampling: str, dtype: type[np.floating] = np.float32) -> BandReader:
+        """The reader of the product's bands as the model takes them, on the grid."""
+        model = self.model
+        return BandReader(
+            self.product,
+            model.features,
+            model.max_v,
+            self.grid,
+            resampling,
+            dtype=dtype,
+            offset_rule=model.offset_rule,
+        )
 
 
 @dataclass(frozen=True)

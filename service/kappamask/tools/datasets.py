@@ -20,20 +20,16 @@ from typing import Any, Protocol
 
 import h5py
 import numpy as np
-import rasterio
-from rasterio.enums import Resampling
-from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
 from kappamask.bands import DN_SCALE, MaskClass
 from kappamask.errors import InvalidInputError, ProductError
 from kappamask.geometry.grid import Grid, output_grid
-from kappamask.reading.gdal import GDAL_ENV
 from kappamask.reading.reader import BandReader
 from kappamask.sources import open_safe
 from kappamask.sources.product import Product
 from kappamask.tools.composites import compose
-from kappamask.tools.labels import read_scl_labels
+from kappamask.tools.labels import read_nearest, read_scl_labels
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -91,17 +87,7 @@ def _random_window(rows: slice, width: int, crop: int, rng: np.random.Generator)
 
 def read_label_raster(path: Path, grid: Grid) -> np.ndarray:
     """A mask-code GeoTIFF on ``grid`` (nearest neighbour), e.g. a hand-made label."""
-    with (
-        rasterio.Env(**GDAL_ENV),
-        rasterio.open(path) as src,
-        WarpedVRT(
-            src,
-            **grid.warp,
-            resampling=Resampling.nearest,
-            nodata=MaskClass.MISSING,
-        ) as vrt,
-    ):
-        labels: np.ndarray = vrt.read(1)
+    labels = read_nearest(path, grid, nodata=MaskClass.MISSING)
     if labels.max() > MaskClass.UNDEFINED:
         raise ProductError(f"{path} holds values above {int(MaskClass.UNDEFINED)}: not mask codes")
     return labels.astype(np.uint8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
@@ -36,14 +38,16 @@ def read_scl(product: Product, grid: Grid) -> np.ndarray:
     if not product.has_band("SCL"):
         raise ProductError(f"{product.product_id} has no SCL layer (an L2A product is needed)")
     path, _res = product.band_path("SCL", int(grid.resolution))
+    return read_nearest(path, grid)
+
+
+def read_nearest(path: str | Path, grid: Grid, nodata: float | None = None) -> np.ndarray:
+    """The first band of a raster of classes on ``grid`` (nearest neighbour; ``nodata``
+    where the raster does not reach)."""
     with (
         rasterio.Env(**GDAL_ENV),
         rasterio.open(path) as src,
-        WarpedVRT(
-            src,
-            **grid.warp,
-            resampling=Resampling.nearest,
-        ) as vrt,
+        WarpedVRT(src, **grid.warp, resampling=Resampling.nearest, nodata=nodata) as vrt,
     ):
         codes: np.ndarray = vrt.read(1)
         return codes

@@ -39,7 +39,6 @@ from kappamask.inference.model_spec import SCORE_CLASSES, ModelSpec
 from kappamask.inference.triton import TritonClient
 from kappamask.options import RunOptions
 from kappamask.pipeline import Plan, plan
-from kappamask.reading.reader import BandReader
 from kappamask.sources import ProductRef
 
 if TYPE_CHECKING:  # the scene review's modules need the tools extra (h5py, ONNX Runtime)
@@ -197,16 +196,9 @@ def _read_sub_tiles(
 ) -> Iterator[_Read]:
     """The product's sub-tiles with data (or the ``wanted`` (row, col) ones), read as the
     model sees them and answered by it."""
-    product, model, grid = planned.product, planned.model, planned.grid
+    model, grid = planned.model, planned.grid
     crops = [c for c in planned.crops if wanted is None or (c.row, c.col) in wanted]
-    with BandReader(
-        product,
-        model.features,
-        model.max_v,
-        grid,
-        options.resampling,
-        offset_rule=model.offset_rule,
-    ) as reader:
+    with planned.reader(options.resampling) as reader:
         for number, crop in enumerate(crops, 1):
             if progress:
                 progress(100 * number // len(crops), f"sub-tile {number}/{len(crops)}")
