@@ -17,7 +17,7 @@ from kappamask.geometry.grid import Grid
 from kappamask.inference.model_spec import ModelSpec
 from kappamask.pipeline import ASSETS, _reuse
 from kappamask.sources import open_safe
-from kappamask.storage.sinks import LocalSink, OutputTarget, output_names
+from kappamask.storage.sinks import RESULT_FILES, LocalSink, OutputTarget, output_names
 from kappamask.writers.stac_item import WrittenFile, class_statistics, create_item
 
 from .conftest import T29UNU
@@ -93,3 +93,9 @@ def test_reuse_returns_a_complete_result_with_the_same_parameters(tmp_path: Path
         # an asset missing: incomplete, computed again
         (tmp_path / names["probability"]).unlink()
         assert _reuse(sink, names, parameters, 0.0) is None
+
+
+def test_a_result_s_files_are_named_for_every_key_with_the_item_last() -> None:
+    names = output_names("P")
+    assert tuple(names) == RESULT_FILES and RESULT_FILES[-1] == "item"
+    assert len(set(names.values())) == len(names)

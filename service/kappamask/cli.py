@@ -131,7 +131,7 @@ def run_command(product: str, output: str, **flags: Any) -> None:
     """Mask PRODUCT: a .SAFE folder or .zip, s3://bucket/...SAFE (or .zip), or a STAC item
     (URL, s3:// or local .json), L1C or L2A. S3 settings come from the environment
     (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., KAPPAMASK_S3_REQUESTER_PAYS)."""
-    from kappamask.pipeline import ASSETS, run
+    from kappamask.pipeline import run
     from kappamask.sources import open_product
 
     options = RunOptions.from_flags(flags)
@@ -140,8 +140,8 @@ def run_command(product: str, output: str, **flags: Any) -> None:
     with _triton_and_progress(flags, "kappamask") as (client, progress):
         result = run(opened, output, client, options, progress=progress)
     summary = result.to_json()  # the job result's figures, with its denominators
-    for key in (*ASSETS, "item"):
-        click.echo(f"{'STAC item:' if key == 'item' else key + ':':<12} {summary[key]}")
+    for key, href in result.files.items():
+        click.echo(f"{'STAC item:' if key == 'item' else key + ':':<12} {href}")
     where = " inside the bbox/aoi" if options.area is not None else ""
     denominator = "the area's" if where else "all"
     click.echo(

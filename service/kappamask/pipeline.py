@@ -52,7 +52,7 @@ from kappamask.options import RunOptions
 from kappamask.reading.reader import BandReader
 from kappamask.sources import ProductRef, open_product
 from kappamask.sources.product import Product
-from kappamask.storage.sinks import OutputTarget, Sink, output_names
+from kappamask.storage.sinks import RESULT_FILES, OutputTarget, Sink, output_names
 from kappamask.writers.cog import OverviewResampling, StripWriter, scratch_files, to_cog
 from kappamask.writers.preview import write_preview
 from kappamask.writers.stac_item import class_statistics, create_item, describe_file, read_item
@@ -105,7 +105,7 @@ class RunResult:
     @property
     def files(self) -> dict[str, str]:
         """The published files' hrefs by key: ASSETS, then the STAC item."""
-        return {key: getattr(self, key) for key in (*ASSETS, "item")}
+        return {key: getattr(self, key) for key in RESULT_FILES}
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -131,7 +131,7 @@ class RunResult:
 
 
 #: Asset keys of a result, in publishing order (the STAC item comes last, after them).
-ASSETS = ("mask", "confidence", "probability", "valid", "preview")
+ASSETS = RESULT_FILES[:-1]  # every file but the STAC item
 
 
 #: How each raster's overviews are made (kappamask.writers.cog, as the strips come): the
@@ -145,15 +145,10 @@ OVERVIEWS: dict[str, OverviewResampling] = {
 }
 
 
-def _published(names: Mapping[str, str]) -> dict[str, str]:
-    """The files a result publishes, by key (RunResult's href fields): ASSETS, then the
-    STAC item, which is committed last."""
-    return {key: names[key] for key in (*ASSETS, "item")}
-
-
-def _href_fields(hrefs: Mapping[str, str]) -> dict[str, Any]:
-    """RunResult's href fields (mask, ..., item) from the published hrefs by key."""
-    return {key: hrefs[key] for key in (*ASSETS, "item")}
+def _in_commit_order(by_key: Mapping[str, str]) -> dict[str, Any]:
+    """The entries of RESULT_FILES, in its order (the item last): the file names to
+    commit, or RunResult's href fields."""
+    return {key: by_key[key] for key in RESULT_FILES}
 
 
 def _noop_progress(_percent: int, _message: str) -> None:
@@ -312,7 +307,7 @@ def _reuse(
         level=recorded.level,
         model=parameters["model"],
         model_version=parameters["model_version"],
-        **_href_fields({k: sink.final_href(name) for k, name in _published(names).items()}),
+        **_in_commit_order({key: sink.final_href(name) for key, name in names.items()}),
         statistics=recorded.statistics,
         crops_total=recorded.crops_total,
         crops_inferred=0,
@@ -505,7 +500,7 @@ def publish(
     )
     hooks.timings["stac"] = time.monotonic() - t0
     t0 = time.monotonic()
-    final = sink.commit(_published(names))
+    final = sink.commit(_in_commit_order(names))
     hooks.timings["publish"] = time.monotonic() - t0
     return final, statistics
 
@@ -561,7 +556,7 @@ def run(
         level=product.level,
         model=model.name,
         model_version=model.version_label,
-        **_href_fields(final),
+        **_in_commit_order(final),
         statistics=statistics,
         crops_total=len(planned.crops),
         crops_inferred=inferred.crops_inferred,

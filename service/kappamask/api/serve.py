@@ -95,10 +95,9 @@ def write_config(folder: Path, config: Settings, template: Path | None = None) -
 
 
 def prepare_pygeoapi(stack: ExitStack, config: Settings) -> None:
-    """Install ``config`` as this process's settings, write pygeoapi's configuration and
-    OpenAPI document to a scratch folder (removed with ``stack``) and point pygeoapi at
-    them: it reads both paths from the environment, and only there."""
-    settings.use(config)
+    """Write pygeoapi's configuration for ``config`` and its OpenAPI document to a scratch
+    folder (removed with ``stack``) and point pygeoapi at them: it reads both paths from
+    the environment, and only there."""
     config.jobs_folder.mkdir(parents=True, exist_ok=True)
     remove_stale_scratch()
     scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
@@ -222,6 +221,7 @@ def serve(config: Settings) -> None:
             except KappaMaskError as err:  # external Triton down: serve, answer 503 meanwhile
                 LOGGER.error("%s: jobs fail with 503 until it answers", err)
         config = config.replace(triton_url=triton.url)
+        settings.use(config)  # what the processes, the queue and the guard read
         prepare_pygeoapi(stack, config)
         recover(config.output_dir.resolve())
         app = guarded_app(triton.ready)

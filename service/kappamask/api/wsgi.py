@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 from contextlib import ExitStack
 
+from kappamask import settings
 from kappamask.api.serve import guarded_app, prepare_pygeoapi
 from kappamask.errors import ConfigurationError
 from kappamask.inference.triton import server_ready
@@ -21,6 +22,7 @@ from kappamask.settings import Settings
 _CONFIG = Settings.from_env()
 if _CONFIG.triton_url is None:
     raise ConfigurationError("the API container needs KAPPAMASK_TRITON_URL (Triton's host:port)")
+settings.use(_CONFIG)  # what the processes, the queue and the guard read
 _SCRATCH = ExitStack()
 atexit.register(_SCRATCH.close)
 prepare_pygeoapi(_SCRATCH, _CONFIG)

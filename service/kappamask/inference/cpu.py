@@ -19,9 +19,10 @@ from kappamask.inference.model_spec import PRECISION_AUTO, auto_precision
 
 LOGGER = logging.getLogger(__name__)
 
-#: Set once this process has started a local Triton: the runtime of its CPU models and
-#: the floating-point precision this CPU computes natively (bf16 or f32).
-_HOST: tuple[str, str] | None = None
+#: Set once this process has started a local Triton: the runtime of its CPU models, the
+#: floating-point precision this CPU computes natively (bf16 or f32) or the one the
+#: settings forced, and whether they forced it.
+_HOST: tuple[str, str, bool] | None = None
 #: CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic.
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -37,11 +38,11 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def host_runtime() -> tuple[str, str]:
+def host_runtime(config: settings.Settings | None = None) -> tuple[str, str]:
     """(runtime, precision) of CPU models on this host before each model's agreements
     are weighed: OpenVINO in bf16 (native bfloat16) or f32, or ONNX Runtime when the
-    openvino package is missing."""
-    config = settings.current()
+    openvino package is missing; what ``config`` (this process's settings) forces."""
+    config = config or settings.current()
     if config.cpu_runtime == "onnxruntime":
         return "onnxruntime", "f32"
     try:
@@ -57,10 +58,10 @@ def host_runtime() -> tuple[str, str]:
     return "openvino", "bf16" if "BF16" in capabilities else "f32"
 
 
-def announce_host_runtime() -> str:
-    """Log what the local Triton's CPU models run with and record it for this process's
-    results; the description."""
-    runtime, precision = host_runtime()
+def announce_host_runtime(config: settings.Settings) -> str:
+    """Log what the local Triton started with ``config`` runs its CPU models with and
+    record it for this process's results; the description."""
+    runtime, precision = host_runtime(config)
     flags = sorted(_cpu_flags() & set(BF16_FLAGS)) or ["no native bfloat16"]
     LOGGER.info(
         "CPU models run with %s; floating point in %s (%s), INT8 variants where "
@@ -70,7 +71,7 @@ def announce_host_runtime() -> str:
         ", ".join(flags),
     )
     global _HOST
-    _HOST = runtime, precision
+    _HOST = runtime, precision, config.cpu_precision != PRECISION_AUTO
     return f"{runtime}, {precision}"
 
 
@@ -87,9 +88,8 @@ def resolve(
     for a precision the config fixes."""
     if precision != PRECISION_AUTO or _HOST is None:
         return runtime, precision
-    runtime, host_precision = _HOST
-    forced = settings.current().cpu_precision
-    if forced != PRECISION_AUTO:
-        return runtime, forced
+    runtime, host_precision, forced = _HOST
+    if forced:
+        return runtime, host_precision
     cpu_has_bf16 = runtime == "openvino" and host_precision == "bf16"
     return runtime, auto_precision(cpu_has_bf16, has_int8, bf16_agreement, int8_agreement)

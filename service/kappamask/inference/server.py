@@ -82,7 +82,7 @@ def _backend_dir(root: Path) -> Path:
     return target
 
 
-def _environment(root: Path) -> dict[str, str]:
+def _environment(root: Path, config: Settings) -> dict[str, str]:
     env = dict(os.environ)
     # The stub must load the interpreter's own libpython and find the venv's packages
     # through the python3 on PATH (it ignores PYTHONPATH/PYTHONHOME).
@@ -92,7 +92,7 @@ def _environment(root: Path) -> dict[str, str]:
     ]
     env["LD_LIBRARY_PATH"] = ":".join([d for d in libdirs if d] + [env.get("LD_LIBRARY_PATH", "")])
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    env.update(settings.current().triton_environment())
+    env.update(config.triton_environment())
     return env
 
 
@@ -123,7 +123,10 @@ class LocalTriton:
         log_path: Path | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
         supervise: bool = True,
+        config: Settings | None = None,
     ) -> None:
+        #: The settings it runs with (CPU runtime and precision, restart delay).
+        self.config = config or settings.current()
         self.repository = Path(repository).resolve()
         self.models = servable_models(self.repository, models)
         if not self.models:
@@ -179,7 +182,7 @@ class LocalTriton:
     def start(self) -> LocalTriton:
         """Launch tritonserver, wait until it reports ready, then supervise it."""
         self._stopping.clear()
-        announce_host_runtime()
+        announce_host_runtime(self.config)
         self._launch()
         if self.supervise:
             self._supervisor = threading.Thread(
@@ -201,7 +204,7 @@ class LocalTriton:
                 self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_environment(root),
+                env=_environment(root, self.config),
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + self.ready_timeout
@@ -250,7 +253,7 @@ class LocalTriton:
                     tail,
                 )
                 return
-            first = settings.current().triton_restart_delay_s
+            first = self.config.triton_restart_delay_s
             delay = first * 2**self.restarts
             self.restarts += 1
             LOGGER.error(
@@ -328,6 +331,7 @@ def triton_endpoint(stack: contextlib.ExitStack, config: Settings) -> TritonEndp
 
         external = config.triton_url
         return TritonEndpoint(external, protocol, lambda: server_ready(external, protocol))
-    triton = stack.enter_context(LocalTriton(config.model_repository or DEFAULT_REPOSITORY))
+    repository = config.model_repository or DEFAULT_REPOSITORY
+    triton = stack.enter_context(LocalTriton(repository, config=config))
     local = triton.grpc_url if protocol == "grpc" else triton.http_url
     return TritonEndpoint(local, protocol, lambda: triton.ready)

@@ -16,6 +16,7 @@ import os
 import socket
 from contextlib import ExitStack
 
+from kappamask import settings
 from kappamask.api.process import register_batch
 from kappamask.api.serve import prepare_pygeoapi
 from kappamask.errors import ConfigurationError
@@ -38,6 +39,7 @@ def work(config: Settings) -> None:
             client.wait_ready()
         # the API's settings, with jobs run here rather than queued
         config = config.replace(triton_url=triton.url, queue_worker=True)
+        settings.use(config)  # what the processes and the queue read
         prepare_pygeoapi(stack, config)
         register_batch()  # batches split into child jobs here
         name = f"kappamask-{socket.gethostname()}-{os.getpid()}@%h"

@@ -381,11 +381,16 @@ def _result_files(result: Any) -> list[str]:
         return hrefs
     if result.get("reused"):
         return []
-    return [v for k, v in result.items() if k in _RESULT_KEYS and isinstance(v, str)]
+    return [v for k, v in result.items() if k in RESULT_FILES and isinstance(v, str)]
+
+
+#: The files of a product's result by key (STAC asset keys, then the item, which is
+#: committed last so that an item is never there before its assets).
+RESULT_FILES = ("mask", "confidence", "probability", "valid", "preview", "item")
 
 
 def output_names(product_id: str) -> dict[str, str]:
-    """File names of a result in the output folder, keyed by STAC asset key."""
+    """File names of a result in the output folder, keyed as RESULT_FILES."""
     return {
         "mask": f"{product_id}_KAPPAMASK.tif",
         "confidence": f"{product_id}_KAPPAMASK_CONFIDENCE.tif",
@@ -394,10 +399,6 @@ def output_names(product_id: str) -> dict[str, str]:
         "preview": f"{product_id}_KAPPAMASK_PREVIEW.png",
         "item": f"{product_id}_KAPPAMASK.json",
     }
-
-
-#: The keys of a product's result that name its published files (kappamask.pipeline).
-_RESULT_KEYS = ("mask", "confidence", "probability", "valid", "preview", "item")
 
 
 def delete_published(result: Any, service: OutputTarget) -> list[str]:
