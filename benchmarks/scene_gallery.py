@@ -7,7 +7,9 @@ model's mask side by side, and a table of what it calls each scene.
 
 ``--json`` writes ``kappamask distill``'s holdout report of the model on the chosen scenes
 (all of them, not only the ``--max-scenes`` drawn): the same numbers for any served file,
-so models made before and after a change are compared on the same labels.
+so models made before and after a change are compared on the same labels. It prints what
+a user sees pooled over the chosen scenes and by acquisition kind (cloudy, or published as
+cloud-free: ``distill.ACQUISITION_KINDS``).
 
 The scenes are the ``kappamask distill`` label cache (``--labels-cache``): features exactly
 as the service feeds them, so what is drawn is what Triton would answer. The model runs
@@ -67,7 +69,8 @@ def main() -> None:
         chosen = [load_scene(f) for f in files]
         report = holdout_report(chosen, lambda f: predict(session, f))
         args.json.write_text(json.dumps(without_nan(report), indent=2))
-        print(json.dumps(without_nan(report["trust"]), indent=2))
+        trust = {"all": report["trust"], **report["trust_by_acquisition"]}
+        print(json.dumps(without_nan(trust), indent=2))
     files = files[: args.max_scenes]
     lut = np.zeros((256, 3), np.float32)
     for code, rgba in CLASS_COLORS.items():

@@ -14,7 +14,14 @@ from affine import Affine
 from kappamask.bands import DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
 from kappamask.errors import InvalidInputError
 from kappamask.tools import realdata, teachers
-from kappamask.tools.distill import ScenesSource, split
+from kappamask.tools.distill import (
+    ACQUISITION_KINDS,
+    ScenesSource,
+    holdout_report,
+    load_scene,
+    save_scene,
+    split,
+)
 from kappamask.tools.realdata import Labelled
 
 C = MaskClass
@@ -148,6 +155,35 @@ def test_split_holds_out_whole_acquisitions() -> None:
         split(scenes, ["a_cloudy"])
     with pytest.raises(InvalidInputError, match="nothing left to train"):
         split(scenes, ["a", "b"])
+
+
+def test_the_holdout_report_counts_cloud_free_acquisitions_apart(tmp_path: Path) -> None:
+    """ukis-csmask's shadow in a scene published as cloud-free is dark ground: the report
+    gives shadow recall per acquisition kind, so a model that keeps that ground clear is
+    seen to find the shadows of the cloudy scenes; the kind survives the label cache."""
+    clear = np.full((4, 4), C.CLEAR, np.uint8)
+    ukis = clear.copy()
+    ukis[:2] = C.CLOUD_SHADOW  # half of each scene
+    cloudy = Labelled("c", "c", "L1C", np.ones((13, 4, 4), np.float32), clear, {}, False)
+    cloudy.teacher_masks = {"ukis-csmask": ukis, "s2cloudless": clear}
+    free = Labelled("f", "f", "L1C", np.zeros((13, 4, 4), np.float32), clear, {}, True)
+    free.teacher_masks = dict(cloudy.teacher_masks)
+    # the model sees shadow where the features are ones: the cloudy scene's half
+    report = holdout_report(
+        [cloudy, free], lambda f: np.where(f[0] > 0, C.CLOUD_SHADOW, C.CLEAR).astype(np.uint8)
+    )
+    recall = {
+        k: v["ukis-csmask"]["shadow_recall"] for k, v in report["trust_by_acquisition"].items()
+    }
+    assert recall == {ACQUISITION_KINDS[False]: 1.0, ACQUISITION_KINDS[True]: 0.0}
+    assert report["trust"]["ukis-csmask"]["shadow_recall"] == 0.5
+    save_scene(free, tmp_path / "f.npz")
+    assert load_scene(tmp_path / "f.npz").cloud_free is True
+    # a cache written before the kind was recorded: not guessed
+    with np.load(tmp_path / "f.npz") as z:
+        old = {**z, "meta": json.dumps(["f", "f", "L1C"])}
+    np.savez_compressed(tmp_path / "old.npz", **old)
+    assert load_scene(tmp_path / "old.npz").cloud_free is None
 
 
 def test_crops_come_from_labelled_pixels_and_small_scenes_are_padded() -> None:
@@ -320,6 +356,8 @@ def test_distill_end_to_end_on_real_patches(tmp_path: Path) -> None:
     } <= set(report)
     # the teachers see the same clouds in the mirrored patch as in the original
     assert report["s2cloudless vs ukis-csmask"]["two_class"]["classes"]["cloud"]["dice"] > 0.6
+    # both patches are cloudy acquisitions; their kind is counted apart in the report
+    assert set(report["trust_by_acquisition"]) == {ACQUISITION_KINDS[False]}
     spec = spec_from_onnx(tmp_path / "run" / "model.onnx")
     assert spec.origin == ORIGIN_BOOTSTRAP and spec.version_label == "tiny"
     # a second run reuses the cached labels (the teachers are not run again)

@@ -38,6 +38,15 @@ LOGGER = logging.getLogger(__name__)
 #: A crop is drawn again when fewer than this share of its pixels carry a label.
 MIN_LABELLED = 0.1
 MAX_ATTEMPTS = 50
+#: The held-out report's acquisition kinds (``Labelled.cloud_free``). A teacher's shadow
+#: in an acquisition published as cloud-free cannot be a cloud's (ukis-csmask calls
+#: terrain shading and dark forest shadow): pooled with the cloudy ones, its recall
+#: would reward a model for painting dark ground.
+ACQUISITION_KINDS = {
+    True: "cloud-free acquisitions",
+    False: "other acquisitions",
+    None: "kind not recorded",
+}
 
 
 @dataclass
@@ -103,16 +112,19 @@ def save_scene(scene: Labelled, path: Path) -> None:
         path,
         features=scene.features,
         labels=scene.labels,
-        meta=json.dumps([scene.name, scene.group, scene.level]),
+        meta=json.dumps([scene.name, scene.group, scene.level, scene.cloud_free]),
         **{f"teacher_{k}": v for k, v in scene.teacher_masks.items()},
     )
 
 
 def load_scene(path: Path) -> Labelled:
     with np.load(path) as z:
-        name, group, level = json.loads(str(z["meta"]))
+        # caches written before the cloud-free flag was recorded hold three items
+        name, group, level, *cloud_free = json.loads(str(z["meta"]))
         masks = {k.removeprefix("teacher_"): z[k] for k in z.files if k.startswith("teacher_")}
-        return Labelled(name, group, level, z["features"], z["labels"], masks)
+        return Labelled(
+            name, group, level, z["features"], z["labels"], masks, next(iter(cloud_free), None)
+        )
 
 
 def labelled_scenes(
@@ -231,11 +243,15 @@ def holdout_report(
     """Agreement on the held-out scenes: the model (``classify``: features -> classes)
     against each teacher and against the fused labels; every teacher against every other
     teacher (same pixels); and what a user sees (``metrics.TrustCounts``: clear ground
-    kept clear, shadow share, cloud dice per teacher, shadow recall)."""
+    kept clear, shadow share, cloud dice per teacher, shadow recall), over all the scenes
+    and by acquisition kind (``ACQUISITION_KINDS``)."""
     preds = [classify(s.features) for s in held]
     trust = TrustCounts()
+    by_kind: dict[str, TrustCounts] = {}
     for s, pred in zip(held, preds, strict=True):
         trust.add(pred, s.teacher_masks)
+        kind = ACQUISITION_KINDS[s.cloud_free]
+        by_kind.setdefault(kind, TrustCounts()).add(pred, s.teacher_masks)
     names = sorted({k for s in held for k in s.teacher_masks})
     columns: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for s, pred in zip(held, preds, strict=True):
@@ -256,6 +272,7 @@ def holdout_report(
             np.concatenate([r.ravel() for _, r in pairs]),
         )
     report["trust"] = trust.report()
+    report["trust_by_acquisition"] = {kind: t.report() for kind, t in sorted(by_kind.items())}
     return report
 
 

@@ -564,6 +564,10 @@ class Labelled:
     features: np.ndarray
     labels: np.ndarray
     teacher_masks: dict[str, np.ndarray]
+    #: Published as a cloud-free acquisition (``Imagery.cloud_free``): a teacher's shadow
+    #: there is dark ground, so the held-out report counts these scenes apart. None where
+    #: a label cache written before it was recorded does not say.
+    cloud_free: bool | None = None
 
 
 def teacher_labels(img: Imagery, level: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -630,7 +634,7 @@ def label(img: Imagery, level: str, labels: np.ndarray | None = None) -> Labelle
         labels, masks = teacher_labels(img, level)
     labels = labels.copy()
     labels[~img.valid] = MaskClass.MISSING
-    return Labelled(img.name, img.group, level, features(img, level), labels, masks)
+    return Labelled(img.name, img.group, level, features(img, level), labels, masks, img.cloud_free)
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
