@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
-from kappamask.tools.distill import holdout_report, load_scene
+from kappamask.tools.distill import held_out, holdout_report, load_scene
 from kappamask.tools.metrics import CLASSES, without_nan
 
 matplotlib.use("Agg")
@@ -56,7 +56,12 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("labels", type=Path, help="kappamask distill --labels-cache folder")
     parser.add_argument("--level", choices=("L1C", "L2A"), required=True)
-    parser.add_argument("--only", nargs="*", default=[], help="scene name parts to keep")
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        default=[],
+        help="keep the scenes these distill --holdout patterns hold out",
+    )
     parser.add_argument("--png", type=Path, required=True)
     parser.add_argument("--max-scenes", type=int, default=40)
     parser.add_argument("--json", type=Path, help="write the holdout report here")
@@ -64,7 +69,8 @@ def main() -> None:
     session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     files = sorted(args.labels.glob(f"{args.level}_*.npz"))
     if args.only:
-        files = [f for f in files if any(p in f.name for p in args.only)]
+        # the distill's own rule: the same --holdout patterns give the same scenes
+        files = [f for f in files if held_out(load_scene(f), args.only)]
     if args.json:
         chosen = [load_scene(f) for f in files]
         report = holdout_report(chosen, lambda f: predict(session, f))

@@ -17,6 +17,7 @@ from kappamask.tools import realdata, teachers
 from kappamask.tools.distill import (
     ACQUISITION_KINDS,
     ScenesSource,
+    held_out,
     holdout_report,
     load_scene,
     save_scene,
@@ -155,6 +156,9 @@ def test_split_holds_out_whole_acquisitions() -> None:
         split(scenes, ["a_cloudy"])
     with pytest.raises(InvalidInputError, match="nothing left to train"):
         split(scenes, ["a", "b"])
+    # a SEN12MS-CR pair's file names do not contain their acquisition, the group does
+    pair = _scene("cr_pairs_ROIs1970_fall_s2_cloudy_85_p492", "ROIs1970_fall_85", lab)
+    assert held_out(pair, ["ROIs1970_fall_85"]) and not held_out(pair, ["fall_139"])
 
 
 def test_the_holdout_report_counts_cloud_free_acquisitions_apart(tmp_path: Path) -> None:

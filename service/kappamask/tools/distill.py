@@ -220,13 +220,18 @@ def _pad(feats: np.ndarray, labels: np.ndarray, crop: int) -> tuple[np.ndarray, 
     return feats, labels
 
 
+def held_out(scene: Labelled, holdout: Sequence[str]) -> bool:
+    """Whether ``--holdout`` patterns hold ``scene`` out: its name or its acquisition group
+    (a SEN12MS-CR pair's clear and cloudy patches share the group ``ROIs1970_fall_85``,
+    which neither file name contains) matches one."""
+    return realdata.matches(scene.name, holdout) or realdata.matches(scene.group, holdout)
+
+
 def split(
     scenes: Sequence[Labelled], holdout: Sequence[str]
 ) -> tuple[list[Labelled], list[Labelled]]:
     """(training, held-out) by whole scene: held out where name or group matches."""
-    held = [
-        s for s in scenes if realdata.matches(s.name, holdout) or realdata.matches(s.group, holdout)
-    ]
+    held = [s for s in scenes if held_out(s, holdout)]
     train = [s for s in scenes if s not in held]
     held_groups = {s.group for s in held}
     leaked = [s.name for s in train if s.group in held_groups]
