@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kappamask.bands import CLASS_COLORS, CLASS_NAMES, DEFAULT_FEATURES, DEFAULT_MAX_V, MaskClass
-from kappamask.tools.distill import held_out, holdout_report, load_scene
+from kappamask.tools.distill import held_out, holdout_report, load_scene, scene_identity
 from kappamask.tools.metrics import CLASSES, without_nan
 
 matplotlib.use("Agg")
@@ -70,9 +70,9 @@ def main() -> None:
     files = sorted(args.labels.glob(f"{args.level}_*.npz"))
     if args.only:
         # the distill's own rule: the same --holdout patterns give the same scenes
-        files = [f for f in files if held_out(load_scene(f), args.only)]
+        files = [f for f in files if held_out(*scene_identity(f), args.only)]
+    chosen = [load_scene(f) for f in files] if args.json else []
     if args.json:
-        chosen = [load_scene(f) for f in files]
         report = holdout_report(chosen, lambda f: predict(session, f))
         args.json.write_text(json.dumps(without_nan(report), indent=2))
         trust = {"all": report["trust"], **report["trust_by_acquisition"]}
@@ -85,8 +85,8 @@ def main() -> None:
     fig, axes = plt.subplots(len(files), 3, figsize=(7.5, 2.5 * len(files)), squeeze=False)
     header = f"{'scene':<70}" + "".join(f"{CLASS_NAMES[c]:>24}" for c in CLASSES)
     print(header)
-    for row, path in zip(axes, files, strict=True):
-        scene = load_scene(path)
+    for i, (row, path) in enumerate(zip(axes, files, strict=True)):
+        scene = chosen[i] if chosen else load_scene(path)  # read once
         pred = predict(session, scene.features)
         valid = pred != MaskClass.MISSING
         share = [100 * float((pred[valid] == c).mean()) if valid.any() else 0.0 for c in CLASSES]

@@ -21,6 +21,7 @@ from kappamask.tools.distill import (
     holdout_report,
     load_scene,
     save_scene,
+    scene_identity,
     split,
 )
 from kappamask.tools.realdata import Labelled
@@ -158,7 +159,8 @@ def test_split_holds_out_whole_acquisitions() -> None:
         split(scenes, ["a", "b"])
     # a SEN12MS-CR pair's file names do not contain their acquisition, the group does
     pair = _scene("cr_pairs_ROIs1970_fall_s2_cloudy_85_p492", "ROIs1970_fall_85", lab)
-    assert held_out(pair, ["ROIs1970_fall_85"]) and not held_out(pair, ["fall_139"])
+    assert held_out(pair.name, pair.group, ["ROIs1970_fall_85"])
+    assert not held_out(pair.name, pair.group, ["fall_139"])
 
 
 def test_the_holdout_report_counts_cloud_free_acquisitions_apart(tmp_path: Path) -> None:
@@ -188,6 +190,7 @@ def test_the_holdout_report_counts_cloud_free_acquisitions_apart(tmp_path: Path)
         old = {**z, "meta": json.dumps(["f", "f", "L1C"])}
     np.savez_compressed(tmp_path / "old.npz", **old)
     assert load_scene(tmp_path / "old.npz").cloud_free is None
+    assert scene_identity(tmp_path / "old.npz") == ("f", "f")
 
 
 def test_crops_come_from_labelled_pixels_and_small_scenes_are_padded() -> None:

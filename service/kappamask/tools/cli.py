@@ -5,6 +5,7 @@ Runtime, h5py: the ``train`` and ``tools`` extras) only when it runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -553,7 +554,6 @@ def _fine_tune(
     given: dict[str, Any],
     version_label: str | None,
 ) -> None:
-    import dataclasses
 
     from kappamask.inference.model_spec import ORIGIN_FINE_TUNED
     from kappamask.inference.repository import DEFAULT_REPOSITORY, FP32_FILE
@@ -829,7 +829,6 @@ def distill_command(
     from kappamask.tools.distill import DataInputs, DistillConfig, distill
     from kappamask.tools.export import export_onnx
     from kappamask.tools.metrics import without_nan
-    from kappamask.tools.train import FitConfig
 
     inputs = DataInputs(
         multiband=list(multiband),
@@ -839,25 +838,19 @@ def distill_command(
         mat=list(mat),
     )
     config = DistillConfig(
-        level=level,
-        holdout=holdout,
-        base_filters=base_filters,
-        pseudo_l2a=not no_pseudo_l2a,
-        fit=FitConfig(
-            crop=crop,
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            max_epochs=max_epochs,
-            max_minutes=max_minutes,
-            loss="ce+bce",
-            learning_rate=learning_rate,
-            patience=8,
-            lr_patience=3,
-            val_batches=6,
-            seed=seed,
-            bf16=True,
-            grad_clip=1.0,
-        ),
+        level=level, holdout=holdout, base_filters=base_filters, pseudo_l2a=not no_pseudo_l2a
+    )
+    # the flags tune the distillation recipe; the rest of it (loss, patience, clipping,
+    # bfloat16) is DistillConfig's
+    config.fit = dataclasses.replace(
+        config.fit,
+        crop=crop,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        max_epochs=max_epochs,
+        max_minutes=max_minutes,
+        learning_rate=learning_rate,
+        seed=seed,
     )
     if bare_ground is not None:
         config.bare_ground = bare_ground

@@ -117,14 +117,24 @@ def save_scene(scene: Labelled, path: Path) -> None:
     )
 
 
+def _meta(z: Any) -> tuple[str, str, str, bool | None]:
+    # caches written before the cloud-free flag was recorded hold three items
+    name, group, level, *cloud_free = json.loads(str(z["meta"]))
+    return name, group, level, next(iter(cloud_free), None)
+
+
+def scene_identity(path: Path) -> tuple[str, str]:
+    """A cached scene's name and acquisition group, without reading its pixels."""
+    with np.load(path) as z:
+        name, group, _level, _cloud_free = _meta(z)
+    return name, group
+
+
 def load_scene(path: Path) -> Labelled:
     with np.load(path) as z:
-        # caches written before the cloud-free flag was recorded hold three items
-        name, group, level, *cloud_free = json.loads(str(z["meta"]))
+        name, group, level, cloud_free = _meta(z)
         masks = {k.removeprefix("teacher_"): z[k] for k in z.files if k.startswith("teacher_")}
-        return Labelled(
-            name, group, level, z["features"], z["labels"], masks, next(iter(cloud_free), None)
-        )
+        return Labelled(name, group, level, z["features"], z["labels"], masks, cloud_free)
 
 
 def labelled_scenes(
@@ -220,18 +230,18 @@ def _pad(feats: np.ndarray, labels: np.ndarray, crop: int) -> tuple[np.ndarray, 
     return feats, labels
 
 
-def held_out(scene: Labelled, holdout: Sequence[str]) -> bool:
-    """Whether ``--holdout`` patterns hold ``scene`` out: its name or its acquisition group
+def held_out(name: str, group: str, holdout: Sequence[str]) -> bool:
+    """Whether ``--holdout`` patterns hold a scene out: its name or its acquisition group
     (a SEN12MS-CR pair's clear and cloudy patches share the group ``ROIs1970_fall_85``,
     which neither file name contains) matches one."""
-    return realdata.matches(scene.name, holdout) or realdata.matches(scene.group, holdout)
+    return realdata.matches(name, holdout) or realdata.matches(group, holdout)
 
 
 def split(
     scenes: Sequence[Labelled], holdout: Sequence[str]
 ) -> tuple[list[Labelled], list[Labelled]]:
     """(training, held-out) by whole scene: held out where name or group matches."""
-    held = [s for s in scenes if held_out(s, holdout)]
+    held = [s for s in scenes if held_out(s.name, s.group, holdout)]
     train = [s for s in scenes if s not in held]
     held_groups = {s.group for s in held}
     leaked = [s.name for s in train if s.group in held_groups]
@@ -251,10 +261,8 @@ def holdout_report(
     kept clear, shadow share, cloud dice per teacher, shadow recall), over all the scenes
     and by acquisition kind (``ACQUISITION_KINDS``)."""
     preds = [classify(s.features) for s in held]
-    trust = TrustCounts()
     by_kind: dict[str, TrustCounts] = {}
     for s, pred in zip(held, preds, strict=True):
-        trust.add(pred, s.teacher_masks)
         kind = ACQUISITION_KINDS[s.cloud_free]
         by_kind.setdefault(kind, TrustCounts()).add(pred, s.teacher_masks)
     names = sorted({k for s in held for k in s.teacher_masks})
@@ -276,7 +284,7 @@ def holdout_report(
             np.concatenate([p.ravel() for p, _ in pairs]),
             np.concatenate([r.ravel() for _, r in pairs]),
         )
-    report["trust"] = trust.report()
+    report["trust"] = TrustCounts.pooled(by_kind.values()).report()
     report["trust_by_acquisition"] = {kind: t.report() for kind, t in sorted(by_kind.items())}
     return report
 

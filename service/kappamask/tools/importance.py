@@ -61,15 +61,14 @@ def cached_tiles(folder: Path, level: str, only: Sequence[str] = ()) -> Iterator
     """The scenes of a `kappamask distill` label cache for ``level`` (teachers' labels),
     those whose name or acquisition group holds one of ``only`` when given (as
     ``--holdout`` picks them)."""
-    from kappamask.tools.distill import load_scene
-    from kappamask.tools.realdata import matches
+    from kappamask.tools.distill import held_out, load_scene
 
     paths = sorted(folder.glob(f"{level}_*.npz"))
     if not paths:
         raise InvalidInputError(f"{folder} holds no {level} scenes of a distill label cache")
     for path in paths:
         scene = load_scene(path)
-        if only and not (matches(scene.name, only) or matches(scene.group, only)):
+        if only and not held_out(scene.name, scene.group, only):
             continue
         yield LabelledTile(
             scene.name,

@@ -9,6 +9,7 @@ Tables 6-9, where cloud = semi-transparent + opaque cloud and clear = clear + sh
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -187,6 +188,15 @@ class TrustCounts:
 
     def _add(self, key: str, value: int) -> None:
         self.n[key] = self.n.get(key, 0) + int(value)
+
+    @classmethod
+    def pooled(cls, parts: Iterable[TrustCounts]) -> TrustCounts:
+        """The counts of ``parts`` together, as if their scenes had been added to one."""
+        total = cls()
+        for part in parts:
+            for key, value in part.n.items():
+                total._add(key, value)
+        return total
 
     def add(self, pred: np.ndarray, masks: dict[str, np.ndarray]) -> None:
         data = pred != MaskClass.MISSING
